@@ -17,6 +17,7 @@ __all__ = ["TOPICS", "build_app", "main"]
 
 TOPICS = [
     "sre_agent.cli.basics",
+    "sre_agent.cli.run",
 ]
 
 HELP = (
