@@ -1,0 +1,153 @@
+"""Triage policy: which actions an incident allows, the default, the certainty, and what needs a human.
+
+Rules are matched in order, first match wins, and the ``fallback`` rule catches the rest. A rule reads only
+structured values (``kind``, ``severity``, ``fact.*``, ``slot.*``, ``metric.*``, ``verification.*``):
+log lines and event messages are not addressable, so no text an attacker can put in a log can change
+which actions are allowed.
+
+The model may move *down* from a rule's default on its own (e.g. alert instead of quarantine), never up:
+an allowed action above the default is only ever taken with an operator's signed approval.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from policies.base import PolicyModel, load_default
+
+__all__ = [
+    "ACTION_RANK",
+    "INCIDENT_KINDS",
+    "Action",
+    "Condition",
+    "TriagePolicy",
+    "TriageRule",
+    "default_triage_policy",
+]
+
+INCIDENT_KINDS = ("verification_failure", "canary_abort", "probe_failure", "slo_burn", "chaos_deviation")
+IncidentKindName = Literal[
+    "verification_failure", "canary_abort", "probe_failure", "slo_burn", "chaos_deviation"
+]
+
+
+class Action(StrEnum):
+    """What the agent can do about an incident, mildest first."""
+
+    OBSERVE = "observe"
+    ALERT = "alert"
+    RERUN_VERIFICATION = "rerun_verification"
+    PAUSE_CHAOS = "pause_chaos"
+    QUARANTINE = "quarantine"
+    ROLLBACK = "rollback"
+    SAFE_MODE = "safe_mode"
+
+
+ACTION_RANK: dict[Action, int] = {a: i for i, a in enumerate(Action)}
+"""Severity order of actions: an action "beyond" another ranks higher."""
+
+FactValue = str | int | float | bool | None
+
+_FACT_PATH = (
+    r"^(kind|severity|(fact|slot|metric)\.[A-Za-z_][A-Za-z0-9_.-]{0,63}|verification\.(failed|passed))$"
+)
+
+
+class Condition(PolicyModel):
+    """``<fact> <op> <value>``; a missing fact makes every op false except ``exists: false``."""
+
+    fact: str = Field(
+        pattern=_FACT_PATH, description="kind, severity, fact.X, slot.X, metric.X, verification.failed"
+    )
+    op: Literal["eq", "ne", "gt", "ge", "lt", "le", "in", "exists"] = "eq"
+    value: FactValue | list[str | int | float | bool] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Condition:
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("op 'in' needs a list value")
+        if self.op in ("gt", "ge", "lt", "le") and (
+            isinstance(self.value, bool) or not isinstance(self.value, int | float)
+        ):
+            raise ValueError(f"op {self.op!r} needs a number")
+        if self.op == "exists" and not isinstance(self.value, bool):
+            raise ValueError("op 'exists' needs true or false")
+        return self
+
+
+class TriageRule(PolicyModel):
+    """One rule: a match, the allowed actions, the default, its certainty, and the human gate."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    description: str = ""
+    kinds: list[IncidentKindName] = Field(default_factory=list, description="empty = any kind")
+    when: list[Condition] = Field(default_factory=list, description="all must hold")
+    allowed: list[Action] = Field(min_length=1)
+    default: Action
+    certainty: float = Field(ge=0.0, le=1.0)
+    human_approval: bool = Field(
+        default=False, description="a human must approve the default before it runs (the rule escalates)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TriageRule:
+        if self.default not in self.allowed:
+            raise ValueError(f"default {self.default.value!r} is not in allowed")
+        return self
+
+    def autonomous(self, action: Action) -> bool:
+        """Whether the agent may take ``action`` without a human under this rule (before certainty).
+
+        Only the default and milder allowed actions qualify, and none when the rule needs approval:
+        anything above the default is for an operator to choose.
+        """
+        return (
+            action in self.allowed
+            and not self.human_approval
+            and ACTION_RANK[action] <= ACTION_RANK[self.default]
+        )
+
+
+class TriagePolicy(PolicyModel):
+    """The whole triage document (``policies/defaults/triage.yaml``)."""
+
+    version: int = Field(ge=1)
+    min_certainty: dict[Action, float] = Field(
+        default_factory=dict, description="an action runs unattended only at or above this certainty"
+    )
+    always_approve: list[Action] = Field(
+        default_factory=list, description="actions that always need a human, whatever the rule says"
+    )
+    on_escalate: Action = Field(
+        default=Action.ALERT, description="what runs at once while an escalation waits (observe or alert)"
+    )
+    escalation_ttl_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    rules: list[TriageRule] = Field(default_factory=list)
+    fallback: TriageRule
+
+    @model_validator(mode="after")
+    def _check(self) -> TriagePolicy:
+        names = [r.name for r in self.rules] + [self.fallback.name]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate rule names {dupes}")
+        if self.fallback.when:
+            raise ValueError("the fallback rule must match everything (no 'when')")
+        if self.on_escalate not in (Action.OBSERVE, Action.ALERT):
+            raise ValueError("on_escalate must be observe or alert")
+        for a, v in self.min_certainty.items():
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"min_certainty[{a.value}] = {v} is outside 0..1")
+        return self
+
+    def threshold(self, action: Action) -> float:
+        """Certainty an action needs to run unattended (1.0 when not listed, so unknown means escalate)."""
+        return self.min_certainty.get(action, 1.0)
+
+
+def default_triage_policy() -> TriagePolicy:
+    """The shipped default document."""
+    return load_default(TriagePolicy, "triage")

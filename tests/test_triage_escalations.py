@@ -1,0 +1,231 @@
+"""Escalations and signed operator approvals: only a valid, live, bound approval is ever executed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from policies.approvals import (
+    ApprovalError,
+    OperatorRoster,
+    generate_operator_key,
+    load_approval,
+    public_key_b64,
+    sign_approval,
+)
+from policies.triage import Action, default_triage_policy
+from sre_agent.actions import ActionExecutor
+from sre_agent.escalations import EscalationEvent, EscalationStatus, EscalationStore, next_status
+from sre_agent.triage import TriageEngine
+from sre_agent.triage_eval import load_cases
+from sre_core.audit import AuditLog
+from sre_core.errors import InputError, SreError
+
+CASES = Path(__file__).parent / "triage_cases"
+
+
+class World:
+    def __init__(self, tmp_path: Path, clock) -> None:
+        self.clock = clock
+        self.audit = AuditLog(tmp_path / "audit.jsonl", clock)
+        self.store = EscalationStore(tmp_path / "escalations", self.audit, clock, device_id="dev-1")
+        self.alice = generate_operator_key()
+        self.mallory = generate_operator_key()
+        self.roster = OperatorRoster(
+            version=1,
+            max_ttl_s=7200,
+            operators=[{"id": "alice", "public_key": public_key_b64(self.alice.public_key())}],
+        )
+        self.ran: list[tuple[str, str]] = []
+        self.executor = ActionExecutor(
+            {
+                Action.SAFE_MODE: lambda inc: self.ran.append(("safe_mode", inc.id)) or "safe mode on",
+                Action.ALERT: lambda inc: self.ran.append(("alert", inc.id)) or "alerted",
+                Action.RERUN_VERIFICATION: lambda inc: self.ran.append(("rerun", inc.id)) or "rerun",
+            },
+            audit=self.audit,
+        )
+        cases = {c.name: c for c in load_cases(CASES)}
+        self.incident = cases["pf-active-nolkg"].incident
+        decision = TriageEngine(default_triage_policy()).decide(self.incident)
+        assert decision.escalated
+        self.esc = self.store.create(self.incident, decision)
+
+    def sign(
+        self,
+        key=None,
+        *,
+        operator="alice",
+        decision="approve",
+        action="safe_mode",
+        ttl=3600,
+        esc=None,
+        hash_=None,
+    ):
+        esc = esc or self.esc
+        return sign_approval(
+            key or self.alice,
+            operator=operator,
+            escalation_id=esc.id,
+            escalation_hash=hash_ or esc.content_hash,
+            decision=decision,
+            action=action,
+            now=self.clock.now(),
+            ttl=timedelta(seconds=ttl),
+        )
+
+    def events(self) -> list[str]:
+        return [r.event for r in self.audit.records()]
+
+
+@pytest.fixture
+def world(tmp_path, clock) -> World:
+    return World(tmp_path, clock)
+
+
+def test_escalation_holds_full_context_and_a_stable_hash(world):
+    esc = world.store.get(world.esc.id)
+    c = esc.content
+    assert c["what"] and c["why"] and c["device_id"] == "dev-1"
+    assert c["proposed_action"] == "safe_mode" and "safe_mode" in c["allowed"]
+    assert c["device_state"]["slot"]["standby_verified"] is False
+    assert c["incident"]["evidence"]["slot"]["active_version"] == "2.0.0"
+    assert c["decision"]["verdict"] == "escalate" and c["llm_summary"]
+    assert esc.id == "esc-" + esc.content_hash[:16]
+    assert esc.status == EscalationStatus.OPEN
+
+
+def test_valid_approval_is_verified_then_executed_once(world):
+    approved = world.store.decide(world.sign(), world.roster)
+    assert approved.status == EscalationStatus.APPROVED
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert [e.status for e, _ in done] == [EscalationStatus.EXECUTED]
+    assert world.ran == [("safe_mode", world.incident.id)]
+    assert world.store.execute_approved(world.executor, world.roster) == []
+    assert world.ran == [("safe_mode", world.incident.id)]
+    ev = world.events()
+    assert ev.index("escalation.approve") < ev.index("triage.action") < ev.index("escalation.executed")
+    assert world.audit.verify()[1] is None
+
+
+def test_rejected_escalation_is_never_executed(world):
+    rejected = world.store.decide(world.sign(decision="reject", action=None), world.roster)
+    assert rejected.status == EscalationStatus.REJECTED
+    assert world.store.execute_approved(world.executor, world.roster) == []
+    # a later approval cannot revive it
+    with pytest.raises(InputError):
+        world.store.decide(world.sign(), world.roster)
+    assert world.store.execute_approved(world.executor, world.roster) == []
+    assert world.ran == []
+    assert "escalation.reject" in world.events()
+
+
+def test_expired_approval_is_refused_and_never_executed(world):
+    approval = world.sign(ttl=600)
+    world.clock.advance(601)
+    with pytest.raises(ApprovalError, match="expired"):
+        world.store.decide(approval, world.roster)
+    assert world.store.get(world.esc.id).status == EscalationStatus.OPEN
+    assert world.store.execute_approved(world.executor, world.roster) == []
+    assert world.ran == []
+    assert "escalation.approval_refused" in world.events()
+
+
+def test_approval_that_lapses_before_execution_is_not_executed(world):
+    world.store.decide(world.sign(ttl=600), world.roster)
+    world.clock.advance(900)
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert [e.status for e, r in done] == [EscalationStatus.EXPIRED] and done[0][1] is None
+    assert world.ran == []
+    assert "escalation.execution_refused" in world.events()
+
+
+def test_forged_signature_is_refused(world):
+    forged = world.sign(world.mallory)  # mallory signs, claiming to be alice
+    with pytest.raises(ApprovalError, match="key the policy does not list"):
+        world.store.decide(forged, world.roster)
+    # same key id as alice's, signature bytes from mallory
+    good = world.sign()
+    bad_sig = world.mallory.sign(good.signed_bytes())
+    tampered = good.model_copy(update={"signature": base64.b64encode(bad_sig).decode()})
+    with pytest.raises(ApprovalError, match="does not verify"):
+        world.store.decide(tampered, world.roster)
+    # a valid signature with an altered field
+    altered = good.model_copy(update={"expires_at": good.expires_at + timedelta(days=1)})
+    with pytest.raises(ApprovalError, match="does not verify"):
+        world.store.decide(altered, world.roster)
+    garbage = good.model_copy(update={"signature": "!!!not base64"})
+    with pytest.raises(ApprovalError):
+        world.store.decide(garbage, world.roster)
+    assert world.store.get(world.esc.id).status == EscalationStatus.OPEN
+    assert world.store.execute_approved(world.executor, world.roster) == []
+    assert world.ran == []
+    assert world.events().count("escalation.approval_refused") == 4
+
+
+def test_unknown_operator_and_unlisted_action_are_refused(world):
+    with pytest.raises(ApprovalError, match="not listed"):
+        world.store.decide(world.sign(world.mallory, operator="mallory"), world.roster)
+    with pytest.raises(ApprovalError, match="not allowed"):
+        world.store.decide(world.sign(action="rollback"), world.roster)  # not in this rule's allowed set
+    with pytest.raises(ApprovalError, match="longer than"):
+        world.store.decide(world.sign(ttl=3 * 3600), world.roster)
+    limited = OperatorRoster(
+        version=1,
+        operators=[
+            {"id": "alice", "public_key": public_key_b64(world.alice.public_key()), "may_approve": ["alert"]}
+        ],
+    )
+    with pytest.raises(ApprovalError, match="may not approve"):
+        world.store.decide(world.sign(), limited)
+    assert world.ran == []
+
+
+def test_approval_is_bound_to_the_content_hash(world):
+    with pytest.raises(ApprovalError, match="different escalation content"):
+        world.store.decide(world.sign(hash_="0" * 64), world.roster)
+    # editing the stored content breaks the file's own hash: it is refused outright
+    path = world.store.directory / f"{world.esc.id}.json"
+    doc = json.loads(path.read_text())
+    doc["content"]["proposed_action"] = "rollback"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SreError, match="does not match its hash"):
+        world.store.get(world.esc.id)
+    with pytest.raises(SreError):
+        world.store.decide(world.sign(), world.roster)
+    assert world.ran == []
+
+
+def test_operator_removed_from_policy_before_execution_blocks_it(world):
+    world.store.decide(world.sign(), world.roster)
+    empty = OperatorRoster(version=1, operators=[])
+    done = world.store.execute_approved(world.executor, empty)
+    assert done[0][0].status == EscalationStatus.EXPIRED and world.ran == []
+
+
+def test_open_escalation_expires(world):
+    world.clock.advance(timedelta(hours=25))
+    expired = world.store.expire_due()
+    assert [e.status for e in expired] == [EscalationStatus.EXPIRED]
+    with pytest.raises(InputError):
+        world.store.decide(world.sign(), world.roster)
+
+
+def test_lifecycle_table_refuses_unknown_transitions():
+    assert next_status(EscalationStatus.OPEN, EscalationEvent.APPROVE) == EscalationStatus.APPROVED
+    for status in (EscalationStatus.REJECTED, EscalationStatus.EXECUTED, EscalationStatus.EXPIRED):
+        with pytest.raises(InputError):
+            next_status(status, EscalationEvent.APPROVE)
+
+
+def test_approval_documents_round_trip_and_garbage_is_refused(world):
+    a = world.sign()
+    assert load_approval(a.model_dump_json()) == a
+    with pytest.raises(ApprovalError):
+        load_approval(b"{not json")
+    with pytest.raises(ApprovalError):
+        load_approval(json.dumps({**json.loads(a.model_dump_json()), "extra": 1}))
