@@ -1,0 +1,189 @@
+"""Drift: live inputs against the baseline shipped with the module, outputs against the fleet baseline.
+
+Inputs use the population stability index when the module ships histogram fractions, else the
+Kolmogorov-Smirnov distance to the baseline normal (mean, std) per feature. Outputs compare the share of
+each predicted class with the fleet's shares by Jensen-Shannon distance (base 2, in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deployment.manifest import TensorStats
+from verification.base import Check, CheckResult, Severity
+from verification.context import VerificationContext
+
+__all__ = ["InputDriftCheck", "OutputDriftCheck", "baseline_stats", "class_shares", "js_distance", "psi"]
+
+_EPS = 1e-4
+
+
+def baseline_stats(samples: np.ndarray, bins: int = 10) -> TensorStats:
+    """Baseline statistics of ``samples [N, F]`` for a module's manifest (publisher side).
+
+    Bin edges are shared by all features (quantiles of the pooled values); fractions are per feature.
+    """
+    x = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)))
+    fractions = [_hist(x[:, j], edges).tolist() for j in range(x.shape[1])]
+    return TensorStats(
+        mean=x.mean(axis=0).tolist(),
+        std=x.std(axis=0).tolist(),
+        bins=edges.tolist(),
+        fractions=fractions,
+    )
+
+
+def _hist(col: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    # Values beyond the baseline range land in the outer bins: drift out of range still counts.
+    counts, _ = np.histogram(np.clip(col, edges[0], edges[-1]), bins=edges)
+    return np.asarray(counts, dtype=np.float64) / max(1, len(col))
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index of two bin-fraction vectors."""
+    e = np.clip(np.asarray(expected, dtype=np.float64), _EPS, None)
+    a = np.clip(np.asarray(actual, dtype=np.float64), _EPS, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def class_shares(outputs: np.ndarray, n_classes: int) -> np.ndarray:
+    """Share of each predicted class in ``outputs`` (``[N, C]`` scores or ``[N]`` class ids)."""
+    arr = np.asarray(outputs)
+    ids = arr.argmax(axis=1) if arr.ndim == 2 else arr.astype(np.int64).reshape(-1)
+    counts = np.bincount(np.clip(ids, 0, n_classes - 1), minlength=n_classes).astype(np.float64)
+    return np.asarray(counts / max(1.0, float(counts.sum())), dtype=np.float64)
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2) of two distributions, in [0, 1]."""
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(np.asarray(p, np.float64), np.asarray(q, np.float64), base=2))
+
+
+def _feature_drift(x: np.ndarray, stats: TensorStats, ctx: VerificationContext) -> tuple[str, list[float]]:
+    if stats.bins and stats.fractions and len(stats.bins) >= 2:
+        edges = np.asarray(stats.bins, dtype=np.float64)
+        n = min(x.shape[1], len(stats.fractions))
+        return "psi", [psi(np.asarray(stats.fractions[j]), _hist(x[:, j], edges)) for j in range(n)]
+    from scipy.stats import kstest
+
+    n = min(x.shape[1], len(stats.mean), len(stats.std))
+    out = []
+    for j in range(n):
+        sd = stats.std[j] if stats.std[j] > 0 else 1e-9
+        out.append(float(kstest((x[:, j] - stats.mean[j]) / sd, "norm").statistic))
+    return "ks", out
+
+
+class InputDriftCheck(Check):
+    """Recorded live inputs against the input statistics shipped (signed) with the module."""
+
+    name = "drift.inputs"
+    description = "input distribution (PSI or KS per feature) against the module's baseline statistics"
+    severity = Severity.WARNING
+    interval_s = 900.0
+    timeout_s = 30.0
+
+    def run(self, ctx: VerificationContext) -> CheckResult:
+        pol = ctx.policy.drift
+        evidence: dict[str, Any] = {}
+        drifted: list[str] = []
+        warned: list[str] = []
+        judged = 0
+        worst = {"psi": 0.0, "ks": 0.0}
+        for module in ctx.modules():
+            manifest = ctx.manifest(module)
+            stats_by_input = manifest.golden.input_stats if manifest and manifest.golden else {}
+            samples = ctx.input_samples.get(module, {})
+            for input_name, stats in sorted(stats_by_input.items()):
+                key = f"{module}/{input_name}"
+                if input_name not in samples:
+                    evidence[key] = {"note": "no samples recorded"}
+                    continue
+                x = np.asarray(samples[input_name], dtype=np.float64)
+                x = x.reshape(len(x), -1)[-pol.max_samples :]
+                if len(x) < pol.min_samples:
+                    evidence[key] = {"samples": len(x), "note": f"fewer than {pol.min_samples} samples"}
+                    continue
+                method, per_feature = _feature_drift(x, stats, ctx)
+                if not per_feature:
+                    continue
+                judged += 1
+                top = int(np.argmax(per_feature))
+                value = per_feature[top]
+                worst[method] = max(worst[method], value)
+                limit = pol.psi_max if method == "psi" else pol.ks_statistic_max
+                evidence[key] = {
+                    "method": method,
+                    "samples": len(x),
+                    "max": round(value, 6),
+                    "feature": top,
+                    "limit": limit,
+                    "per_feature": [round(v, 4) for v in per_feature[:64]],
+                }
+                if value > limit:
+                    drifted.append(f"{key} ({method} {value:.3f} > {limit}, feature {top})")
+                elif method == "psi" and value > pol.psi_warn:
+                    warned.append(f"{key} (psi {value:.3f})")
+        meas = {"max_psi": worst["psi"], "max_ks": worst["ks"]}
+        if drifted:
+            return CheckResult.fail(f"input drift: {'; '.join(drifted)}", evidence, **meas)
+        if judged == 0:
+            return CheckResult.inconclusive("no input samples to judge against a baseline", evidence)
+        if warned:
+            return CheckResult.warn(f"inputs moving: {'; '.join(warned)}", evidence, **meas)
+        return CheckResult.ok(f"{judged} input(s) within their baselines", evidence, **meas)
+
+
+class OutputDriftCheck(Check):
+    """Predicted class shares against the fleet baseline shipped with the module."""
+
+    name = "drift.outputs"
+    description = "output class distribution against the fleet baseline (Jensen-Shannon distance)"
+    severity = Severity.WARNING
+    interval_s = 900.0
+    timeout_s = 30.0
+
+    def run(self, ctx: VerificationContext) -> CheckResult:
+        pol = ctx.policy.drift
+        evidence: dict[str, Any] = {}
+        divergent: list[str] = []
+        judged = 0
+        worst = 0.0
+        for module in ctx.modules():
+            manifest = ctx.manifest(module)
+            fleet = manifest.golden.fleet_output_distribution if manifest and manifest.golden else None
+            if not fleet:
+                continue
+            if module not in ctx.output_samples:
+                evidence[module] = {"note": "no output samples recorded"}
+                continue
+            outputs = np.asarray(ctx.output_samples[module])[-pol.max_samples :]
+            if len(outputs) < pol.min_samples:
+                evidence[module] = {"samples": len(outputs), "note": f"fewer than {pol.min_samples} samples"}
+                continue
+            q = np.asarray(fleet, dtype=np.float64)
+            p = class_shares(outputs, len(q))
+            d = js_distance(p, q / q.sum())
+            judged += 1
+            worst = max(worst, d)
+            evidence[module] = {
+                "samples": len(outputs),
+                "js_distance": round(d, 6),
+                "limit": pol.output_js_max,
+                "device_shares": [round(float(v), 4) for v in p],
+                "fleet_shares": [round(float(v), 4) for v in q / q.sum()],
+            }
+            if d > pol.output_js_max:
+                divergent.append(f"{module} (JS {d:.3f} > {pol.output_js_max})")
+        if divergent:
+            return CheckResult.fail(
+                f"outputs diverge from the fleet: {'; '.join(divergent)}", evidence, max_js=worst
+            )
+        if judged == 0:
+            return CheckResult.inconclusive("no output samples to compare with a fleet baseline", evidence)
+        return CheckResult.ok(f"{judged} module(s) match the fleet baseline", evidence, max_js=worst)
