@@ -1,0 +1,531 @@
+"""Reconcile: bring each module from what is installed to what the signed desired state asks for.
+
+One pass (:meth:`Reconciler.run_once`): resolve interrupted work (first pass only) -> pull through the
+injected ``source`` (the TUF puller in production) -> decide safe mode by trusted time -> plan per
+module, gated by constraints (:class:`Planner`, pure) -> for each planned module: install into the
+standby, then either hand the standby to a :class:`CanaryDriver` (managed serving) or, in file mode,
+flip ``current`` and let the probes judge: commit, or roll back at once and mark the version bad ->
+record the outcome (audit, telemetry, ``<state>/reconcile.json``).
+
+Managed mode seam: a :class:`CanaryDriver` gets the verified standby after
+:meth:`deployment.slots.SlotManager.begin_canary`; it later calls ``promote_canary`` or
+``abort_canary`` on the slot manager. Without a driver, managed modules are swapped like file mode.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, time, tzinfo
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
+from deployment.lifecycle import Phase
+from deployment.manifest import Constraints, DesiredState, version_key
+from deployment.probes import ProbeContext, ProbeRefusedError, ProbeRunner
+from deployment.safemode import SafeMode, decide
+from deployment.slots import ModuleStatus, SlotError, SlotManager, SlotView
+from policies.deployment import DeploymentPolicy
+from sre_core.atomic import atomic_write_json
+from sre_core.audit import AuditLog
+from sre_core.clock import Clock, SystemClock
+from sre_core.errors import InputError
+from sre_core.paths import StatePaths
+from sre_core.telemetry import NullSink, TelemetrySink
+
+__all__ = [
+    "CanaryDriver",
+    "ModuleOutcome",
+    "PlanContext",
+    "PlanItem",
+    "Planner",
+    "ReconcileReport",
+    "Reconciler",
+    "Source",
+    "in_maintenance_window",
+    "parse_window",
+    "read_last_reconcile",
+    "reconcile_file",
+]
+
+Source = Callable[[], PullResult]
+"""Returns the latest pull (verified desired state + verified artifacts); may raise when offline."""
+
+Action = Literal["install", "noop", "blocked", "refused", "missing"]
+_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_WINDOW_RE = re.compile(r"^\s*(\S+)\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+class CanaryDriver(Protocol):
+    """The managed-serving seam (implemented by the serving issue).
+
+    ``start`` receives a module whose verified standby is in phase ``canary``; the driver loads it next
+    to the incumbent, runs the canary, and later calls ``slots.promote_canary(module, evidence=...)``
+    (flip + commit) or ``slots.abort_canary(module, reason)`` (marks the version bad). It must return
+    promptly (run the canary in the background).
+    """
+
+    def start(self, module: str, standby: SlotView, slots: SlotManager) -> None: ...
+
+
+def reconcile_file(paths: StatePaths) -> Path:
+    """``<state>/reconcile.json``: the last pass (time, trust, desired serial, outcomes)."""
+    return paths.root / "reconcile.json"
+
+
+def read_last_reconcile(paths: StatePaths) -> dict[str, Any]:
+    """The last reconcile record (empty when none)."""
+    try:
+        data: dict[str, Any] = json.loads(reconcile_file(paths).read_text(encoding="utf-8"))
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------- constraints (pure)
+def parse_window(spec: str) -> tuple[set[int], time, time, bool]:
+    """Parse ``"Mon-Fri 02:00-04:00"``, ``"Sat,Sun 22:00-02:00"`` or ``"* 00:00-24:00"``.
+
+    Returns (weekdays the window *starts* on, start, end, wraps past midnight).
+
+    Raises:
+        InputError: the text is not a window.
+    """
+    m = _WINDOW_RE.match(spec)
+    if not m:
+        raise InputError(
+            f"parse maintenance window {spec!r}", "expected 'DAYS HH:MM-HH:MM'", "e.g. 'Mon-Fri 02:00-04:00'"
+        )
+    days_s, h1, m1, h2, m2 = m.groups()
+    days: set[int] = set()
+    for part in days_s.lower().split(","):
+        if part == "*":
+            days |= set(range(7))
+        elif "-" in part:
+            a, _, b = part.partition("-")
+            if a[:3] not in _DAYS or b[:3] not in _DAYS:
+                raise InputError(f"parse maintenance window {spec!r}", f"unknown day range {part!r}")
+            i, j = _DAYS.index(a[:3]), _DAYS.index(b[:3])
+            days |= {(i + k) % 7 for k in range((j - i) % 7 + 1)}
+        elif part[:3] in _DAYS:
+            days.add(_DAYS.index(part[:3]))
+        else:
+            raise InputError(f"parse maintenance window {spec!r}", f"unknown day {part!r}")
+    if int(h1) > 23 or int(m1) > 59 or int(h2) > 24 or int(m2) > 59 or (int(h2) == 24 and int(m2)):
+        raise InputError(f"parse maintenance window {spec!r}", "hours 00-24, minutes 00-59")
+    start = time(int(h1), int(m1))
+    end = time(23, 59, 59, 999999) if int(h2) == 24 else time(int(h2), int(m2))
+    return days, start, end, end <= start
+
+
+def in_maintenance_window(windows: list[str], local_now: datetime) -> bool:
+    """True when ``local_now`` (device-local time) is inside any window; no windows means always."""
+    if not windows:
+        return True
+    t = local_now.time().replace(tzinfo=None)
+    wd = local_now.weekday()
+    for spec in windows:
+        days, start, end, wraps = parse_window(spec)
+        if not wraps:
+            if wd in days and start <= t < end:
+                return True
+        elif (wd in days and t >= start) or ((wd - 1) % 7 in days and t < end):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Facts the planner judges constraints against."""
+
+    local_now: datetime
+    agent_version: str
+    free_bytes: int
+    min_free_mb: int
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """What to do with one module, and why."""
+
+    module: str
+    action: Action
+    version: str | None = None
+    sha256: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "action": self.action,
+            "version": self.version,
+            "sha256": self.sha256,
+            "reason": self.reason,
+        }
+
+
+class Planner:
+    """Desired vs installed, per module, gated by constraints. Pure: values in, plan out."""
+
+    def plan(
+        self,
+        desired: DesiredState,
+        artifacts: dict[str, VerifiedArtifact],
+        installed: dict[str, ModuleStatus],
+        ctx: PlanContext,
+    ) -> list[PlanItem]:
+        """One item per desired module, ordered so that dependencies come first."""
+        items: list[PlanItem] = []
+        for module in _dependency_order(desired, artifacts):
+            want = desired.modules[module]
+            art = artifacts.get(module)
+            st = installed.get(module)
+            active = st.active if st else None
+            if (
+                active is not None
+                and active.version == want.version
+                and (art is None or active.sha256 == art.sha256)
+            ):
+                items.append(PlanItem(module, "noop", want.version, active.sha256, "already active"))
+                continue
+            if art is None or art.version != want.version:
+                items.append(PlanItem(module, "missing", want.version, None, "no verified artifact pulled"))
+                continue
+            if st is not None and art.sha256 in st.bad:
+                why = st.bad[art.sha256].get("reason", "")
+                items.append(PlanItem(module, "refused", art.version, art.sha256, f"marked bad: {why}"))
+                continue
+            blocked = self._constraints(art.manifest.constraints, art, desired, installed, ctx)
+            if blocked:
+                items.append(PlanItem(module, "blocked", art.version, art.sha256, blocked))
+                continue
+            items.append(
+                PlanItem(module, "install", art.version, art.sha256, f"desired serial {desired.serial}")
+            )
+        return items
+
+    def _constraints(
+        self,
+        c: Constraints,
+        art: VerifiedArtifact,
+        desired: DesiredState,
+        installed: dict[str, ModuleStatus],
+        ctx: PlanContext,
+    ) -> str:
+        if not in_maintenance_window(c.maintenance_windows, ctx.local_now):
+            return (
+                f"outside maintenance windows {c.maintenance_windows} (device time {ctx.local_now:%a %H:%M})"
+            )
+        if c.min_agent_version and version_key(ctx.agent_version) < version_key(c.min_agent_version):
+            return f"needs agent >= {c.min_agent_version}, this is {ctx.agent_version}"
+        for dep, minimum in sorted(c.depends_on.items()):
+            st = installed.get(dep)
+            have = st.active.version if st and st.active else None
+            planned = desired.modules.get(dep)
+            ok_now = have is not None and version_key(have) >= version_key(minimum)
+            ok_planned = planned is not None and version_key(planned.version) >= version_key(minimum)
+            if not (ok_now or ok_planned):
+                return f"needs {dep} >= {minimum} (installed: {have or 'none'})"
+        need = art.length * (2 if art.manifest.format == "tar" else 1)
+        headroom = max(c.min_free_disk_mb, ctx.min_free_mb) * 1024 * 1024
+        if ctx.free_bytes - need < headroom:
+            return (
+                f"not enough disk: {ctx.free_bytes // 2**20} MiB free, needs {need // 2**20} MiB "
+                f"+ {headroom // 2**20} MiB headroom"
+            )
+        return ""
+
+
+def _dependency_order(desired: DesiredState, artifacts: dict[str, VerifiedArtifact]) -> list[str]:
+    """Desired modules, dependencies first (cycles keep name order; their constraints then block)."""
+    names = sorted(desired.modules)
+    deps = {
+        n: set(artifacts[n].manifest.constraints.depends_on) & set(names) if n in artifacts else set()
+        for n in names
+    }
+    out: list[str] = []
+    seen: set[str] = set()
+    for _ in range(len(names)):
+        for n in names:
+            if n not in seen and deps[n] <= seen:
+                out.append(n)
+                seen.add(n)
+    return out + [n for n in names if n not in seen]
+
+
+# ---------------------------------------------------------------------------- outcome records
+@dataclass(frozen=True)
+class ModuleOutcome:
+    """What happened to one module in one pass."""
+
+    module: str
+    result: Literal[
+        "committed", "rolled_back", "canary", "noop", "blocked", "refused", "missing", "failed", "safe_mode"
+    ]
+    version: str | None = None
+    previous: str | None = None
+    reason: str = ""
+    probes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "result": self.result,
+            "version": self.version,
+            "previous": self.previous,
+            "reason": self.reason,
+            "probes": self.probes,
+        }
+
+
+@dataclass
+class ReconcileReport:
+    """One pass: trust, safe mode and per-module outcomes."""
+
+    started: str
+    trusted_now: str
+    trust: str
+    online: bool
+    serial: int | None
+    safe_mode: bool
+    safe_mode_changed: str | None = None
+    recovered: dict[str, str] = field(default_factory=dict)
+    outcomes: list[ModuleOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(o.result in {"failed", "rolled_back", "refused"} for o in self.outcomes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "trusted_now": self.trusted_now,
+            "trust": self.trust,
+            "online": self.online,
+            "serial": self.serial,
+            "safe_mode": self.safe_mode,
+            "safe_mode_changed": self.safe_mode_changed,
+            "recovered": self.recovered,
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "ok": self.ok,
+        }
+
+
+# ---------------------------------------------------------------------------- orchestrator
+class Reconciler:
+    """The thin orchestrator around :class:`Planner`, :class:`SlotManager`, probes and safe mode.
+
+    Args:
+        paths: device state layout.
+        source: returns the latest :class:`PullResult`; an exception means "offline" (the last
+            held desired state's expiry is still enforced from ``reconcile.json``).
+        clock: injected time (a fake clock simulates a month in a second).
+        policy: the deployment policy.
+        audit: the audit trail (default ``<state>/audit.jsonl``).
+        canary: the managed-serving driver, or None.
+        telemetry: metrics/events sink.
+        agent_version: compared with ``min_agent_version`` constraints.
+        local_tz: the device's time zone for maintenance windows (default: the system's).
+        disk_free: free bytes at a path (default: ``shutil.disk_usage``).
+    """
+
+    def __init__(
+        self,
+        paths: StatePaths,
+        source: Source,
+        clock: Clock | None = None,
+        policy: DeploymentPolicy | None = None,
+        audit: AuditLog | None = None,
+        canary: CanaryDriver | None = None,
+        telemetry: TelemetrySink | None = None,
+        agent_version: str = "0.1.0",
+        local_tz: tzinfo | None = None,
+        disk_free: Callable[[Path], int] | None = None,
+    ) -> None:
+        self.paths = paths
+        self.source = source
+        self.clock = clock or SystemClock()
+        self.policy = policy or DeploymentPolicy()
+        self.audit = audit or AuditLog(paths.audit_log, self.clock)
+        self.canary = canary
+        self.telemetry = telemetry or NullSink()
+        self.agent_version = agent_version
+        self.local_tz = local_tz
+        self.disk_free = disk_free or (lambda p: shutil.disk_usage(p).free)
+        self.slots = SlotManager(paths, self.audit, self.clock, self.policy)
+        self.safe = SafeMode(paths, self.slots, self.audit, self.clock, self.policy.flapping, self.telemetry)
+        self.probes = ProbeRunner(self.policy.probes, self.clock)
+        self.planner = Planner()
+        self._recovered = False
+
+    def recover(self) -> dict[str, str]:
+        """Resolve interrupted installs and flips, re-apply safe mode (done by the first pass)."""
+        done = self.slots.recover_all()
+        self.safe.sync_slots()
+        self._recovered = True
+        changed = {m: d for m, d in done.items() if d != "nothing pending"}
+        if changed:
+            self.audit.append("reconcile.recovered", modules=changed)
+        return done
+
+    def run_once(self) -> ReconcileReport:
+        """One reconcile pass. Never raises for a module's failure: it is reported in the outcome."""
+        recovered = {} if self._recovered else self.recover()
+        started = self.clock.now()
+        last = read_last_reconcile(self.paths)
+        pull = self._pull(last)
+        desired = pull.desired
+        report = ReconcileReport(
+            started=started.isoformat(),
+            trusted_now=pull.trusted_now.isoformat(),
+            trust=pull.trust.value,
+            online=pull.online,
+            serial=desired.serial if desired else None,
+            safe_mode=False,
+            recovered={m: d for m, d in recovered.items() if d != "nothing pending"},
+        )
+        # Safe mode is judged by trusted time before anything is installed.
+        verdict = decide(self.safe.state(), pull.trust, desired, pull.trusted_now, self.policy.flapping)
+        if verdict.action == "enter" and verdict.reason is not None:
+            self.safe.enter(verdict.reason, verdict.detail, desired=desired)
+            report.safe_mode_changed = f"entered: {verdict.detail}"
+        elif verdict.action == "leave":
+            self.safe.exit(verdict.detail)
+            report.safe_mode_changed = f"left: {verdict.detail}"
+        state = self.safe.state()
+        report.safe_mode = state.active
+        if state.active:
+            self.safe.alert(f"in safe mode ({state.reason}: {state.detail}); no installs")
+            for m in self.slots.modules():
+                report.outcomes.append(ModuleOutcome(m, "safe_mode", reason=str(state.reason)))
+        elif desired is not None:
+            self._apply(desired, pull, report)
+        self._record(report, pull, last)
+        return report
+
+    # ------------------------------------------------------------------ steps
+    def _pull(self, last: dict[str, Any]) -> PullResult:
+        try:
+            pull = self.source()
+        except Exception as exc:
+            # Offline (or the puller failed): keep enforcing what we hold, expiry included.
+            now = self.clock.now()
+            held = last.get("trusted_now")
+            trusted = max(now, datetime.fromisoformat(held)) if held else now
+            desired = None
+            if last.get("desired"):
+                desired = DesiredState.model_validate(last["desired"])
+            trust = TrustStatus.NONE if desired is None else (
+                TrustStatus.EXPIRED if desired.is_expired(trusted) else TrustStatus.STALE
+            )  # fmt: skip
+            self.audit.append("reconcile.pull_failed", why=f"{type(exc).__name__}: {exc}", trust=trust.value)
+            return PullResult(trust=trust, online=False, trusted_now=trusted, desired=desired)
+        self.audit.append(
+            "reconcile.pulled", trust=pull.trust.value, online=pull.online,
+            serial=pull.desired.serial if pull.desired else None,
+            artifacts={m: {"version": a.version, "sha256": a.sha256} for m, a in pull.artifacts.items()},
+        )  # fmt: skip
+        return pull
+
+    def _apply(self, desired: DesiredState, pull: PullResult, report: ReconcileReport) -> None:
+        installed = {m: self.slots.status(m) for m in set(desired.modules) | set(self.slots.modules())}
+        ctx = PlanContext(
+            local_now=pull.trusted_now.astimezone(self.local_tz),
+            agent_version=self.agent_version,
+            free_bytes=self.disk_free(self.paths.root),
+            min_free_mb=self.policy.min_free_disk_mb,
+        )
+        for planned in self.planner.plan(desired, pull.artifacts, installed, ctx):
+            item = planned
+            if item.action == "install":
+                # Re-check dependencies against what this pass actually activated.
+                art = pull.artifacts[item.module]
+                unmet = self._unmet_dependency(art)
+                if unmet:
+                    item = PlanItem(item.module, "blocked", item.version, item.sha256, unmet)
+                else:
+                    report.outcomes.append(self._install(art))
+                    continue
+            if item.action == "refused":
+                self.audit.append("reconcile.refused", module=item.module, version=item.version,
+                                  sha256=item.sha256, reason=item.reason)  # fmt: skip
+            elif item.action in {"blocked", "missing"}:
+                self.audit.append(f"reconcile.{item.action}", module=item.module, version=item.version,
+                                  reason=item.reason)  # fmt: skip
+            result: Any = item.action
+            report.outcomes.append(ModuleOutcome(item.module, result, item.version, reason=item.reason))
+
+    def _unmet_dependency(self, art: VerifiedArtifact) -> str:
+        for dep, minimum in sorted(art.manifest.constraints.depends_on.items()):
+            st = self.slots.status(dep)
+            have = st.active.version if st.active and st.phase is Phase.IDLE else None
+            if have is None or version_key(have) < version_key(minimum):
+                return f"needs {dep} >= {minimum} (active: {have or 'none'})"
+        return ""
+
+    def _install(self, art: VerifiedArtifact) -> ModuleOutcome:
+        module = art.module
+        before = self.slots.status(module)
+        previous = before.active.version if before.active else None
+        if before.phase is Phase.CANARY:
+            return ModuleOutcome(module, "canary", art.version, previous, "canary in progress")
+        try:
+            standby = self.slots.install(art)
+        except SlotError as exc:
+            return ModuleOutcome(module, "failed", art.version, previous, exc.message)
+        manifest = art.manifest
+        if manifest.mode == "managed" and self.canary is not None:
+            try:
+                view = self.slots.begin_canary(module)
+                self.canary.start(module, view, self.slots)
+            except SlotError as exc:
+                return ModuleOutcome(module, "failed", art.version, previous, exc.message)
+            return ModuleOutcome(module, "canary", art.version, previous, "handed to the canary driver")
+        try:
+            self.probes.check_allowed(manifest.probes)
+        except ProbeRefusedError as exc:
+            self.audit.append("probe.refused", module=module, version=art.version, why=exc.message)
+            return ModuleOutcome(module, "refused", art.version, previous, exc.message)
+        status = self.slots.flip(module)
+        swapped_ns = status.current_link.lstat().st_mtime_ns
+        ctx = ProbeContext(module, art.version, standby.artifact_path, standby.path, swapped_ns)
+        probe_report = self.probes.run_all(manifest.probes, ctx)
+        results = [r.to_dict() for r in probe_report.results]
+        self.audit.append(
+            "probe.completed", module=module, version=art.version, ok=probe_report.ok, results=results
+        )
+        if probe_report.ok:
+            self.slots.commit(module, evidence={"probes": len(results)})
+            self.telemetry.event(
+                "deployment", f"{module} {art.version} committed", attrs={"previous": previous}
+            )
+            return ModuleOutcome(module, "committed", art.version, previous, "probes passed", results)
+        failed = probe_report.failed()
+        why = f"{failed.kind} probe {failed.outcome}: {failed.detail}" if failed else "probes failed"
+        self.slots.rollback(module, reason=why)
+        self.telemetry.event(
+            "deployment", f"{module} {art.version} rolled back: {why}", severity="error",
+            attrs={"previous": previous},
+        )  # fmt: skip
+        self.safe.record_rollback(module)
+        return ModuleOutcome(module, "rolled_back", art.version, previous, why, results)
+
+    def _record(self, report: ReconcileReport, pull: PullResult, last: dict[str, Any]) -> None:
+        rec = {
+            "last_run": report.started,
+            "last_sync": report.started if pull.online else last.get("last_sync"),
+            "trust": report.trust,
+            "trusted_now": report.trusted_now,
+            "desired": pull.desired.model_dump(mode="json") if pull.desired else last.get("desired"),
+            "report": report.to_dict(),
+        }
+        atomic_write_json(reconcile_file(self.paths), rec)
+        self.audit.append(
+            "reconcile.completed", ok=report.ok, safe_mode=report.safe_mode,
+            outcomes={o.module: o.result for o in report.outcomes},
+        )  # fmt: skip
+        self.telemetry.metric("reconcile_ok", 1.0 if report.ok else 0.0)
