@@ -18,6 +18,7 @@ __all__ = ["TOPICS", "build_app", "main"]
 TOPICS = [
     "sre_agent.cli.basics",
     "sre_agent.cli.run",
+    "sre_agent.cli.verify",
 ]
 
 HELP = (
