@@ -39,6 +39,7 @@ def install_sample_module(
     n_classes: int = 3,
     seed: int = 0,
     hidden_layers: int = 0,
+    hidden_size: int = 64,
 ) -> SampleModule:
     """Install each version in turn (install, flip, commit): the last is active, the one before standby."""
     from deployment.slots import SlotManager
@@ -49,7 +50,9 @@ def install_sample_module(
     baseline = rng.normal(0.0, 1.0, (2000, n_features)).astype(np.float32)
     paths.cas.mkdir(parents=True, exist_ok=True)
     for i, version in enumerate(versions):
-        model = linear_classifier(n_features, n_classes, seed=seed + i, hidden_layers=hidden_layers)
+        model = linear_classifier(
+            n_features, n_classes, seed=seed + i, hidden_layers=hidden_layers, hidden_size=hidden_size
+        )
         digest = hashlib.sha256(model).hexdigest()
         cas_file = paths.cas / digest
         cas_file.write_bytes(model)
