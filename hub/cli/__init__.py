@@ -17,6 +17,7 @@ __all__ = ["TOPICS", "build_app", "main"]
 
 TOPICS = [
     "hub.cli.basics",
+    "hub.cli.repo",
 ]
 
 HELP = (

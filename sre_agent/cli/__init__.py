@@ -17,8 +17,11 @@ __all__ = ["TOPICS", "build_app", "main"]
 
 TOPICS = [
     "sre_agent.cli.basics",
+    "sre_agent.cli.pull",
     "sre_agent.cli.run",
+    "sre_agent.cli.chaos",
     "sre_agent.cli.verify",
+    "sre_agent.cli.slots",
 ]
 
 HELP = (

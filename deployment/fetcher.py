@@ -1,0 +1,352 @@
+"""Fetchers: HTTP (httpx) and directory (offline bundles), for TUF metadata and resumable artifacts.
+
+Public API::
+
+    FetchConfig(connect_timeout_s=5, read_timeout_s=20, max_stalled_attempts=5, max_attempts=10_000)
+    HttpFetcher(config=None, client=None, clock=None)      a tuf FetcherInterface over httpx
+    DirectoryFetcher(base_dir)                               a tuf FetcherInterface over a bundle directory
+    make_fetcher(source, config=None, clock=None) -> HttpFetcher | DirectoryFetcher
+    base_urls(source) -> (metadata_base_url, targets_base_url)
+    <fetcher>.download_to(url, part, length, validator, progress=None) -> DownloadStats
+
+``download_to`` appends to a partial file and never writes more than the signed ``length``: a server
+that sends more (an endless or oversized artifact) fails with ``DownloadLengthMismatchError``. When
+the connection drops, it resumes with ``Range: bytes=<have>-`` and ``If-Range: <etag>``; a 200 answer
+(the file changed) restarts from zero. Attempts that make no progress are bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+from tuf.api import exceptions
+from tuf.ngclient.fetcher import FetcherInterface
+
+from sre_core.clock import Clock, SystemClock
+
+__all__ = [
+    "DirectoryFetcher",
+    "DownloadStats",
+    "FetchConfig",
+    "HttpFetcher",
+    "Progress",
+    "base_urls",
+    "make_fetcher",
+]
+
+Progress = Callable[[int], None]
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Timeouts and retry bounds."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 20.0
+    max_stalled_attempts: int = 5
+    max_attempts: int = 10_000
+    backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_stalled_attempts < 1 or self.max_attempts < 1:
+            raise ValueError("attempt bounds must be >= 1")
+
+
+@dataclass
+class DownloadStats:
+    """What one artifact download cost."""
+
+    bytes_received: int = 0
+    requests: int = 0
+    resumes: int = 0
+    restarts: int = 0
+    etag: str | None = None
+
+
+class _RangeAnswer:
+    """One response to a (possibly ranged) GET: where its body starts and the body itself."""
+
+    def __init__(self, start: int, etag: str | None, chunks: Iterator[bytes], close: Callable[[], None]):
+        self.start = start
+        self.etag = etag
+        self.chunks = chunks
+        self.close = close
+
+
+class _Resumable:
+    """The resume loop shared by both fetchers; subclasses provide :meth:`_open`."""
+
+    config: FetchConfig
+    clock: Clock
+
+    def _open(self, url: str, offset: int, validator: str | None) -> _RangeAnswer:
+        raise NotImplementedError
+
+    def _transient(self, exc: Exception) -> bool:
+        return isinstance(exc, OSError)
+
+    def download_to(
+        self,
+        url: str,
+        part: Path,
+        length: int,
+        validator: str | None = None,
+        progress: Progress | None = None,
+        on_validator: Callable[[str | None], None] | None = None,
+    ) -> DownloadStats:
+        """Download ``url`` into ``part`` (appending to what is there) until it holds ``length`` bytes.
+
+        Args:
+            validator: the ETag seen when the partial was started (sent as ``If-Range``).
+            on_validator: called with a new ETag when a download (re)starts, to persist it.
+
+        Raises:
+            DownloadLengthMismatchError: the server sent more than ``length`` bytes.
+            DownloadHTTPError: the server answered with an error status.
+            DownloadError: the transfer kept failing without progress.
+        """
+        stats = DownloadStats(etag=validator)
+        part = Path(part)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > length:
+            part.unlink()
+            have = 0
+        if have and progress:
+            progress(have)
+        stalled = 0
+        last_error: Exception | None = None
+        for _attempt in range(self.config.max_attempts):
+            if have == length:
+                return stats
+            before = have
+            try:
+                answer = self._open(url, have, stats.etag if have else None)
+            except exceptions.DownloadHTTPError:
+                raise
+            except (exceptions.DownloadError, httpx.TransportError, OSError) as exc:
+                last_error = exc
+                answer = None
+            if answer is not None:
+                stats.requests += 1
+                try:
+                    if answer.start == 0 and have:
+                        stats.restarts += 1
+                        have = 0
+                    elif answer.start:
+                        stats.resumes += 1
+                    if answer.start == 0:
+                        stats.etag = answer.etag
+                        if on_validator:
+                            on_validator(answer.etag)
+                    with part.open("r+b" if part.exists() else "wb") as fh:
+                        fh.seek(have)
+                        fh.truncate()
+                        try:
+                            for chunk in answer.chunks:
+                                if have + len(chunk) > length:
+                                    raise exceptions.DownloadLengthMismatchError(
+                                        f"{url} sent more than the signed length of {length} bytes"
+                                    )
+                                fh.write(chunk)
+                                have += len(chunk)
+                                stats.bytes_received += len(chunk)
+                                if progress:
+                                    progress(len(chunk))
+                        finally:
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                except exceptions.DownloadError:
+                    raise
+                except (httpx.TransportError, OSError) as exc:
+                    last_error = exc
+                finally:
+                    answer.close()
+            if have == length:
+                return stats
+            if have > before:
+                stalled = 0
+                continue
+            stalled += 1
+            if stalled >= self.config.max_stalled_attempts:
+                break
+            self.clock.sleep(min(self.config.backoff_s * 2 ** (stalled - 1), self.config.max_backoff_s))
+        raise exceptions.DownloadError(
+            f"download of {url} stopped at {have} of {length} bytes after {stats.requests} requests"
+            f" ({last_error or 'no progress'})"
+        )
+
+
+class HttpFetcher(_Resumable, FetcherInterface):
+    """httpx fetcher: a timeout on every call; HTTP errors become ``DownloadHTTPError``."""
+
+    def __init__(
+        self,
+        config: FetchConfig | None = None,
+        client: httpx.Client | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config or FetchConfig()
+        self.clock = clock or SystemClock()
+        timeout = httpx.Timeout(
+            self.config.read_timeout_s,
+            connect=self.config.connect_timeout_s,
+            pool=self.config.connect_timeout_s,
+        )
+        self._own = client is None
+        self.client = client or httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
+        self.requests = 0
+
+    def close(self) -> None:
+        if self._own:
+            self.client.close()
+
+    def _send(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        self.requests += 1
+        try:
+            return self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+        except httpx.HTTPError as exc:
+            raise exceptions.DownloadError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """Metadata download with bounded retries when the link drops mid-transfer."""
+        for attempt in range(self.config.max_stalled_attempts):
+            try:
+                return super().download_bytes(url, max_length)
+            except (exceptions.DownloadHTTPError, exceptions.DownloadLengthMismatchError):
+                raise
+            except exceptions.DownloadError:
+                if attempt + 1 >= self.config.max_stalled_attempts:
+                    raise
+                self.clock.sleep(min(self.config.backoff_s * 2**attempt, self.config.max_backoff_s))
+        raise exceptions.DownloadError(f"GET {url}: no attempts left")  # pragma: no cover
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        resp = self._send(url, {})
+        if resp.status_code != 200:
+            resp.close()
+            raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
+        return self._chunks(resp, url)
+
+    @staticmethod
+    def _chunks(resp: httpx.Response, url: str) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_raw(CHUNK)
+        except httpx.HTTPError as exc:
+            raise exceptions.DownloadError(f"GET {url} interrupted: {exc}") from exc
+        finally:
+            resp.close()
+
+    def _open(self, url: str, offset: int, validator: str | None) -> _RangeAnswer:
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if validator:
+                headers["If-Range"] = validator
+        resp = self._send(url, headers)
+        etag = resp.headers.get("etag")
+        if resp.status_code == 206:
+            start = _content_range_start(resp.headers.get("content-range", ""))
+            if start != offset:
+                resp.close()
+                raise exceptions.DownloadError(f"GET {url}: Content-Range starts at {start}, asked {offset}")
+        elif resp.status_code == 200:
+            start = 0
+        else:
+            resp.close()
+            raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
+        if etag is not None and etag.startswith("W/"):
+            etag = None  # a weak validator must not be used with If-Range
+        return _RangeAnswer(start, etag, resp.iter_raw(CHUNK), resp.close)
+
+
+def _content_range_start(value: str) -> int:
+    # "bytes 100-199/200"
+    try:
+        unit, _, rest = value.partition(" ")
+        if unit != "bytes":
+            return -1
+        return int(rest.split("-", 1)[0])
+    except ValueError:
+        return -1
+
+
+class DirectoryFetcher(_Resumable, FetcherInterface):
+    """Reads ``file://`` URLs under one bundle directory (sneakernet). Paths may not escape it."""
+
+    def __init__(self, base_dir: Path, config: FetchConfig | None = None, clock: Clock | None = None) -> None:
+        self.base = Path(base_dir).resolve()
+        self.config = config or FetchConfig()
+        self.clock = clock or SystemClock()
+        self.requests = 0
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def _path(self, url: str) -> Path:
+        parsed = urlparse(url)
+        if parsed.scheme != "file":
+            raise exceptions.DownloadError(f"{url} is not a file:// URL")
+        path = Path(unquote(parsed.path)).resolve()
+        if not path.is_relative_to(self.base):
+            raise exceptions.DownloadError(f"{url} is outside the bundle {self.base}")
+        if not path.is_file():
+            raise exceptions.DownloadHTTPError(f"{path} is not in the bundle", 404)
+        return path
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        self.requests += 1
+        return self._read(self._path(url), 0)
+
+    @staticmethod
+    def _read(path: Path, offset: int) -> Iterator[bytes]:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+    def _open(self, url: str, offset: int, validator: str | None) -> _RangeAnswer:
+        self.requests += 1
+        path = self._path(url)
+        st = path.stat()
+        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+        start = offset if (offset and validator == etag) else 0
+        gen = self._read(path, start)
+        return _RangeAnswer(start, etag, gen, lambda: _close(gen))
+
+
+def _close(gen: Iterator[bytes]) -> None:
+    with contextlib.suppress(Exception):
+        gen.close()  # type: ignore[attr-defined]
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def base_urls(source: str) -> tuple[str, str]:
+    """Metadata and targets base URLs for a hub URL or a bundle directory."""
+    if _is_url(source):
+        base = source.rstrip("/")
+        return f"{base}/metadata/", f"{base}/targets/"
+    base_dir = Path(source).resolve()
+    return (base_dir / "metadata").as_uri() + "/", (base_dir / "targets").as_uri() + "/"
+
+
+def make_fetcher(
+    source: str, config: FetchConfig | None = None, clock: Clock | None = None
+) -> HttpFetcher | DirectoryFetcher:
+    """An HTTP fetcher for ``http(s)://`` sources, else a directory fetcher for a bundle."""
+    if _is_url(source):
+        return HttpFetcher(config, clock=clock)
+    return DirectoryFetcher(Path(source), config, clock)

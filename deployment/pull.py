@@ -1,0 +1,547 @@
+"""Pulling signed modules: refresh TUF metadata, fetch the channel's desired state and its artifacts.
+
+Public API::
+
+    Puller(paths, source, channel, clock=None, policy=None, fetch_config=None, audit=None, progress=None)
+        .pull() -> PullResult              raises PullError (with .held, the last verified state)
+    load_held(paths, clock, verify=False) -> PullResult    offline: what the device holds and trusts
+    PullError(SreError): .refused (a security check failed) / transfer failure, .held (a PullResult)
+    ProgressFactory = Callable[[str, int], Callable[[int], None]]   (target name, total) -> advance(n)
+
+Flow (``pull``): trusted now = max(system clock, newest signed time) -> python-tuf ``Updater.refresh``
+with that reference time (root -> timestamp -> snapshot -> targets: signatures, thresholds, expiry,
+rollback and freeze protection) -> ``<channel>/desired-state.json`` through the channel's delegated role
+-> checks on the desired state (channel, serial never goes back, expiry) -> per module: a safe target
+path, a signed target with a manifest that names the module and version, optional cosign/DSSE second
+signatures against keys pinned in the trust policy (checked against the signed digest before any byte
+is downloaded), a resumable download into ``<state>/cas/partial`` capped at the signed length, then
+length + sha256 verification and an atomic rename into the CAS. Only when everything verified is the
+held record (``<state>/trust/held.json``) replaced, atomically. Every refusal writes an audit record.
+
+Offline (the hub cannot be reached): keep what is held and say so; python-tuf has no offline mode, so
+the trust status of held state is our logic: fresh while the held timestamp metadata is unexpired by
+trusted time, stale after, expired once the desired state's own expiry passed (the reconcile loop turns
+that into safe mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from tuf.api import exceptions
+from tuf.api.metadata import Metadata, TargetFile, Timestamp
+from tuf.ngclient import Updater, UpdaterConfig
+
+from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
+from deployment.cas import ContentStore, HashMismatchError
+from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
+from deployment.manifest import DesiredState, ModuleManifest
+from deployment.signatures import SignatureError, cosign_verify, verify_attestation
+from deployment.trusted_time import TrustedTime
+from policies.trust import TrustPolicy, load_trust_policy
+from sre_core.atomic import atomic_write_json
+from sre_core.audit import AuditLog
+from sre_core.clock import Clock, SystemClock
+from sre_core.errors import SreError
+from sre_core.paths import StatePaths
+
+__all__ = [
+    "DESIRED_STATE",
+    "ISSUED_FIELD",
+    "ProgressFactory",
+    "PullError",
+    "Puller",
+    "load_held",
+    "safe_target",
+]
+
+DESIRED_STATE = "desired-state.json"
+ISSUED_FIELD = "x-sre-issued"  # the hub's signing time inside timestamp metadata
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+_MAX_SIG_BYTES = 64 * 1024
+
+
+class PullError(SreError):
+    """A pull did not complete. ``refused``: a trust check failed (bad data); otherwise a transfer
+    failure (run pull again to resume). ``held`` is what the device still holds and enforces."""
+
+    def __init__(self, what: str, why: str, fix: str, held: PullResult, refused: bool = True) -> None:
+        super().__init__(what, why, fix)
+        self.held = held
+        self.refused = refused
+
+
+def safe_target(path: str, channel: str) -> bool:
+    """``<channel>/<plain name>``: no ``..``, no absolute path, no backslash, one level deep."""
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        return False
+    parts = path.split("/")
+    if len(parts) != 2 or parts[0] != channel or parts[1] in {"", ".", ".."} or parts[1].startswith("."):
+        return False
+    return all(c.isalnum() or c in "._+-" for c in parts[1])
+
+
+def _held_path(paths: StatePaths) -> Path:
+    return paths.trust / "held.json"
+
+
+def _read_held(paths: StatePaths) -> dict[str, Any] | None:
+    p = _held_path(paths)
+    if not p.is_file():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise SreError(
+            f"read held state {p}", f"unreadable ({exc})", "pull again from the hub or a bundle"
+        ) from exc
+    return data
+
+
+def _artifacts_from(
+    held: dict[str, Any], store: ContentStore, verify: bool
+) -> tuple[dict[str, VerifiedArtifact], list[str]]:
+    from deployment.cas import hash_file
+
+    arts: dict[str, VerifiedArtifact] = {}
+    notes: list[str] = []
+    for module, a in held.get("artifacts", {}).items():
+        path = store.get(a["sha256"], int(a["length"]))
+        if path is None:
+            notes.append(f"{module} {a['version']}: artifact missing from the cache; pull again")
+            continue
+        if verify and hash_file(path) != (int(a["length"]), a["sha256"]):
+            notes.append(f"{module} {a['version']}: cached artifact does not match its digest; pull again")
+            continue
+        arts[module] = VerifiedArtifact(
+            module=module,
+            version=a["version"],
+            target=a["target"],
+            path=path,
+            sha256=a["sha256"],
+            length=int(a["length"]),
+            manifest=ModuleManifest.model_validate(a["manifest"]),
+        )
+    return arts, notes
+
+
+def load_held(paths: StatePaths, clock: Clock | None = None, verify: bool = False) -> PullResult:
+    """What the device holds: the last verified desired state and artifacts, with their trust status.
+
+    Args:
+        verify: re-hash every cached artifact (slow for big files; default checks presence + length).
+    """
+    clock = clock or SystemClock()
+    trusted = TrustedTime(paths.clock_file, clock)
+    now = trusted.checkpoint()
+    held = _read_held(paths)
+    messages = []
+    if trusted.clock_behind():
+        messages.append(f"system clock is behind the newest signed time; trusted time is {now.isoformat()}")
+    if held is None:
+        return PullResult(
+            TrustStatus.NONE, online=False, trusted_now=now, messages=[*messages, "no desired state held"]
+        )
+    desired = DesiredState.model_validate(held["desired"])
+    arts, notes = _artifacts_from(held, ContentStore(paths.cas), verify)
+    ts_expires = datetime.fromisoformat(held["timestamp_expires"])
+    if desired.is_expired(now):
+        trust = TrustStatus.EXPIRED
+        messages.append(f"desired state serial {desired.serial} expired at {desired.expires.isoformat()}")
+    elif now < ts_expires:
+        trust = TrustStatus.FRESH
+    else:
+        trust = TrustStatus.STALE
+        messages.append(
+            f"metadata last refreshed {held['refreshed_at']}; enforcing held serial {desired.serial}"
+        )
+    return PullResult(
+        trust, online=False, trusted_now=now, desired=desired, artifacts=arts, messages=messages + notes
+    )
+
+
+@contextlib.contextmanager
+def _pull_lock(paths: StatePaths) -> Iterator[None]:
+    paths.run.mkdir(parents=True, exist_ok=True)
+    with (paths.run / "pull.lock").open("a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise SreError("pull", "another pull is running on this state directory", "wait for it") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class Puller:
+    """One pull from a hub URL or a bundle directory into a device state directory."""
+
+    def __init__(
+        self,
+        paths: StatePaths,
+        source: str,
+        channel: str,
+        clock: Clock | None = None,
+        policy: TrustPolicy | None = None,
+        fetch_config: FetchConfig | None = None,
+        audit: AuditLog | None = None,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.paths = paths
+        self.source = source
+        self.channel = channel
+        self.clock = clock or SystemClock()
+        self.policy = policy or load_trust_policy(paths.policies)
+        self.fetch_config = fetch_config or FetchConfig(
+            connect_timeout_s=self.policy.connect_timeout_s,
+            read_timeout_s=self.policy.read_timeout_s,
+            max_stalled_attempts=self.policy.max_stalled_attempts,
+        )
+        self.audit = audit or AuditLog(paths.audit_log, self.clock)
+        self.progress = progress
+        self.store = ContentStore(paths.cas)
+        self.stats: dict[str, int] = {"requests": 0, "bytes": 0, "resumes": 0, "restarts": 0}
+        self._fetcher: HttpFetcher | DirectoryFetcher | None = None
+
+    # ----- outcomes ------------------------------------------------------------------------------
+    def _refuse(self, what: str, why: str, fix: str, refused: bool = True) -> PullError:
+        self.audit.append(
+            "pull.refused" if refused else "pull.failed",
+            source=self.source,
+            channel=self.channel,
+            what=what,
+            why=why,
+        )
+        return PullError(what, why, fix, load_held(self.paths, self.clock), refused)
+
+    def _offline(self, reason: str) -> PullResult:
+        held = load_held(self.paths, self.clock)
+        trust = held.trust if held.trust in (TrustStatus.EXPIRED, TrustStatus.NONE) else TrustStatus.STALE
+        msg = f"offline: {reason}; keeping what is held"
+        if held.desired is not None:
+            msg += f" (desired state serial {held.desired.serial}, trust {trust})"
+        self.audit.append(
+            "pull.offline", source=self.source, channel=self.channel, reason=reason, trust=str(trust)
+        )
+        return PullResult(
+            trust,
+            online=False,
+            trusted_now=held.trusted_now,
+            desired=held.desired,
+            artifacts=held.artifacts,
+            messages=[msg, *held.messages],
+        )
+
+    # ----- the pull ------------------------------------------------------------------------------
+    def pull(self) -> PullResult:
+        """Refresh, fetch and verify. Returns the new state, or the held one when offline.
+
+        Raises:
+            PullError: a trust check failed (``refused``) or a download could not finish.
+            SreError: the device is not provisioned with a trust anchor.
+        """
+        if not self.paths.root_json.is_file():
+            raise SreError(
+                "pull",
+                f"no trust anchor at {self.paths.root_json}",
+                "provision the device: sre-agent init --state DIR --root root.json --hub URL --channel C",
+            )
+        with _pull_lock(self.paths):
+            self.store.remove_stale()
+            self._fetcher = make_fetcher(self.source, self.fetch_config, self.clock)
+            try:
+                return self._pull()
+            finally:
+                self.stats["requests"] += self._fetcher.requests
+                self._fetcher.close()
+
+    def _updater(self, trusted: TrustedTime) -> Updater:
+        meta_url, _ = base_urls(self.source)
+        self.paths.tuf.mkdir(parents=True, exist_ok=True)
+        cached = self.paths.tuf / "root.json"
+        bootstrap = None if cached.is_file() else self.paths.root_json.read_bytes()
+        try:
+            updater = Updater(
+                str(self.paths.tuf),
+                meta_url,
+                None,
+                None,
+                fetcher=self._fetcher,
+                config=UpdaterConfig(
+                    targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024
+                ),
+                bootstrap=bootstrap,
+            )
+        except exceptions.RepositoryError as exc:
+            raise self._refuse(
+                f"load trusted metadata in {self.paths.tuf}",
+                str(exc),
+                "re-provision the trust anchor with sre-agent init --root",
+            ) from exc
+        # python-tuf checks expiry against its own datetime.now(); use trusted time instead so a clock
+        # wound back cannot make expired metadata look valid (and tests can drive time).
+        updater._trusted_set.reference_time = trusted.now()
+        return updater
+
+    def _tuf(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a python-tuf step, translating its errors into refusals or offline."""
+        try:
+            return fn()
+        except exceptions.DownloadLengthMismatchError as exc:
+            raise self._refuse(what, f"oversized metadata: {exc}", "report the hub operators") from exc
+        except exceptions.DownloadError:
+            raise
+        except exceptions.RepositoryError as exc:
+            raise self._refuse(
+                what,
+                f"{type(exc).__name__}: {exc}",
+                "nothing was installed; the hub (or whatever served these files) sent metadata that fails "
+                "TUF verification: report it to the hub operators; a re-signed timestamp fixes expiry",
+            ) from exc
+
+    def _pull(self) -> PullResult:
+        trusted = TrustedTime(self.paths.clock_file, self.clock)
+        trusted.checkpoint()
+        held = _read_held(self.paths)
+        updater = self._updater(trusted)
+        try:
+            self._tuf(f"refresh signed metadata from {self.source}", updater.refresh)
+        except exceptions.DownloadError as exc:
+            return self._offline(f"cannot refresh metadata from {self.source} ({exc})")
+        ts = Metadata[Timestamp].from_bytes((self.paths.tuf / "timestamp.json").read_bytes()).signed
+        issued = ts.unrecognized_fields.get(ISSUED_FIELD)
+        if isinstance(issued, str):
+            with contextlib.suppress(ValueError):
+                trusted.observe(datetime.fromisoformat(issued), "timestamp")
+        ds_target = f"{self.channel}/{DESIRED_STATE}"
+        try:
+            info = self._tuf(f"look up {ds_target}", lambda: updater.get_targetinfo(ds_target))
+        except exceptions.DownloadError as exc:
+            return self._offline(f"cannot fetch {self.channel} metadata ({exc})")
+        now = trusted.now()
+        if info is None:
+            self.audit.append("pull.empty", source=self.source, channel=self.channel)
+            return PullResult(
+                TrustStatus.NONE,
+                online=True,
+                trusted_now=now,
+                messages=[f"channel {self.channel} has no released desired state yet"],
+            )
+        desired, ds_sha = self._desired_state(info, held, trusted)
+        now = trusted.now()
+        artifacts: dict[str, VerifiedArtifact] = {}
+        records: dict[str, Any] = {}
+        for module, dm in sorted(desired.modules.items()):
+            art = self._artifact(updater, module, dm.version, dm.target)
+            artifacts[module] = art
+            records[module] = {
+                "version": art.version,
+                "target": art.target,
+                "sha256": art.sha256,
+                "length": art.length,
+                "manifest": art.manifest.model_dump(mode="json"),
+            }
+        atomic_write_json(
+            _held_path(self.paths),
+            {
+                "source": self.source,
+                "channel": self.channel,
+                "desired": desired.model_dump(mode="json"),
+                "desired_sha256": ds_sha,
+                "serial": desired.serial,
+                "refreshed_at": now.isoformat(),
+                "timestamp_expires": ts.expires.isoformat(),
+                "artifacts": records,
+            },
+        )
+        expired = desired.is_expired(now)
+        trust = TrustStatus.EXPIRED if expired else TrustStatus.FRESH
+        messages = [f"desired state serial {desired.serial} verified ({len(artifacts)} modules)"]
+        if expired:
+            messages.append(
+                f"the desired state expired at {desired.expires.isoformat()}: the hub must release again"
+            )
+        self.audit.append(
+            "pull.verified",
+            source=self.source,
+            channel=self.channel,
+            serial=desired.serial,
+            trust=str(trust),
+            modules={m: {"version": a.version, "sha256": a.sha256} for m, a in artifacts.items()},
+        )
+        return PullResult(
+            trust, online=True, trusted_now=now, desired=desired, artifacts=artifacts, messages=messages
+        )
+
+    # ----- desired state ------------------------------------------------------------------------
+    def _desired_state(
+        self, info: TargetFile, held: dict[str, Any] | None, trusted: TrustedTime
+    ) -> tuple[DesiredState, str]:
+        what = f"desired state {info.path}"
+        path = self._download(info, self.policy.max_desired_state_bytes)
+        try:
+            desired = DesiredState.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise self._refuse(
+                what, f"signed but malformed: {exc.errors()[0]['msg']}", "report the hub"
+            ) from exc
+        sha = info.hashes["sha256"]
+        if desired.channel != self.channel:
+            raise self._refuse(
+                what, f"it is for channel {desired.channel}, not {self.channel}", "report the hub"
+            )
+        if held is not None and held.get("channel") == self.channel:
+            if desired.serial < int(held["serial"]):
+                raise self._refuse(
+                    what,
+                    f"serial {desired.serial} is older than the held serial {held['serial']} (rollback)",
+                    "nothing was installed; the source replays an old desired state: report it",
+                )
+            if desired.serial == int(held["serial"]) and sha != held.get("desired_sha256"):
+                raise self._refuse(
+                    what,
+                    f"serial {desired.serial} is held with different content (replayed serial)",
+                    "report the hub: each release must increase the serial",
+                )
+        trusted.observe(desired.issued, "desired-state")
+        return desired, sha
+
+    # ----- artifacts ----------------------------------------------------------------------------
+    def _signed_target(self, updater: Updater, target: str, what: str) -> TargetFile:
+        if not safe_target(target, self.channel):
+            raise self._refuse(
+                what,
+                f"target path {target!r} is not '{self.channel}/<plain name>' ('..', absolute or nested)",
+                "nothing was installed; report the hub: the desired state names an unsafe path",
+            )
+        try:
+            info: TargetFile | None = self._tuf(f"look up {target}", lambda: updater.get_targetinfo(target))
+        except exceptions.DownloadError as exc:
+            raise self._refuse(
+                what, f"cannot fetch metadata for {target}: {exc}", "pull again", refused=False
+            ) from exc
+        if info is None:
+            raise self._refuse(
+                what, f"{target} is not a target signed by the {self.channel} role", "report the hub"
+            )
+        if "sha256" not in info.hashes:
+            raise self._refuse(what, f"{target} carries no sha256", "republish it with sre-hub publish")
+        return info
+
+    def _artifact(self, updater: Updater, module: str, version: str, target: str) -> VerifiedArtifact:
+        what = f"artifact {module} {version} ({target})"
+        info = self._signed_target(updater, target, what)
+        if info.length > self.policy.max_artifact_bytes:
+            raise self._refuse(
+                what,
+                f"signed length {info.length} exceeds max_artifact_bytes {self.policy.max_artifact_bytes}",
+                "raise the limit in trust.yaml if this size is expected",
+            )
+        custom = info.custom if isinstance(info.custom, dict) else {}
+        try:
+            manifest = ModuleManifest.model_validate(custom.get("manifest"))
+        except ValidationError as exc:
+            raise self._refuse(
+                what, f"the signed manifest is invalid: {exc.errors()[0]['msg']}", "republish it"
+            ) from exc
+        if manifest.name != module or manifest.version != version:
+            raise self._refuse(
+                what, f"the signed manifest says {manifest.name} {manifest.version}", "report the hub"
+            )
+        sha = info.hashes["sha256"]
+        self._second_signatures(updater, manifest, sha, what)
+        path = self._download(info, self.policy.max_artifact_bytes)
+        return VerifiedArtifact(module, version, target, path, sha, info.length, manifest)
+
+    def _second_signatures(self, updater: Updater, manifest: ModuleManifest, sha: str, what: str) -> None:
+        refs = {a.kind: a for a in manifest.attestations}
+        checks = []
+        if self.policy.require_cosign:
+            checks.append("cosign")
+        if self.policy.require_attestation:
+            checks.append("dsse")
+        for kind in checks:
+            ref = refs.get(kind)  # type: ignore[call-overload]
+            if ref is None:
+                raise self._refuse(
+                    what,
+                    f"the trust policy requires a {kind} signature and the manifest lists none",
+                    "publish with --cosign-key / --attest, or relax trust.yaml",
+                )
+            info = self._signed_target(updater, ref.target, what)
+            blob = self._download(info, _MAX_SIG_BYTES).read_bytes()
+            try:
+                if kind == "cosign":
+                    cosign_verify(self.policy.cosign_public_keys, sha, blob, what)
+                else:
+                    verify_attestation(
+                        blob,
+                        self.policy.attestation_public_keys,
+                        sha,
+                        self.policy.attestation_predicate_types,
+                        what,
+                    )
+            except SignatureError as exc:
+                self.audit.append(
+                    "pull.refused", source=self.source, channel=self.channel, what=exc.what, why=exc.why
+                )
+                raise PullError(exc.what, exc.why, exc.fix, load_held(self.paths, self.clock)) from exc
+
+    def _download(self, info: TargetFile, cap: int) -> Path:
+        """Fetch a signed target into the CAS (resuming a partial), verify length and sha256."""
+        sha = info.hashes["sha256"]
+        what = info.path
+        if info.length > cap:
+            raise self._refuse(
+                f"target {what}", f"signed length {info.length} exceeds the cap {cap}", "report the hub"
+            )
+        have = self.store.get(sha, info.length)
+        if have is not None:
+            return have
+        _, targets_url = base_urls(self.source)
+        dirname, _, base = info.path.rpartition("/")
+        url = f"{targets_url}{dirname}/{sha}.{base}"
+        resume = self.store.read_resume(sha)
+        validator = resume.get("etag") if resume.get("url") == url else None
+        part = self.store.partial(sha)
+        if validator is None and part.exists():
+            part.unlink()
+        advance = self.progress(info.path, info.length) if self.progress else None
+        if self._fetcher is None:
+            raise RuntimeError("_download called outside pull()")
+        try:
+            stats = self._fetcher.download_to(
+                url,
+                part,
+                info.length,
+                validator,
+                advance,
+                on_validator=lambda etag: self.store.write_resume(sha, {"url": url, "etag": etag}),
+            )
+        except exceptions.DownloadLengthMismatchError as exc:
+            self.store.discard(sha)
+            raise self._refuse(
+                f"artifact {what}", f"oversized: {exc}", "nothing was installed; report the hub or the link"
+            ) from exc
+        except exceptions.DownloadError as exc:
+            raise self._refuse(
+                f"download {what}", str(exc), "run pull again: it resumes where it stopped", refused=False
+            ) from exc
+        self.stats["bytes"] += stats.bytes_received
+        self.stats["resumes"] += stats.resumes
+        self.stats["restarts"] += stats.restarts
+        try:
+            return self.store.commit(sha, info.length, what)
+        except HashMismatchError as exc:
+            self.audit.append(
+                "pull.refused", source=self.source, channel=self.channel, what=exc.what, why=exc.why
+            )
+            raise PullError(exc.what, exc.why, exc.fix, load_held(self.paths, self.clock)) from exc

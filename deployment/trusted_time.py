@@ -1,0 +1,117 @@
+"""Trusted time: the maximum of the system clock and the newest signed time the device has seen.
+
+Public API::
+
+    TrustedTime(path, clock)         a Clock (now/monotonic/sleep) that never goes below its high-water mark
+        .now() -> datetime           max(clock.now(), high water)
+        .observe(signed_time, source) -> datetime   raise the mark (persisted atomically) and return now()
+        .checkpoint() -> datetime         also ratchet the mark up to the system clock (persisted)
+        .high_water -> datetime | None
+
+The mark lives in ``<state>/clock.json`` and only moves forward, so winding the system clock back (a bad
+RTC, an attacker) revives no expired desired state or metadata. Signed times come from the hub: the
+timestamp role's signing time and the desired state's ``issued``. Every expiry decision also
+checkpoints the system clock into the mark (at most one write per ``checkpoint_granularity``), so a
+state seen expired stays expired when the clock is later wound back. The cost: a system clock that once
+jumped far ahead keeps trusted time there until an operator removes ``clock.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sre_core.atomic import atomic_write_json
+from sre_core.clock import Clock
+from sre_core.errors import SreError
+
+__all__ = ["TrustedTime"]
+
+
+class TrustedTime:
+    """A monotone wall clock anchored to signed times. Thread-compatible (one writer per state dir).
+
+    Raises:
+        SreError: ``clock.json`` exists but is unreadable (someone edited it by hand).
+    """
+
+    def __init__(
+        self, path: Path, clock: Clock, checkpoint_granularity: timedelta = timedelta(minutes=1)
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.granularity = checkpoint_granularity
+        self._high: datetime | None = None
+        self._source = ""
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                high = datetime.fromisoformat(data["high_water"])
+                self._source = str(data.get("source", ""))
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                raise self._corrupt(str(exc)) from exc
+            if high.tzinfo is None:
+                raise self._corrupt("high_water has no timezone")
+            self._high = high
+
+    def _corrupt(self, why: str) -> SreError:
+        return SreError(
+            f"read trusted time {self.path}",
+            f"the file is not a valid high-water record ({why})",
+            "restore it from backup, or delete it only after checking the system clock is right",
+        )
+
+    @property
+    def high_water(self) -> datetime | None:
+        """Newest signed time seen (None before the first pull)."""
+        return self._high
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def now(self) -> datetime:
+        """Trusted now: never earlier than the newest signed time seen."""
+        sys_now = self.clock.now()
+        if self._high is not None and self._high > sys_now:
+            return self._high
+        return sys_now
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        self.clock.sleep(seconds)
+
+    def clock_behind(self) -> bool:
+        """True when the system clock is behind the signed high-water mark (RTC reset or wound back)."""
+        return self._high is not None and self.clock.now() < self._high
+
+    def checkpoint(self) -> datetime:
+        """Ratchet the mark up to the system clock (when it moved on by the granularity). Returns now."""
+        sys_now = self.clock.now()
+        if self._high is None or sys_now - self._high >= self.granularity:
+            self._write(sys_now, "system-clock")
+        return self.now()
+
+    def observe(self, signed_time: datetime, source: str) -> datetime:
+        """Raise the high-water mark to a signed time (only ever forwards). Returns :meth:`now`."""
+        if signed_time.tzinfo is None:
+            raise ValueError("signed_time must be timezone-aware")
+        if self._high is None or signed_time > self._high:
+            self._write(signed_time, source)
+        return self.now()
+
+    def _write(self, when: datetime, source: str) -> None:
+        if self._high is None or when > self._high:
+            atomic_write_json(
+                self.path,
+                {
+                    "high_water": when.isoformat(),
+                    "source": source,
+                    "system_clock_at_update": self.clock.now().isoformat(),
+                },
+            )
+            self._high = when
+            self._source = source

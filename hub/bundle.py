@@ -1,0 +1,67 @@
+"""Offline bundles for sneakernet: the repository's metadata plus one channel's targets, as files.
+
+Public API::
+
+    export_bundle(repo, channel, out) -> dict   (counts and bytes)
+
+A device pulls from the bundle directory exactly as from the hub (``sre-agent pull --from DIR``): the
+same TUF checks apply, so a bundle carried on a USB stick is trusted only as far as its signatures.
+The bundle is written to ``<out>.tmp-*`` and renamed into place, so a half-written bundle never looks
+complete. Re-sign the timestamp with a longer expiry (``sre-hub timestamp --expires 7d``) before
+exporting a bundle that travels for days.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hub.repository import HubRepository
+from sre_core.atomic import fsync_dir
+from sre_core.errors import InputError
+
+__all__ = ["export_bundle"]
+
+
+def export_bundle(repo: HubRepository, channel: str, out: Path) -> dict[str, Any]:
+    """Write ``out/metadata`` (every published metadata file) and ``out/targets/<channel>``.
+
+    Raises:
+        InputError: unknown channel, or ``out`` exists and is not empty.
+    """
+    out = Path(out)
+    targets = repo.channel_targets(channel)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"export bundle to {out}", "the directory is not empty", "choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "metadata").mkdir()
+        n_meta = 0
+        for f in sorted(repo.metadata_dir.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, tmp / "metadata" / f.name)
+                n_meta += 1
+        dest = tmp / "targets" / channel
+        dest.mkdir(parents=True)
+        size = 0
+        for path, tf in sorted(targets.items()):
+            name = f"{tf.hashes['sha256']}.{path.split('/', 1)[1]}"
+            shutil.copy2(repo.targets_dir / channel / name, dest / name)
+            size += tf.length
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "bundle": str(out),
+        "channel": channel,
+        "metadata_files": n_meta,
+        "targets": len(targets),
+        "target_bytes": size,
+    }
