@@ -1,0 +1,1090 @@
+"""Pre-flight safety check of a chaos experiment: ``run``, ``escalate`` or ``reject``, with reasons.
+
+Two pure stages, values in and verdict out (no imports of providers, no I/O, no clock):
+
+- :meth:`Preflight.static` reads the *raw* document (before chaoslib imports anything or any probe
+  runs): every activity slot (hypothesis probes, method, rollbacks, dynamic configuration probes,
+  tolerance probes, controls, refs) is resolved and judged against the catalogue in the chaos policy.
+- :meth:`Preflight.dynamic` judges the static report against a :class:`DeviceState` snapshot (verified
+  standby, canary in progress, safe mode, headroom, allowed window).
+
+Rules (``Finding.rule``) that escalate: ``unknown-activity``, ``process-provider``, ``shell-string``,
+``http-non-loopback``, ``http-action``, ``non-loopback-argument``, ``unknown-control``, ``agent-target``,
+``active-without-standby``, ``management-cut``, ``disk-below-reserve``, ``no-steady-state``,
+``no-rollback``, ``irreversible``, ``unbounded-duration``, ``over-limit``, ``over-budget``,
+``kind-mismatch``, ``injects-in-rollback``, ``escalate-argument``, ``declared-risk``,
+``unresolved-value``; dynamic: ``safe-mode``, ``canary-in-progress``, ``headroom-disk``,
+``headroom-cpu``, ``headroom-memory``, ``outside-window``, ``deployment-in-progress``. Rules that
+reject (the document is invalid): ``invalid`` (structure), ``invalid-value``, ``invalid-declaration``.
+
+Author declarations (extension ``sre-agent``) can add targets, durations and risk; nothing in them is
+ever used to remove a finding.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chaos.catalogue import Catalogue, activity_key
+from chaos.loader import Experiment, ExperimentError, iter_activities, load_experiment, parse_experiment
+from policies.chaos import ActivitySpec, ChaosPolicy, default_chaos_policy
+
+__all__ = [
+    "EXIT_CODES",
+    "ActivityInfo",
+    "DeviceState",
+    "Finding",
+    "Preflight",
+    "PreflightResult",
+    "SlotState",
+    "StaticReport",
+    "Verdict",
+    "preflight_file",
+    "preflight_timing",
+]
+
+Verdict = Literal["run", "escalate", "reject"]
+EXIT_CODES: dict[str, int] = {"run": 0, "escalate": 10, "reject": 2}
+"""CLI exit code per verdict."""
+
+EXTENSION_NAMES = ("sre-agent", "sre_agent")
+_DECLARATION_KEYS = {"name", "risk", "targets", "max_duration_s", "requires_approval", "modules", "notes"}
+_RISKS = ("low", "medium", "high", "critical")
+_VAR = re.compile(r"\$\{([^}]+)\}")
+_SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish", "busybox", "env", "python", "python3", "perl")
+_AGENT_MARKERS = ("sre-agent", "sre_agent")
+
+
+# --- values -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason not to run unattended: the rule, where in the document, and what was found."""
+
+    rule: str
+    path: str
+    message: str
+    activity: str = ""
+    verdict: Verdict = "escalate"
+
+    def __str__(self) -> str:
+        name = f" ({self.activity})" if self.activity else ""
+        return f"{self.rule} at {self.path or '<experiment>'}{name}: {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "rule": self.rule,
+            "path": self.path,
+            "activity": self.activity,
+            "message": self.message,
+            "verdict": self.verdict,
+        }
+
+
+@dataclass(frozen=True)
+class ActivityInfo:
+    """An activity as pre-flight resolved it (refs followed, static arguments substituted)."""
+
+    path: str
+    phase: str
+    name: str
+    kind: str
+    key: str
+    known: bool
+    targets: tuple[str, ...] = ()
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    state_changing: bool = False
+    effect: str = ""
+    restored_by: str = ""
+    duration_s: float | None = 0.0
+    fault_s: float | None = 0.0
+    link: str | None = None
+    module: str | None = None
+    background: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "phase": self.phase,
+            "name": self.name,
+            "kind": self.kind,
+            "key": self.key,
+            "known": self.known,
+            "targets": list(self.targets),
+            "arguments": dict(self.arguments),
+            "state_changing": self.state_changing,
+            "effect": self.effect,
+            "restored_by": self.restored_by,
+            "duration_s": self.duration_s,
+            "fault_s": self.fault_s,
+            "link": self.link,
+            "module": self.module,
+            "background": self.background,
+        }
+
+
+@dataclass(frozen=True)
+class StaticReport:
+    """What the static pre-flight learned from the document alone."""
+
+    experiment_hash: str
+    title: str
+    findings: tuple[Finding, ...]
+    activities: tuple[ActivityInfo, ...]
+    targets: tuple[str, ...]
+    standby_modules: tuple[str, ...]
+    """Modules whose verified standby the experiment relies on (``*``: every module)."""
+    estimated_duration_s: float | None
+    declared: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> Verdict:
+        return _worst(self.findings)
+
+
+class SlotState(BaseModel):
+    """One module's A/B pair as the slots component reports it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    active_version: str | None = None
+    standby_version: str | None = None
+    standby_verified: bool = False
+    canary_in_progress: bool = False
+    phase: str = Field(
+        default="idle", description="the slot lifecycle phase (idle when nothing is under way)"
+    )
+
+
+class DeviceState(BaseModel):
+    """A snapshot of the device that the dynamic pre-flight judges against (plain values).
+
+    ``None`` for a resource means "not measured" and counts as no headroom (fail closed).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    now: datetime
+    safe_mode: bool = False
+    modules: dict[str, SlotState] = Field(default_factory=dict)
+    disk_free_mb: float | None = None
+    cpu_load: float | None = Field(default=None, description="1-minute load average per core")
+    mem_available_mb: float | None = None
+    device_id: str | None = None
+
+    @property
+    def canary_in_progress(self) -> bool:
+        return any(m.canary_in_progress for m in self.modules.values())
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    """The verdict, its reasons, and everything an escalation needs."""
+
+    verdict: Verdict
+    reasons: tuple[str, ...]
+    findings: tuple[Finding, ...]
+    experiment_hash: str | None
+    report: StaticReport | None
+    device: DeviceState | None = None
+    source: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"verdict", "reasons", "findings", "experiment_hash", ...}`` (JSON-ready)."""
+        return {
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "findings": [f.to_dict() for f in self.findings],
+            "experiment_hash": self.experiment_hash,
+            "source": self.source,
+            "targets": list(self.report.targets) if self.report else [],
+            "estimated_duration_s": self.report.estimated_duration_s if self.report else None,
+        }
+
+
+def _worst(findings: Iterable[Finding]) -> Verdict:
+    verdicts = {f.verdict for f in findings}
+    if "reject" in verdicts:
+        return "reject"
+    if "escalate" in verdicts:
+        return "escalate"
+    return "run"
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+class _Unresolved:
+    """Marker for a value that only exists at run time (env, secrets, dynamic configuration)."""
+
+    def __init__(self, expr: str) -> None:
+        self.expr = expr
+
+    def __repr__(self) -> str:
+        return f"<run-time {self.expr}>"
+
+
+# --- the static stage -------------------------------------------------------------------------------
+
+
+class _Static:
+    """One static analysis pass (mutable scratch state; :class:`Preflight` is the public face)."""
+
+    def __init__(self, policy: ChaosPolicy, doc: Mapping[str, Any]) -> None:
+        self.policy = policy
+        self.cat = Catalogue(policy)
+        self.doc = doc
+        self.findings: list[Finding] = []
+        self.activities: list[ActivityInfo] = []
+        self.config = self._static_config()
+        self.by_name: dict[str, Mapping[str, Any]] = {}
+        for _, act in iter_activities(doc):
+            if isinstance(act, dict) and "ref" not in act and isinstance(act.get("name"), str):
+                self.by_name.setdefault(act["name"], act)
+
+    def add(
+        self, rule: str, path: str, message: str, activity: str = "", verdict: Verdict = "escalate"
+    ) -> None:
+        self.findings.append(Finding(rule, path, message, activity, verdict))
+
+    def _static_config(self) -> dict[str, Any]:
+        """Configuration values known before run time; env, secrets and probes stay unresolved."""
+        out: dict[str, Any] = {}
+        conf = self.doc.get("configuration") or {}
+        for k, v in conf.items():
+            if isinstance(v, dict) and "type" in v:
+                out[k] = _Unresolved(f"configuration.{k} ({v.get('type')})")
+            else:
+                out[k] = v
+        return out
+
+    def resolve(self, value: Any) -> Any:
+        """Substitute ``${name}`` from static configuration (recursively); unknown names stay unresolved."""
+        if isinstance(value, str):
+            whole = _VAR.fullmatch(value)
+            if whole:
+                return self.config.get(whole.group(1), _Unresolved(value))
+            missing = [
+                m for m in _VAR.findall(value) if not isinstance(self.config.get(m), str | int | float)
+            ]
+            if missing:
+                return _Unresolved(value)
+            return _VAR.sub(lambda m: str(self.config[m.group(1)]), value)
+        if isinstance(value, dict):
+            return {k: self.resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v) for v in value]
+        return value
+
+    # -- per activity ---------------------------------------------------------------------------------
+
+    def analyse(self) -> StaticReport:
+        doc = self.doc
+        ssh = doc.get("steady-state-hypothesis")
+        if not isinstance(ssh, dict) or not ssh.get("probes"):
+            self.add(
+                "no-steady-state",
+                "steady-state-hypothesis",
+                "no steady-state hypothesis with probes: a deviation could not be told from success",
+            )
+        rollback_keys = self._rollback_keys()
+        for path, act in iter_activities(doc):
+            phase = _phase(path)
+            self._activity(path, phase, act, rollback_keys)
+        self._controls(doc.get("controls"), "controls")
+        declared = self._declarations()
+        self._durations(declared)
+        targets = sorted({t for a in self.activities for t in a.targets} | set(declared.get("targets", ())))
+        standby = self._standby_modules(declared)
+        if "agent" in declared.get("targets", ()):
+            self.add(
+                "agent-target", "extensions", "the author declares that the experiment targets the agent"
+            )
+        total = self._total_duration(declared)
+        return StaticReport(
+            experiment_hash="",
+            title=str(doc.get("title", "")),
+            findings=tuple(self.findings),
+            activities=tuple(self.activities),
+            targets=tuple(targets),
+            standby_modules=standby,
+            estimated_duration_s=total,
+            declared=declared,
+        )
+
+    def _rollback_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for act in self.doc.get("rollbacks") or []:
+            real = self._deref(act)
+            prov = real.get("provider") if isinstance(real, dict) else None
+            if isinstance(prov, dict):
+                keys.add(activity_key(prov))
+        return keys
+
+    def _deref(self, act: Any) -> Any:
+        if isinstance(act, dict) and "ref" in act:
+            return self.by_name.get(str(act["ref"]), act)
+        return act
+
+    def _activity(self, path: str, phase: str, raw: Any, rollback_keys: set[str]) -> None:
+        act = self._deref(raw)
+        if isinstance(raw, dict) and "ref" in raw:
+            path = f"{path} -> ref {raw['ref']!r}"
+        if not isinstance(act, dict) or "provider" not in act:
+            self.add("invalid", path, "activity cannot be resolved", verdict="reject")
+            return
+        name = str(act.get("name", ""))
+        kind = str(act.get("type", "probe"))
+        prov: Mapping[str, Any] = act["provider"]
+        ptype = prov.get("type")
+        key = activity_key(prov)
+        if act.get("controls"):
+            self._controls(act.get("controls"), f"{path}.controls")
+        pauses_ok = self._pauses(path, name, act)
+        if ptype == "process":
+            self._process(path, name, prov)
+            self.activities.append(
+                ActivityInfo(
+                    path,
+                    phase,
+                    name,
+                    kind,
+                    key,
+                    False,
+                    self._agent_targets(prov),
+                    {},
+                    kind == "action",
+                    "an arbitrary program runs",
+                    duration_s=self._timeout(act, prov) if pauses_ok else None,
+                    fault_s=None,
+                    background=bool(act.get("background")),
+                )
+            )
+            return
+        if ptype == "http":
+            self._http(path, name, kind, prov)
+            self.activities.append(
+                ActivityInfo(
+                    path,
+                    phase,
+                    name,
+                    kind,
+                    key,
+                    False,
+                    (),
+                    {},
+                    kind == "action",
+                    "an HTTP request is sent",
+                    duration_s=self._timeout(act, prov) if pauses_ok else None,
+                    fault_s=0.0,
+                    background=bool(act.get("background")),
+                )
+            )
+            return
+        args = self.resolve(prov.get("arguments") or {})
+        module = str(prov.get("module", ""))
+        if any(module == m or module.startswith(m.replace("-", "_") + ".") for m in _AGENT_MARKERS):
+            self.add("agent-target", path, f"calls into the agent itself ({key})", name)
+        spec = self.cat.spec(prov)
+        if spec is None:
+            self.add(
+                "unknown-activity",
+                path,
+                f"{key} is not in the chaos catalogue; its effects are unknown",
+                name,
+            )
+            self.activities.append(
+                ActivityInfo(
+                    path,
+                    phase,
+                    name,
+                    kind,
+                    key,
+                    False,
+                    (),
+                    _shown(args),
+                    kind == "action",
+                    "unknown",
+                    duration_s=self._timeout(act, prov) if pauses_ok else None,
+                    fault_s=None,
+                    background=bool(act.get("background")),
+                )
+            )
+            return
+        if spec.kind != kind or (
+            spec.kind == "action" and phase in ("hypothesis", "configuration", "tolerance")
+        ):
+            self.add(
+                "kind-mismatch", path, f"{key} is a catalogued {spec.kind}, used as a {kind} in {phase}", name
+            )
+        info = self._known(path, phase, name, act, prov, spec, args, key, rollback_keys)
+        if not pauses_ok:
+            info = _replace(info, duration_s=None)
+        self.activities.append(info)
+
+    def _known(
+        self,
+        path: str,
+        phase: str,
+        name: str,
+        act: Mapping[str, Any],
+        prov: Mapping[str, Any],
+        spec: ActivitySpec,
+        args: Mapping[str, Any],
+        key: str,
+        rollback_keys: set[str],
+    ) -> ActivityInfo:
+        def arg(arg_name: str) -> Any:
+            if arg_name in args:
+                return args[arg_name]
+            return spec.defaults.get(arg_name)
+
+        # every bounded quantity must be a known number within the catalogue's bound
+        duration: float | None = None
+        if spec.duration_arg:
+            v = arg(spec.duration_arg)
+            duration = self._bounded(
+                path, name, spec.duration_arg, v, spec.max_duration_s, "s", duration=True
+            )
+        if spec.toxicity_arg:
+            v = arg(spec.toxicity_arg)
+            if v is not None:
+                t = self._bounded(path, name, spec.toxicity_arg, v, spec.max_toxicity, "")
+                if t is not None and not 0 <= t <= 1:
+                    self.add(
+                        "invalid-value", path, f"{spec.toxicity_arg}={t} is not within 0..1", name, "reject"
+                    )
+        if spec.size_arg:
+            v = arg(spec.size_arg)
+            if v is not None:
+                self._bounded(path, name, spec.size_arg, v, spec.max_size, spec.size_unit)
+        if spec.reserve_arg:
+            v = arg(spec.reserve_arg)
+            reserve = _num(v)
+            if reserve is None:
+                self.add(
+                    "unbounded-duration" if v is None else "unresolved-value",
+                    path,
+                    f"{spec.reserve_arg} must be a number of MB known before the run, got {v!r}",
+                    name,
+                )
+            elif reserve < self.policy.headroom.disk_reserve_mb:
+                self.add(
+                    "disk-below-reserve",
+                    path,
+                    f"fills the disk down to {reserve:g} MB, below the policy reserve of "
+                    f"{self.policy.headroom.disk_reserve_mb:g} MB",
+                    name,
+                )
+        for a in spec.escalate_args:
+            if a in args:
+                self.add(
+                    "escalate-argument", path, f"argument {a!r} ({args[a]!r}) needs a human to review", name
+                )
+        for a, default in spec.loopback_args.items():
+            host = args.get(a, default)
+            if host is None:
+                continue
+            if isinstance(host, _Unresolved) or not self._loopback(str(host)):
+                self.add("non-loopback-argument", path, f"{a}={host!r} is not a loopback address", name)
+        link: str | None = None
+        if spec.link_arg or spec.link_default:
+            raw_link = args.get(spec.link_arg) if spec.link_arg else None
+            raw_link = spec.link_default if raw_link is None else raw_link
+            link = (
+                "<run-time>" if isinstance(raw_link, _Unresolved) else (str(raw_link) if raw_link else None)
+            )
+        module: str | None = None
+        if spec.module_arg:
+            m = args.get(spec.module_arg)
+            module = m if isinstance(m, str) and m else "*"
+        # reversibility and rollbacks
+        restored_by = ""
+        if spec.state_changing:
+            if not spec.reversible:
+                self.add("irreversible", path, f"{key} cannot be undone", name)
+            if phase == "rollbacks" and not spec.restores:
+                self.add("injects-in-rollback", path, f"{key} injects a fault during rollback", name)
+            matches = [k for k in spec.restored_by if k in rollback_keys]
+            if matches:
+                restored_by = matches[0]
+            elif spec.reversible and phase != "rollbacks":
+                undo = ", ".join(spec.restored_by) or "nothing"
+                self.add(
+                    "no-rollback",
+                    path,
+                    f"changes device state but no rollback undoes it (expected one of: {undo})",
+                    name,
+                )
+        if "agent" in spec.targets:
+            self.add("agent-target", path, f"{key} acts on the agent itself", name)
+        targets = tuple(spec.targets)
+        if "active" in spec.targets and module is None:
+            module = "*"
+        cuts = spec.cuts_link
+        if cuts and spec.type_arg:
+            t = args.get(spec.type_arg)
+            cuts = isinstance(t, _Unresolved) or t is None or str(t) in spec.cut_types
+        own_time = self._timeout(act, prov)
+        if spec.blocking and duration is not None:
+            own_time = max(own_time, duration)
+        return ActivityInfo(
+            path=path,
+            phase=phase,
+            name=name,
+            kind=spec.kind,
+            key=key,
+            known=True,
+            targets=targets,
+            arguments=_shown(args),
+            state_changing=spec.state_changing,
+            effect=spec.effect or spec.description,
+            restored_by=restored_by,
+            duration_s=own_time if (duration is not None or not spec.duration_arg) else None,
+            fault_s=duration if spec.self_restoring else (None if spec.state_changing else 0.0),
+            link=(link if cuts else None),
+            module=module,
+            background=bool(act.get("background")),
+        )
+
+    def _bounded(
+        self,
+        path: str,
+        name: str,
+        arg: str,
+        value: Any,
+        limit: float | None,
+        unit: str,
+        duration: bool = False,
+    ) -> float | None:
+        if isinstance(value, _Unresolved):
+            self.add(
+                "unbounded-duration" if duration else "unresolved-value",
+                path,
+                f"{arg} is only known at run time ({value.expr}); pre-flight cannot bound it",
+                name,
+            )
+            return None
+        n = _num(value)
+        if n is None or (duration and n < 0):
+            rule = "unbounded-duration" if duration else "invalid-value"
+            self.add(
+                rule,
+                path,
+                f"{arg} must be a number >= 0, got {value!r}",
+                name,
+                "escalate" if duration else "reject",
+            )
+            return None
+        if limit is not None and abs(n) > limit:
+            self.add(
+                "over-limit", path, f"{arg}={n:g}{unit} exceeds the catalogue limit of {limit:g}{unit}", name
+            )
+        return n
+
+    def _pauses(self, path: str, name: str, act: Mapping[str, Any]) -> bool:
+        ok = True
+        for k, v in (act.get("pauses") or {}).items():
+            r = self.resolve(v)
+            n = _num(r)
+            if n is None or n < 0:
+                self.add(
+                    "unbounded-duration",
+                    f"{path}.pauses.{k}",
+                    f"pause {v!r} is not a known number of seconds",
+                    name,
+                )
+                ok = False
+        return ok
+
+    def _pause_total(self, act: Mapping[str, Any]) -> float:
+        total = 0.0
+        for v in (act.get("pauses") or {}).values():
+            total += _num(self.resolve(v)) or 0.0
+        return total
+
+    def _timeout(self, act: Mapping[str, Any], prov: Mapping[str, Any]) -> float:
+        t = act.get("timeout", prov.get("timeout"))
+        if isinstance(t, list):
+            return float(sum(x for x in t if _num(x) is not None))
+        n = _num(t)
+        return n if n is not None and n > 0 else self.policy.default_activity_s
+
+    def _process(self, path: str, name: str, prov: Mapping[str, Any]) -> None:
+        program = str(prov.get("path", ""))
+        self.add(
+            "process-provider", path, f"runs the program {program!r}; its effects cannot be checked", name
+        )
+        args = prov.get("arguments")
+        base = Path(program).name
+        if isinstance(args, str) or base in _SHELLS or (isinstance(args, list) and "-c" in args):
+            self.add("shell-string", path, f"runs a shell command ({program} {args!r})", name)
+        text = f"{program} {args!r}"
+        if any(m in text for m in _AGENT_MARKERS):
+            self.add("agent-target", path, "the command names the agent", name)
+
+    def _agent_targets(self, prov: Mapping[str, Any]) -> tuple[str, ...]:
+        text = f"{prov.get('path')} {prov.get('arguments')!r}"
+        return ("agent",) if any(m in text for m in _AGENT_MARKERS) else ()
+
+    def _http(self, path: str, name: str, kind: str, prov: Mapping[str, Any]) -> None:
+        url = self.resolve(prov.get("url"))
+        host = None if isinstance(url, _Unresolved) else urlsplit(str(url)).hostname
+        if host is None or not self._loopback(host):
+            self.add(
+                "http-non-loopback",
+                path,
+                f"sends a request to {prov.get('url')!r}, not a loopback host",
+                name,
+            )
+        method = str(prov.get("method", "GET")).upper()
+        if kind == "action" or method not in ("GET", "HEAD", "OPTIONS"):
+            self.add(
+                "http-action",
+                path,
+                f"an HTTP {method} may change state; its effects are not catalogued",
+                name,
+            )
+
+    def _loopback(self, host: str) -> bool:
+        host = host.strip().strip("[]")
+        if host in self.policy.loopback_hosts:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def _controls(self, controls: Any, path: str) -> None:
+        if not isinstance(controls, list):
+            return
+        for i, ctl in enumerate(controls):
+            prov = ctl.get("provider") if isinstance(ctl, dict) else None
+            module = str(prov.get("module")) if isinstance(prov, dict) else "?"
+            if not self.cat.control_allowed(module):
+                self.add(
+                    "unknown-control",
+                    f"{path}[{i}]",
+                    f"control module {module!r} is not allowed by policy",
+                    str(ctl.get("name", "")) if isinstance(ctl, dict) else "",
+                )
+
+    # -- author declarations (raise only) -----------------------------------------------------------
+
+    def _declarations(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, ext in enumerate(self.doc.get("extensions") or []):
+            if not (isinstance(ext, dict) and ext.get("name") in EXTENSION_NAMES):
+                continue
+            p = f"extensions[{i}]"
+            for k in ext:
+                if k not in _DECLARATION_KEYS:
+                    self.add(
+                        "invalid-declaration",
+                        f"{p}.{k}",
+                        f"unknown declaration {k!r}; expected one of {sorted(_DECLARATION_KEYS)}",
+                        verdict="reject",
+                    )
+            risk = ext.get("risk")
+            if risk is not None:
+                if risk not in _RISKS:
+                    self.add(
+                        "invalid-declaration",
+                        f"{p}.risk",
+                        f"expected one of {_RISKS}, got {risk!r}",
+                        verdict="reject",
+                    )
+                elif risk in ("high", "critical"):
+                    self.add("declared-risk", f"{p}.risk", f"the author declares {risk} risk")
+                out["risk"] = risk
+            if ext.get("requires_approval") is True:
+                self.add("declared-risk", f"{p}.requires_approval", "the author asks for a human approval")
+            targets = ext.get("targets", [])
+            from policies.chaos import TARGETS
+
+            if not isinstance(targets, list) or any(t not in TARGETS for t in targets):
+                self.add(
+                    "invalid-declaration",
+                    f"{p}.targets",
+                    f"expected a list of {TARGETS}, got {targets!r}",
+                    verdict="reject",
+                )
+            else:
+                out["targets"] = tuple(sorted(set(out.get("targets", ())) | set(targets)))
+            if "max_duration_s" in ext:
+                d = _num(ext["max_duration_s"])
+                if d is None or d <= 0:
+                    self.add(
+                        "invalid-declaration",
+                        f"{p}.max_duration_s",
+                        "expected positive seconds",
+                        verdict="reject",
+                    )
+                else:
+                    out["max_duration_s"] = max(d, out.get("max_duration_s", 0.0))
+            mods = ext.get("modules", [])
+            if isinstance(mods, list) and all(isinstance(m, str) for m in mods):
+                out["modules"] = tuple(mods)
+            else:
+                self.add(
+                    "invalid-declaration", f"{p}.modules", "expected a list of module names", verdict="reject"
+                )
+        return out
+
+    # -- cross-activity rules -------------------------------------------------------------------------
+
+    def _standby_modules(self, declared: Mapping[str, Any]) -> tuple[str, ...]:
+        mods: set[str] = set()
+        for a in self.activities:
+            if "active" in a.targets and a.phase != "rollbacks":
+                mods.add(a.module or "*")
+        if "active" in declared.get("targets", ()):
+            mods |= set(declared.get("modules", ())) or {"*"}
+        breakers = [
+            a
+            for a in self.activities
+            if "standby" in a.targets and a.state_changing and "active" not in a.targets
+        ]
+        for b in breakers:
+            hit = [m for m in mods if m in ("*", b.module) or b.module == "*"]
+            if hit:
+                self.add(
+                    "active-without-standby",
+                    b.path,
+                    "breaks the standby slot while the experiment also acts on the active slot: "
+                    "nothing verified to fall back to",
+                    b.name,
+                )
+        return tuple(sorted(mods))
+
+    def _durations(self, declared: Mapping[str, Any]) -> None:
+        """Fault lifetimes: until the end of the method plus the rollbacks up to the restoring one."""
+        method = [a for a in self.activities if a.phase == "method"]
+        rollbacks = [a for a in self.activities if a.phase == "rollbacks"]
+        hyp = sum(self._span(a) or 0.0 for a in self.activities if a.phase == "hypothesis")
+        updated: dict[str, ActivityInfo] = {}
+        for i, a in enumerate(method):
+            if not a.state_changing:
+                continue
+            rest: float | None = 0.0
+            for b in method[i + 1 :]:
+                s = self._span(b)
+                rest = None if (rest is None or s is None) else rest + s
+            if rest is not None:
+                rest += hyp
+                for r in rollbacks:
+                    s = self._span(r)
+                    rest = None if s is None else rest + s
+                    if rest is None or r.key == a.restored_by:
+                        break
+            own = self._span(a)
+            until_restored = None if (rest is None or own is None) else rest + own
+            fault = until_restored
+            if a.fault_s is not None and until_restored is not None:
+                fault = min(a.fault_s, until_restored)
+            elif a.fault_s is not None:
+                fault = a.fault_s
+            updated[a.path] = _replace(a, fault_s=fault)
+            if a.link is not None and (a.link in self.policy.management_links or a.link == "<run-time>"):
+                if fault is None:
+                    self.add(
+                        "management-cut", a.path, "cuts the management link for an unbounded time", a.name
+                    )
+                elif fault > self.policy.max_management_cut_s:
+                    self.add(
+                        "management-cut",
+                        a.path,
+                        f"cuts the management link {a.link!r} for up to {fault:g}s; policy allows "
+                        f"{self.policy.max_management_cut_s:g}s",
+                        a.name,
+                    )
+        self.activities = [updated.get(a.path, a) for a in self.activities]
+
+    def _span(self, a: ActivityInfo) -> float | None:
+        if a.duration_s is None:
+            return None
+        act = self._raw_at(a.path)
+        return a.duration_s + (self._pause_total(act) if act is not None else 0.0)
+
+    def _raw_at(self, path: str) -> Mapping[str, Any] | None:
+        base = path.split(" -> ", maxsplit=1)[0]
+        for p, act in iter_activities(self.doc):
+            if p == base:
+                real = self._deref(act)
+                return real if isinstance(real, dict) else None
+        return None
+
+    def _total_duration(self, declared: Mapping[str, Any]) -> float | None:
+        total = 0.0
+        for a in self.activities:
+            s = self._span(a)
+            if s is None:
+                if not any(f.rule == "unbounded-duration" for f in self.findings):
+                    self.add(
+                        "unbounded-duration", a.path, "the activity's duration cannot be bounded", a.name
+                    )
+                return None
+            total += s * (2 if a.phase == "hypothesis" else 1)
+        total = max(total, float(declared.get("max_duration_s", 0.0)))
+        if total > self.policy.max_experiment_s:
+            self.add(
+                "over-budget",
+                "",
+                f"estimated {total:g}s exceeds the {self.policy.max_experiment_s:g}s budget",
+            )
+        return total
+
+
+def _phase(path: str) -> str:
+    if path.startswith("configuration"):
+        return "configuration"
+    if ".tolerance" in path:
+        return "tolerance"
+    if path.startswith("steady-state-hypothesis"):
+        return "hypothesis"
+    return path.split("[", 1)[0]
+
+
+def _shown(args: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in args.items():
+        out[k] = repr(v) if isinstance(v, _Unresolved) else v
+    return out
+
+
+def _replace(info: ActivityInfo, **changes: Any) -> ActivityInfo:
+    from dataclasses import replace
+
+    return replace(info, **changes)
+
+
+# --- the public face -------------------------------------------------------------------------------
+
+
+class Preflight:
+    """Pure pre-flight decisions for one policy.
+
+    Args:
+        policy: the chaos policy (catalogue, limits, windows); default: the shipped document.
+    """
+
+    def __init__(self, policy: ChaosPolicy | None = None) -> None:
+        self.policy = policy or default_chaos_policy()
+
+    def static(self, experiment: Experiment | Mapping[str, Any]) -> StaticReport:
+        """Judge the raw document alone. ``experiment`` must be structurally valid (see the loader)."""
+        doc = experiment.raw if isinstance(experiment, Experiment) else experiment
+        report = _Static(self.policy, doc).analyse()
+        h = experiment.hash if isinstance(experiment, Experiment) else _hash(doc)
+        return _replace_report(report, experiment_hash=h)
+
+    def dynamic(self, report: StaticReport, device: DeviceState) -> list[Finding]:
+        """Findings from the device's current state (empty: the device allows the run now)."""
+        out: list[Finding] = []
+        pol = self.policy
+        if device.safe_mode:
+            out.append(Finding("safe-mode", "", "the device is in safe mode: no chaos until it leaves it"))
+        for name, slot in sorted(device.modules.items()):
+            if slot.canary_in_progress or slot.phase == "canary":
+                out.append(Finding("canary-in-progress", "", f"module {name!r} has a canary in progress"))
+            elif slot.phase not in ("idle", "safe"):
+                out.append(Finding("deployment-in-progress", "", f"module {name!r} is {slot.phase}"))
+        for m in report.standby_modules:
+            names = sorted(device.modules) if m == "*" else [m]
+            if not names:
+                out.append(
+                    Finding(
+                        "active-without-standby", "", "acts on the active slot; the device reports no modules"
+                    )
+                )
+            for n in names:
+                held = device.modules.get(n)
+                if held is None or not held.standby_verified:
+                    where = [
+                        a.path for a in report.activities if "active" in a.targets and a.module in (m, "*")
+                    ]
+                    out.append(
+                        Finding(
+                            "active-without-standby",
+                            where[0] if where else "",
+                            f"acts on the active slot of {n!r}, which has no verified standby",
+                        )
+                    )
+        if device.disk_free_mb is None or device.disk_free_mb < pol.headroom.disk_reserve_mb:
+            out.append(
+                Finding(
+                    "headroom-disk",
+                    "",
+                    f"free disk {device.disk_free_mb} MB is below the reserve of "
+                    f"{pol.headroom.disk_reserve_mb:g} MB",
+                )
+            )
+        if device.cpu_load is None or device.cpu_load > pol.headroom.max_cpu_load:
+            out.append(
+                Finding(
+                    "headroom-cpu",
+                    "",
+                    f"CPU load {device.cpu_load} per core is above {pol.headroom.max_cpu_load:g}",
+                )
+            )
+        if device.mem_available_mb is None or device.mem_available_mb < pol.headroom.min_mem_available_mb:
+            out.append(
+                Finding(
+                    "headroom-memory",
+                    "",
+                    f"available memory {device.mem_available_mb} MB is below "
+                    f"{pol.headroom.min_mem_available_mb:g} MB",
+                )
+            )
+        if not pol.in_window(device.now):
+            out.append(
+                Finding("outside-window", "", f"{device.now.isoformat()} is outside every allowed window")
+            )
+        return out
+
+    def check(self, experiment: Experiment, device: DeviceState | None = None) -> PreflightResult:
+        """Static then (when ``device`` is given) dynamic pre-flight; the verdict with its reasons."""
+        report = self.static(experiment)
+        findings = list(report.findings)
+        if device is not None:
+            findings += self.dynamic(report, device)
+        verdict = _worst(findings)
+        if findings:
+            reasons = tuple(str(f) for f in findings)
+        else:
+            n = len(report.activities)
+            where = "; device state allows it now" if device is not None else " (static check only)"
+            reasons = (f"all {n} activities are catalogued, bounded and restored{where}",)
+        return PreflightResult(
+            verdict, reasons, tuple(findings), experiment.hash, report, device, experiment.source
+        )
+
+    def reject(self, error: ExperimentError) -> PreflightResult:
+        """The result for a document the loader refused."""
+        if error.problems:
+            findings = tuple(
+                Finding(
+                    "invalid",
+                    p.path,
+                    f"expected {p.expected}" + (f", got {p.got}" if p.got else ""),
+                    verdict="reject",
+                )
+                for p in error.problems
+            )
+        else:
+            findings = (Finding("invalid", "", error.why.strip(), verdict="reject"),)
+        return PreflightResult(
+            "reject", tuple(str(f) for f in findings), findings, None, None, None, error.source
+        )
+
+
+def _hash(doc: Mapping[str, Any]) -> str:
+    from chaos.loader import experiment_hash
+
+    return experiment_hash(doc)
+
+
+def _replace_report(report: StaticReport, **changes: Any) -> StaticReport:
+    from dataclasses import replace
+
+    return replace(report, **changes)
+
+
+def preflight_file(
+    path: Path, policy: ChaosPolicy | None = None, device: DeviceState | None = None
+) -> tuple[Experiment | None, PreflightResult]:
+    """Load ``path`` and pre-flight it; an invalid file gives a ``reject`` result (never raises for it)."""
+    pf = Preflight(policy)
+    try:
+        exp = load_experiment(path)
+    except ExperimentError as exc:
+        return None, pf.reject(exc)
+    return exp, pf.check(exp, device)
+
+
+def preflight_timing(paths: Sequence[Path] | None = None, repeat: int = 200) -> dict[str, Any]:
+    """Benchmark helper: pre-flight time per experiment (parse + static + dynamic), in microseconds.
+
+    Also times chaoslib's own ``ensure_experiment_is_valid`` on the same parsed documents where it
+    accepts them (it imports providers; it is what pre-flight must run *before*), as a ratio.
+    """
+    from datetime import UTC
+
+    if paths is None:
+        root = Path(__file__).resolve().parent.parent / "experiments"
+        paths = sorted(p for p in root.iterdir() if p.suffix in (".json", ".yaml", ".yml"))
+    pf = Preflight()
+    device = DeviceState(
+        now=datetime(2026, 1, 5, 12, tzinfo=UTC),
+        modules={"m": SlotState(active_version="1", standby_version="0", standby_verified=True)},
+        disk_free_mb=10_000,
+        cpu_load=0.1,
+        mem_available_mb=4096,
+    )
+    texts = [(str(p), Path(p).read_bytes()) for p in paths]
+    per: dict[str, float] = {}
+    verdicts: dict[str, str] = {}
+    for src, data in texts:
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            try:
+                exp = parse_experiment(data, src)
+                res = pf.check(exp, device)
+            except ExperimentError as exc:
+                res = pf.reject(exc)
+        per[Path(src).name] = (time.perf_counter() - t0) / repeat * 1e6
+        verdicts[Path(src).name] = res.verdict
+    lib_us: list[float] = []
+    ours_us: list[float] = []
+    try:
+        from chaoslib.experiment import ensure_experiment_is_valid
+    except ImportError:  # pragma: no cover - chaoslib is a dependency
+        ensure_experiment_is_valid = None
+    if ensure_experiment_is_valid is not None:
+        import logging
+
+        logging.getLogger("chaostoolkit").setLevel(logging.CRITICAL)
+        for src, data in texts:
+            if verdicts[Path(src).name] != "run":
+                continue  # never let chaoslib import what pre-flight refused
+            exp = parse_experiment(data, src)
+            try:
+                ensure_experiment_is_valid(exp.raw)
+            except Exception:  # noqa: S112 - documents chaoslib cannot resolve here are skipped
+                continue
+            n = max(1, repeat // 4)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                ensure_experiment_is_valid(exp.raw)
+            lib_us.append((time.perf_counter() - t0) / n * 1e6)
+            ours_us.append(per[Path(src).name])
+    values = sorted(per.values())
+    return {
+        "preflight_us_per_experiment_median": values[len(values) // 2] if values else None,
+        "preflight_us_per_experiment_max": values[-1] if values else None,
+        "preflight_us_by_experiment": per,
+        "verdicts": verdicts,
+        "experiments": len(per),
+        "chaoslib_validate_us_median": sorted(lib_us)[len(lib_us) // 2] if lib_us else None,
+        "preflight_vs_chaoslib_validate_ratio": (
+            (sorted(ours_us)[len(ours_us) // 2] / sorted(lib_us)[len(lib_us) // 2]) if lib_us else None
+        ),
+    }

@@ -1,0 +1,289 @@
+"""`sre-agent chaos list|validate|preflight|run`: experiments, their pre-flight verdicts, guarded runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sre_agent.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    StateOpt,
+    emit_json,
+    err_console,
+    out_console,
+    settings_for,
+)
+from sre_core.errors import InputError, SreError
+
+__all__ = ["register"]
+
+PolicyOpt = Annotated[
+    Path | None,
+    typer.Option("--policy", help="Chaos policy YAML (default: <state>/policies/chaos.yaml, else shipped)."),
+]
+FileArg = Annotated[Path, typer.Argument(help="Experiment file (.json, .yaml, .yml).", show_default=False)]
+_SUFFIXES = (".json", ".yaml", ".yml")
+_STYLE = {"run": "green", "escalate": "yellow", "reject": "red"}
+
+
+def _policy(policy: Path | None, state_root: Path | None) -> Any:
+    from policies.base import load_document
+    from policies.chaos import ChaosPolicy, default_chaos_policy
+
+    if policy is not None:
+        return load_document(ChaosPolicy, policy)
+    if state_root is not None and (state_root / "policies" / "chaos.yaml").exists():
+        return load_document(ChaosPolicy, state_root / "policies" / "chaos.yaml")
+    return default_chaos_policy()
+
+
+def _experiments_dir(directory: Path | None, state: Path | None, config: Path | None) -> Path:
+    if directory is not None:
+        return directory
+    configured = settings_for(state, config).chaos.experiments_dir
+    return configured if configured is not None else Path("experiments")
+
+
+def _audit(state_root: Path, event: str, **data: Any) -> None:
+    if not state_root.is_dir():
+        return
+    from sre_core.audit import AuditLog
+
+    AuditLog(state_root / "audit.jsonl").append(event, actor="cli", **data)
+
+
+def _print_result(res: Any, json_out: bool) -> None:
+    if json_out:
+        emit_json(res.to_dict())
+        return
+    con = out_console()
+    style = _STYLE[res.verdict]
+    h = f" {res.experiment_hash[:19]}" if res.experiment_hash else ""
+    con.print(f"[bold {style}]{res.verdict}[/bold {style}] {res.source}{h}", highlight=False)
+    for r in res.reasons:
+        con.print(f"  - {r}", highlight=False, markup=False)
+
+
+def _write_packet(packet: Any, path: Path) -> None:
+    from sre_core.atomic import atomic_write_json
+
+    atomic_write_json(path, packet.to_dict())
+
+
+def register(app: typer.Typer) -> None:
+    chaos_app = typer.Typer(
+        help=(
+            "Chaos experiments (Chaos Toolkit format): list, validate, pre-flight and run them.\n\n"
+            "Every experiment passes a pre-flight safety check first. [bold]preflight[/bold] exits "
+            "0 (run), 10 (escalate to a human) or 2 (reject: invalid)."
+        ),
+        no_args_is_help=True,
+    )
+    app.add_typer(chaos_app, name="chaos")
+
+    @chaos_app.command("list")
+    def list_(
+        directory: Annotated[
+            Path | None,
+            typer.Option("--dir", help="Experiments directory (default: config, else ./experiments)."),
+        ] = None,
+        state: StateOpt = None,
+        config: ConfigOpt = None,
+        policy: PolicyOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """List experiments with their title, content hash and static pre-flight verdict."""
+        from chaos.preflight import preflight_file
+
+        root = _experiments_dir(directory, state, config)
+        if not root.is_dir():
+            raise InputError(f"list experiments in {root}", "not a directory", "pass --dir DIR")
+        pol = _policy(policy, state)
+        rows = []
+        for p in sorted(x for x in root.iterdir() if x.suffix in _SUFFIXES and x.is_file()):
+            exp, res = preflight_file(p, pol)
+            rows.append(
+                {
+                    "file": p.name,
+                    "title": exp.title if exp else "",
+                    "hash": res.experiment_hash,
+                    "verdict": res.verdict,
+                    "rules": sorted({f.rule for f in res.findings}),
+                }
+            )
+        if json_out:
+            emit_json({"directory": str(root), "experiments": rows})
+            return
+        from rich.table import Table
+
+        table = Table(title=f"experiments in {root} (static pre-flight)")
+        for col in ("file", "title", "hash", "verdict", "rules"):
+            table.add_column(col)
+        for r in rows:
+            style = _STYLE[str(r["verdict"])]
+            table.add_row(
+                str(r["file"]),
+                str(r["title"]),
+                str(r["hash"] or "")[:19],
+                f"[{style}]{r['verdict']}[/{style}]",
+                ", ".join(r["rules"]),  # type: ignore[arg-type]
+            )
+        out_console().print(table)
+
+    @chaos_app.command("validate")
+    def validate(
+        files: Annotated[list[Path], typer.Argument(help="Experiment files.", show_default=False)],
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Check experiment files are well-formed; print each content hash. Exit 2 if any is invalid."""
+        from chaos.loader import ExperimentError, load_experiment
+
+        results: list[dict[str, Any]] = []
+        bad = 0
+        for f in files:
+            try:
+                exp = load_experiment(f)
+                results.append({"file": str(f), "valid": True, "hash": exp.hash, "title": exp.title})
+            except ExperimentError as exc:
+                bad += 1
+                results.append({"file": str(f), "valid": False, "problems": [f"{exc.why.strip()}"]})
+        if json_out:
+            emit_json({"valid": bad == 0, "files": results})
+        else:
+            con = out_console()
+            for r in results:
+                if r["valid"]:
+                    con.print(f"[green]valid[/green] {r['file']} {r['hash']}", highlight=False)
+                else:
+                    err_console().print(f"[red]invalid[/red] {r['file']}", highlight=False)
+                    err_console().print(r["problems"][0], highlight=False, markup=False)
+        if bad:
+            raise typer.Exit(2)
+
+    @chaos_app.command("preflight")
+    def preflight(
+        file: FileArg,
+        state: StateOpt = None,
+        config: ConfigOpt = None,
+        policy: PolicyOpt = None,
+        static_only: Annotated[
+            bool, typer.Option("--static", help="Judge the document only (no device state).")
+        ] = False,
+        packet: Annotated[
+            Path | None, typer.Option("--packet", help="Write the escalation packet here when not 'run'.")
+        ] = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Pre-flight an experiment against policy and device state. Nothing in it is imported or run.
+
+        Exit codes: 0 run, 10 escalate, 2 reject. --json prints {"verdict", "reasons", "findings", ...}.
+        """
+        from chaos.devicestate import read_device_state
+        from chaos.escalation import build_escalation
+        from chaos.preflight import preflight_file
+        from sre_core.clock import SystemClock
+        from sre_core.paths import StatePaths
+
+        settings = settings_for(state, config)
+        paths = StatePaths(settings.state_dir)
+        pol = _policy(policy, paths.root)
+        clock = SystemClock()
+        device = None if static_only else read_device_state(paths, clock)
+        exp, res = preflight_file(file, pol, device)
+        _audit(
+            paths.root,
+            "chaos.preflight",
+            file=str(file),
+            experiment_hash=res.experiment_hash,
+            verdict=res.verdict,
+            rules=sorted({f.rule for f in res.findings}),
+        )
+        if packet is not None and res.verdict != "run":
+            _write_packet(build_escalation(res, exp, pol, clock.now(), device), packet)
+        _print_result(res, json_out)
+        raise typer.Exit(res.exit_code)
+
+    @chaos_app.command("run")
+    def run(
+        file: FileArg,
+        state: StateOpt = None,
+        config: ConfigOpt = None,
+        policy: PolicyOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Pre-flight, then run the experiment in a guarded child process (only on a 'run' verdict).
+
+        An escalated or rejected experiment is not run: its escalation packet is written under
+        <state>/run/chaos/escalations/ and the command exits 10 (escalate) or 2 (reject).
+        """
+        from chaos.devicestate import read_device_state
+        from chaos.escalation import build_escalation
+        from chaos.preflight import preflight_file
+        from sre_core.clock import SystemClock
+        from sre_core.paths import StatePaths
+
+        settings = settings_for(state, config)
+        paths = StatePaths(settings.state_dir)
+        if not paths.root.is_dir():
+            raise InputError(
+                f"run chaos on {paths.root}", "the state directory does not exist", "sre-agent init"
+            )
+        pol = _policy(policy, paths.root)
+        clock = SystemClock()
+        device = read_device_state(paths, clock)
+        exp, res = preflight_file(file, pol, device)
+        _audit(
+            paths.root,
+            "chaos.preflight",
+            file=str(file),
+            experiment_hash=res.experiment_hash,
+            verdict=res.verdict,
+            rules=sorted({f.rule for f in res.findings}),
+        )
+        if res.verdict != "run" or exp is None:
+            pkt = build_escalation(res, exp, pol, clock.now(), device)
+            name = (res.experiment_hash or "invalid").split(":")[-1][:16]
+            where = paths.run / "chaos" / "escalations" / f"{name}.json"
+            _write_packet(pkt, where)
+            _audit(
+                paths.root,
+                "chaos.escalated",
+                file=str(file),
+                experiment_hash=res.experiment_hash,
+                packet=str(where),
+                verdict=res.verdict,
+            )
+            if json_out:
+                emit_json({**res.to_dict(), "ran": False, "packet": str(where)})
+            else:
+                _print_result(res, False)
+                out_console().print(f"not run; escalation packet: {where}", highlight=False)
+            raise typer.Exit(res.exit_code)
+        try:
+            import importlib
+
+            runner_mod = importlib.import_module("chaos.runner")
+        except ImportError as exc:
+            raise SreError("run chaos experiment", f"the chaos runner is not available: {exc}") from exc
+        outcome = _invoke_runner(runner_mod, exp, paths, settings, pol)
+        if json_out:
+            emit_json({**res.to_dict(), "ran": True, "result": outcome})
+        else:
+            _print_result(res, False)
+            out_console().print(f"result: {outcome.get('verdict', outcome)}", highlight=False)
+        raise typer.Exit(0 if outcome.get("verdict") in ("passed", None) else 1)
+
+
+def _invoke_runner(runner_mod: Any, exp: Any, paths: Any, settings: Any, policy: Any) -> dict[str, Any]:
+    """Call the runner (``chaos.runner``, engineer B's) with what it needs; its result as a dict."""
+    fn = getattr(runner_mod, "run_experiment_file", None) or getattr(runner_mod, "run_experiment", None)
+    if fn is None:
+        raise SreError("run chaos experiment", "chaos.runner has no run entry point")
+    result = fn(Path(exp.source), paths.root, toxiproxy_url=settings.chaos.toxiproxy_url, policy=policy)
+    if hasattr(result, "to_dict"):
+        out: dict[str, Any] = result.to_dict()
+        return out
+    return dict(result) if isinstance(result, dict) else {"verdict": str(result)}

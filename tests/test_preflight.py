@@ -1,0 +1,497 @@
+"""Pre-flight verdicts: every example gets its expected verdict; each rule fires where it should."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chaos.escalation import EscalationPacket, build_escalation
+from chaos.loader import ExperimentError, load_experiment, parse_experiment
+from chaos.preflight import DeviceState, Preflight, PreflightResult, SlotState, preflight_file
+from policies.chaos import ChaosPolicy, Window, default_chaos_policy
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(p for p in (REPO / "experiments").iterdir() if p.suffix in (".json", ".yaml", ".yml"))
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # a Monday
+
+
+def healthy(**changes: Any) -> DeviceState:
+    base: dict[str, Any] = {
+        "now": NOW,
+        "modules": {"classifier": SlotState(active_version="2", standby_version="1", standby_verified=True)},
+        "disk_free_mb": 20_000.0,
+        "cpu_load": 0.2,
+        "mem_available_mb": 4096.0,
+        "device_id": "dev-1",
+    }
+    base.update(changes)
+    return DeviceState(**base)
+
+
+def expected_verdict(path: Path) -> str:
+    """The verdict an example declares in its tags (``expect-run|escalate|reject``)."""
+    text = path.read_text()
+    for v in ("run", "escalate", "reject"):
+        if f"expect-{v}" in text:
+            return v
+    raise AssertionError(f"{path.name} declares no expected verdict")
+
+
+def check(
+    doc: dict[str, Any], device: DeviceState | None = None, policy: ChaosPolicy | None = None
+) -> PreflightResult:
+    exp = parse_experiment(json.dumps(doc), "test.json")
+    return Preflight(policy).check(exp, device if device is not None else healthy())
+
+
+def rules(res: PreflightResult) -> set[str]:
+    return {f.rule for f in res.findings}
+
+
+def probe(name: str = "backlog", func: str = "uplink_backlog", **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "probe",
+        "name": name,
+        "tolerance": {"type": "range", "range": [0, 10]},
+        "provider": {"type": "python", "module": "chaos.probes", "func": func},
+        **extra,
+    }
+
+
+def action(func: str, name: str | None = None, mod: str = "chaos.actions", **args: Any) -> dict[str, Any]:
+    return {
+        "type": "action",
+        "name": name or func,
+        "provider": {"type": "python", "module": mod, "func": func, "arguments": args},
+    }
+
+
+def safe_doc() -> dict[str, Any]:
+    return {
+        "title": "safe latency",
+        "steady-state-hypothesis": {"title": "ok", "probes": [probe()]},
+        "method": [{**action("slow_uplink", latency_ms=200), "pauses": {"after": 5}}],
+        "rollbacks": [action("restore_uplink")],
+    }
+
+
+# --- the examples ---------------------------------------------------------------------------------
+
+
+def test_there_are_enough_examples_of_each_kind() -> None:
+    verdicts = [expected_verdict(p) for p in EXAMPLES]
+    assert len(EXAMPLES) >= 8
+    assert verdicts.count("run") >= 4 and verdicts.count("escalate") >= 4 and verdicts.count("reject") >= 1
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_gets_its_expected_verdict(path: Path) -> None:
+    _, res = preflight_file(path, device=healthy())
+    assert res.verdict == expected_verdict(path), res.reasons
+    assert res.reasons
+    if res.verdict == "run":
+        assert not res.findings
+    else:
+        assert res.findings and all(f.rule for f in res.findings)
+
+
+def test_example_rules_are_the_documented_ones() -> None:
+    by_name = {p.name: rules(preflight_file(p, device=healthy())[1]) for p in EXAMPLES}
+    assert by_name["uplink-blackout-5min.yaml"] == {"management-cut"}
+    assert by_name["disk-fill-below-reserve.yaml"] == {"disk-below-reserve"}
+    assert {"process-provider", "shell-string", "agent-target"} <= by_name["restart-agent-shell.yaml"]
+    assert {"no-steady-state", "no-rollback"} <= by_name["kill-serving-no-hypothesis.json"]
+    assert by_name["remote-health-probe.yaml"] == {"http-non-loopback"}
+    assert by_name["typo-provider.yaml"] == {"invalid"}
+
+
+def test_rollback_drill_needs_a_verified_standby() -> None:
+    path = REPO / "experiments" / "rollback-drill.yaml"
+    unverified = healthy(modules={"classifier": SlotState(active_version="2", standby_version="1")})
+    _, res = preflight_file(path, device=unverified)
+    assert res.verdict == "escalate"
+    assert rules(res) == {"active-without-standby"}
+    _, res = preflight_file(path, device=healthy(modules={}))
+    assert res.verdict == "escalate"
+
+
+def test_static_only_check_has_no_device_findings() -> None:
+    exp = load_experiment(REPO / "experiments" / "rollback-drill.yaml")
+    res = Preflight().check(exp, None)
+    assert res.verdict == "run"
+    assert "static check only" in res.reasons[0]
+    assert res.report is not None and res.report.standby_modules == ("classifier",)
+
+
+# --- static rules -----------------------------------------------------------------------------------
+
+
+def test_safe_document_runs_and_estimates_its_duration() -> None:
+    res = check(safe_doc())
+    assert res.verdict == "run", res.reasons
+    assert res.report is not None
+    # hypothesis twice (2 x 10 s allowance) + action (10 s + 5 s pause) + rollback (10 s)
+    assert res.report.estimated_duration_s == 45.0
+    assert res.report.targets == ("uplink",)
+
+
+def test_process_provider_and_shell_string() -> None:
+    doc = safe_doc()
+    doc["method"].append(
+        {"type": "action", "name": "ls", "provider": {"type": "process", "path": "ls", "arguments": ["-l"]}}
+    )
+    assert rules(check(doc)) == {"process-provider"}
+    doc["method"][-1]["provider"]["arguments"] = "-l | rm -rf /"
+    assert rules(check(doc)) == {"process-provider", "shell-string"}
+
+
+def test_http_providers_only_to_loopback_and_only_reads() -> None:
+    doc = safe_doc()
+    http = {
+        "type": "probe",
+        "name": "h",
+        "tolerance": 200,
+        "provider": {"type": "http", "url": "http://127.0.0.1:8000/v2/health/ready"},
+    }
+    doc["steady-state-hypothesis"]["probes"].append(http)
+    assert check(doc).verdict == "run"
+    http["provider"]["url"] = "http://[::1]:8000/x"
+    assert check(doc).verdict == "run"
+    http["provider"]["url"] = "http://10.0.0.1:8000/x"
+    assert rules(check(doc)) == {"http-non-loopback"}
+    http["provider"]["url"] = "http://${host}/x"
+    assert rules(check(doc)) == {"http-non-loopback"}
+    doc["configuration"] = {"host": "localhost:9"}
+    assert check(doc).verdict == "run"
+    doc["method"].append(
+        {
+            "type": "action",
+            "name": "post",
+            "provider": {"type": "http", "url": "http://127.0.0.1/admin", "method": "POST"},
+        }
+    )
+    assert rules(check(doc)) == {"http-action"}
+
+
+def test_unknown_activity_anywhere_escalates() -> None:
+    unknown = {"type": "python", "module": "mylib.chaos", "func": "break_things"}
+    # in the method
+    doc = safe_doc()
+    doc["method"].append({"type": "action", "name": "x", "provider": unknown})
+    assert "unknown-activity" in rules(check(doc))
+    # as a dynamic configuration probe (chaoslib would run it while loading configuration)
+    doc = safe_doc()
+    doc["configuration"] = {"token": {"type": "probe", "name": "tok", "provider": unknown}}
+    res = check(doc)
+    assert "unknown-activity" in rules(res)
+    assert any(f.path == "configuration.token" for f in res.findings)
+    # as a tolerance probe of a hypothesis probe
+    doc = safe_doc()
+    doc["steady-state-hypothesis"]["probes"][0]["tolerance"] = {
+        "type": "probe",
+        "name": "t",
+        "provider": unknown,
+    }
+    res = check(doc)
+    assert any(f.rule == "unknown-activity" and f.path.endswith(".tolerance") for f in res.findings)
+    # in the rollbacks
+    doc = safe_doc()
+    doc["rollbacks"].append({"type": "action", "name": "x", "provider": unknown})
+    assert "unknown-activity" in rules(check(doc))
+
+
+def test_refs_are_followed_to_what_they_name() -> None:
+    doc = safe_doc()
+    doc["rollbacks"].append(
+        {"type": "action", "name": "evil", "provider": {"type": "process", "path": "/bin/rm"}}
+    )
+    doc["method"].append({"ref": "evil"})
+    res = check(doc)
+    paths = {f.path for f in res.findings if f.rule == "process-provider"}
+    assert "method[1] -> ref 'evil'" in paths and "rollbacks[1]" in paths
+
+
+def test_controls_must_be_allowed_by_policy() -> None:
+    doc = safe_doc()
+    doc["controls"] = [{"name": "g", "provider": {"type": "python", "module": "chaos.controls"}}]
+    assert check(doc).verdict == "run"
+    doc["controls"].append(
+        {"name": "x", "provider": {"type": "python", "module": "chaosaddons.controls.bypass"}}
+    )
+    assert rules(check(doc)) == {"unknown-control"}
+    doc = safe_doc()
+    doc["method"][0]["controls"] = [{"name": "x", "provider": {"type": "python", "module": "evil"}}]
+    res = check(doc)
+    assert [f.path for f in res.findings] == ["method[0].controls[0]"]
+
+
+def test_agent_itself_escalates() -> None:
+    doc = safe_doc()
+    doc["method"].append(action("shutdown", mod="sre_agent.daemon"))
+    assert "agent-target" in rules(check(doc))
+
+
+def test_state_change_needs_a_rollback_that_undoes_it() -> None:
+    doc = safe_doc()
+    doc["rollbacks"] = [action("restart_serving_worker")]  # does not undo uplink latency
+    res = check(doc)
+    assert rules(res) == {"no-rollback"}
+    assert "chaos.actions:restore_uplink" in res.findings[0].message
+    doc["rollbacks"] = [action("clear_faults")]
+    assert check(doc).verdict == "run"
+
+
+def test_fault_injected_during_rollback_escalates() -> None:
+    doc = safe_doc()
+    doc["rollbacks"].append(action("stress_cpu", workers=1, duration_s=5))
+    assert "injects-in-rollback" in rules(check(doc))
+
+
+def test_action_disguised_as_a_probe_escalates() -> None:
+    doc = safe_doc()
+    doc["steady-state-hypothesis"]["probes"].append(
+        probe("sneaky", func="x")
+        | {
+            "provider": {
+                "type": "python",
+                "module": "chaos.actions",
+                "func": "fill_disk",
+                "arguments": {"reserve_mb": 1000},
+            }
+        }
+    )
+    assert "kind-mismatch" in rules(check(doc))
+
+
+def test_no_steady_state_hypothesis_escalates() -> None:
+    doc = safe_doc()
+    del doc["steady-state-hypothesis"]
+    assert rules(check(doc)) == {"no-steady-state"}
+
+
+def test_management_link_cut_is_bounded_by_policy() -> None:
+    doc = safe_doc()
+    doc["method"] = [action("cut_uplink", duration_s=20)]
+    assert check(doc).verdict == "run"
+    doc["method"] = [action("cut_uplink", duration_s=90)]
+    assert rules(check(doc)) == {"management-cut"}
+    # a cut that lasts until the rollback: the time of the rest of the method counts
+    doc["method"] = [action("timeout_uplink"), {**probe(), "pauses": {"after": 15}}]
+    assert check(doc).verdict == "run"
+    doc["method"][1]["pauses"]["after"] = 120
+    res = check(doc)
+    assert rules(res) == {"management-cut"}
+    # ... but not on a proxy that is not the management link
+    doc["method"][0]["provider"]["arguments"] = {"proxy": "inference"}
+    assert check(doc).verdict == "run"
+    # latency degrades, it does not cut
+    doc["method"][0] = action("slow_uplink", latency_ms=100)
+    assert check(doc).verdict == "run"
+    # a generic toxic cuts when its type does
+    doc["method"][0] = action("add_uplink_toxic", toxic_type="timeout")
+    assert rules(check(doc)) == {"management-cut"}
+    doc["method"][0] = action("add_uplink_toxic", toxic_type="latency")
+    assert check(doc).verdict == "run"
+
+
+def test_unbounded_and_over_limit_quantities() -> None:
+    doc = safe_doc()
+    doc["method"] = [action("inject_input_noise", share=0.1, duration_s=30)]
+    doc["rollbacks"] = [action("clear_faults")]
+    assert check(doc).verdict == "run"
+    doc["method"] = [action("inject_input_noise", share=0.9, duration_s=30)]
+    assert rules(check(doc)) == {"over-limit"}
+    doc["method"] = [action("inject_input_noise", share=0.1, duration_s=3000)]
+    assert rules(check(doc)) == {"over-limit"}
+    doc["method"] = [action("inject_input_noise", share=0.1, duration_s="${d}")]
+    doc["configuration"] = {"d": {"type": "env", "key": "NOISE_S"}}
+    assert "unbounded-duration" in rules(check(doc))
+    doc["configuration"] = {"d": 20}
+    assert check(doc).verdict == "run"
+    doc["method"] = [action("inject_input_noise", share=0.1, duration_s=None)]  # None: never expires
+    assert "unbounded-duration" in rules(check(doc))
+    doc["method"] = [{**action("inject_input_noise", share=0.1), "pauses": {"after": "${wait}"}}]
+    doc["configuration"] = {"wait": {"type": "env", "key": "WAIT"}}
+    assert "unbounded-duration" in rules(check(doc))
+    doc["method"] = [action("inject_input_noise", share=1.5)]
+    res = check(doc)
+    assert res.verdict == "reject" and "invalid-value" in rules(res)
+
+
+def test_over_budget_experiment_escalates() -> None:
+    doc = safe_doc()
+    doc["method"].append({**probe(), "pauses": {"before": 600, "after": 600}})
+    assert "over-budget" in rules(check(doc))
+
+
+def test_disk_fill_reserve_and_foreign_path() -> None:
+    doc = safe_doc()
+    doc["method"] = [action("fill_disk", reserve_mb=1024)]
+    doc["rollbacks"] = [action("clear_faults")]
+    assert check(doc).verdict == "run"
+    doc["method"] = [action("fill_disk", reserve_mb=100)]
+    assert rules(check(doc)) == {"disk-below-reserve"}
+    doc["method"] = [action("fill_disk", reserve_mb=1024, path="/")]
+    assert rules(check(doc)) == {"escalate-argument"}
+
+
+def test_non_loopback_listen_address_escalates() -> None:
+    doc = safe_doc()
+    create = action(
+        "create_proxy",
+        mod="chaostoxi.proxy.actions",
+        proxy_name="p",
+        upstream_host="127.0.0.1",
+        upstream_port=9,
+    )
+    doc["method"].append(create)
+    doc["rollbacks"].append(action("delete_proxy", mod="chaostoxi.proxy.actions", proxy_name="p"))
+    assert rules(check(doc)) == {"non-loopback-argument"}  # chaostoxi defaults to 0.0.0.0
+    create["provider"]["arguments"]["listen_host"] = "127.0.0.1"
+    assert check(doc).verdict == "run"
+
+
+def test_standby_broken_while_acting_on_active_escalates() -> None:
+    doc = safe_doc()
+    doc["method"] = [
+        action("corrupt_standby_slot", module="classifier"),
+        action("rollback_drill", module="classifier"),
+    ]
+    doc["rollbacks"] = [action("clear_faults")]
+    res = check(doc)
+    assert rules(res) == {"active-without-standby"}
+    assert res.findings[0].path == "method[0]"
+
+
+# --- author declarations: raise, never lower -----------------------------------------------------
+
+
+def test_declarations_cannot_lower_risk() -> None:
+    doc = copy.deepcopy(safe_doc())
+    del doc["steady-state-hypothesis"]
+    doc["extensions"] = [{"name": "sre-agent", "risk": "low", "targets": []}]
+    assert rules(check(doc)) == {"no-steady-state"}
+
+
+def test_declarations_raise_risk() -> None:
+    doc = safe_doc()
+    doc["extensions"] = [{"name": "sre-agent", "risk": "high"}]
+    assert rules(check(doc)) == {"declared-risk"}
+    doc["extensions"] = [{"name": "sre-agent", "requires_approval": True}]
+    assert rules(check(doc)) == {"declared-risk"}
+    doc["extensions"] = [{"name": "sre-agent", "targets": ["agent"]}]
+    assert rules(check(doc)) == {"agent-target"}
+    doc["extensions"] = [{"name": "sre-agent", "targets": ["active"], "modules": ["classifier"]}]
+    res = check(doc)
+    assert res.verdict == "run" and res.report is not None and res.report.standby_modules == ("classifier",)
+    res = check(doc, healthy(modules={"classifier": SlotState()}))
+    assert rules(res) == {"active-without-standby"}
+    doc["extensions"] = [{"name": "sre-agent", "max_duration_s": 5000}]
+    assert rules(check(doc)) == {"over-budget"}
+    doc["extensions"] = [{"name": "other-tool", "risk": "whatever"}]
+    assert check(doc).verdict == "run"
+
+
+def test_malformed_declaration_is_rejected() -> None:
+    doc = safe_doc()
+    doc["extensions"] = [{"name": "sre-agent", "rsik": "high"}]
+    res = check(doc)
+    assert res.verdict == "reject" and rules(res) == {"invalid-declaration"}
+    doc["extensions"] = [{"name": "sre-agent", "risk": "none"}]
+    assert check(doc).verdict == "reject"
+
+
+# --- dynamic rules -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        ({"safe_mode": True}, "safe-mode"),
+        (
+            {"modules": {"classifier": SlotState(standby_verified=True, canary_in_progress=True)}},
+            "canary-in-progress",
+        ),
+        (
+            {"modules": {"classifier": SlotState(standby_verified=True, phase="installing")}},
+            "deployment-in-progress",
+        ),
+        ({"disk_free_mb": 100.0}, "headroom-disk"),
+        ({"disk_free_mb": None}, "headroom-disk"),
+        ({"cpu_load": 0.95}, "headroom-cpu"),
+        ({"mem_available_mb": 10.0}, "headroom-memory"),
+    ],
+)
+def test_device_state_can_stop_a_safe_experiment(changes: dict[str, Any], rule: str) -> None:
+    res = check(safe_doc(), healthy(**changes))
+    assert res.verdict == "escalate"
+    assert rules(res) == {rule}
+
+
+def test_allowed_windows() -> None:
+    policy = default_chaos_policy().model_copy(
+        update={
+            "windows": (
+                Window(
+                    days=("mon", "tue"),
+                    start=datetime(2026, 1, 1, 9).time(),
+                    end=datetime(2026, 1, 1, 17).time(),
+                ),
+            )
+        }
+    )
+    assert check(safe_doc(), healthy(), policy).verdict == "run"
+    evening = healthy(now=datetime(2026, 1, 5, 20, tzinfo=UTC))
+    assert rules(check(safe_doc(), evening, policy)) == {"outside-window"}
+    night = Window(days=("mon",), start=datetime(2026, 1, 1, 22).time(), end=datetime(2026, 1, 1, 2).time())
+    assert night.contains(datetime(2026, 1, 5, 23, tzinfo=UTC))
+    assert night.contains(datetime(2026, 1, 6, 1, tzinfo=UTC))  # Tuesday 01:00, opened Monday
+    assert not night.contains(datetime(2026, 1, 7, 1, tzinfo=UTC))
+
+
+# --- escalation packet ---------------------------------------------------------------------------
+
+
+def test_escalation_packet_has_everything_to_decide() -> None:
+    path = REPO / "experiments" / "uplink-blackout-5min.yaml"
+    device = healthy()
+    exp, res = preflight_file(path, device=device)
+    assert exp is not None
+    pkt = build_escalation(res, exp, default_chaos_policy(), NOW, device)
+    d = pkt.to_dict()
+    json.dumps(d)  # serialisable as is
+    assert d["experiment_hash"] == exp.hash and d["experiment"] == exp.raw
+    assert d["findings"][0]["rule"] == "management-cut" and d["findings"][0]["path"] == "method[0]"
+    assert d["targets"] == ["uplink"]
+    assert d["device"]["device_id"] == "dev-1" and d["device"]["modules"]["classifier"]["standby_verified"]
+    row = next(r for r in d["plan"] if r["path"] == "method[0]")
+    assert row["changes_state"] and row["fault_s"] == 300 and "severed" in row["breaks"]
+    assert row["restored_by"] == "rollback chaos.actions:restore_uplink"
+    assert any("error rate" in s for s in d["stop_conditions"])
+    assert any("backlog" in s for s in d["stop_conditions"])  # the hypothesis probe is a stop condition
+    assert d["estimated_duration_s"] == res.report.estimated_duration_s  # type: ignore[union-attr]
+    assert exp.hash in d["approve_with"]
+    assert EscalationPacket.model_validate(d) == pkt
+
+
+def test_escalation_packet_for_an_invalid_document() -> None:
+    pf = Preflight()
+    try:
+        parse_experiment("title: x\nmethod: 3\n", "bad.yaml")
+    except ExperimentError as exc:
+        res = pf.reject(exc)
+    assert res.verdict == "reject" and res.exit_code == 2
+    pkt = build_escalation(res, None, pf.policy, NOW)
+    assert pkt.verdict == "reject" and pkt.findings[0].path == "method"
+
+
+def test_run_verdict_is_not_escalated() -> None:
+    exp, res = preflight_file(EXAMPLES[0], device=healthy())
+    if res.verdict == "run":
+        with pytest.raises(ValueError):
+            build_escalation(res, exp, default_chaos_policy(), NOW)
