@@ -106,6 +106,7 @@ def test_slot_digests_detect_a_corrupted_slot(device: VerificationContext) -> No
     res = SlotDigestCheck().run(device)
     assert res.status is Status.FAIL
     assert res.measurements["corrupted"] == 1
+    assert res.modules == ("clf",)
     assert res.evidence["clf/standby"]["ok"] is False
     assert res.evidence["clf/active"]["ok"] is True
 
@@ -321,3 +322,26 @@ def test_disk_below_reserve(device: VerificationContext) -> None:
     assert bad.status is Status.FAIL
     assert "disk_free_mb" in bad.summary
     assert bad.evidence["reserves"]["min_free_disk_mb"] == free * 2 + 1024
+
+
+def test_sample_recorder_is_bounded_and_ordered_and_feeds_the_drift_check(
+    device: VerificationContext,
+) -> None:
+    from verification import SampleRecorder
+
+    rec = SampleRecorder(max_rows=500)
+    rng = np.random.default_rng(5)
+    for i in range(7):  # 7 x 100 rows into 500: the first 200 are overwritten
+        batch = rng.normal(0, 1, (100, N_FEATURES))
+        batch[:, 0] = np.arange(i * 100, (i + 1) * 100)
+        rec.observe("clf", {"input": batch}, outputs=np.zeros((100, N_CLASSES)))
+    ins, outs = rec.snapshot()
+    kept = ins["clf"]["input"]
+    assert kept.shape == (500, N_FEATURES) and outs["clf"].shape == (500, N_CLASSES)
+    assert kept[:, 0].tolist() == list(range(200, 700))  # oldest first, newest last
+
+    rec.clear()
+    rec.observe("clf", {"input": rng.normal(2.0, 1, (400, N_FEATURES))})
+    ins, _ = rec.snapshot()
+    res = InputDriftCheck().run(_with(device, input_samples=ins))
+    assert res.status is Status.FAIL and res.modules == ("clf",)

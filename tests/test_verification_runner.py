@@ -139,6 +139,7 @@ def test_incidents_are_raised_once_per_failure_episode_and_repeat_after_the_inte
     assert len(incidents) == 1
     assert incidents[0][3]["evidence"] == {"why": "x"}
     assert incidents[0][3]["dedup_key"] == "verification:test.flips"
+    assert incidents[0][3]["facts"] == {"check": "test.flips", "status": "fail", "category": "test"}
     flips.bad = False
     runner.run_one(ctx, item)
     flips.bad = True

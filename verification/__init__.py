@@ -8,6 +8,7 @@ Public surface::
     Runner, RESULTS_TABLE                               isolation, telemetry rows, incidents
     Harness                                             policy + registry + gates + runner
     GateDefinition, GateStore                           learned gates
+    SampleRecorder                                      recent inputs/outputs for the drift checks
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from verification.base import Check, CheckResult, CheckSpec, Severity, Status
 from verification.context import SessionCache, SlotView, VerificationContext
 from verification.gates import GateDefinition, GateStore
 from verification.harness import Harness
+from verification.recorder import SampleRecorder
 from verification.registry import ENTRY_POINT_GROUP, CheckRegistry, PlannedCheck
 from verification.runner import RESULTS_TABLE, Runner
 
@@ -31,6 +33,7 @@ __all__ = [
     "Harness",
     "PlannedCheck",
     "Runner",
+    "SampleRecorder",
     "SessionCache",
     "Severity",
     "SlotView",

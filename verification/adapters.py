@@ -20,6 +20,7 @@ from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
 from sre_core.paths import StatePaths
 from verification.context import SessionCache, SlotView, VerificationContext
+from verification.recorder import SampleRecorder
 
 __all__ = ["build_context", "read_clock_floor", "slots_from_state"]
 
@@ -92,11 +93,19 @@ def build_context(
     input_samples: dict[str, dict[str, np.ndarray]] | None = None,
     output_samples: dict[str, np.ndarray] | None = None,
     telemetry_db: Path | None = None,
+    recorder: SampleRecorder | None = None,
 ) -> VerificationContext:
-    """A context for the device at ``paths`` (slots read now)."""
+    """A context for the device at ``paths`` (slots read now; samples from ``recorder`` if given,
+    merged under any passed explicitly)."""
     slots, problems = slots_from_state(paths)
     for p in problems:
         _log.warning("verification: %s", p)
+    ins: dict[str, dict[str, np.ndarray]] = {}
+    outs: dict[str, np.ndarray] = {}
+    if recorder is not None:
+        ins, outs = recorder.snapshot()
+    ins.update(input_samples or {})
+    outs.update(output_samples or {})
     return VerificationContext(
         paths=paths,
         policy=policy,
@@ -105,7 +114,7 @@ def build_context(
         desired_expires=desired_expires,
         trusted_floor=read_clock_floor(paths.clock_file),
         telemetry_db=telemetry_db if telemetry_db is not None else paths.telemetry_db,
-        input_samples=dict(input_samples or {}),
-        output_samples=dict(output_samples or {}),
+        input_samples=ins,
+        output_samples=outs,
         sessions=sessions or SessionCache(),
     )

@@ -66,6 +66,7 @@ class CheckResult:
     started: datetime | None = None
     duration_s: float = 0.0
     traceback: str | None = None
+    modules: tuple[str, ...] = ()
 
     @classmethod
     def ok(cls, summary: str, evidence: dict[str, Any] | None = None, **measurements: float) -> CheckResult:
@@ -85,6 +86,10 @@ class CheckResult:
     ) -> CheckResult:
         return cls(Status.INCONCLUSIVE, summary, dict(evidence or {}), dict(measurements))
 
+    def about(self, modules: list[str] | tuple[str, ...] | set[str]) -> CheckResult:
+        """A copy naming the modules the verdict concerns (incidents are raised per device, with these)."""
+        return replace(self, modules=tuple(sorted(set(modules))))
+
     def stamped(self, check: str, severity: Severity, started: datetime, duration_s: float) -> CheckResult:
         """A copy with the runner's bookkeeping filled in."""
         return replace(self, check=check, severity=severity, started=started, duration_s=duration_s)
@@ -103,6 +108,7 @@ class CheckResult:
             "evidence": json.dumps(self.evidence, sort_keys=True, default=str),
             "measurements": json.dumps(self.measurements, sort_keys=True),
             "traceback": self.traceback,
+            "modules": ",".join(self.modules),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +123,7 @@ class CheckResult:
             "evidence": self.evidence,
             "measurements": self.measurements,
             "traceback": self.traceback,
+            "modules": list(self.modules),
         }
 
 

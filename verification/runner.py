@@ -205,10 +205,19 @@ class Runner:
             elif recovered:
                 st.failing = False
         if raise_it:
-            attrs: dict[str, Any] = {
-                "source": "verification",
+            facts: dict[str, Any] = {
                 "check": res.check,
                 "status": res.status.value,
+                "category": res.check.split(".", 1)[0],
+                **{k: v for k, v in res.measurements.items() if isinstance(v, (int, float))},
+            }
+            attrs: dict[str, Any] = {
+                "source": "verification",
+                "incident_kind": "verification_failure",
+                "check": res.check,
+                "status": res.status.value,
+                "modules": list(res.modules),
+                "facts": facts,
                 "dedup_key": f"verification:{res.check}",
                 "evidence": res.evidence,
                 "measurements": res.measurements,

@@ -92,6 +92,7 @@ class InputDriftCheck(Check):
         pol = ctx.policy.drift
         evidence: dict[str, Any] = {}
         drifted: list[str] = []
+        drifted_modules: set[str] = set()
         warned: list[str] = []
         judged = 0
         worst = {"psi": 0.0, "ks": 0.0}
@@ -127,11 +128,14 @@ class InputDriftCheck(Check):
                 }
                 if value > limit:
                     drifted.append(f"{key} ({method} {value:.3f} > {limit}, feature {top})")
+                    drifted_modules.add(module)
                 elif method == "psi" and value > pol.psi_warn:
                     warned.append(f"{key} (psi {value:.3f})")
         meas = {"max_psi": worst["psi"], "max_ks": worst["ks"]}
         if drifted:
-            return CheckResult.fail(f"input drift: {'; '.join(drifted)}", evidence, **meas)
+            return CheckResult.fail(f"input drift: {'; '.join(drifted)}", evidence, **meas).about(
+                drifted_modules
+            )
         if judged == 0:
             return CheckResult.inconclusive("no input samples to judge against a baseline", evidence)
         if warned:
@@ -152,6 +156,7 @@ class OutputDriftCheck(Check):
         pol = ctx.policy.drift
         evidence: dict[str, Any] = {}
         divergent: list[str] = []
+        divergent_modules: list[str] = []
         judged = 0
         worst = 0.0
         for module in ctx.modules():
@@ -180,10 +185,11 @@ class OutputDriftCheck(Check):
             }
             if d > pol.output_js_max:
                 divergent.append(f"{module} (JS {d:.3f} > {pol.output_js_max})")
+                divergent_modules.append(module)
         if divergent:
             return CheckResult.fail(
                 f"outputs diverge from the fleet: {'; '.join(divergent)}", evidence, max_js=worst
-            )
+            ).about(divergent_modules)
         if judged == 0:
             return CheckResult.inconclusive("no output samples to compare with a fleet baseline", evidence)
         return CheckResult.ok(f"{judged} module(s) match the fleet baseline", evidence, max_js=worst)

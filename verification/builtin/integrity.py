@@ -34,7 +34,7 @@ class SlotDigestCheck(Check):
         if bad:
             return CheckResult.fail(
                 f"corrupted slot(s): {', '.join(bad)}", evidence, corrupted=len(bad), slots=len(ctx.slots)
-            )
+            ).about({k.split("/")[0] for k in bad})
         if not ctx.slots:
             return CheckResult.inconclusive("no slot is installed", evidence)
         return CheckResult.ok(f"{len(ctx.slots)} slot(s) intact", evidence, corrupted=0, slots=len(ctx.slots))

@@ -51,7 +51,7 @@ class GoldenVectorsCheck(Check):
         if failed:
             return CheckResult.fail(
                 f"golden vectors fail on {', '.join(failed)}", evidence, max_abs_error=worst
-            )
+            ).about({k.split("/")[0] for k in failed})
         if judged == 0:
             return CheckResult.inconclusive("no installed model ships golden vectors", evidence)
         return CheckResult.ok(f"golden vectors pass on {judged} slot(s)", evidence, max_abs_error=worst)
@@ -107,7 +107,7 @@ class RollbackReadinessCheck(Check):
         if not_ready:
             return CheckResult.fail(
                 f"cannot roll back: {', '.join(not_ready)}", evidence, ready=ready, not_ready=len(not_ready)
-            )
+            ).about(not_ready)
         if not modules:
             return CheckResult.inconclusive("no module is installed", evidence)
         if unproven:
