@@ -62,6 +62,7 @@ _TOP_KEYS = {
     "dry": "a value",
 }
 _PROVIDER_TYPES = ("python", "process", "http")
+_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ACTIVITY_KEYS = (
     "type",
     "name",
@@ -466,7 +467,8 @@ def parse_experiment(data: bytes | str, source: str, fmt: str | None = None) -> 
     if fmt is None:
         fmt = "json" if source.lower().endswith(".json") else "yaml"
     try:
-        doc: Any = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        # CSafeLoader is libyaml's safe loader (same constructors as safe_load, ~10x faster)
+        doc: Any = json.loads(text) if fmt == "json" else yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise ExperimentError(source, [], f"not valid JSON at {where}: {exc.msg}") from exc

@@ -180,3 +180,68 @@ def test_escalated_experiment_executes_nothing(run_cli, state: StatePaths, tmp_p
         )
         assert marker.exists(), plain.stdout + plain.stderr
         assert [t["type"] for t in client.toxics("uplink")] == ["latency"]
+
+
+def test_run_verdict_runs_guarded_and_leaves_no_fault(run_cli, state: StatePaths, tmp_path: Path) -> None:
+    doc = {
+        "title": "noise run",
+        "description": "safe: input noise for 5 s, cleared by the rollback",
+        "steady-state-hypothesis": {
+            "title": "backlog",
+            "probes": [
+                {
+                    "type": "probe",
+                    "name": "backlog",
+                    "tolerance": {"type": "range", "range": [0, 1000]},
+                    "provider": {"type": "python", "module": "chaos.probes", "func": "uplink_backlog"},
+                }
+            ],
+        },
+        "method": [
+            {
+                "type": "action",
+                "name": "noise",
+                "provider": {
+                    "type": "python",
+                    "module": "chaos.actions",
+                    "func": "inject_input_noise",
+                    "arguments": {"share": 0.1, "duration_s": 5},
+                },
+            },
+            {
+                "type": "probe",
+                "name": "faults",
+                "provider": {"type": "python", "module": "chaos.probes", "func": "active_faults"},
+            },
+        ],
+        "rollbacks": [
+            {
+                "type": "action",
+                "name": "clear",
+                "provider": {"type": "python", "module": "chaos.actions", "func": "clear_faults"},
+            }
+        ],
+    }
+    path = tmp_path / "noise.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = run_cli(
+        "sre-agent",
+        "chaos",
+        "run",
+        str(path),
+        "--state",
+        str(state.root),
+        "--policy",
+        str(_relaxed_policy(tmp_path)),
+        "--json",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    body = json.loads(res.stdout)
+    assert body["verdict"] == "run" and body["ran"] is True
+    assert body["result"]["verdict"] == "passed"
+    assert body["result"]["experiment_hash"] == body["experiment_hash"]
+    # the method saw its fault recorded; afterwards nothing is left
+    run_dir = Path(body["result"]["run_dir"])
+    assert run_dir.is_dir()
+    assert FaultRegistry(state.root).list() == []
+    assert not (state.root / "run" / "chaos" / "input_noise.json").exists()

@@ -16,7 +16,7 @@ from sre_agent.cli._common import (
     out_console,
     settings_for,
 )
-from sre_core.errors import InputError, SreError
+from sre_core.errors import InputError
 
 __all__ = ["register"]
 
@@ -212,12 +212,21 @@ def register(app: typer.Typer) -> None:
         state: StateOpt = None,
         config: ConfigOpt = None,
         policy: PolicyOpt = None,
+        budget_s: Annotated[
+            float | None,
+            typer.Option("--budget", min=1, help="Hard wall-clock budget in s (default: from the estimate)."),
+        ] = None,
+        serving_url: Annotated[
+            str | None, typer.Option("--serving-url", help="Inference server the guardrail watches.")
+        ] = None,
+        model: Annotated[str | None, typer.Option("--model", help="Model the guardrail probes.")] = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Pre-flight, then run the experiment in a guarded child process (only on a 'run' verdict).
 
         An escalated or rejected experiment is not run: its escalation packet is written under
         <state>/run/chaos/escalations/ and the command exits 10 (escalate) or 2 (reject).
+        A run exits 0 when it passed, 1 when it deviated, was aborted, interrupted or failed.
         """
         from chaos.devicestate import read_device_state
         from chaos.escalation import build_escalation
@@ -262,28 +271,35 @@ def register(app: typer.Typer) -> None:
                 _print_result(res, False)
                 out_console().print(f"not run; escalation packet: {where}", highlight=False)
             raise typer.Exit(res.exit_code)
-        try:
-            import importlib
+        from chaos.runner import run_experiment_guarded
+        from sre_core.audit import AuditLog
 
-            runner_mod = importlib.import_module("chaos.runner")
-        except ImportError as exc:
-            raise SreError("run chaos experiment", f"the chaos runner is not available: {exc}") from exc
-        outcome = _invoke_runner(runner_mod, exp, paths, settings, pol)
+        estimate = res.report.estimated_duration_s if res.report else None
+        budget = budget_s or min(pol.max_experiment_s, (estimate or pol.max_experiment_s) * 1.5 + 30)
+        # The very object that passed pre-flight is what runs (no second read of the file).
+        result = run_experiment_guarded(
+            exp,
+            state=paths,
+            budget_s=budget,
+            guardrails=pol.guardrails,
+            disk_reserve_mb=pol.headroom.disk_reserve_mb,
+            serving_url=serving_url,
+            model=model,
+            toxiproxy_url=settings.chaos.toxiproxy_url,
+            audit=AuditLog(paths.audit_log),
+            clock=clock,
+        )
+        outcome = result.to_dict(with_journal=False)
         if json_out:
             emit_json({**res.to_dict(), "ran": True, "result": outcome})
         else:
             _print_result(res, False)
-            out_console().print(f"result: {outcome.get('verdict', outcome)}", highlight=False)
-        raise typer.Exit(0 if outcome.get("verdict") in ("passed", None) else 1)
-
-
-def _invoke_runner(runner_mod: Any, exp: Any, paths: Any, settings: Any, policy: Any) -> dict[str, Any]:
-    """Call the runner (``chaos.runner``, engineer B's) with what it needs; its result as a dict."""
-    fn = getattr(runner_mod, "run_experiment_file", None) or getattr(runner_mod, "run_experiment", None)
-    if fn is None:
-        raise SreError("run chaos experiment", "chaos.runner has no run entry point")
-    result = fn(Path(exp.source), paths.root, toxiproxy_url=settings.chaos.toxiproxy_url, policy=policy)
-    if hasattr(result, "to_dict"):
-        out: dict[str, Any] = result.to_dict()
-        return out
-    return dict(result) if isinstance(result, dict) else {"verdict": str(result)}
+            style = "green" if outcome["verdict"] == "passed" else "red"
+            out_console().print(
+                f"[{style}]{outcome['verdict']}[/{style}] in {outcome['duration_s']:.1f}s "
+                f"(budget {budget:.0f}s); cleanup ok: {outcome['cleanup']['ok']}",
+                highlight=False,
+            )
+            for r in outcome["reasons"]:
+                out_console().print(f"  - {r}", highlight=False, markup=False)
+        raise typer.Exit(0 if outcome["verdict"] == "passed" else 1)
