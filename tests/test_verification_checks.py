@@ -345,3 +345,24 @@ def test_sample_recorder_is_bounded_and_ordered_and_feeds_the_drift_check(
     ins, _ = rec.snapshot()
     res = InputDriftCheck().run(_with(device, input_samples=ins))
     assert res.status is Status.FAIL and res.modules == ("clf",)
+
+
+def test_duckdb_held_by_another_process_is_inconclusive_not_corrupt(
+    device: VerificationContext, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    db = tmp_path / "daemon.duckdb"
+    _telemetry_db(db)
+    code = f"import duckdb, sys\nc = duckdb.connect({str(db)!r})\nprint('held', flush=True)\nsys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        res = TelemetryDbCheck().run(_with(device, telemetry_db=db))
+        assert res.status is Status.INCONCLUSIVE
+        assert "another process" in res.summary
+    finally:
+        holder.communicate(timeout=30)

@@ -1,6 +1,7 @@
 """Build a :class:`~verification.context.VerificationContext` from a real device state directory.
 
-Slots come from ``deployment.slots.SlotManager.status`` (its ``state.json`` is the record of truth).
+Slots come from ``deployment.slots.SlotManager.status`` (its ``state.json`` is the record of truth), the
+desired state's expiry from ``deployment.pull.load_held``.
 The trusted-time floor is read from ``<state>/clock.json`` leniently (the newest timestamp in it), so
 this keeps working while the trust layer settles its format.
 """
@@ -22,7 +23,7 @@ from sre_core.paths import StatePaths
 from verification.context import SessionCache, SlotView, VerificationContext
 from verification.recorder import SampleRecorder
 
-__all__ = ["build_context", "read_clock_floor", "slots_from_state"]
+__all__ = ["build_context", "held_desired_expiry", "read_clock_floor", "slots_from_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +65,18 @@ def slots_from_state(paths: StatePaths) -> tuple[list[SlotView], list[str]]:
     return views, problems
 
 
+def held_desired_expiry(paths: StatePaths, clock: Clock) -> datetime | None:
+    """Expiry of the signed desired state the device holds (``deployment.pull.load_held``), if any."""
+    from deployment.pull import load_held
+
+    try:
+        held = load_held(paths, clock)
+    except Exception as exc:
+        _log.warning("verification: cannot read the held desired state: %s", exc)
+        return None
+    return held.desired.expires if held.desired is not None else None
+
+
 def read_clock_floor(path: Path) -> datetime | None:
     """The newest aware timestamp found at the top level of ``clock.json`` (None if absent/unreadable)."""
     try:
@@ -95,8 +108,11 @@ def build_context(
     telemetry_db: Path | None = None,
     recorder: SampleRecorder | None = None,
 ) -> VerificationContext:
-    """A context for the device at ``paths`` (slots read now; samples from ``recorder`` if given,
-    merged under any passed explicitly)."""
+    """A context for the device at ``paths``: slots and the held desired state's expiry read now (unless
+    ``desired_expires`` is given), samples from ``recorder`` merged under any passed explicitly."""
+    clock = clock or SystemClock()
+    if desired_expires is None:
+        desired_expires = held_desired_expiry(paths, clock)
     slots, problems = slots_from_state(paths)
     for p in problems:
         _log.warning("verification: %s", p)
@@ -109,7 +125,7 @@ def build_context(
     return VerificationContext(
         paths=paths,
         policy=policy,
-        clock=clock or SystemClock(),
+        clock=clock,
         slots=slots,
         desired_expires=desired_expires,
         trusted_floor=read_clock_floor(paths.clock_file),
