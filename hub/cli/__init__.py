@@ -18,6 +18,7 @@ __all__ = ["TOPICS", "build_app", "main"]
 TOPICS = [
     "hub.cli.basics",
     "hub.cli.repo",
+    "hub.cli.fleet_data",
 ]
 
 HELP = (
