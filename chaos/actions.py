@@ -6,19 +6,16 @@ take it back. Each one is bounded (duration, size, share) and refuses out-of-ran
 
 Where things are found (Chaos Toolkit ``configuration`` first, then the environment the runner sets):
 
-=====================  ==============================  ===========================================
-key                    environment                     meaning
-=====================  ==============================  ===========================================
-``state_dir``          ``SRE_CHAOS_STATE_DIR``         device state directory (required)
-``toxiproxy_url``      ``SRE_CHAOS_TOXIPROXY_URL``     Toxiproxy API (real server or our fault proxy)
-``uplink_proxy``       ``SRE_CHAOS_UPLINK_PROXY``      proxy name of the uplink (default ``uplink``)
-``uplink_upstream``    ``SRE_CHAOS_UPLINK_UPSTREAM``   ``host:port`` of the hub, to create the proxy
-``serving_url``        ``SRE_CHAOS_SERVING_URL``       base URL of the v2 inference server
-``serving_restart``    ``SRE_CHAOS_SERVING_RESTART``   JSON argv that starts the serving worker
-=====================  ==============================  ===========================================
+- ``state_dir`` / ``$SRE_CHAOS_STATE_DIR``: device state directory (required);
+- ``toxiproxy_url`` / ``$SRE_CHAOS_TOXIPROXY_URL``: Toxiproxy API (a real server or our fault proxy);
+- ``toxiproxy_timeout_s`` / ``$SRE_CHAOS_TOXIPROXY_TIMEOUT_S``: bound on each API call (default 5 s);
+- ``uplink_proxy`` / ``$SRE_CHAOS_UPLINK_PROXY``: proxy name of the uplink (default ``uplink``);
+- ``uplink_upstream`` / ``$SRE_CHAOS_UPLINK_UPSTREAM``: ``host:port`` of the hub, to create the proxy;
+- ``serving_url`` / ``$SRE_CHAOS_SERVING_URL``: base URL of the v2 inference server;
+- ``serving_restart`` / ``$SRE_CHAOS_SERVING_RESTART``: JSON argv that starts the serving worker.
 
 The serving worker writes its pid to ``<state>/run/serving.pid``; slot bookkeeping lives in
-``<state>/modules/<name>/state.json`` (issue 4) and the flip goes through ``sre-agent rollback``.
+``<state>/modules/<name>/state.json`` and flips go through ``deployment.slots.SlotManager``.
 """
 
 from __future__ import annotations
@@ -36,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from chaos.faults import FaultRegistry, chaos_dir, undo_fault
-from chaos.toxiproxy_client import ToxiproxyClient
+from chaos.toxiproxy_client import ToxiproxyClient, ToxiproxyNotFoundError
 from sre_core.atomic import atomic_write_bytes, atomic_write_json
+from sre_core.audit import AuditLog
 from sre_core.clock import SystemClock
+from sre_core.paths import StatePaths
 
 __all__ = [
     "add_uplink_toxic",
@@ -104,6 +103,10 @@ def _toxiproxy_url(configuration: Configuration) -> str:
     return url
 
 
+def _api_timeout(configuration: Configuration) -> float:
+    return float(_setting(configuration, "toxiproxy_timeout_s", "5") or 5)
+
+
 def _bounded(name: str, value: float, lo: float, hi: float) -> float:
     v = float(value)
     if not lo <= v <= hi:
@@ -140,10 +143,10 @@ def add_uplink_toxic(
     pname = proxy or _setting(configuration, "uplink_proxy", "uplink") or "uplink"
     name = toxic_name or f"chaos_{toxic_type}_{stream}"
     reg = _registry(configuration)
-    with ToxiproxyClient(url) as client:
+    with ToxiproxyClient(url, timeout_s=_api_timeout(configuration)) as client:
         try:
             client.get_proxy(pname)
-        except Exception:
+        except ToxiproxyNotFoundError:
             upstream = _setting(configuration, "uplink_upstream")
             if not upstream:
                 raise
@@ -400,26 +403,30 @@ def corrupt_standby_slot(
     return {"fault_id": fault.id, "file": str(target), "offset": start, "nbytes": min(n, len(data) - start)}
 
 
-def _rollback_cli(state: Path, module: str, timeout_s: float = 60.0) -> None:
-    exe = Path(sys.executable).parent / "sre-agent"
-    proc = subprocess.run(
-        [str(exe), "rollback", "--state", str(state), module],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise ChaosActionError(
-            f"sre-agent rollback {module} failed ({proc.returncode}): {proc.stderr[-500:]}"
-        )
+def audit_log_for(state: Path) -> AuditLog:
+    """The audit trail chaos activities write to.
+
+    Under the runner that is the run's own side log (``$SRE_CHAOS_AUDIT_LOG``), folded into the main
+    trail by the runner afterwards, because a second process appending to ``<state>/audit.jsonl``
+    while the agent holds it would fork the hash chain. Under a plain ``chaos run`` it is the main trail.
+    """
+    side = os.environ.get("SRE_CHAOS_AUDIT_LOG")
+    return AuditLog(Path(side) if side else Path(state) / "audit.jsonl")
 
 
-def _flip_to(state: Path, module: str, slot: str) -> None:
+def _swap(state: Path, module: str, audit: AuditLog | None) -> None:
+    """Make the standby of ``module`` active through the slot manager (the version stays good)."""
+    from deployment.slots import SlotManager
+
+    mgr = SlotManager(StatePaths(state), audit or audit_log_for(state))
+    mgr.rollback(module, reason="chaos rollback drill", actor="chaos", mark_bad=False)
+
+
+def _flip_to(state: Path, module: str, slot: str, audit: AuditLog | None = None) -> None:
     """Make ``slot`` the active slot of ``module`` (no-op when it already is)."""
     active, _ = _slot_roles(state, module)
     if active != slot:
-        _rollback_cli(state, module)
+        _swap(state, module, audit)
 
 
 def rollback_drill(module: str, hold_s: float = 0.0, configuration: Configuration = None) -> dict[str, Any]:
@@ -430,7 +437,7 @@ def rollback_drill(module: str, hold_s: float = 0.0, configuration: Configuratio
     reg = _registry(configuration)
     fault = reg.record("rollback_drill", module, {"kind": "flip_back", "module": module, "slot": original})
     t0 = time.monotonic()
-    _rollback_cli(state, module)
+    _swap(state, module, None)
     flipped = time.monotonic() - t0
     time.sleep(hold)
     _flip_to(state, module, original)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sre_core.atomic import atomic_write_bytes, atomic_write_json
+from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
 
 __all__ = [
@@ -218,12 +219,13 @@ class FaultRegistry:
         self,
         undo: Callable[[FaultRecord], None] | None = None,
         run_id: str | None = None,
+        audit: AuditLog | None = None,
     ) -> CleanupReport:
         """Undo every recorded fault (of ``run_id`` when given), newest first; keep those that fail.
 
         Never raises for a failing undo: the failure is reported and the record stays for a retry.
         """
-        runner = undo or (lambda f: undo_fault(f, self.state_root))
+        runner = undo or (lambda f: undo_fault(f, self.state_root, audit=audit))
         report = CleanupReport()
         for f in reversed(self.list()):
             if run_id is not None and f.run_id not in (run_id, None):
@@ -251,7 +253,9 @@ def _pid_matches(pid: int, create_time: float | None) -> bool:
         return False
 
 
-def undo_fault(fault: FaultRecord, state_root: Path, timeout_s: float = 3.0) -> None:
+def undo_fault(
+    fault: FaultRecord, state_root: Path, timeout_s: float = 3.0, audit: AuditLog | None = None
+) -> None:
     """Execute one undo recipe. Idempotent: undoing something already gone succeeds.
 
     Raises:
@@ -291,7 +295,7 @@ def undo_fault(fault: FaultRecord, state_root: Path, timeout_s: float = 3.0) -> 
     elif kind == "flip_back":
         from chaos.actions import _flip_to
 
-        _flip_to(Path(state_root), str(u["module"]), str(u["slot"]))
+        _flip_to(Path(state_root), str(u["module"]), str(u["slot"]), audit)
     else:
         raise ValueError(f"unknown undo kind {kind!r} in fault {fault.id}")
 

@@ -464,6 +464,7 @@ def run_experiment_guarded(
         "SRE_CHAOS_RUN_ID": run_id,
         "SRE_CHAOS_STATE_DIR": str(paths.root),
         "SRE_CHAOS_TOXIPROXY_URL": toxiproxy_url,
+        "SRE_CHAOS_AUDIT_LOG": str(run_dir / "audit.jsonl"),
         "PYTHONUNBUFFERED": "1",
     }
     if serving_url:
@@ -540,7 +541,7 @@ def run_experiment_guarded(
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the experiment's group
-        cleanup = _cleanup_faults(paths.root, toxiproxy_url)
+        cleanup = _cleanup_faults(paths.root, toxiproxy_url, audit=AuditLog(run_dir / "audit.jsonl"))
         if fp is not None:
             fp.stop()
             cleanup.notes.append("embedded fault proxy stopped")
@@ -592,7 +593,7 @@ def run_experiment_guarded(
         result.gates = _persist_gates(
             paths, learned_gates(journal, run_id, exp_hash, title, ended_at.isoformat())
         )
-    _report(result, sink, audit)
+    _report(result, sink, audit, run_dir / "audit.jsonl")
     return result
 
 
@@ -628,7 +629,7 @@ def _persist_gates(paths: StatePaths, gates: list[LearnedGate]) -> list[LearnedG
     return out
 
 
-def _report(result: RunResult, sink: TelemetrySink, audit: AuditLog | None) -> None:
+def _report(result: RunResult, sink: TelemetrySink, audit: AuditLog | None, side_audit: Path) -> None:
     severity = "info" if result.verdict is Verdict.PASSED else "warning"
     sink.record(
         JOURNAL_TABLE,
@@ -654,6 +655,11 @@ def _report(result: RunResult, sink: TelemetrySink, audit: AuditLog | None) -> N
     )
     sink.metric("chaos.run.duration_s", result.duration_s, {"verdict": result.verdict.value})
     if audit is not None:
+        # what the experiment's activities and the cleanup recorded (slot flips...) joins the main trail
+        for rec in AuditLog(side_audit).records():
+            audit.append(
+                f"chaos.{rec.event}", actor=rec.actor, run_id=result.run_id, at=rec.ts, data=rec.data
+            )
         audit.append(
             "chaos.run.finished",
             actor="chaos",

@@ -22,6 +22,7 @@ from typing import Any
 
 from chaos.faults import CleanupReport, FaultRegistry, chaos_dir
 from sre_core.atomic import atomic_write_json
+from sre_core.audit import AuditLog
 
 __all__ = ["POLL_S", "fire", "lease_is_stale", "main", "read_lease", "recover_stale_lease"]
 
@@ -60,9 +61,11 @@ def lease_is_stale(lease: dict[str, Any], now_mono: float) -> str | None:
     return None
 
 
-def cleanup(state_root: Path, toxiproxy_url: str | None, timeout_s: float = 3.0) -> CleanupReport:
+def cleanup(
+    state_root: Path, toxiproxy_url: str | None, timeout_s: float = 3.0, audit: AuditLog | None = None
+) -> CleanupReport:
     """Undo every registered fault, then reset the Toxiproxy API (toxics off, proxies kept)."""
-    report = FaultRegistry(state_root).clear()
+    report = FaultRegistry(state_root).clear(audit=audit)
     if toxiproxy_url:
         from chaos.toxiproxy_client import ToxiproxyClient, ToxiproxyError
 
