@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["linear_classifier", "linear_regressor"]
+__all__ = ["erroring_classifier", "linear_classifier", "linear_regressor", "slow_classifier"]
 
 OPSET = 17
 
@@ -77,3 +77,92 @@ def linear_regressor(
     model.ir_version = 8
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())
+
+
+def erroring_classifier(
+    n_features: int = 16,
+    n_classes: int = 4,
+    seed: int = 0,
+    error_threshold: float = 1.0,
+    hidden_layers: int = 0,
+    input_name: str = "input",
+    output_name: str = "probabilities",
+) -> bytes:
+    """The :func:`linear_classifier` of ``seed`` whose graph *fails at run time* on some inputs.
+
+    The failure is real, inside ONNX Runtime: a ``Gather`` takes its index from the data (index 1 when
+    ``input[:, 0] > error_threshold``, else 0) from a one-element table, so any batch holding such a
+    row raises "indices element out of data bounds". On standard-normal inputs ``error_threshold=1.0``
+    fails about 16 % of single-row requests; other rows get exactly the base model's output.
+    """
+    base = onnx.load_from_string(
+        linear_classifier(
+            n_features, n_classes, seed, hidden_layers, input_name=input_name, output_name="_probs"
+        )
+    )
+    graph = base.graph
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1.0], dtype=np.float32), "_one_table"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "_col0"),
+            numpy_helper.from_array(np.array(error_threshold, dtype=np.float32), "_thr"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Gather", [input_name, "_col0"], ["_x0"], axis=1),  # [N, 1]
+            helper.make_node("Greater", ["_x0", "_thr"], ["_bad"]),
+            helper.make_node("Cast", ["_bad"], ["_idx"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["_one_table", "_idx"], ["_gate"], axis=0),  # [N, 1] of 1.0
+            helper.make_node("Mul", ["_probs", "_gate"], [output_name]),
+        ]
+    )
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_classes])])
+    graph.name = f"erroring_classifier_s{seed}"
+    onnx.checker.check_model(base)
+    return bytes(base.SerializeToString())
+
+
+def slow_classifier(
+    n_features: int = 16,
+    n_classes: int = 4,
+    seed: int = 0,
+    hidden_layers: int = 0,
+    extra_layers: int = 8,
+    extra_size: int = 256,
+    input_name: str = "input",
+    output_name: str = "probabilities",
+) -> bytes:
+    """The :func:`linear_classifier` of ``seed`` (same outputs) doing ``extra_layers`` of wasted work.
+
+    A chain of MatMul+Relu layers runs on the input and its mean is added to the logits times zero, so
+    the predictions equal the base model's while every request costs more: a pure latency regression.
+    """
+    base = onnx.load_from_string(
+        linear_classifier(
+            n_features, n_classes, seed, hidden_layers, input_name=input_name, output_name="_probs"
+        )
+    )
+    graph = base.graph
+    rng = np.random.default_rng(seed + 1000)
+    prev, width = input_name, n_features
+    for i in range(extra_layers):
+        w = rng.normal(0, 1 / np.sqrt(width), (width, extra_size)).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(w, f"_xw{i}"))
+        graph.node.append(helper.make_node("MatMul", [prev, f"_xw{i}"], [f"_x{i}"]))
+        graph.node.append(helper.make_node("Relu", [f"_x{i}"], [f"_xr{i}"]))
+        prev, width = f"_xr{i}", extra_size
+    graph.initializer.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), "_zero"))
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMean", [prev], ["_waste"], keepdims=1),  # [1, 1]
+            helper.make_node("Mul", ["_waste", "_zero"], ["_nothing"]),
+            helper.make_node("Add", ["_probs", "_nothing"], [output_name]),
+        ]
+    )
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_classes])])
+    graph.name = f"slow_classifier_s{seed}"
+    onnx.checker.check_model(base)
+    return bytes(base.SerializeToString())

@@ -1,0 +1,352 @@
+"""The Open Inference Protocol (KServe "v2", as Triton speaks it) over HTTP, on starlette.
+
+Endpoints: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``,
+``/v2/models/{name}[/versions/{v}]`` (metadata), ``.../ready`` and ``POST .../infer`` with JSON tensors
+and the binary tensor data extension (``Inference-Header-Content-Length``: a JSON header followed by
+raw little-endian tensor bytes), so Triton and KServe clients (``tritonclient.http``) work unchanged.
+
+Each inference goes through the model's :class:`~deployment.router.Router`, so canary routing, mirroring
+and per-version evidence apply to every request; the response's ``model_version`` names the version that
+answered. Without a version in the path the router picks; with one, that loaded version answers.
+Bounded: request bodies above ``max_body_bytes`` are refused before they are read in full.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from deployment.router import InferenceError, Router
+from deployment.serving import ModelRepository
+from deployment.sessions import ModelSession
+
+__all__ = ["DATATYPES", "HEADER_LENGTH", "ProtocolError", "create_app", "decode_request", "encode_response"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+DEFAULT_MAX_BODY = 64 << 20
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_V2_OF_KIND = {dt: name for name, dt in DATATYPES.items()}
+
+
+class ProtocolError(Exception):
+    """A malformed or unsupported request; answered with HTTP ``status`` and ``{"error": message}``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _shape(raw: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
+    ):
+        raise ProtocolError(f"{what}: 'shape' must be a list of non-negative integers")
+    return tuple(raw)
+
+
+def decode_request(
+    body: bytes, header_length: int | None, model: ModelSession
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Parse an infer request into input arrays (validated against the model) and the request JSON.
+
+    Raises:
+        ProtocolError: malformed JSON, unknown input, wrong datatype or shape, short binary data.
+    """
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {header_length} does not fit a {len(body)}-byte body")
+        head, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON: {exc}") from exc
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise ProtocolError("the request needs a non-empty 'inputs' list")
+    expected = {i.name: i for i in model.inputs}
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in req["inputs"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ProtocolError("each input needs a 'name'")
+        name = item["name"]
+        spec = expected.get(name)
+        if spec is None:
+            raise ProtocolError(f"model {model.name} has no input {name!r} (inputs: {sorted(expected)})")
+        if name in feeds:
+            raise ProtocolError(f"input {name!r} given twice")
+        datatype = item.get("datatype")
+        dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+        if dtype is None:
+            raise ProtocolError(f"input {name!r}: unsupported datatype {datatype!r}")
+        if datatype != spec.datatype:
+            raise ProtocolError(
+                f"input {name!r}: datatype {datatype} given, the model expects {spec.datatype}"
+            )
+        shape = _shape(item.get("shape"), f"input {name!r}")
+        if len(shape) != len(spec.shape) or any(
+            e not in (-1, g) for e, g in zip(spec.shape, shape, strict=True)
+        ):
+            raise ProtocolError(
+                f"input {name!r}: shape {list(shape)} does not fit the model's {list(spec.shape)}"
+            )
+        count = int(np.prod(shape, dtype=np.int64))
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size != count * dtype.itemsize:
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size {size} != {count} x {dtype.itemsize} bytes"
+                )
+            if offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: the body holds fewer binary bytes than declared")
+            arr = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            data = item.get("data")
+            if data is None:
+                raise ProtocolError(f"input {name!r} has neither 'data' nor binary_data_size")
+            try:
+                arr = np.asarray(data, dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError(f"input {name!r}: data is not {datatype}: {exc}") from exc
+            if arr.size != count:
+                raise ProtocolError(f"input {name!r}: {arr.size} values for shape {list(shape)}")
+            arr = arr.reshape(shape)
+        feeds[name] = arr
+    missing = sorted(set(expected) - set(feeds))
+    if missing:
+        raise ProtocolError(f"missing inputs: {missing}")
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} binary bytes left over after the last input")
+    return feeds, req
+
+
+def encode_response(
+    req: Mapping[str, Any], outputs: Mapping[str, np.ndarray], model_name: str, version: str
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header length when binary tensor data follows it.
+
+    Raises:
+        ProtocolError: an unknown output was requested.
+    """
+    params = req.get("parameters") or {}
+    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    wanted: list[tuple[str, bool]]
+    asked = req.get("outputs")
+    if asked:
+        if not isinstance(asked, list):
+            raise ProtocolError("'outputs' must be a list")
+        wanted = []
+        for o in asked:
+            if not isinstance(o, dict) or o.get("name") not in outputs:
+                name = o.get("name") if isinstance(o, dict) else o
+                raise ProtocolError(f"model {model_name} has no output {name!r} (outputs: {sorted(outputs)})")
+            op = o.get("parameters") or {}
+            if isinstance(op, dict) and op.get("classification"):
+                raise ProtocolError("the classification extension is not supported")
+            binary = op.get("binary_data", binary_default) if isinstance(op, dict) else binary_default
+            wanted.append((o["name"], bool(binary)))
+    else:
+        wanted = [(name, binary_default) for name in outputs]
+    items = []
+    blobs = []
+    for name, binary in wanted:
+        arr = np.ascontiguousarray(outputs[name])
+        datatype = _V2_OF_KIND.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if datatype is None:
+            raise ProtocolError(f"output {name!r} has a type ({arr.dtype}) the protocol cannot carry", 500)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        items.append(entry)
+    resp: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": items}
+    if "id" in req:
+        resp["id"] = req["id"]
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+def create_app(
+    repository: ModelRepository,
+    *,
+    server_name: str = "sre-agent",
+    server_version: str = "0",
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    offload: bool = False,
+) -> Starlette:
+    """The v2 inference app serving every model in ``repository``.
+
+    Args:
+        offload: run inference in the thread pool instead of on the event loop (models that take
+            milliseconds; for sub-millisecond models the hop costs more than it frees).
+    """
+
+    def router_for(request: Request) -> Router:
+        name = request.path_params["name"]
+        router = repository.get(name)
+        if router is None:
+            raise ProtocolError(f"unknown model {name!r} (served: {repository.names()})", 404)
+        version = request.path_params.get("version")
+        if version is not None and version not in _loaded_versions(router):
+            raise ProtocolError(f"model {name!r} has no loaded version {version!r}", 404)
+        return router
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse(
+            {"name": server_name, "version": server_version, "extensions": ["binary_tensor_data"]}
+        )
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        ok = bool(repository.names())
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def model_metadata(request: Request) -> Response:
+        try:
+            router = router_for(request)
+        except ProtocolError as exc:
+            return _error(str(exc), exc.status)
+        r = router.routing
+        active = r.active
+        return JSONResponse(
+            {
+                "name": router.name,
+                "versions": _loaded_versions(router),
+                "platform": "onnxruntime_onnx",
+                "inputs": [i.to_v2() for i in active.inputs],
+                "outputs": [o.to_v2() for o in active.outputs],
+                "parameters": {
+                    "active_version": active.version,
+                    "canary_version": r.canary.version if r.canary else None,
+                    "canary_weight": r.weight,
+                },
+            }
+        )
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            router_for(request)
+        except ProtocolError as exc:
+            return _error(str(exc), exc.status)
+        return JSONResponse({"name": request.path_params["name"], "ready": True})
+
+    async def infer(request: Request) -> Response:
+        try:
+            router = router_for(request)
+            body = await _read_body(request, max_body_bytes)
+            raw_len = request.headers.get(HEADER_LENGTH)
+            try:
+                header_length = int(raw_len) if raw_len is not None else None
+            except ValueError:
+                raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {raw_len!r}") from None
+            pin = request.path_params.get("version")
+            model = _session(router, pin)
+            feeds, req = decode_request(body, header_length, model)
+            if offload:
+                answer = await run_in_threadpool(router.infer, feeds, pin)
+            else:
+                answer = router.infer(feeds, pin)
+            content, head_len = encode_response(req, answer.outputs, router.name, answer.version)
+        except ProtocolError as exc:
+            return _error(str(exc), exc.status)
+        except InferenceError as exc:
+            return _error(exc.message, 500)
+        except LookupError as exc:  # the pinned version was unloaded meanwhile
+            return _error(str(exc), 404)
+        if head_len is None:
+            return Response(content, media_type="application/json")
+        return Response(
+            content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_len)}
+        )
+
+    routes = [
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2/models/{name}", model_metadata),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}", model_metadata),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _loaded_versions(router: Router) -> list[str]:
+    r = router.routing
+    return [s.version for s in (r.active, r.canary, r.standby) if s is not None]
+
+
+def _session(router: Router, version: str | None) -> ModelSession:
+    r = router.routing
+    if version is None:
+        return r.active
+    for s in (r.active, r.canary, r.standby):
+        if s is not None and s.version == version:
+            return s
+    raise ProtocolError(f"model {router.name!r} has no loaded version {version!r}", 404)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"request body of {declared} bytes exceeds the {limit}-byte limit", 413)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"request body exceeds the {limit}-byte limit", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+            body = d.decompress(body, limit + 1)
+        except (zlib.error, gzip.BadGzipFile) as exc:
+            raise ProtocolError(f"the {encoding} body does not decompress: {exc}") from exc
+        if len(body) > limit or d.unconsumed_tail:
+            raise ProtocolError(f"the decompressed body exceeds the {limit}-byte limit", 413)
+    elif encoding not in ("", "identity"):
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r}", 415)
+    return body

@@ -1,0 +1,367 @@
+"""Managed serving: the models the inference server answers for, and the canary driver around them.
+
+The thin orchestrator around the pure :class:`~deployment.canary.CanaryController`: it takes router
+snapshots, asks the controller, and carries out each decision with the I/O it implies (routing weights,
+the slot flip or abort, audit records, telemetry, an incident, the progress file that
+``sre-agent status`` shows). Order matters for MTTR: on a failed gate the router's weight goes to 0
+*first*, so the next request is answered by the incumbent before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from deployment.canary import CanaryConfig, CanaryController, Decision, Phase
+from deployment.manifest import ModuleManifest
+from deployment.router import Router
+from deployment.sessions import ModelSession, SessionOptions, load_session
+from sre_core.atomic import atomic_write_json
+from sre_core.audit import AuditLog
+from sre_core.clock import Clock, SystemClock
+from sre_core.errors import SreError
+from sre_core.paths import StatePaths
+from sre_core.telemetry import NullSink, TelemetrySink
+
+__all__ = [
+    "CanaryRun",
+    "CanarySlots",
+    "ManagedServing",
+    "ModelRepository",
+    "canary_progress",
+    "progress_path",
+]
+
+
+class CanarySlots(Protocol):
+    """What the canary needs from the A/B slots (``deployment.slots.SlotManager`` provides it)."""
+
+    def promote_canary(self, module: str, actor: str = ..., evidence: dict[str, Any] | None = ...) -> Any:
+        """Flip the standby (the canary) active and commit it."""
+        ...
+
+    def abort_canary(self, module: str, reason: str, actor: str = ...) -> Any:
+        """End the canary, mark the standby's version bad; the active version never changed."""
+        ...
+
+
+def progress_path(paths: StatePaths, module: str) -> Path:
+    """Where the canary of ``module`` publishes its progress (``<state>/run/canary/<module>.json``)."""
+    return paths.run / "canary" / f"{module}.json"
+
+
+def canary_progress(paths: StatePaths, module: str | None = None) -> list[dict[str, Any]]:
+    """Canary progress per module as last published by the serving process (for ``sre-agent status``).
+
+    Each entry holds ``module``, ``candidate``, ``incumbent``, ``phase`` (pending, ramping, soaking,
+    promoting, promoted, aborted, inconclusive, cancelled), ``step``/``steps``, ``weight`` (0..1),
+    ``samples``/``min_samples``, ``reason``, ``gates`` (each with its verdict and numbers) and
+    ``updated``. Unreadable files are skipped. No file means no canary ever ran for that module.
+    """
+    folder = paths.run / "canary"
+    if not folder.is_dir():
+        return []
+    files = [folder / f"{module}.json"] if module else sorted(folder.glob("*.json"))
+    out = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            out.append(data)
+    return out
+
+
+class ModelRepository:
+    """The models the inference server answers for: module name -> :class:`Router`. Thread-safe."""
+
+    def __init__(self, sink: TelemetrySink | None = None) -> None:
+        self.sink: TelemetrySink = sink or NullSink()
+        self._routers: dict[str, Router] = {}
+        self._lock = threading.Lock()
+
+    def add(self, session: ModelSession, seed: int | None = None) -> Router:
+        """Serve ``session`` under its name (replacing the active version if the name is served)."""
+        with self._lock:
+            router = self._routers.get(session.name)
+            if router is None:
+                router = self._routers[session.name] = Router(session.name, session, self.sink, seed=seed)
+            else:
+                router.replace_active(session)
+            return router
+
+    def get(self, name: str) -> Router | None:
+        return self._routers.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._routers)
+
+
+@dataclass
+class CanaryRun:
+    """Drives one canary to its end: snapshot -> decision -> action, one :meth:`tick` at a time.
+
+    Args:
+        module: the model's name.
+        router: serving the incumbent; the candidate is loaded into it by :meth:`start`.
+        candidate: the loaded candidate session.
+        config: steps and gates.
+        clock: monotonic time for step durations (inject a FakeClock in tests).
+        sink: telemetry (step events, the incident on a failed gate, per-version metrics).
+        audit: the audit trail (None: not recorded, e.g. benchmarks).
+        slots: the A/B slots to commit the flip to or abort (None: serving only).
+        progress_file: where progress is published for ``sre-agent status`` (None: not published).
+    """
+
+    module: str
+    router: Router
+    candidate: ModelSession
+    config: CanaryConfig
+    clock: Clock
+    sink: TelemetrySink
+    audit: AuditLog | None = None
+    slots: CanarySlots | None = None
+    progress_file: Path | None = None
+    actor: str = "canary"
+
+    def __post_init__(self) -> None:
+        incumbent = self.router.routing.active.version
+        self.controller = CanaryController(self.config, self.candidate.version, incumbent)
+        self._telemetry_mark = self.router.snapshot()
+        self.last: Decision | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return self.controller.phase
+
+    def start(self) -> Decision:
+        """Load the candidate next to the incumbent and open step 1."""
+        c = self.config
+        self.router.start_canary(
+            self.candidate,
+            mirror_share=c.mirror_share,
+            divergence=c.divergence,
+            relative_tolerance=c.relative_tolerance,
+        )
+        decision = self.controller.start(self.router.snapshot(), self.clock.monotonic())
+        self._act(decision)
+        return decision
+
+    def tick(self) -> Decision:
+        """Judge the evidence so far and act on the verdict."""
+        decision = self.controller.evaluate(self.router.snapshot(), self.clock.monotonic())
+        self._act(decision)
+        return decision
+
+    def cancel(self, reason: str) -> Decision:
+        """Stop the canary without a verdict (operator, safe mode): weight 0, not marked bad."""
+        self.router.cut_canary()
+        decision = self.controller.cancel(reason)
+        if self.slots is not None:
+            self._slots_abort(reason)
+        self._record("canary.cancelled", decision, severity="warning")
+        return decision
+
+    def run(
+        self, interval_s: float = 1.0, stop: threading.Event | None = None, max_ticks: int = 1_000_000
+    ) -> Phase:
+        """Tick every ``interval_s`` until the canary ends (or ``stop`` is set: cancelled)."""
+        if self.controller.phase is Phase.PENDING:
+            self.start()
+        for _ in range(max_ticks):
+            if self.controller.final:
+                break
+            if stop is not None and stop.is_set():
+                self.cancel("stopped")
+                break
+            self.clock.sleep(interval_s)
+            self.tick()
+        else:
+            self.cancel(f"gave up after {max_ticks} ticks")
+        return self.controller.phase
+
+    # -- carrying out decisions -----------------------------------------------------------------
+    def _act(self, d: Decision) -> None:
+        self.last = d
+        if d.action == "abort":
+            self.router.cut_canary()  # first: the next request is the incumbent's
+            self._abort(d)
+        elif d.action == "set_weight":
+            self.router.set_weight(d.weight)
+            self._record("canary.step", d)
+        elif d.action == "flip":
+            self._flip(d)
+        self._telemetry_mark = self.router.flush_telemetry(self._telemetry_mark)
+        self._publish()
+
+    def _abort(self, d: Decision) -> None:
+        if d.mark_bad:
+            if self.slots is not None:
+                self._slots_abort(d.reason)
+            self._record("canary.gate_failed", d, severity="error")
+            self.sink.event(
+                "incident",
+                f"canary of {self.module} {self.candidate.version} aborted: {d.reason}",
+                severity="error",
+                attrs={
+                    "source": "canary",
+                    "module": self.module,
+                    "version": self.candidate.version,
+                    "incumbent": self.controller.incumbent,
+                    "step": d.step + 1,
+                    "gates": [g.to_dict() for g in d.gates],
+                },
+            )
+        else:
+            if self.slots is not None:
+                self._slots_abort(d.reason)
+            self._record("canary.inconclusive", d, severity="warning")
+
+    def _slots_abort(self, reason: str) -> None:
+        if self.slots is None:
+            return
+        try:
+            self.slots.abort_canary(self.module, reason, actor=self.actor)
+        except SreError as exc:  # the router already serves the incumbent; keep going, say so
+            self.sink.event("canary_slot_error", exc.message, severity="error", attrs={"module": self.module})
+
+    def _flip(self, d: Decision) -> None:
+        evidence = {"gates": [g.to_dict() for g in d.gates], "steps": len(self.config.steps)}
+        if self.slots is not None:
+            try:
+                self.slots.promote_canary(self.module, actor=self.actor, evidence=evidence)
+            except SreError as exc:
+                self.router.cut_canary()
+                failed = self.controller.flip_failed(f"flip refused by the slots: {exc.message}")
+                self._record("canary.flip_failed", failed, severity="error")
+                return
+        self.router.promote()  # one reference assignment: in-flight requests finish where they started
+        self.controller.flipped()
+        self._record("canary.promoted", d)
+
+    def _record(self, event: str, d: Decision, severity: str = "info") -> None:
+        data = {
+            "module": self.module,
+            "version": self.candidate.version,
+            "incumbent": self.controller.incumbent,
+            "phase": self.controller.phase.value,
+            "step": d.step + 1,
+            "weight": d.weight,
+            "reason": d.reason,
+            "gates": [g.to_dict() for g in d.gates],
+        }
+        if self.audit is not None:
+            self.audit.append(event, actor=self.actor, **data)
+        self.sink.event(event, d.reason or event, severity=severity, attrs=data)
+
+    def _publish(self) -> None:
+        if self.progress_file is None:
+            return
+        info = {"module": self.module, **self.controller.progress(), "updated": self.clock.now().isoformat()}
+        self.progress_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.progress_file, _finite(info))
+
+
+def _finite(o: Any) -> Any:
+    """JSON-safe copy: NaN and infinities (a quantile of nothing) become None."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k): _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o
+
+
+class ManagedServing:
+    """The canary driver reconcile hands a managed model to, and the repository the server reads.
+
+    Args:
+        paths: the device state layout (progress files).
+        repository: the served models.
+        slots: the A/B slots (commit or abort the canary there).
+        clock: time source; ``sink``/``audit``: telemetry and trail.
+        options: ONNX Runtime thread/provider settings (from the agent's ``[serving]`` config).
+        policy_steps: canary step percentages from the deployment policy (manifest steps win).
+        overrides: CanaryConfig fields to force (tests use small ``min_samples``).
+        interval_s: seconds between canary evaluations.
+    """
+
+    def __init__(
+        self,
+        paths: StatePaths,
+        repository: ModelRepository,
+        slots: CanarySlots | None = None,
+        clock: Clock | None = None,
+        sink: TelemetrySink | None = None,
+        audit: AuditLog | None = None,
+        options: SessionOptions | None = None,
+        policy_steps: Sequence[float] | None = None,
+        overrides: dict[str, Any] | None = None,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.paths = paths
+        self.repository = repository
+        self.slots = slots
+        self.clock = clock or SystemClock()
+        self.sink = sink or repository.sink
+        self.audit = audit
+        self.options = options or SessionOptions()
+        self.policy_steps = policy_steps
+        self.overrides = overrides or {}
+        self.interval_s = interval_s
+        self.runs: dict[str, CanaryRun] = {}
+        self._stop = threading.Event()
+
+    def load(self, module: str, artifact: Path, manifest: ModuleManifest) -> ModelSession:
+        """Load an artifact into a session (providers from the manifest, CPU fallback)."""
+        return load_session(
+            artifact, name=module, version=manifest.version, runtime=manifest.runtime, options=self.options
+        )
+
+    def serve(self, module: str, artifact: Path, manifest: ModuleManifest) -> Router:
+        """Serve a version directly (start-up, file-less first install, rollback to a loaded version)."""
+        return self.repository.add(self.load(module, artifact, manifest))
+
+    def prepare(self, module: str, artifact: Path, manifest: ModuleManifest) -> CanaryRun:
+        """Load the candidate and set up its canary against the version served now.
+
+        Raises:
+            SreError: nothing is served under ``module`` yet (there is no incumbent to judge against).
+        """
+        router = self.repository.get(module)
+        if router is None:
+            raise SreError(
+                f"canary {module} {manifest.version}",
+                "no version of this model is being served, so there is no incumbent to compare with",
+                "serve the active version first (sre-agent serve loads it from the slots)",
+            )
+        candidate = self.load(module, artifact, manifest)
+        config = CanaryConfig.from_spec(manifest.canary, self.policy_steps, **self.overrides)
+        run = CanaryRun(
+            module=module,
+            router=router,
+            candidate=candidate,
+            config=config,
+            clock=self.clock,
+            sink=self.sink,
+            audit=self.audit,
+            slots=self.slots,
+            progress_file=progress_path(self.paths, module),
+        )
+        self.runs[module] = run
+        return run
+
+    def run_canary(self, module: str, artifact: Path, manifest: ModuleManifest) -> Phase:
+        """Prepare and run the canary to its end (blocking); returns the final phase."""
+        return self.prepare(module, artifact, manifest).run(self.interval_s, self._stop)
+
+    def stop(self) -> None:
+        """Cancel every running canary at its next tick."""
+        self._stop.set()
