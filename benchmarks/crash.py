@@ -1,0 +1,396 @@
+"""Crash consistency: `kill -9` a real reconcile process at random moments, restart, check what is served.
+
+A zygote process imports the agent once and forks one reconcile child per trial (a fork is a real,
+separate process with no state of its own beyond the imports; it makes 1,000 trials affordable on two
+cores). Each child is the *restart* of the one killed before it: it runs recovery, reports "ready" and
+stops itself; the harness then checks the disk, independently of the agent's own code:
+
+- every module is idle, ``current`` names the slot ``state.json`` calls active;
+- the active slot's files re-hash to the digests of a published, *good* version (never the probe-failing
+  ones), with no extra files, no staging directory, no stray link;
+- ``audit verify`` passes.
+
+Then the child continues (SIGCONT) reconciling random desired states (good versions, and versions whose
+probe fails so that rollbacks run too) and is killed with SIGKILL after a random delay. The phase stored
+at the moment of each kill is counted, to show the kills land during installs, flips, probes and
+rollbacks.
+
+Run: ``python benchmarks/crash.py [--trials 1000] [--max-delay 0.25] [--seed 1]``. Prints one JSON object:
+the success rate, the phases hit, and the recovery time as a ratio to a normal reconcile pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = ("clf", "bundle")
+
+
+# ------------------------------------------------------------------------------ fixture
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def build_fixture(work: Path, seed: int = 1, size: int = 64 * 1024) -> Path:
+    """A provisioned device with version 1 active, a CAS of good and probe-failing versions, a spec."""
+    from deployment.manifest import ModuleManifest
+    from deployment.reconcile import Reconciler
+    from policies.deployment import DeploymentPolicy
+    from sre_agent.provision import provision
+    from sre_core.paths import StatePaths
+
+    rng = random.Random(seed)
+    state = StatePaths(work / "state")
+    provision(state)
+    cas = work / "cas"
+    cas.mkdir(parents=True, exist_ok=True)
+    probe = work / "probes" / "model-ok"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text('#!/bin/sh\n! grep -q BAD "$SRE_ARTIFACT_PATH"\n')
+    probe.chmod(0o755)
+    probes = [{"kind": "exec", "argv": [str(probe)], "attempts": 1, "timeout_s": 10}]
+
+    def payload(tag: str) -> bytes:
+        # lowercase hex never contains "BAD"; bad versions start with it.
+        return tag.encode() + rng.randbytes(size // 2).hex().encode()
+
+    arts: list[dict[str, Any]] = []
+    for module in MODULES:
+        for i in range(1, 5):
+            bad = i == 4
+            ver = f"{i}.0" if not bad else "6.6.6"
+            model = payload(("BAD " if bad else "") + f"{module} {ver}\n")
+            if module == "clf":
+                data, fmt, files = model, "file", {"model.onnx": hashlib.sha256(model).hexdigest()}
+            else:
+                members = {"model.onnx": model, "conf/labels.txt": f"labels {ver}\n".encode(), "README": b"r"}
+                data, fmt = _tar(members), "tar"
+                files = {k: hashlib.sha256(v).hexdigest() for k, v in members.items()}
+            sha = hashlib.sha256(data).hexdigest()
+            (cas / sha).write_bytes(data)
+            manifest = ModuleManifest(
+                name=module,
+                version=ver,
+                format=fmt,
+                mode="file",
+                probes=probes,  # type: ignore[arg-type]
+            )
+            arts.append(
+                {"module": module, "version": ver, "sha256": sha, "length": len(data), "path": str(cas / sha),
+                 "good": not bad, "files": files, "manifest": manifest.model_dump(mode="json")}
+            )  # fmt: skip
+    policy = DeploymentPolicy.model_validate(
+        {"probes": {"exec_allowlist": [str(probe)]}, "flapping": {"max_rollbacks": 1000, "window_s": 1}}
+    )
+    spec = {"state": str(state.root), "artifacts": arts, "policy": policy.model_dump(mode="json")}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    # Version 1.0 of every module active before the first kill.
+    first = {a["module"]: a for a in arts if a["version"] == "1.0"}
+    rec = Reconciler(state, _source(spec, lambda: first), policy=policy)
+    report = rec.run_once()
+    if not report.ok:
+        raise RuntimeError(f"fixture reconcile failed: {report.to_dict()}")
+    return spec_path
+
+
+def _source(spec: dict[str, Any], pick: Any) -> Any:
+    from datetime import timedelta
+
+    from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
+    from deployment.manifest import DesiredModule, DesiredState, ModuleManifest
+    from sre_core.clock import SystemClock
+
+    clock = SystemClock()
+
+    def pull() -> PullResult:
+        chosen: dict[str, dict[str, Any]] = pick()
+        now = clock.now()
+        arts = {
+            m: VerifiedArtifact(
+                module=m,
+                version=a["version"],
+                target=f"{m}/{a['version']}",
+                path=Path(a["path"]),
+                sha256=a["sha256"],
+                length=a["length"],
+                manifest=ModuleManifest.model_validate(a["manifest"]),
+            )
+            for m, a in chosen.items()
+        }
+        desired = DesiredState(
+            channel="stable",
+            serial=time.time_ns() // 1000,
+            issued=now - timedelta(minutes=1),
+            expires=now + timedelta(days=30),
+            modules={m: DesiredModule(version=a.version, target=a.target) for m, a in arts.items()},
+        )
+        return PullResult(TrustStatus.FRESH, online=True, trusted_now=now, desired=desired, artifacts=arts)
+
+    return pull
+
+
+# ------------------------------------------------------------------------------ zygote and child
+def _child(spec: dict[str, Any]) -> None:
+    """Runs in a forked process: recover (the restart), report, stop, then reconcile until killed."""
+    from deployment.reconcile import Reconciler
+    from policies.deployment import DeploymentPolicy
+    from sre_core.paths import StatePaths
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # probes need their exit status back
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    by_module: dict[str, list[dict[str, Any]]] = {}
+    for a in spec["artifacts"]:
+        by_module.setdefault(a["module"], []).append(a)
+
+    def pick() -> dict[str, dict[str, Any]]:
+        out = {}
+        for m, arts in by_module.items():
+            good = [a for a in arts if a["good"]]
+            bad = [a for a in arts if not a["good"]]
+            out[m] = rng.choice(bad) if rng.random() < 0.15 else rng.choice(good)
+        return out
+
+    policy = DeploymentPolicy.model_validate(spec["policy"])
+    rec = Reconciler(StatePaths(Path(spec["state"])), _source(spec, pick), policy=policy)
+    t0 = time.perf_counter()
+    rec.recover()
+    recovery_s = time.perf_counter() - t0
+    os.write(1, f"ready {os.getpid()} {recovery_s:.6f}\n".encode())  # one syscall: never torn
+    os.kill(os.getpid(), signal.SIGSTOP)
+    while True:
+        t0 = time.perf_counter()
+        rec.run_once()
+        os.write(1, f"pass {os.getpid()} {time.perf_counter() - t0:.6f}\n".encode())
+
+
+def _zygote(spec_path: Path) -> None:
+    """Import once, then fork a child per 'fork' line on stdin; print its pid."""
+    import deployment.reconcile  # noqa: F401 - warm imports shared by every fork
+
+    spec = json.loads(spec_path.read_text())
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    print("zygote ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "fork":
+            break
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _child(spec)
+            finally:
+                os._exit(0)
+        os.write(1, f"forked {pid}\n".encode())
+
+
+# ------------------------------------------------------------------------------ checks (independent)
+def _sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def check_device(spec: dict[str, Any]) -> list[str]:
+    """Problems with what the device serves after a restart (empty list: all good)."""
+    from sre_core.audit import AuditLog
+
+    problems: list[str] = []
+    state = Path(spec["state"])
+    good = {(a["module"], a["sha256"]): a for a in spec["artifacts"] if a["good"]}
+    for module in MODULES:
+        mdir = state / "modules" / module
+        st = json.loads((mdir / "state.json").read_text())
+        if st["phase"] != "idle":
+            problems.append(f"{module}: phase {st['phase']} after recovery")
+        active = st["active"]
+        try:
+            link = os.readlink(mdir / "current")
+        except OSError:
+            link = None
+        if link != active:
+            problems.append(f"{module}: current -> {link}, state says {active}")
+            continue
+        rec = st["slots"][active]
+        want = good.get((module, rec["sha256"]))
+        if want is None:
+            problems.append(f"{module}: active digest {rec['sha256'][:12]} is not a good published version")
+            continue
+        on_disk = {
+            p.relative_to(mdir / active).as_posix(): _sha256(p)
+            for p in (mdir / active).rglob("*")
+            if p.is_file()
+        }
+        if on_disk != want["files"]:
+            problems.append(f"{module}: served files of {rec['version']} do not match the signed content")
+        for stray in (".staging", ".current.tmp"):
+            if (mdir / stray).exists():
+                problems.append(f"{module}: {stray} left behind")
+    n, broken = AuditLog(state / "audit.jsonl").verify()
+    if broken is not None or n == 0:
+        problems.append(f"audit chain: {broken}")
+    return problems
+
+
+def _phases_now(spec: dict[str, Any]) -> list[str]:
+    out = []
+    for module in MODULES:
+        try:
+            st = json.loads((Path(spec["state"]) / "modules" / module / "state.json").read_text())
+            out.append(st["phase"])
+        except (OSError, ValueError):
+            out.append("unreadable")
+    return out
+
+
+def _wait_stopped(pid: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            s = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            raise RuntimeError(f"child {pid} died before stopping") from None
+        if s.rsplit(")", 1)[1].split()[0] == "T":
+            return
+        time.sleep(0.002)
+    raise RuntimeError(f"child {pid} did not stop")
+
+
+def _wait_dead(pid: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            s = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if s.rsplit(")", 1)[1].split()[0] in {"Z", "X"}:
+            return
+        time.sleep(0.002)
+    raise RuntimeError(f"child {pid} survived SIGKILL")
+
+
+def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float = 0.25) -> dict[str, Any]:
+    """Build a device in ``work`` and run ``trials`` kill/restart cycles. Returns the counts."""
+    spec_path = build_fixture(work, seed)
+    spec = json.loads(spec_path.read_text())
+    rng = random.Random(seed)
+    zygote = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--zygote", str(spec_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=str(REPO),
+    )  # fmt: skip
+    assert zygote.stdin is not None and zygote.stdout is not None
+    phases: Counter[str] = Counter()
+    failures: list[dict[str, Any]] = []
+    recovery: list[float] = []
+    passes: list[float] = []
+    ok = 0
+
+    def fork() -> int:
+        assert zygote.stdin is not None and zygote.stdout is not None
+        zygote.stdin.write("fork\n")
+        zygote.stdin.flush()
+        while True:
+            line = zygote.stdout.readline()
+            if not line:
+                raise RuntimeError("zygote exited")
+            parts = line.split()
+            if len(parts) != 3 and parts[:1] != ["forked"]:
+                continue
+            if parts[0] == "ready":
+                recovery.append(float(parts[2]))
+                return int(parts[1])
+            if parts[0] == "pass":
+                passes.append(float(parts[2]))
+
+    try:
+        line = zygote.stdout.readline()
+        if not line.startswith("zygote ready"):
+            raise RuntimeError(f"zygote failed to start: {line!r}")
+        for trial in range(trials + 1):
+            pid = fork()  # the restart after the previous kill
+            _wait_stopped(pid)
+            if trial > 0:
+                problems = check_device(spec)
+                if problems:
+                    failures.append({"trial": trial, "problems": problems})
+                else:
+                    ok += 1
+            if trial == trials:
+                os.kill(pid, signal.SIGKILL)
+                _wait_dead(pid)
+                break
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(rng.uniform(0, max_delay))
+            os.kill(pid, signal.SIGKILL)
+            _wait_dead(pid)
+            phases.update(_phases_now(spec))
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=30)
+    # Passes that completed, read after the fact (the zygote's stdout also carries the children's lines).
+    events = Counter(
+        r["event"]
+        for r in (json.loads(x) for x in (Path(spec["state"]) / "audit.jsonl").read_text().splitlines())
+    )
+    return {
+        "trials": trials,
+        "ok": ok,
+        "rate": ok / trials if trials else 1.0,
+        "failures": failures[:10],
+        "phases_at_kill": dict(phases),
+        "recovery_median_s": statistics.median(recovery) if recovery else None,
+        "pass_median_s": statistics.median(passes) if passes else None,
+        "audit_events": {
+            k: events[k]
+            for k in (
+                "slot.flipped",
+                "slot.committed",
+                "slot.rolled_back",
+                "slot.install_discarded",
+                "slot.flip_resolved",
+            )
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=1000)
+    ap.add_argument("--max-delay", type=float, default=0.25, help="kill within this many seconds of resuming")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--zygote", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.zygote:
+        _zygote(args.zygote)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="sre-crash-") as tmp:
+        t0 = time.perf_counter()
+        res = run_trials(Path(tmp), args.trials, args.seed, args.max_delay)
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec, pas = res["recovery_median_s"], res["pass_median_s"]
+    res["recovery_to_pass_ratio"] = round(rec / pas, 3) if rec and pas else None
+    print(json.dumps(res, sort_keys=True))
+    return 0 if res["ok"] == res["trials"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
