@@ -13,9 +13,10 @@ Rules (``Finding.rule``) that escalate: ``unknown-activity``, ``process-provider
 ``active-without-standby``, ``management-cut``, ``disk-below-reserve``, ``no-steady-state``,
 ``no-rollback``, ``irreversible``, ``unbounded-duration``, ``over-limit``, ``over-budget``,
 ``kind-mismatch``, ``injects-in-rollback``, ``escalate-argument``, ``declared-risk``,
-``unresolved-value``; dynamic: ``safe-mode``, ``canary-in-progress``, ``headroom-disk``,
-``headroom-cpu``, ``headroom-memory``, ``outside-window``, ``deployment-in-progress``. Rules that
-reject (the document is invalid): ``invalid`` (structure), ``invalid-value``, ``invalid-declaration``.
+``unresolved-value``, ``approval-mismatch``; dynamic: ``safe-mode``, ``canary-in-progress``,
+``headroom-disk``, ``headroom-cpu``, ``headroom-memory``, ``outside-window``, ``deployment-in-progress``.
+Rules that reject (the document is invalid): ``invalid`` (structure), ``invalid-value``,
+``invalid-declaration``.
 
 Author declarations (extension ``sre-agent``) can add targets, durations and risk; nothing in them is
 ever used to remove a finding.
@@ -199,6 +200,8 @@ class PreflightResult:
     report: StaticReport | None
     device: DeviceState | None = None
     source: str = ""
+    sanctioned: tuple[Finding, ...] = ()
+    """Static findings an operator approval of this exact content hash accepted."""
 
     @property
     def exit_code(self) -> int:
@@ -214,6 +217,7 @@ class PreflightResult:
             "source": self.source,
             "targets": list(self.report.targets) if self.report else [],
             "estimated_duration_s": self.report.estimated_duration_s if self.report else None,
+            "sanctioned": [f.to_dict() for f in self.sanctioned],
         }
 
 
@@ -960,10 +964,35 @@ class Preflight:
             )
         return out
 
-    def check(self, experiment: Experiment, device: DeviceState | None = None) -> PreflightResult:
-        """Static then (when ``device`` is given) dynamic pre-flight; the verdict with its reasons."""
+    def check(
+        self, experiment: Experiment, device: DeviceState | None = None, approved_hash: str | None = None
+    ) -> PreflightResult:
+        """Static then (when ``device`` is given) dynamic pre-flight; the verdict with its reasons.
+
+        Args:
+            experiment: a loaded (structurally valid) experiment.
+            device: the device snapshot; None judges the document alone.
+            approved_hash: the content hash an operator approved. When it equals the experiment's
+                hash, the *static* escalations are sanctioned; the device's state still decides (safe
+                mode, a canary, no verified standby, headroom, the window), and nothing sanctions a
+                reject. A different hash is itself a finding (``approval-mismatch``).
+        """
         report = self.static(experiment)
         findings = list(report.findings)
+        sanctioned: list[Finding] = []
+        if approved_hash is not None:
+            if approved_hash == experiment.hash:
+                sanctioned = [f for f in findings if f.verdict == "escalate"]
+                findings = [f for f in findings if f.verdict != "escalate"]
+            else:
+                findings.append(
+                    Finding(
+                        "approval-mismatch",
+                        "",
+                        f"the approval names {approved_hash}, the experiment is {experiment.hash}: "
+                        "it changed since it was approved",
+                    )
+                )
         if device is not None:
             findings += self.dynamic(report, device)
         verdict = _worst(findings)
@@ -972,9 +1001,20 @@ class Preflight:
         else:
             n = len(report.activities)
             where = "; device state allows it now" if device is not None else " (static check only)"
-            reasons = (f"all {n} activities are catalogued, bounded and restored{where}",)
+            if sanctioned:
+                rules = ", ".join(sorted({f.rule for f in sanctioned}))
+                reasons = (f"operator approval of {experiment.hash} sanctions: {rules}{where}",)
+            else:
+                reasons = (f"all {n} activities are catalogued, bounded and restored{where}",)
         return PreflightResult(
-            verdict, reasons, tuple(findings), experiment.hash, report, device, experiment.source
+            verdict,
+            reasons,
+            tuple(findings),
+            experiment.hash,
+            report,
+            device,
+            experiment.source,
+            tuple(sanctioned),
         )
 
     def reject(self, error: ExperimentError) -> PreflightResult:
@@ -1009,7 +1049,10 @@ def _replace_report(report: StaticReport, **changes: Any) -> StaticReport:
 
 
 def preflight_file(
-    path: Path, policy: ChaosPolicy | None = None, device: DeviceState | None = None
+    path: Path,
+    policy: ChaosPolicy | None = None,
+    device: DeviceState | None = None,
+    approved_hash: str | None = None,
 ) -> tuple[Experiment | None, PreflightResult]:
     """Load ``path`` and pre-flight it; an invalid file gives a ``reject`` result (never raises for it)."""
     pf = Preflight(policy)
@@ -1017,7 +1060,7 @@ def preflight_file(
         exp = load_experiment(path)
     except ExperimentError as exc:
         return None, pf.reject(exc)
-    return exp, pf.check(exp, device)
+    return exp, pf.check(exp, device, approved_hash)
 
 
 def preflight_timing(paths: Sequence[Path] | None = None, repeat: int = 200) -> dict[str, Any]:

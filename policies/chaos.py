@@ -8,6 +8,7 @@ Catalogue keys name the provider: ``module:func`` for Python providers (``chaos.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, time
 from typing import Literal
@@ -156,6 +157,7 @@ class ChaosPolicy(PolicyModel):
         return not self.windows or any(w.contains(when) for w in self.windows)
 
 
+@functools.cache
 def default_chaos_policy() -> ChaosPolicy:
-    """The shipped default document."""
+    """The shipped default document (parsed once; the model is frozen)."""
     return load_default(ChaosPolicy, "chaos")

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chaos.escalation import EscalationPacket, build_escalation
 from chaos.loader import ExperimentError, load_experiment, parse_experiment
@@ -495,3 +497,177 @@ def test_run_verdict_is_not_escalated() -> None:
     if res.verdict == "run":
         with pytest.raises(ValueError):
             build_escalation(res, exp, default_chaos_policy(), NOW)
+
+
+# --- approvals bind to the content hash ----------------------------------------------------------
+
+
+def test_approval_sanctions_static_findings_of_that_exact_content_only() -> None:
+    exp = load_experiment(REPO / "experiments" / "uplink-blackout-5min.yaml")
+    pf = Preflight()
+    res = pf.check(exp, healthy(), approved_hash=exp.hash)
+    assert res.verdict == "run"
+    assert [f.rule for f in res.sanctioned] == ["management-cut"]
+    assert "operator approval" in res.reasons[0]
+    # the device still decides
+    res = pf.check(exp, healthy(safe_mode=True), approved_hash=exp.hash)
+    assert res.verdict == "escalate" and rules(res) == {"safe-mode"}
+    # an edited experiment is not covered by the old approval
+    edited = parse_experiment(
+        json.dumps({**exp.raw, "description": exp.raw["description"] + " (edited)"}), "edited.json"
+    )
+    res = pf.check(edited, healthy(), approved_hash=exp.hash)
+    assert res.verdict == "escalate" and "approval-mismatch" in rules(res) and "management-cut" in rules(res)
+    # nothing sanctions a reject
+    doc = safe_doc()
+    doc["method"] = [action("inject_input_noise", share=2.0)]
+    bad = parse_experiment(json.dumps(doc), "bad.json")
+    assert pf.check(bad, healthy(), approved_hash=bad.hash).verdict == "reject"
+
+
+# --- properties ------------------------------------------------------------------------------------
+
+
+SEVERITY = {"run": 0, "escalate": 1, "reject": 2}
+VALID_EXAMPLES = [p for p in EXAMPLES if expected_verdict(p) != "reject"]
+
+declarations = st.fixed_dictionaries(
+    {"name": st.just("sre-agent")},
+    optional={
+        "risk": st.sampled_from(["low", "medium", "high", "critical"]),
+        "targets": st.lists(
+            st.sampled_from(
+                ["uplink", "input", "standby", "canary", "active", "agent", "disk", "cpu", "clock"]
+            ),
+            max_size=3,
+        ),
+        "requires_approval": st.booleans(),
+        "max_duration_s": st.floats(min_value=1, max_value=5000),
+        "modules": st.lists(st.sampled_from(["classifier", "other"]), max_size=2),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(VALID_EXAMPLES), declarations)
+def test_declarations_never_lower_the_verdict(path: Path, decl: dict[str, Any]) -> None:
+    exp = load_experiment(path)
+    before = Preflight().check(exp, healthy())
+    doc = copy.deepcopy(exp.raw)
+    doc["extensions"] = [*doc.get("extensions", []), decl]
+    after = Preflight().check(parse_experiment(json.dumps(doc), "declared.json"), healthy())
+    assert SEVERITY[after.verdict] >= SEVERITY[before.verdict]
+    assert {f.rule for f in before.findings} <= {f.rule for f in after.findings}
+
+
+_FUNCS = [*sorted({k.split(":")[1] for k in default_chaos_policy().activities}), "rm_rf", "_flip_to"]
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10_000),
+    st.floats(-1, 5000, allow_nan=False),
+    st.sampled_from(["${x}", "${env_only}", "uplink", "0.0.0.0", "timeout", "latency", "classifier"]),
+)
+_args = st.dictionaries(
+    st.sampled_from(
+        [
+            "duration_s",
+            "share",
+            "latency_ms",
+            "proxy",
+            "reserve_mb",
+            "module",
+            "toxic_type",
+            "toxicity",
+            "nbytes",
+            "workers",
+            "hold_s",
+            "path",
+            "listen_host",
+            "offset_s",
+        ]
+    ),
+    _scalars,
+    max_size=4,
+)
+_provider = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("python"),
+            "module": st.sampled_from(["chaos.actions", "chaos.probes", "chaostoxi.toxic.actions", "x"]),
+            "func": st.sampled_from(_FUNCS),
+            "arguments": _args,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("process"),
+            "path": st.sampled_from(["sh", "/usr/bin/touch"]),
+            "arguments": st.one_of(st.text(max_size=10), st.lists(st.text(max_size=5), max_size=2)),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("http"),
+            "url": st.sampled_from(["http://127.0.0.1/x", "http://example.com", "${x}"]),
+            "method": st.sampled_from(["GET", "POST"]),
+        }
+    ),
+    st.fixed_dictionaries({"type": st.sampled_from(["python", "shell"])}),
+)
+_activity = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["action", "probe", "probe", "other"]),
+        "name": st.sampled_from(["a", "b", "c"]),
+        "provider": _provider,
+    },
+    optional={
+        "pauses": st.fixed_dictionaries({}, optional={"after": _scalars, "before": _scalars}),
+        "timeout": _scalars,
+        "background": st.booleans(),
+        "tolerance": st.one_of(st.just(True), st.just({"type": "range", "range": [0, 1]})),
+    },
+)
+_refs = st.fixed_dictionaries({"ref": st.sampled_from(["a", "b", "zz"])})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.one_of(_activity, _refs), min_size=0, max_size=5),
+    st.lists(st.one_of(_activity, _refs), max_size=3),
+    st.lists(_activity, max_size=2),
+    st.dictionaries(
+        st.sampled_from(["x", "env_only"]),
+        st.one_of(_scalars, st.just({"type": "env", "key": "E"})),
+        max_size=2,
+    ),
+)
+def test_preflight_is_total_and_consistent(
+    method: list[Any], rollbacks: list[Any], probes: list[Any], config: dict[str, Any]
+) -> None:
+    doc: dict[str, Any] = {"title": "fuzz", "method": method, "rollbacks": rollbacks, "configuration": config}
+    if probes:
+        doc["steady-state-hypothesis"] = {"title": "h", "probes": probes}
+    try:
+        exp = parse_experiment(json.dumps(doc), "fuzz.json")
+    except ExperimentError as exc:
+        assert exc.problems or exc.why
+        return
+    res = Preflight().check(exp, healthy())
+    assert res.verdict in SEVERITY and res.reasons
+    assert (res.verdict == "run") == (not res.findings)
+    if any(
+        isinstance(a, dict) and a.get("provider", {}).get("type") == "process" for a in method + rollbacks
+    ):
+        assert res.verdict != "run"
+    if res.verdict != "reject":
+        pkt = build_escalation(res, exp, default_chaos_policy(), NOW) if res.verdict == "escalate" else None
+        assert pkt is None or pkt.experiment_hash == exp.hash
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if expected_verdict(p) == "run"], ids=lambda p: p.name)
+def test_runnable_examples_are_valid_for_chaos_toolkit(path: Path) -> None:
+    """chaoslib's own validation (it imports the providers and checks arguments against signatures)."""
+    from chaoslib.experiment import ensure_experiment_is_valid
+
+    ensure_experiment_is_valid(load_experiment(path).raw)

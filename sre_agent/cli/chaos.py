@@ -24,6 +24,14 @@ PolicyOpt = Annotated[
     Path | None,
     typer.Option("--policy", help="Chaos policy YAML (default: <state>/policies/chaos.yaml, else shipped)."),
 ]
+ApproveOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--approve",
+        help="Operator approval at the device: the experiment's content hash (sha256:...). Sanctions its "
+        "static escalations for this exact content only; device state still decides.",
+    ),
+]
 FileArg = Annotated[Path, typer.Argument(help="Experiment file (.json, .yaml, .yml).", show_default=False)]
 _SUFFIXES = (".json", ".yaml", ".yml")
 _STYLE = {"run": "green", "escalate": "yellow", "reject": "red"}
@@ -175,6 +183,7 @@ def register(app: typer.Typer) -> None:
         packet: Annotated[
             Path | None, typer.Option("--packet", help="Write the escalation packet here when not 'run'.")
         ] = None,
+        approve: ApproveOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Pre-flight an experiment against policy and device state. Nothing in it is imported or run.
@@ -192,7 +201,7 @@ def register(app: typer.Typer) -> None:
         pol = _policy(policy, paths.root)
         clock = SystemClock()
         device = None if static_only else read_device_state(paths, clock)
-        exp, res = preflight_file(file, pol, device)
+        exp, res = preflight_file(file, pol, device, approve)
         _audit(
             paths.root,
             "chaos.preflight",
@@ -200,6 +209,7 @@ def register(app: typer.Typer) -> None:
             experiment_hash=res.experiment_hash,
             verdict=res.verdict,
             rules=sorted({f.rule for f in res.findings}),
+            sanctioned=sorted({f.rule for f in res.sanctioned}),
         )
         if packet is not None and res.verdict != "run":
             _write_packet(build_escalation(res, exp, pol, clock.now(), device), packet)
@@ -220,6 +230,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--serving-url", help="Inference server the guardrail watches.")
         ] = None,
         model: Annotated[str | None, typer.Option("--model", help="Model the guardrail probes.")] = None,
+        approve: ApproveOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Pre-flight, then run the experiment in a guarded child process (only on a 'run' verdict).
@@ -243,7 +254,7 @@ def register(app: typer.Typer) -> None:
         pol = _policy(policy, paths.root)
         clock = SystemClock()
         device = read_device_state(paths, clock)
-        exp, res = preflight_file(file, pol, device)
+        exp, res = preflight_file(file, pol, device, approve)
         _audit(
             paths.root,
             "chaos.preflight",
@@ -251,6 +262,7 @@ def register(app: typer.Typer) -> None:
             experiment_hash=res.experiment_hash,
             verdict=res.verdict,
             rules=sorted({f.rule for f in res.findings}),
+            sanctioned=sorted({f.rule for f in res.sanctioned}),
         )
         if res.verdict != "run" or exp is None:
             pkt = build_escalation(res, exp, pol, clock.now(), device)
