@@ -364,6 +364,7 @@ class Reconciler:
 
     def recover(self) -> dict[str, str]:
         """Resolve interrupted installs and flips, re-apply safe mode (done by the first pass)."""
+        self.audit.head()  # drops a torn final line left by kill -9 (it was never acknowledged)
         done = self.slots.recover_all()
         self.safe.sync_slots()
         self._recovered = True

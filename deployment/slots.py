@@ -433,6 +433,8 @@ class SlotManager:
                 "started": self._now(), "from": st.active,
             }  # fmt: skip
             st.slots[sb] = None
+            if (st.last_known_good or {}).get("slot") == sb:
+                st.last_known_good = None  # the standby it named is being overwritten
             self._save(st)
             self.audit.append(
                 "slot.install_started", actor=actor, module=module, slot=sb, version=artifact.version,
@@ -555,13 +557,15 @@ class SlotManager:
             st = self._load(module)
             st.phase = self._step(st, Event.PROBES_PASSED)
             prev = (st.op or {}).get("from")
-            prev_rec = st.slots.get(prev) if prev else None
-            if prev_rec is not None:
+            prev_rec = st.slots.get(str(prev)) if prev else None
+            if prev_rec is not None and prev_rec.sha256 not in st.bad:
                 st.last_known_good = {
                     "version": prev_rec.version,
                     "sha256": prev_rec.sha256,
                     "slot": str(prev),
                 }
+            else:
+                st.last_known_good = None
             rec = st.slots.get(st.active) if st.active else None
             if rec is not None:
                 st.interrupted.pop(rec.sha256, None)
@@ -599,11 +603,17 @@ class SlotManager:
                     raise SlotRefusedError(
                         f"roll back {module}", f"the standby version {rec.version} is marked bad"
                     )
+                lkg = st.last_known_good or {}
+                if lkg.get("sha256") != rec.sha256:
+                    raise SlotRefusedError(
+                        f"roll back {module}",
+                        f"the standby holds {rec.version}, which was never committed (no last-known-good)",
+                    )
                 cur = st.slots[st.active]
                 st.op = {
                     "kind": "rollback", "from": sb, "slot": st.active,
                     "version": cur.version if cur else None, "sha256": cur.sha256 if cur else None,
-                    "started": self._now(),
+                    "started": self._now(), "away_committed": True,
                 }  # fmt: skip
             try:
                 st.phase = self._step(st, event)
@@ -644,6 +654,18 @@ class SlotManager:
             }
         st.phase = self._step(st, Event.ROLLED_BACK)
         st.op = None
+        away_slot = st.standby if back_slot is not None else None
+        away_rec = st.slots.get(away_slot) if away_slot else None
+        if op.get("away_committed") and away_rec is not None and away_rec.sha256 not in st.bad:
+            st.last_known_good = {
+                "version": away_rec.version,
+                "sha256": away_rec.sha256,
+                "slot": str(away_slot),
+            }
+        else:
+            lkg = st.last_known_good or {}
+            if lkg.get("slot") == back_slot or lkg.get("sha256") in st.bad:
+                st.last_known_good = None
         self._save(st)
         rec = st.slots.get(back_slot) if back_slot else None
         self.audit.append(
@@ -682,13 +704,17 @@ class SlotManager:
             self._flip_locked(st, Event.CANARY_PROMOTE, actor)
         return self.commit(module, actor=actor, evidence=evidence)
 
-    def abort_canary(self, module: str, reason: str, actor: str = "canary") -> ModuleStatus:
-        """A gate failed: the standby version is marked bad; the active version never changed."""
+    def abort_canary(
+        self, module: str, reason: str, actor: str = "canary", mark_bad: bool = True
+    ) -> ModuleStatus:
+        """End the canary; the active version never changed. A failed gate marks the version bad
+        (``mark_bad``); an inconclusive canary should pass ``mark_bad=False`` so it may run again.
+        """
         with self._locked(module):
             st = self._load(module)
             op = st.op or {}
             st.phase = self._step(st, Event.CANARY_ABORT)
-            if op.get("sha256"):
+            if mark_bad and op.get("sha256"):
                 st.bad[str(op["sha256"])] = {
                     "version": str(op.get("version")),
                     "reason": reason,
@@ -698,7 +724,7 @@ class SlotManager:
             self._save(st)
             self.audit.append(
                 "canary.aborted", actor=actor, module=module, version=op.get("version"),
-                sha256=op.get("sha256"), reason=reason,
+                sha256=op.get("sha256"), reason=reason, marked_bad=bool(mark_bad and op.get("sha256")),
             )  # fmt: skip
         return self.status(module)
 

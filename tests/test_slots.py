@@ -56,6 +56,13 @@ def test_install_flip_commit_and_last_known_good(
     assert served_bytes(slots, "clf") == b"model-two"
     assert st.active is not None and st.active.slot == "b"
     assert st.last_known_good == {"version": "1.0", "sha256": v1.sha256, "slot": "a"}
+    # A rollback drill that keeps the version good swaps last-known-good too; swapping back restores it.
+    slots.rollback("clf", reason="drill", actor="chaos", mark_bad=False)
+    assert served_bytes(slots, "clf") == b"model-one"
+    assert slots.status("clf").last_known_good == {"version": "2.0", "sha256": v2.sha256, "slot": "b"}
+    slots.rollback("clf", reason="drill", actor="chaos", mark_bad=False)
+    st = slots.status("clf")
+    assert served_bytes(slots, "clf") == b"model-two" and not st.bad
     assert os.readlink(st.current_link) == "b"
     assert slots.verify_slot("clf", "a").ok and slots.verify_slot("clf", "b").ok
     assert AuditLog(state.audit_log).verify() == (len(events(state)), None)
@@ -237,6 +244,9 @@ def test_recover_resolves_pending_flip_to_previous(
     assert served_bytes(slots, "clf") == b"one"
     assert v2.sha256 not in st.bad  # interrupted is not the same as failed
     assert st.standby is not None and st.standby.version == "2.0"  # kept verified for a retry
+    assert st.last_known_good is None
+    with pytest.raises(SlotRefusedError, match="never committed"):
+        slots.rollback("clf", reason="operator", actor="operator")  # 2.0 was never judged good
     assert AuditLog(state.audit_log).verify()[1] is None
 
 
@@ -315,6 +325,9 @@ def test_canary_seam_promote_and_abort(slots: SlotManager, state: StatePaths, tm
     assert served_bytes(slots, "clf") == b"two" and slots.status("clf").phase is Phase.IDLE
     v3 = make_artifact(cas, "clf", "3.0", b"three")
     slots.install(v3)
+    slots.begin_canary("clf")
+    slots.abort_canary("clf", reason="too few samples", mark_bad=False)  # inconclusive: may run again
+    assert v3.sha256 not in slots.status("clf").bad
     slots.begin_canary("clf")
     slots.abort_canary("clf", reason="p95 latency ratio 2.1")
     st = slots.status("clf")
