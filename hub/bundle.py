@@ -18,21 +18,41 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deployment.pull import DESIRED_STATE
 from hub.repository import HubRepository
 from sre_core.atomic import fsync_dir
-from sre_core.errors import InputError
+from sre_core.errors import InputError, SreError
 
 __all__ = ["export_bundle"]
 
 
+def _existing(src: Path, channel: str) -> Path:
+    if not src.is_file():
+        raise SreError(
+            f"export bundle of {channel}", f"target file {src} is missing", "republish that version"
+        )
+    return src
+
+
 def export_bundle(repo: HubRepository, channel: str, out: Path) -> dict[str, Any]:
-    """Write ``out/metadata`` (every published metadata file) and ``out/targets/<channel>``.
+    """Write ``out/metadata`` (every published metadata file) and the targets of the channel's current
+    desired state (the desired state, its artifacts and their signatures) under ``out/targets``.
 
     Raises:
         InputError: unknown channel, or ``out`` exists and is not empty.
     """
     out = Path(out)
     targets = repo.channel_targets(channel)
+    desired = repo.desired_state(channel)
+    if desired is None:
+        raise InputError(
+            f"export bundle of {channel}", "nothing was released in this channel", "run sre-hub release"
+        )
+    needed = [f"{channel}/{DESIRED_STATE}"]
+    for dm in desired.modules.values():
+        needed.append(dm.target)
+        manifest = (targets[dm.target].custom or {}).get("manifest", {})
+        needed.extend(a["target"] for a in manifest.get("attestations", []) if a.get("target") in targets)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"export bundle to {out}", "the directory is not empty", "choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,9 +67,11 @@ def export_bundle(repo: HubRepository, channel: str, out: Path) -> dict[str, Any
         dest = tmp / "targets" / channel
         dest.mkdir(parents=True)
         size = 0
-        for path, tf in sorted(targets.items()):
+        for path in needed:
+            tf = targets[path]
             name = f"{tf.hashes['sha256']}.{path.split('/', 1)[1]}"
-            shutil.copy2(repo.targets_dir / channel / name, dest / name)
+            src = _existing(repo.targets_dir / channel / name, channel)
+            shutil.copy2(src, dest / name)
             size += tf.length
         if out.exists():
             out.rmdir()

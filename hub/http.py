@@ -48,10 +48,12 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
         end = int(last) if last else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
+    if start < 0:
         return None
     if start >= size:
         return "416"
+    if end < start:
+        return None
     return (start, min(end, size - 1))
 
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.routing import BaseRoute
+from tuf.api.metadata import Metadata, MetaFile
 
 from deployment.manifest import ModuleManifest
 from deployment.pull import Puller
@@ -88,6 +91,19 @@ class HubEnv:
     def target_file(self, target: str, channel: str = "stable") -> Path:
         tf = self.repo.channel_targets(channel)[target]
         return self.repo.targets_dir / channel / f"{tf.hashes['sha256']}.{target.split('/', 1)[1]}"
+
+    def inject_role(self, role: str, md: Metadata[Any]) -> None:
+        """Publish already-signed role metadata as the newest version; the hub's online snapshot and
+        timestamp keys then name it (the worst case: only the role's own signature protects it)."""
+        version = md.signed.version
+        (self.repo.metadata_dir / f"{version}.{role}.json").write_bytes(md.to_bytes())
+        self.repo._put_current(role, md)
+        snap = self.repo._load("snapshot")
+        snap.signed.meta[f"{role}.json"] = MetaFile(version)
+        v = self.repo._store("snapshot", snap)
+        ts = self.repo._load("timestamp")
+        ts.signed.snapshot_meta = MetaFile(v)
+        self.repo._store("timestamp", ts)
 
     def copy_metadata(self, dest: Path) -> Path:
         shutil.copytree(self.repo.metadata_dir, dest)
@@ -209,3 +225,15 @@ class DroppingProxy:
                 except OSError:
                     pass
                 s.close()
+
+
+def p256_keypair() -> tuple[bytes, str]:
+    """A fresh ECDSA P-256 key pair: (PKCS8 PEM private key, PEM public key) as cosign writes them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return priv, pub.decode()

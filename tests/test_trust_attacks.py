@@ -302,18 +302,7 @@ def test_channel_key_cannot_sign_for_another_channel(env: HubEnv) -> None:
     bmd.signatures.clear()
     for s in env.repo._signers_for("stable"):
         bmd.sign(s)
-    (env.repo.metadata_dir / f"{bsigned.version}.beta.json").write_bytes(bmd.to_bytes())
-    env.repo._put_current("beta", bmd)
-    snap = env.repo._load("snapshot")
-    from tuf.api.metadata import MetaFile, Snapshot, Timestamp
-
-    assert isinstance(snap.signed, Snapshot)
-    snap.signed.meta["beta.json"] = MetaFile(bsigned.version)
-    v = env.repo._store("snapshot", snap)
-    ts = env.repo._load("timestamp")
-    assert isinstance(ts.signed, Timestamp)
-    ts.signed.snapshot_meta = MetaFile(v)
-    env.repo._store("timestamp", ts)
+    env.inject_role("beta", bmd)
     with pytest.raises(PullError, match="UnsignedMetadataError") as info:
         env.puller(channel="beta", paths=beta_paths).pull()
     assert info.value.refused
