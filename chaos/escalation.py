@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from chaos.loader import Experiment
-from chaos.preflight import DeviceState, PreflightResult
+from chaos.preflight import ActivityInfo, DeviceState, PreflightResult
 from policies.chaos import ChaosPolicy
 
 __all__ = ["EscalationPacket", "FindingRow", "PlanRow", "build_escalation"]
@@ -88,6 +88,14 @@ class EscalationPacket(_Model):
         return f"chaos experiment {self.title!r} ({short}) {self.verdict}: {', '.join(rules)}"
 
 
+def _breaks(a: ActivityInfo) -> str:
+    if a.state_changing or not a.known:
+        return a.effect
+    if a.kind == "action":
+        return f"nothing (cleanup: {a.effect})" if a.effect else "nothing (cleanup)"
+    return "nothing (observes)"
+
+
 def _stop_conditions(exp: Experiment | None, policy: ChaosPolicy) -> list[str]:
     g = policy.guardrails
     out = [
@@ -147,7 +155,7 @@ def build_escalation(
                     provider=a.key,
                     kind=a.kind,
                     targets=list(a.targets),
-                    breaks=a.effect if a.state_changing else ("nothing (observes)" if a.known else a.effect),
+                    breaks=_breaks(a),
                     changes_state=a.state_changing,
                     restored_by=restored,
                     duration_s=a.duration_s,

@@ -221,6 +221,10 @@ class PreflightResult:
         }
 
 
+def _amount(value: float | None, unit: str) -> str:
+    return "unknown (not measured)" if value is None else f"{value:.2f} {unit}"
+
+
 def _worst(findings: Iterable[Finding]) -> Verdict:
     verdicts = {f.verdict for f in findings}
     if "reject" in verdicts:
@@ -937,7 +941,7 @@ class Preflight:
                 Finding(
                     "headroom-disk",
                     "",
-                    f"free disk {device.disk_free_mb} MB is below the reserve of "
+                    f"free disk {_amount(device.disk_free_mb, 'MB')} is below the reserve of "
                     f"{pol.headroom.disk_reserve_mb:g} MB",
                 )
             )
@@ -946,7 +950,7 @@ class Preflight:
                 Finding(
                     "headroom-cpu",
                     "",
-                    f"CPU load {device.cpu_load} per core is above {pol.headroom.max_cpu_load:g}",
+                    f"CPU load {_amount(device.cpu_load, 'per core')} is above {pol.headroom.max_cpu_load:g}",
                 )
             )
         if device.mem_available_mb is None or device.mem_available_mb < pol.headroom.min_mem_available_mb:
@@ -954,7 +958,7 @@ class Preflight:
                 Finding(
                     "headroom-memory",
                     "",
-                    f"available memory {device.mem_available_mb} MB is below "
+                    f"available memory {_amount(device.mem_available_mb, 'MB')} is below "
                     f"{pol.headroom.min_mem_available_mb:g} MB",
                 )
             )

@@ -112,6 +112,22 @@ class Window(PolicyModel):
     start: time = time(0, 0)
     end: time = time(23, 59, 59)
 
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _clock_time(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted 17:30 as the base-60 integer 1050: take it as HH:MM.
+        if isinstance(value, int) and not isinstance(value, bool):
+            hours, minutes = divmod(value, 60)
+            if not (0 <= hours < 24):
+                raise ValueError(f"{value} is not a time of day; write it as \"HH:MM\"")
+            return time(hours, minutes)
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, value: time) -> time:
+        return value.replace(tzinfo=None)  # windows are in UTC
+
     def contains(self, when: datetime) -> bool:
         """Whether the aware instant ``when`` (converted to UTC) falls in this window."""
         from datetime import UTC

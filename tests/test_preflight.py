@@ -671,3 +671,15 @@ def test_runnable_examples_are_valid_for_chaos_toolkit(path: Path) -> None:
     from chaoslib.experiment import ensure_experiment_is_valid
 
     ensure_experiment_is_valid(load_experiment(path).raw)
+
+
+def test_windows_from_yaml_accept_unquoted_times() -> None:
+    from policies.base import parse_document
+
+    text = (REPO / "policies" / "defaults" / "chaos.yaml").read_text()
+    text = text.replace("windows: []", "windows: [{days: [mon], start: 09:00, end: 17:30}]")
+    policy = parse_document(ChaosPolicy, text, "chaos.yaml")
+    assert policy.windows[0].end.hour == 17 and policy.windows[0].end.minute == 30
+    assert check(safe_doc(), healthy(now=datetime(2026, 1, 5, 17, 0, tzinfo=UTC)), policy).verdict == "run"
+    late = healthy(now=datetime(2026, 1, 5, 17, 45, tzinfo=UTC))
+    assert rules(check(safe_doc(), late, policy)) == {"outside-window"}

@@ -75,6 +75,24 @@ def _print_result(res: Any, json_out: bool) -> None:
         con.print(f"  - {r}", highlight=False, markup=False)
 
 
+def _print_plan(packet: Any) -> None:
+    """The plan table of an escalation, for the operator reading the terminal."""
+    from rich.table import Table
+
+    table = Table(title="plan (what would run)", show_lines=False)
+    for col in ("step", "path", "provider", "breaks", "restored by", "fault s"):
+        table.add_column(col)
+    for row in packet.plan:
+        fault = "unbounded" if row.fault_s is None else f"{row.fault_s:g}"
+        table.add_row(str(row.step), row.path, row.provider, row.breaks, row.restored_by, fault)
+    con = out_console()
+    con.print(table)
+    est = packet.estimated_duration_s
+    con.print(
+        f"estimated duration: {'unbounded' if est is None else f'{est:g}s'} (budget {packet.budget_s:g}s)"
+    )
+
+
 def _write_packet(packet: Any, path: Path) -> None:
     from sre_core.atomic import atomic_write_json
 
@@ -211,9 +229,12 @@ def register(app: typer.Typer) -> None:
             rules=sorted({f.rule for f in res.findings}),
             sanctioned=sorted({f.rule for f in res.sanctioned}),
         )
-        if packet is not None and res.verdict != "run":
-            _write_packet(build_escalation(res, exp, pol, clock.now(), device), packet)
+        pkt = build_escalation(res, exp, pol, clock.now(), device) if res.verdict != "run" else None
+        if packet is not None and pkt is not None:
+            _write_packet(pkt, packet)
         _print_result(res, json_out)
+        if pkt is not None and pkt.plan and not json_out:
+            _print_plan(pkt)
         raise typer.Exit(res.exit_code)
 
     @chaos_app.command("run")
@@ -281,6 +302,8 @@ def register(app: typer.Typer) -> None:
                 emit_json({**res.to_dict(), "ran": False, "packet": str(where)})
             else:
                 _print_result(res, False)
+                if pkt.plan:
+                    _print_plan(pkt)
                 out_console().print(f"not run; escalation packet: {where}", highlight=False)
             raise typer.Exit(res.exit_code)
         from chaos.runner import run_experiment_guarded
