@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,6 @@ TOXIC_DEFAULTS: dict[str, dict[str, int]] = {
 }
 STREAMS = ("upstream", "downstream")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-CHUNK = 64 * 1024
 MAX_BODY = 1 << 20
 MAX_PROXIES = 256
 MAX_TOXICS = 64
@@ -138,19 +138,88 @@ def _attributes(ttype: str, raw: Any) -> dict[str, int]:
     return out
 
 
-class _Link:
-    """One proxied client connection and its upstream connection."""
+class _Side(asyncio.Protocol):
+    """One TCP connection of a link: the client's (accepted) or the upstream's (dialled)."""
 
-    def __init__(self, proxy: _Proxy, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.link: _Link | None = None
+        self.lost = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # TCP: always an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.link is not None:
+            self.link.on_data(self, data)
+
+    def eof_received(self) -> bool:
+        if self.link is not None:
+            self.link.on_eof(self)
+        return True  # keep the other direction open (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.writable.set()
+        if self.link is not None:
+            self.link.close()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+        if self.link is not None:
+            self.link.hold(self, "buffer", True)
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+        if self.link is not None:
+            self.link.hold(self, "buffer", False)
+
+
+class _ClientSide(_Side):
+    """The accepted side: reading waits until the upstream is connected."""
+
+    def __init__(self, fp: FaultProxy, proxy: _Proxy) -> None:
+        super().__init__()
+        self.fp = fp
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        asyncio.get_running_loop().create_task(self.fp._open_upstream(self.proxy, self))
+
+
+STREAMS_FROM = {"client": "upstream", "upstream": "downstream"}
+QUEUE_HIGH = 4 << 20
+
+
+class _Link:
+    """One proxied connection pair and its two directions.
+
+    Fast path: with no toxic in force on a direction, ``data_received`` writes straight to the other
+    transport (flow control by pausing the reader when the writer's buffer is full). With toxics, data
+    is queued with its arrival time and a pump coroutine applies them in order.
+    """
+
+    def __init__(self, proxy: _Proxy, client: _Side, upstream: _Side) -> None:
         self.proxy = proxy
         self.client = client
         self.upstream = upstream
-        self.started = asyncio.get_running_loop().time()
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
         self.rng = random.Random()
         self.decisions: dict[int, bool] = {}
         self.counted: dict[int, int] = {}
         self.closed = False
-        self.done = asyncio.Event()
+        self.queues: dict[str, deque[tuple[float, bytes]]] = {"upstream": deque(), "downstream": deque()}
+        self.queued = {"upstream": 0, "downstream": 0}
+        self.pumps: dict[str, asyncio.Task[None] | None] = {"upstream": None, "downstream": None}
+        self.eof = {"upstream": False, "downstream": False}
+        self.finished = {"upstream": False, "downstream": False}
+        self.holds: dict[str, set[str]] = {"upstream": set(), "downstream": set()}
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def active(self, toxic: Toxic) -> bool:
         """Whether ``toxic`` applies to this connection (drawn once per connection and toxic)."""
@@ -160,20 +229,162 @@ class _Link:
             self.decisions[toxic.uid] = hit
         return hit
 
+    def _ends(self, stream: str) -> tuple[_Side, _Side]:
+        return (self.client, self.upstream) if stream == "upstream" else (self.upstream, self.client)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def hold(self, writer: _Side, why: str, on: bool) -> None:
+        """Pause/resume reading the side that feeds ``writer`` (or, for "queue", the stream's source)."""
+        stream = "downstream" if writer is self.client else "upstream"
+        self._hold_stream(stream, why, on)
+
+    def _hold_stream(self, stream: str, why: str, on: bool) -> None:
+        src, _ = self._ends(stream)
+        holds = self.holds[stream]
+        before = bool(holds)
+        if on:
+            holds.add(why)
+        else:
+            holds.discard(why)
+        if src.transport is None or src.lost or self.closed or before == bool(holds):
+            return
+        if holds:
+            src.transport.pause_reading()
+        else:
+            src.transport.resume_reading()
+
+    def on_data(self, side: _Side, data: bytes) -> None:
+        if self.closed:
+            return
+        stream = "upstream" if side is self.client else "downstream"
+        idle = self.pumps[stream] is None and not self.queues[stream]
+        if idle and (not self.proxy.toxics or not self.proxy.stream_toxics(stream, self)):
+            dest = self._ends(stream)[1]
+            if dest.transport is not None and not dest.lost:
+                dest.transport.write(data)
+            return
+        self.queues[stream].append((self.loop.time(), data))
+        self.queued[stream] += len(data)
+        if self.queued[stream] > QUEUE_HIGH:
+            self._hold_stream(stream, "queue", True)
+        if self.pumps[stream] is None:
+            self.pumps[stream] = self._spawn(self._pump(stream))
+
+    def on_eof(self, side: _Side) -> None:
+        stream = "upstream" if side is self.client else "downstream"
+        self.eof[stream] = True
+        if self.pumps[stream] is None and not self.queues[stream]:
+            self._spawn(self._finish(stream))
+
+    async def _pump(self, stream: str) -> None:
+        q = self.queues[stream]
+        dest = self._ends(stream)[1]
+        try:
+            while q and not self.closed:
+                arrival, data = q.popleft()
+                self.queued[stream] -= len(data)
+                if self.queued[stream] < QUEUE_HIGH // 2:
+                    self._hold_stream(stream, "queue", False)
+                toxics = self.proxy.stream_toxics(stream, self)
+                if any(t.type == "timeout" for t in toxics):
+                    continue  # black-holed while a timeout toxic is in place
+                delay = 0.0
+                for t in toxics:
+                    if t.type == "latency":
+                        jit = t.attributes["jitter"]
+                        delay += max(0.0, t.attributes["latency"] + self.rng.uniform(-jit, jit)) / 1000.0
+                if delay > 0:
+                    await asyncio.sleep(max(0.0, arrival + delay - self.loop.time()))
+                cut = False
+                for t in toxics:
+                    if t.type == "limit_data":
+                        left = t.attributes["bytes"] - self.counted.get(t.uid, 0)
+                        if len(data) >= left:
+                            data, cut = data[: max(0, left)], True
+                        self.counted[t.uid] = self.counted.get(t.uid, 0) + len(data)
+                await self._write_shaped(dest, data, toxics)
+                if cut:
+                    self.close()
+                    return
+            if self.eof[stream] and not self.closed:
+                await self._finish(stream)
+        finally:
+            self.pumps[stream] = None
+
+    async def _write_shaped(self, dest: _Side, data: bytes, toxics: list[Toxic]) -> None:
+        """Write ``data`` through the slicer and bandwidth toxics, honouring the writer's buffer."""
+        slicer = next((t for t in toxics if t.type == "slicer" and t.attributes["average_size"] > 0), None)
+        rates = [t.attributes["rate"] for t in toxics if t.type == "bandwidth" and t.attributes["rate"] > 0]
+        rate = min(rates, default=0)
+        pieces: list[bytes] = [data]
+        gap = 0.0
+        if slicer is not None:
+            avg, var = slicer.attributes["average_size"], slicer.attributes["size_variation"]
+            pieces, i = [], 0
+            while i < len(data):
+                size = max(1, avg + (self.rng.randint(-var, var) if var else 0))
+                pieces.append(data[i : i + size])
+                i += size
+            gap = slicer.attributes["delay"] / 1e6
+        if rate > 0:
+            step = max(1, rate * 100)  # 100 ms worth per write keeps the rate smooth
+            pieces = [pc[j : j + step] for pc in pieces for j in range(0, len(pc), step)]
+        for n, piece in enumerate(pieces):
+            if n and gap:
+                await asyncio.sleep(gap)
+            if rate > 0:
+                await asyncio.sleep(len(piece) / (rate * 1000.0))
+            await dest.writable.wait()
+            if self.closed or dest.lost or dest.transport is None:
+                return
+            dest.transport.write(piece)
+
+    async def _finish(self, stream: str) -> None:
+        """The source half-closed: after any slow_close delay, half-close the destination."""
+        if self.finished[stream]:
+            return
+        self.finished[stream] = True
+        for t in self.proxy.stream_toxics(stream, self):
+            if t.type == "slow_close":
+                await asyncio.sleep(t.attributes["delay"] / 1000.0)
+        dest = self._ends(stream)[1]
+        if self.closed or dest.transport is None or dest.lost:
+            return
+        try:
+            if dest.transport.can_write_eof():
+                dest.transport.write_eof()
+            else:
+                self.close()
+        except (OSError, RuntimeError):
+            self.close()
+        if all(self.finished.values()):
+            self.close()
+
     def close(self, reset: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
-        for w in (self.client, self.upstream):
+        for side in (self.client, self.upstream):
+            tr = side.transport
+            if tr is None:
+                continue
             if reset:
-                sock = w.get_extra_info("socket")
+                sock = tr.get_extra_info("socket")
                 if sock is not None:
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                w.transport.abort()
+                tr.abort()
             else:
-                w.close()
-        self.done.set()
+                tr.close()
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        self.proxy.links.discard(self)
 
 
 @dataclass
@@ -227,7 +438,8 @@ class FaultProxy:
     async def _start(self, p: _Proxy) -> None:
         host, port = self._listen_addr(p.listen)
         try:
-            p.server = await asyncio.start_server(lambda r, w: self._accept(p, r, w), host, port)
+            loop = asyncio.get_running_loop()
+            p.server = await loop.create_server(lambda: _ClientSide(self, p), host, port)
         except OSError as exc:
             raise ApiError(500, f"proxy {p.name}: cannot listen on {host}:{port}: {exc}") from exc
         sockname = p.server.sockets[0].getsockname()
@@ -365,29 +577,29 @@ class FaultProxy:
 
     # --- data path ------------------------------------------------------------------------------------
 
-    async def _accept(self, p: _Proxy, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
-        if len(p.links) >= MAX_LINKS:
-            cwriter.close()
+    async def _open_upstream(self, p: _Proxy, client: _ClientSide) -> None:
+        """Dial the upstream for an accepted client, then let data flow."""
+        if client.transport is None:
+            return
+        if len(p.links) >= MAX_LINKS or p.server is None:
+            client.transport.close()
             return
         host, port = _split_hostport(p.upstream, "upstream")
+        loop = asyncio.get_running_loop()
         try:
-            ureader, uwriter = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_S)
+            _, upstream = await asyncio.wait_for(loop.create_connection(_Side, host, port), CONNECT_S)
         except (OSError, TimeoutError):
-            cwriter.close()
+            client.transport.close()
             return
-        link = _Link(p, cwriter, uwriter)
+        if client.lost:
+            if upstream.transport is not None:
+                upstream.transport.close()
+            return
+        link = _Link(p, client, upstream)
+        client.link = upstream.link = link
         p.links.add(link)
-        tasks = [
-            asyncio.create_task(self._pipe(link, "upstream", creader, uwriter)),
-            asyncio.create_task(self._pipe(link, "downstream", ureader, cwriter)),
-            asyncio.create_task(self._monitor(link)),
-        ]
-        try:
-            await asyncio.gather(tasks[0], tasks[1], return_exceptions=True)
-        finally:
-            link.close()
-            tasks[2].cancel()
-            p.links.discard(link)
+        link._spawn(self._monitor(link))
+        client.transport.resume_reading()
 
     async def _monitor(self, link: _Link) -> None:
         """Fire ``timeout`` and ``reset_peer`` toxics on time, data or not."""
@@ -411,88 +623,6 @@ class FaultProxy:
                 if due is not None and due[1].name in link.proxy.toxics:
                     link.close(reset=due[1].type == "reset_peer")
                     return
-
-    async def _pipe(
-        self, link: _Link, stream: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        p = link.proxy
-        try:
-            while not link.closed:
-                data = await reader.read(CHUNK)
-                if not data:
-                    break
-                toxics = p.stream_toxics(stream, link) if p.toxics else []
-                if not toxics:
-                    writer.write(data)
-                    await writer.drain()
-                    continue
-                arrival = loop.time()
-                if any(t.type == "timeout" for t in toxics):
-                    continue  # black-holed while a timeout toxic is in place
-                delay = 0.0
-                for t in toxics:
-                    if t.type == "latency":
-                        jit = t.attributes["jitter"]
-                        delay += max(0.0, t.attributes["latency"] + link.rng.uniform(-jit, jit)) / 1000.0
-                if delay > 0:
-                    await asyncio.sleep(max(0.0, arrival + delay - loop.time()))
-                cut = False
-                for t in toxics:
-                    if t.type == "limit_data":
-                        left = t.attributes["bytes"] - link.counted.get(t.uid, 0)
-                        if len(data) >= left:
-                            data, cut = data[: max(0, left)], True
-                        link.counted[t.uid] = link.counted.get(t.uid, 0) + len(data)
-                await self._write_shaped(link, writer, data, toxics)
-                if cut:
-                    link.close()
-                    return
-        except (ConnectionError, OSError):
-            link.close()
-            return
-        if link.closed:
-            return
-        for t in p.stream_toxics(stream, link):
-            if t.type == "slow_close":
-                await asyncio.sleep(t.attributes["delay"] / 1000.0)
-        with contextlib.suppress(OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
-            else:
-                link.close()
-
-    async def _write_shaped(
-        self, link: _Link, writer: asyncio.StreamWriter, data: bytes, toxics: list[Toxic]
-    ) -> None:
-        """Write ``data`` through the slicer and bandwidth toxics."""
-        slicer = next((t for t in toxics if t.type == "slicer" and t.attributes["average_size"] > 0), None)
-        rate = min(
-            (t.attributes["rate"] for t in toxics if t.type == "bandwidth" and t.attributes["rate"] > 0),
-            default=0,
-        )
-        pieces: list[bytes] = [data]
-        gap = 0.0
-        if slicer is not None:
-            avg, var = slicer.attributes["average_size"], slicer.attributes["size_variation"]
-            pieces, i = [], 0
-            while i < len(data):
-                size = max(1, avg + (link.rng.randint(-var, var) if var else 0))
-                pieces.append(data[i : i + size])
-                i += size
-            gap = slicer.attributes["delay"] / 1e6
-        if rate > 0:
-            step = max(1, rate * 100)  # 100 ms worth per write keeps the rate smooth
-            pieces = [pc[j : j + step] for pc in pieces for j in range(0, len(pc), step)]
-        for n, piece in enumerate(pieces):
-            if n and gap:
-                await asyncio.sleep(gap)
-            if rate > 0:
-                await asyncio.sleep(len(piece) / (rate * 1000.0))
-            if link.closed:
-                return
-            writer.write(piece)
-            await writer.drain()
 
     # --- API ------------------------------------------------------------------------------------------
 
