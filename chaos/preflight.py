@@ -13,10 +13,10 @@ Rules (``Finding.rule``) that escalate: ``unknown-activity``, ``process-provider
 ``active-without-standby``, ``management-cut``, ``disk-below-reserve``, ``no-steady-state``,
 ``no-rollback``, ``irreversible``, ``unbounded-duration``, ``over-limit``, ``over-budget``,
 ``kind-mismatch``, ``injects-in-rollback``, ``escalate-argument``, ``declared-risk``,
-``unresolved-value``, ``approval-mismatch``; dynamic: ``safe-mode``, ``canary-in-progress``,
-``headroom-disk``, ``headroom-cpu``, ``headroom-memory``, ``outside-window``, ``deployment-in-progress``.
-Rules that reject (the document is invalid): ``invalid`` (structure), ``invalid-value``,
-``invalid-declaration``.
+``unresolved-value``, ``approval-mismatch``, ``external-secrets``; dynamic: ``safe-mode``,
+``canary-in-progress``, ``headroom-disk``, ``headroom-cpu``, ``headroom-memory``, ``outside-window``,
+``deployment-in-progress``. Rules that reject (the document is invalid): ``invalid`` (structure),
+``invalid-value``, ``invalid-declaration``.
 
 Author declarations (extension ``sre-agent``) can add targets, durations and risk; nothing in them is
 ever used to remove a finding.
@@ -64,6 +64,7 @@ _RISKS = ("low", "medium", "high", "critical")
 _VAR = re.compile(r"\$\{([^}]+)\}")
 _SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish", "busybox", "env", "python", "python3", "perl")
 _AGENT_MARKERS = ("sre-agent", "sre_agent")
+_HOST_KEYS = ("toxiproxy_host", "host", "hub_host")
 
 
 # --- values -----------------------------------------------------------------------------------------
@@ -313,6 +314,8 @@ class _Static:
                 "steady-state-hypothesis",
                 "no steady-state hypothesis with probes: a deviation could not be told from success",
             )
+        self._endpoints()
+        self._secrets()
         rollback_keys = self._rollback_keys()
         for path, act in iter_activities(doc):
             phase = _phase(path)
@@ -337,6 +340,36 @@ class _Static:
             estimated_duration_s=total,
             declared=declared,
         )
+
+    def _endpoints(self) -> None:
+        """Configuration that points our actions or chaostoolkit-toxiproxy at a host off the device."""
+        for key, value in (self.doc.get("configuration") or {}).items():
+            if isinstance(value, dict):
+                continue
+            host: str | None = None
+            if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
+                host = urlsplit(self.resolve(value) if "${" in value else value).hostname or ""
+            elif key in _HOST_KEYS and isinstance(value, str):
+                host = urlsplit("//" + value).hostname or value  # "host" or "host:port"
+            if host is not None and not self._loopback(host):
+                self.add(
+                    "http-non-loopback",
+                    f"configuration.{key}",
+                    f"{key}={value!r} sends requests to a host that is not loopback",
+                )
+
+    def _secrets(self) -> None:
+        """chaoslib fetches ``vault`` (or any non-env) secrets over the network before the run."""
+        for scope, entries in (self.doc.get("secrets") or {}).items():
+            if not isinstance(entries, dict):
+                continue
+            for key, value in entries.items():
+                if isinstance(value, dict) and value.get("type") not in (None, "env"):
+                    self.add(
+                        "external-secrets",
+                        f"secrets.{scope}.{key}",
+                        f"a {value.get('type')!r} secret is fetched from outside the device",
+                    )
 
     def _rollback_keys(self) -> set[str]:
         keys: set[str] = set()

@@ -683,3 +683,20 @@ def test_windows_from_yaml_accept_unquoted_times() -> None:
     assert check(safe_doc(), healthy(now=datetime(2026, 1, 5, 17, 0, tzinfo=UTC)), policy).verdict == "run"
     late = healthy(now=datetime(2026, 1, 5, 17, 45, tzinfo=UTC))
     assert rules(check(safe_doc(), late, policy)) == {"outside-window"}
+
+
+def test_configuration_and_secrets_that_reach_off_the_device() -> None:
+    doc = safe_doc()
+    doc["configuration"] = {"toxiproxy_url": "http://127.0.0.1:8474", "toxiproxy_host": "localhost"}
+    assert check(doc).verdict == "run"
+    doc["configuration"] = {"toxiproxy_url": "http://toxiproxy.corp:8474"}
+    res = check(doc)
+    assert rules(res) == {"http-non-loopback"} and res.findings[0].path == "configuration.toxiproxy_url"
+    doc["configuration"] = {"toxiproxy_host": "10.1.2.3"}
+    assert rules(check(doc)) == {"http-non-loopback"}
+    doc = safe_doc()
+    doc["secrets"] = {"hub": {"token": {"type": "env", "key": "HUB_TOKEN"}, "plain": "x"}}
+    assert check(doc).verdict == "run"
+    doc["secrets"]["hub"]["vaulted"] = {"type": "vault", "path": "secret/hub"}
+    res = check(doc)
+    assert rules(res) == {"external-secrets"} and res.findings[0].path == "secrets.hub.vaulted"
