@@ -26,6 +26,7 @@ import yaml
 from sre_core.errors import InputError
 
 __all__ = [
+    "MAX_ACTIVITIES",
     "MAX_BYTES",
     "MAX_DEPTH",
     "MAX_NODES",
@@ -44,6 +45,8 @@ MAX_BYTES = 1 << 20
 MAX_NODES = 50_000
 """Most values (after YAML alias expansion) in one experiment: bounds the cost of every later walk."""
 MAX_DEPTH = 64
+MAX_ACTIVITIES = 500
+"""Most activities (all sections together) in one experiment."""
 
 _TOP_KEYS = {
     "version": "a string",
@@ -407,6 +410,9 @@ def validate_structure(doc: Any) -> list[Problem]:
         _check_controls(doc["controls"], "controls", problems)
     if problems:
         return problems
+    count = sum(1 for _ in iter_activities(doc))
+    if count > MAX_ACTIVITIES:
+        return [Problem("", f"at most {MAX_ACTIVITIES} activities", f"{count}")]
     names = _names(doc)
     for path, act in iter_activities(doc):
         if isinstance(act, dict) and "ref" in act and act["ref"] not in names:

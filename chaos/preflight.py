@@ -265,7 +265,9 @@ class _Static:
         self.activities: list[ActivityInfo] = []
         self.config = self._static_config()
         self.by_name: dict[str, Mapping[str, Any]] = {}
-        for _, act in iter_activities(doc):
+        self.by_path: dict[str, Any] = {}
+        for path, act in iter_activities(doc):
+            self.by_path[path] = act
             if isinstance(act, dict) and "ref" not in act and isinstance(act.get("name"), str):
                 self.by_name.setdefault(act["name"], act)
 
@@ -821,19 +823,24 @@ class _Static:
         method = [a for a in self.activities if a.phase == "method"]
         rollbacks = [a for a in self.activities if a.phase == "rollbacks"]
         hyp = sum(self._span(a) or 0.0 for a in self.activities if a.phase == "hypothesis")
+        spans = [self._span(b) for b in method]
+        # after[i]: time of method[i+1:] (None once any of it is unbounded), computed in one pass
+        after: list[float | None] = [0.0] * len(method)
+        acc: float | None = 0.0
+        for i in range(len(method) - 1, -1, -1):
+            after[i] = acc
+            s_i = spans[i]
+            acc = None if (acc is None or s_i is None) else acc + s_i
+        rb_spans = [self._span(r) for r in rollbacks]
         updated: dict[str, ActivityInfo] = {}
         for i, a in enumerate(method):
             if not a.state_changing:
                 continue
-            rest: float | None = 0.0
-            for b in method[i + 1 :]:
-                s = self._span(b)
-                rest = None if (rest is None or s is None) else rest + s
+            rest = after[i]
             if rest is not None:
                 rest += hyp
-                for r in rollbacks:
-                    s = self._span(r)
-                    rest = None if s is None else rest + s
+                for r, s_r in zip(rollbacks, rb_spans, strict=True):
+                    rest = None if s_r is None else rest + s_r
                     if rest is None or r.key == a.restored_by:
                         break
             own = self._span(a)
@@ -866,12 +873,8 @@ class _Static:
         return a.duration_s + (self._pause_total(act) if act is not None else 0.0)
 
     def _raw_at(self, path: str) -> Mapping[str, Any] | None:
-        base = path.split(" -> ", maxsplit=1)[0]
-        for p, act in iter_activities(self.doc):
-            if p == base:
-                real = self._deref(act)
-                return real if isinstance(real, dict) else None
-        return None
+        real = self._deref(self.by_path.get(path.split(" -> ", maxsplit=1)[0]))
+        return real if isinstance(real, dict) else None
 
     def _total_duration(self, declared: Mapping[str, Any]) -> float | None:
         total = 0.0

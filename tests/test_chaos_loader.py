@@ -179,3 +179,15 @@ def test_unreadable_file_is_an_input_error(tmp_path: Path) -> None:
         load_experiment(tmp_path / "missing.yaml")
     assert info.value.exit_code == 2
     assert "cannot read it" in info.value.message
+
+
+def test_activity_count_is_bounded() -> None:
+    from chaos.loader import MAX_ACTIVITIES
+
+    act = {
+        "type": "probe",
+        "name": "p",
+        "provider": {"type": "python", "module": "chaos.probes", "func": "x"},
+    }
+    doc = {"title": "many", "method": [act] * (MAX_ACTIVITIES + 1)}
+    assert f"expected at most {MAX_ACTIVITIES} activities" in _errors(doc)
