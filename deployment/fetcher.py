@@ -267,7 +267,7 @@ class HttpFetcher(_Resumable, FetcherInterface):
             raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
         if etag is not None and etag.startswith("W/"):
             etag = None  # a weak validator must not be used with If-Range
-        return _RangeAnswer(start, etag, resp.iter_raw(CHUNK), resp.close)
+        return _RangeAnswer(start, etag, resp.iter_raw(), resp.close)  # unbuffered: a drop loses nothing
 
 
 def _content_range_start(value: str) -> int:

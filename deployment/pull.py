@@ -46,7 +46,7 @@ from deployment.manifest import DesiredState, ModuleManifest
 from deployment.signatures import SignatureError, cosign_verify, verify_attestation
 from deployment.trusted_time import TrustedTime
 from policies.trust import TrustPolicy, load_trust_policy
-from sre_core.atomic import atomic_write_json
+from sre_core.atomic import atomic_write_bytes, atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import SreError
@@ -167,6 +167,13 @@ def load_held(paths: StatePaths, clock: Clock | None = None, verify: bool = Fals
     )
 
 
+class _DurableUpdater(Updater):
+    """python-tuf persists metadata with a rename but no fsync; on flash we need both."""
+
+    def _persist_file(self, filename: str, data: bytes) -> None:
+        atomic_write_bytes(Path(filename), data)
+
+
 @contextlib.contextmanager
 def _pull_lock(paths: StatePaths) -> Iterator[None]:
     paths.run.mkdir(parents=True, exist_ok=True)
@@ -266,26 +273,38 @@ class Puller:
     def _updater(self, trusted: TrustedTime) -> Updater:
         meta_url, _ = base_urls(self.source)
         self.paths.tuf.mkdir(parents=True, exist_ok=True)
-        cached = self.paths.tuf / "root.json"
-        bootstrap = None if cached.is_file() else self.paths.root_json.read_bytes()
-        try:
-            updater = Updater(
-                str(self.paths.tuf),
-                meta_url,
-                None,
-                None,
-                fetcher=self._fetcher,
-                config=UpdaterConfig(
-                    targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024
-                ),
-                bootstrap=bootstrap,
-            )
-        except exceptions.RepositoryError as exc:
-            raise self._refuse(
-                f"load trusted metadata in {self.paths.tuf}",
-                str(exc),
-                "re-provision the trust anchor with sre-agent init --root",
-            ) from exc
+        config = UpdaterConfig(targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024)
+        updater: Updater | None = None
+        if (self.paths.tuf / "root.json").is_file():
+            # The cached root may be newer than the pinned one (rotation); if it is unreadable, start again
+            # from the pinned anchor and walk the root chain.
+            with contextlib.suppress(exceptions.RepositoryError, OSError, ValueError):
+                updater = _DurableUpdater(
+                    str(self.paths.tuf),
+                    meta_url,
+                    None,
+                    None,
+                    fetcher=self._fetcher,
+                    config=config,
+                    bootstrap=None,
+                )
+        if updater is None:
+            try:
+                updater = _DurableUpdater(
+                    str(self.paths.tuf),
+                    meta_url,
+                    None,
+                    None,
+                    fetcher=self._fetcher,
+                    config=config,
+                    bootstrap=self.paths.root_json.read_bytes(),
+                )
+            except exceptions.RepositoryError as exc:
+                raise self._refuse(
+                    f"load the pinned trust anchor {self.paths.root_json}",
+                    str(exc),
+                    "re-provision the trust anchor with sre-agent init --root",
+                ) from exc
         # python-tuf checks expiry against its own datetime.now(); use trusted time instead so a clock
         # wound back cannot make expired metadata look valid (and tests can drive time).
         updater._trusted_set.reference_time = trusted.now()
