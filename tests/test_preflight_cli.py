@@ -245,3 +245,44 @@ def test_run_verdict_runs_guarded_and_leaves_no_fault(run_cli, state: StatePaths
     assert run_dir.is_dir()
     assert FaultRegistry(state.root).list() == []
     assert not (state.root / "run" / "chaos" / "input_noise.json").exists()
+
+
+def test_preflight_with_an_operator_approval(run_cli, state: StatePaths, tmp_path: Path) -> None:
+    policy = str(_relaxed_policy(tmp_path))
+    exp = EXAMPLES / "uplink-blackout-5min.yaml"
+    first = run_cli(
+        "sre-agent", "chaos", "preflight", str(exp), "--state", str(state.root), "--policy", policy, "--json"
+    )
+    assert first.returncode == 10
+    digest = json.loads(first.stdout)["experiment_hash"]
+    ok = run_cli(
+        "sre-agent",
+        "chaos",
+        "preflight",
+        str(exp),
+        "--state",
+        str(state.root),
+        "--policy",
+        policy,
+        "--approve",
+        digest,
+        "--json",
+    )
+    assert ok.returncode == 0, ok.stdout
+    body = json.loads(ok.stdout)
+    assert [f["rule"] for f in body["sanctioned"]] == ["management-cut"]
+    stale = run_cli(
+        "sre-agent",
+        "chaos",
+        "preflight",
+        str(exp),
+        "--state",
+        str(state.root),
+        "--policy",
+        policy,
+        "--approve",
+        "sha256:" + "0" * 64,
+        "--json",
+    )
+    assert stale.returncode == 10
+    assert "approval-mismatch" in {f["rule"] for f in json.loads(stale.stdout)["findings"]}
