@@ -1,7 +1,7 @@
 """The experiment process: ``python -m chaos._child WORKDIR``.
 
 Runs one experiment with chaoslib (>= 1.45) in the main thread of its own process (chaoslib installs
-signal handlers), reading ``experiment.json`` and ``settings.json`` from WORKDIR and writing
+signal handlers), reading ``experiment.json``, ``settings.json`` and ``options.json`` from WORKDIR, writing
 ``journal.json`` (or ``error.json``) there. The parent (:mod:`chaos.runner`) enforces the budget,
 cleans up and judges; this process decides nothing.
 """
@@ -35,6 +35,13 @@ def main(argv: list[str]) -> int:
 
         experiment = json.loads((workdir / "experiment.json").read_text(encoding="utf-8"))
         settings = json.loads((workdir / "settings.json").read_text(encoding="utf-8"))
+        options = json.loads((workdir / "options.json").read_text(encoding="utf-8"))
+        # A ``dry`` key in a file does nothing in chaoslib (only the enum does); only ours counts.
+        experiment.pop("dry", None)
+        if options.get("dry"):
+            from chaoslib.types import Dry
+
+            experiment["dry"] = Dry.from_string(str(options["dry"]))
         load_global_controls(settings)
         ensure_experiment_is_valid(experiment)
         journal = run_experiment(experiment, settings=settings)

@@ -362,6 +362,7 @@ def run_experiment_guarded(
     stop: threading.Event | None = None,
     python: str | None = None,
     guard_interval_s: float | None = None,
+    skip_pauses: bool = False,
 ) -> RunResult:
     """Run one (pre-flighted) experiment guarded. Never raises for what the experiment does.
 
@@ -378,6 +379,7 @@ def run_experiment_guarded(
         telemetry, audit: where the journal and verdict go.
         sanctioned: whether findings of a deviated run may become learned gates.
         stop: set it to interrupt the run early (same path as the budget).
+        skip_pauses: a rehearsal: chaoslib's ``Dry.PAUSE`` (activities run, their pauses do not).
 
     Raises:
         chaos.loader.ExperimentError: the experiment file cannot be loaded (nothing ran).
@@ -434,6 +436,7 @@ def run_experiment_guarded(
     }
     atomic_write_json(run_dir / "experiment.json", doc_run)
     atomic_write_json(run_dir / "settings.json", run_settings)
+    atomic_write_json(run_dir / "options.json", {"dry": "pause" if skip_pauses else None})
 
     if audit is not None:
         audit.append(
