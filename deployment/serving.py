@@ -21,6 +21,7 @@ from deployment.canary import CanaryConfig, CanaryController, Decision, Phase
 from deployment.manifest import ModuleManifest
 from deployment.router import Router
 from deployment.sessions import ModelSession, SessionOptions, load_session
+from deployment.slots import SlotManager, SlotView
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
@@ -317,6 +318,7 @@ class ManagedServing:
         self.overrides = overrides or {}
         self.interval_s = interval_s
         self.runs: dict[str, CanaryRun] = {}
+        self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
 
     def load(self, module: str, artifact: Path, manifest: ModuleManifest) -> ModelSession:
@@ -362,6 +364,100 @@ class ManagedServing:
         """Prepare and run the canary to its end (blocking); returns the final phase."""
         return self.prepare(module, artifact, manifest).run(self.interval_s, self._stop)
 
-    def stop(self) -> None:
-        """Cancel every running canary at its next tick."""
+    # -- the reconcile seam (deployment.reconcile.CanaryDriver) ------------------------------------
+    def start(self, module: str, standby: SlotView, slots: CanarySlots) -> None:
+        """Take over a verified standby in phase ``canary``; the canary runs in a background thread.
+
+        A candidate that does not load is aborted (marked bad) at once. The first version of a model
+        (nothing served to compare with) is promoted directly: the probes and golden checks judge it.
+        """
+        manifest = standby.manifest
+        self.slots = slots
+        if self.repository.get(module) is None:
+            self._first_version(module, standby, slots)
+            return
+        try:
+            run = self.prepare(module, standby.artifact_path, manifest)
+        except SreError as exc:
+            slots.abort_canary(module, f"candidate does not load: {exc.why or exc.message}", actor="canary")
+            self.sink.event(
+                "incident",
+                f"canary of {module} {manifest.version} refused: {exc.message}",
+                severity="error",
+                attrs={"source": "canary", "module": module, "version": manifest.version},
+            )
+            return
+        thread = threading.Thread(
+            target=run.run, args=(self.interval_s, self._stop), name=f"canary-{module}", daemon=True
+        )
+        self._threads[module] = thread
+        thread.start()
+
+    def _first_version(self, module: str, standby: SlotView, slots: CanarySlots) -> None:
+        manifest = standby.manifest
+        try:
+            session = self.load(module, standby.artifact_path, manifest)
+        except SreError as exc:
+            slots.abort_canary(module, f"does not load: {exc.why or exc.message}", actor="canary")
+            return
+        slots.promote_canary(module, actor="canary", evidence={"first_version": True})
+        self.repository.add(session)
+
+    def sync(self, slots: SlotManager) -> dict[str, str]:
+        """Serve what the slots say is active (start-up, and after a rollback made elsewhere).
+
+        Skips modules with a canary running, modules in file mode and non-ONNX modules. A version the
+        router still holds as standby comes back by pointer swap; anything else is loaded.
+        Returns module -> what was done.
+        """
+        done: dict[str, str] = {}
+        for module in slots.modules():
+            st = slots.status(module)
+            if st.active is None or st.phase.value != "idle" or self.busy(module):
+                continue
+            manifest = st.active.manifest
+            if (
+                manifest.mode != "managed"
+                or manifest.kind != "model"
+                or manifest.runtime.engine != "onnxruntime"
+            ):
+                continue
+            router = self.repository.get(module)
+            if router is not None and router.routing.active.version == st.active.version:
+                continue
+            standby = router.routing.standby if router is not None else None
+            if router is not None and standby is not None and standby.version == st.active.version:
+                router.rollback()
+                done[module] = f"switched back to loaded {st.active.version}"
+                continue
+            try:
+                self.serve(module, st.active.artifact_path, manifest)
+            except SreError as exc:
+                done[module] = f"failed: {exc.message}"
+                self.sink.event(
+                    "serving_load_failed", exc.message, severity="error", attrs={"module": module}
+                )
+                continue
+            done[module] = f"serving {st.active.version}"
+        return done
+
+    def wait(self, module: str, timeout_s: float) -> Phase | None:
+        """Wait for the background canary of ``module`` to end; its final phase (None: still running)."""
+        thread = self._threads.get(module)
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                return None
+        run = self.runs.get(module)
+        return run.phase if run is not None else None
+
+    def busy(self, module: str) -> bool:
+        """True while a canary of ``module`` is running."""
+        thread = self._threads.get(module)
+        return thread is not None and thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel every running canary at its next tick and wait for them (bounded)."""
         self._stop.set()
+        for thread in list(self._threads.values()):
+            thread.join(timeout_s)

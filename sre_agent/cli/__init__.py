@@ -22,6 +22,7 @@ TOPICS = [
     "sre_agent.cli.chaos",
     "sre_agent.cli.verify",
     "sre_agent.cli.slots",
+    "sre_agent.cli.serve",
 ]
 
 HELP = (

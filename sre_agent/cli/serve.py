@@ -1,0 +1,198 @@
+"""`sre-agent serve`: the v2 inference server over the installed models, with on-device canaries.
+
+:class:`ServingPlane` is also a daemon service (``name``/``start``/``stop``): ``sre-agent run`` can hold
+one and schedule :meth:`ServingPlane.reconcile_pass` as its reconcile job, so a new managed model goes
+through the canary instead of a plain swap.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import typer
+
+from sre_agent.cli._common import ConfigOpt, JsonOpt, StateOpt, emit_json, err_console, settings_for
+from sre_agent.config import AgentSettings
+from sre_core.errors import InputError
+from sre_core.paths import StatePaths
+
+__all__ = ["ServingPlane", "register"]
+
+
+@dataclass
+class ServingPlane:
+    """The models, their canaries and the HTTP server, built from settings.
+
+    Args:
+        settings: the agent settings (``[serving]``: host, port, threads, providers).
+        paths: the device state.
+        source: the pull source for reconcile passes (None: serve what is installed, never reconcile).
+        canary_interval_s: seconds between canary evaluations.
+    """
+
+    settings: AgentSettings
+    paths: StatePaths
+    source: Any = None
+    canary_interval_s: float = 1.0
+    name: str = "serving"
+    _server: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from deployment.oip import create_app
+        from deployment.serving import ManagedServing, ModelRepository
+        from deployment.sessions import SessionOptions
+        from deployment.slots import SlotManager
+        from policies.deployment import load_deployment_policy
+        from sre_core.audit import AuditLog
+        from sre_core.clock import SystemClock
+
+        cfg = self.settings.serving
+        self.clock = SystemClock()
+        self.audit = AuditLog(self.paths.audit_log, self.clock)
+        self.policy = load_deployment_policy(self.paths.policies / "deployment.yaml")
+        self.slots = SlotManager(self.paths, self.audit, self.clock, self.policy)
+        self.repository = ModelRepository()
+        options = SessionOptions(cfg.intra_op_threads, cfg.inter_op_threads, tuple(cfg.providers))
+        self.serving = ManagedServing(
+            self.paths,
+            self.repository,
+            slots=self.slots,
+            clock=self.clock,
+            audit=self.audit,
+            options=options,
+            policy_steps=self.policy.canary_steps,
+            interval_s=self.canary_interval_s,
+        )
+        self.app = create_app(self.repository, server_name="sre-agent")
+        self._reconciler: Any = None
+
+    @property
+    def url(self) -> str:
+        return self._server.url if self._server is not None else ""
+
+    def start(self) -> None:
+        """Load the active versions, then listen."""
+        from sre_core.http_server import ServerThread
+
+        self.slots.recover_all()
+        self.serving.sync(self.slots)
+        cfg = self.settings.serving
+        self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
+
+    def reconcile_pass(self) -> dict[str, Any]:
+        """One reconcile pass with this plane as the canary driver, then serve what is active."""
+        from deployment.reconcile import Reconciler
+
+        out: dict[str, Any] = {}
+        if self.source is not None:
+            if self._reconciler is None:
+                self._reconciler = Reconciler(
+                    self.paths, self.source, self.clock, self.policy, self.audit, canary=self.serving
+                )
+            out["reconcile"] = self._reconciler.run_once().to_dict()
+        out["sync"] = self.serving.sync(self.slots)
+        return out
+
+    def stop(self) -> None:
+        """Cancel running canaries (the incumbent keeps serving), drain and close the server."""
+        self.serving.stop()
+        if self._server is not None:
+            self._server.stop()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        state: StateOpt = None,
+        port: Annotated[
+            int | None, typer.Option("--port", help="TCP port (default: the serving.port setting).")
+        ] = None,
+        host: Annotated[
+            str | None, typer.Option("--host", help="Address (default: the serving.host setting).")
+        ] = None,
+        reconcile_every: Annotated[
+            float,
+            typer.Option(
+                "--reconcile-every",
+                help="Seconds between pull + reconcile passes; new managed models go through the canary. "
+                "0: only serve what is installed (a rollback made elsewhere is still picked up).",
+            ),
+        ] = 0.0,
+        source: Annotated[
+            str | None,
+            typer.Option("--from", help="Hub URL or bundle directory (default: the provisioned hub)."),
+        ] = None,
+        canary_interval: Annotated[float, typer.Option(help="Seconds between canary evaluations.")] = 1.0,
+        sync_every: Annotated[
+            float, typer.Option(help="Seconds between checks that the served versions match the slots.")
+        ] = 5.0,
+        duration: Annotated[
+            float | None, typer.Option(help="Stop by itself after this many seconds (tests, demos).")
+        ] = None,
+        config: ConfigOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Serve the installed models over the Open Inference Protocol (KServe/Triton v2) until SIGTERM.
+
+        Endpoints: /v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/ready and
+        POST /v2/models/NAME/infer (JSON tensors or the binary tensor extension).
+        With --reconcile-every, new managed versions are canaried on live traffic and flipped or cut off;
+        `sre-agent status` shows the canary's progress.
+        """
+        overrides: dict[str, Any] = {}
+        if port is not None:
+            overrides["port"] = port
+        if host is not None:
+            overrides["host"] = host
+        settings = settings_for(state, config)
+        if overrides:
+            settings = settings.model_copy(update={"serving": settings.serving.model_copy(update=overrides)})
+        paths = StatePaths(settings.state_dir)
+        if not paths.root.is_dir():
+            raise InputError(
+                f"open state directory {paths.root}", "it does not exist", "run sre-agent init first"
+            )
+        if reconcile_every < 0 or canary_interval <= 0 or sync_every <= 0:
+            raise InputError(
+                "serve",
+                "--reconcile-every must be >= 0, --canary-interval and --sync-every > 0",
+                "fix the flag",
+            )
+        pull = None
+        if reconcile_every > 0:
+            from sre_agent.cli.slots import _source
+
+            pull = _source(paths, source, None, config)
+        plane = ServingPlane(settings, paths, pull, canary_interval)
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        plane.start()
+        info = {"url": plane.url, "models": plane.repository.names()}
+        if json_out:
+            emit_json(info)
+        else:
+            err_console().print(f"serving {', '.join(info['models']) or 'no models yet'} on {plane.url}")
+        interval = reconcile_every if reconcile_every > 0 else sync_every
+        deadline = None if duration is None else plane.clock.monotonic() + duration
+        try:
+            while not stop.is_set():
+                wait = (
+                    interval
+                    if deadline is None
+                    else min(interval, max(0.0, deadline - plane.clock.monotonic()))
+                )
+                if stop.wait(wait):
+                    break
+                if deadline is not None and plane.clock.monotonic() >= deadline:
+                    break
+                plane.reconcile_pass()
+        finally:
+            plane.stop()
