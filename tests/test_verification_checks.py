@@ -144,7 +144,9 @@ def test_duckdb_check_uses_the_daemons_connection_when_given(
     _telemetry_db(db)
     held = duckdb.connect(str(db))  # the "daemon" holds the file
     try:
-        res = TelemetryDbCheck().run(_with(device, telemetry_db=db, telemetry_connect=held.cursor))
+        res = TelemetryDbCheck().run(
+            _with(device, telemetry_db=db, telemetry_query=lambda sql: held.cursor().execute(sql).fetchall())
+        )
         assert res.status is Status.PASS
         assert res.measurements["rows"] == 150000
     finally:

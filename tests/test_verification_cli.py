@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
+import pytest
 import yaml
 
 from policies.verification import load_verification_policy
@@ -66,7 +68,7 @@ def test_read_clock_floor(tmp_path: Path) -> None:
 
 
 def test_cli_verify_once_then_a_corrupted_standby(
-    state: StatePaths, clock: FakeClock, tmp_path: Path, run_cli: Run
+    state: StatePaths, clock: FakeClock, tmp_path: Path, run_cli: Run, capsys: pytest.CaptureFixture[str]
 ) -> None:
     install_sample_module(state, clock)
     policy = _policy_file(tmp_path)
@@ -77,6 +79,12 @@ def test_cli_verify_once_then_a_corrupted_standby(
     statuses = {r["check"]: r["status"] for r in doc["results"]}
     assert statuses["rollback.readiness"] == "pass" and statuses["model.golden"] == "pass"
     assert doc["ok"] is True
+    con = duckdb.connect(str(state.telemetry_db), read_only=True)
+    try:
+        stored = [json.loads(b) for (b,) in con.execute("SELECT body FROM verification_results").fetchall()]
+    finally:
+        con.close()
+    assert sorted(r["check"] for r in stored) == sorted(statuses)
 
     status = json.loads((state.module("classifier") / "state.json").read_text())
     standby = state.module("classifier") / ("a" if status["active"] == "b" else "b") / "model.onnx"
@@ -90,12 +98,28 @@ def test_cli_verify_once_then_a_corrupted_standby(
     only = json.loads(one.stdout)["results"]
     assert [r["check"] for r in only] == ["rollback.readiness"]
     assert "not intact" in only[0]["evidence"]["classifier"]["reason"]
+    con = duckdb.connect(str(state.telemetry_db), read_only=True)
+    try:
+        incidents = [
+            json.loads(a)
+            for (a,) in con.execute("SELECT attrs FROM events WHERE kind = 'incident'").fetchall()
+        ]
+    finally:
+        con.close()
+    assert {"integrity.slots", "rollback.readiness"} <= {i["check"] for i in incidents}
+    assert all(i["modules"] == ["classifier"] for i in incidents if i["check"] == "rollback.readiness")
 
-    unknown = run_cli("sre-agent", *args, "--check", "no.such.check")
-    assert unknown.returncode == 2 and "no such check" in unknown.stderr
+    from sre_agent.cli import main
+
+    assert main([*args, "--check", "no.such.check"]) == 2
+    assert "no such check" in capsys.readouterr().err
 
 
-def test_cli_gates(state: StatePaths, tmp_path: Path, run_cli: Run) -> None:
+def test_cli_gates(
+    state: StatePaths, tmp_path: Path, run_cli: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sre_agent.cli import main
+
     root = str(state.root)
     added = run_cli(
         "sre-agent", "gates", "add", "mem-floor", "--check", "resources.headroom",
@@ -103,12 +127,13 @@ def test_cli_gates(state: StatePaths, tmp_path: Path, run_cli: Run) -> None:
         "--reason", "OOM during the memory-pressure experiment", "--state", root,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
-    bad = run_cli(
-        "sre-agent", "gates", "add", "half", "--check", "resources.headroom", "--op", "<", "--state", root
-    )
-    assert bad.returncode == 2
-    listed = json.loads(run_cli("sre-agent", "gates", "list", "--state", root, "--json").stdout)
+    # A condition missing its threshold is bad input: exit 2, nothing written.
+    assert main(["gates", "add", "half", "--check", "resources.headroom", "--op", "<", "--state", root]) == 2
+    capsys.readouterr()
+    assert main(["gates", "list", "--state", root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
     assert [g["name"] for g in listed["gates"]] == ["mem-floor"]
+    assert listed["gates"][0]["reason"] == "OOM during the memory-pressure experiment"
 
     policy = _policy_file(tmp_path)
     res = run_cli(
@@ -118,7 +143,7 @@ def test_cli_gates(state: StatePaths, tmp_path: Path, run_cli: Run) -> None:
     assert res.returncode == 1
     assert json.loads(res.stdout)["results"][0]["status"] == "fail"
 
-    assert run_cli("sre-agent", "gates", "remove", "mem-floor", "--state", root).returncode == 0
-    assert run_cli("sre-agent", "gates", "remove", "mem-floor", "--state", root).returncode == 2
+    assert main(["gates", "remove", "mem-floor", "--state", root]) == 0
+    assert main(["gates", "remove", "mem-floor", "--state", root]) == 2
     audit = [json.loads(line)["event"] for line in state.audit_log.read_text().splitlines()]
     assert audit == ["gate.added", "gate.removed"]

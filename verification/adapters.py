@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ def build_context(
     output_samples: dict[str, np.ndarray] | None = None,
     telemetry_db: Path | None = None,
     recorder: SampleRecorder | None = None,
+    telemetry_query: Callable[[str], list[tuple[Any, ...]]] | None = None,
 ) -> VerificationContext:
     """A context for the device at ``paths``: slots and the held desired state's expiry read now (unless
     ``desired_expires`` is given), samples from ``recorder`` merged under any passed explicitly."""
@@ -130,6 +132,7 @@ def build_context(
         desired_expires=desired_expires,
         trusted_floor=read_clock_floor(paths.clock_file),
         telemetry_db=telemetry_db if telemetry_db is not None else paths.telemetry_db,
+        telemetry_query=telemetry_query,
         input_samples=ins,
         output_samples=outs,
         sessions=sessions or SessionCache(),

@@ -119,8 +119,9 @@ class VerificationContext:
         desired_expires: expiry of the signed desired state being enforced (None: never pulled).
         trusted_floor: highest signed timestamp seen (the clock high-water mark), if known.
         telemetry_db: the DuckDB telemetry file to check (None: skip).
-        telemetry_connect: when the daemon holds the DuckDB file, a callable returning a connection
-            (cursor) to it; the integrity check uses it instead of opening the path.
+        telemetry_query: when this process already holds the DuckDB file (the daemon's store), a
+            function running SQL on that connection and returning rows; the integrity check uses it
+            instead of opening the path (DuckDB lets nobody else open a held file).
         input_samples: module -> input name -> recent inputs ``[N, features]`` recorded by serving.
         output_samples: module -> recent outputs (``[N, classes]`` probabilities or ``[N]`` class ids).
         sessions: ONNX Runtime session cache shared by the model checks.
@@ -133,7 +134,7 @@ class VerificationContext:
     desired_expires: datetime | None = None
     trusted_floor: datetime | None = None
     telemetry_db: Path | None = None
-    telemetry_connect: Callable[[], Any] | None = None
+    telemetry_query: Callable[[str], list[tuple[Any, ...]]] | None = None
     input_samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     output_samples: dict[str, np.ndarray] = field(default_factory=dict)
     sessions: SessionCache = field(default_factory=SessionCache)

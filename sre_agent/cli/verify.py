@@ -39,6 +39,35 @@ def _paths(state: Path | None, config: Path | None) -> StatePaths:
     return paths
 
 
+def _telemetry(paths: StatePaths, clock: Any) -> tuple[Any, Any, Any]:
+    """(sink, query, close) on the device's DuckDB store; a memory sink when the daemon holds the file
+    (the daemon runs verification itself and records its own results)."""
+    from policies.telemetry import load_telemetry_policy
+    from sre_agent.telemetry import Store, TelemetryLockedError, TelemetryWriter
+    from sre_core.telemetry import MemorySink
+
+    device_id = paths.device_id_file.read_text().strip() if paths.device_id_file.is_file() else "unknown"
+    try:
+        store = Store(paths.telemetry_db, load_telemetry_policy(), clock, device_id)
+    except TelemetryLockedError:
+        from sre_core.cli import err_console
+
+        err_console().print("[yellow]note[/yellow]: the daemon holds telemetry; results are not stored")
+        return MemorySink(), None, lambda: None
+    writer = TelemetryWriter(store)
+
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(row.values()) for row in store.query(sql).to_pylist()]
+
+    def close() -> None:
+        try:
+            writer.flush()
+        finally:
+            store.close()
+
+    return writer, query, close
+
+
 def _table(results: list[Any]) -> Any:
     from rich.table import Table
 
@@ -85,7 +114,6 @@ def register(app: typer.Typer) -> None:
         """
         from policies.verification import load_verification_policy
         from sre_core.clock import SystemClock
-        from sre_core.telemetry import MemorySink
         from verification.adapters import build_context
         from verification.context import SessionCache
         from verification.harness import Harness
@@ -93,8 +121,7 @@ def register(app: typer.Typer) -> None:
         paths = _paths(state, config)
         pol = load_verification_policy(policy)
         clock = SystemClock()
-        sink = MemorySink()
-        harness = Harness(pol, gates_dir=paths.root / "gates", sink=sink, clock=clock)
+        harness = Harness(pol, gates_dir=paths.root / "gates", clock=clock)
         sessions = SessionCache()
         if check is not None:
             known = set(harness.registry.names())
@@ -103,8 +130,13 @@ def register(app: typer.Typer) -> None:
                     f"verify --check {check}", "no such check", f"installed: {', '.join(sorted(known))}"
                 )
         if once:
-            ctx = build_context(paths, pol, clock=clock, sessions=sessions)
-            results = harness.run_once(ctx, only=check)
+            sink, query, close = _telemetry(paths, clock)
+            harness.runner.sink = sink
+            try:
+                ctx = build_context(paths, pol, clock=clock, sessions=sessions, telemetry_query=query)
+                results = harness.run_once(ctx, only=check)
+            finally:
+                close()
             failing = [r for r in results if r.status.failing]
             if json_out:
                 emit_json({"ok": not failing, "results": [r.to_dict() for r in results]})
@@ -116,16 +148,28 @@ def register(app: typer.Typer) -> None:
 
         console = out_console()
 
-        class _Echo(MemorySink):
+        sink, query, close = _telemetry(paths, clock)
+        if hasattr(sink, "start"):
+            sink.start()
+
+        class _Echo:
+            def metric(self, *args: Any, **kwargs: Any) -> None:
+                sink.metric(*args, **kwargs)
+
+            def event(self, *args: Any, **kwargs: Any) -> None:
+                sink.event(*args, **kwargs)
+
             def record(self, table: str, row: dict[str, Any]) -> None:
+                sink.record(table, row)
                 style = _STYLE.get(str(row["status"]), "")
-                console.print(
-                    f"{row['ts']:%H:%M:%S} {row['check']}: [{style}]{row['status']}[/] {row['summary']}"
-                )
+                line = f"{row['ts']:%H:%M:%S} {row['check']}: [{style}]{row['status']}[/]"
+                console.print(f"{line} {row['summary']}")
 
         harness.runner.sink = _Echo()
         sched = VerificationScheduler(
-            harness, lambda: build_context(paths, pol, clock=clock, sessions=sessions), clock=clock
+            harness,
+            lambda: build_context(paths, pol, clock=clock, sessions=sessions, telemetry_query=query),
+            clock=clock,
         )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -135,7 +179,10 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             pass
         finally:
-            sched.stop(wait=False)
+            sched.stop(wait=True)
+            if hasattr(sink, "stop"):
+                sink.stop()
+            close()
 
     @gates_app.command("list")
     def gates_list(state: StateOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:

@@ -53,23 +53,25 @@ class TelemetryDbCheck(Check):
         import duckdb
 
         path = ctx.telemetry_db
-        if ctx.telemetry_connect is None and (path is None or not path.exists()):
+        query = ctx.telemetry_query
+        if query is None and (path is None or not path.exists()):
             return CheckResult.inconclusive("no telemetry database to check", {"path": str(path)})
         con: Any = None
-        owned = ctx.telemetry_connect is None
         tables: dict[str, int] = {}
         try:
-            con = duckdb.connect(str(path), read_only=True) if owned else ctx.telemetry_connect()  # type: ignore[misc]
-            names = con.execute(
+            if query is None:
+                con = duckdb.connect(str(path), read_only=True)
+                query = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+            names = query(
                 "SELECT schema_name, table_name FROM duckdb_tables() "
                 "WHERE database_name = current_database() ORDER BY 1, 2"
-            ).fetchall()
+            )
             for schema, table in names:
                 ident = f'"{schema.replace('"', '""')}"."{table.replace('"', '""')}"'
                 # Hashing every column forces every block to be read, and DuckDB checks each
                 # block's checksum as it loads it.
-                row = con.execute(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {ident}").fetchone()  # noqa: S608
-                tables[f"{schema}.{table}"] = int(row[0]) if row else 0
+                rows = query(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {ident}")  # noqa: S608
+                tables[f"{schema}.{table}"] = int(rows[0][0]) if rows else 0
         except duckdb.Error as exc:
             msg = str(exc)
             if "lock" in msg.lower() and "conflicting" in msg.lower():
@@ -81,11 +83,13 @@ class TelemetryDbCheck(Check):
                 {"path": str(path), "error": msg[:500], "tables_read": tables},
             )
         finally:
-            if con is not None and owned:
+            if con is not None:
                 con.close()
-        rows = sum(tables.values())
+        rows_total = sum(tables.values())
         evidence = {"path": str(path), "tables": tables}
-        return CheckResult.ok(f"{len(tables)} table(s), {rows} row(s) read back", evidence, rows=rows)
+        return CheckResult.ok(
+            f"{len(tables)} table(s), {rows_total} row(s) read back", evidence, rows=rows_total
+        )
 
 
 class AuditChainCheck(Check):
