@@ -23,7 +23,7 @@ _log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
-def _slots(paths: StatePaths) -> tuple[dict[str, SlotState], bool]:
+def _slots(paths: StatePaths, rehash: bool) -> tuple[dict[str, SlotState], bool]:
     from deployment.safemode import is_safe_mode
     from deployment.slots import SlotManager
     from sre_core.audit import AuditLog
@@ -40,7 +40,7 @@ def _slots(paths: StatePaths) -> tuple[dict[str, SlotState], bool]:
             continue
         verified = False
         if st.standby is not None and st.standby.sha256 not in st.bad:
-            verified = mgr.verify_slot(name, st.standby.slot).ok
+            verified = mgr.verify_slot(name, st.standby.slot).ok if rehash else True
         phase = str(st.phase.value)
         out[name] = SlotState(
             active_version=st.active.version if st.active else None,

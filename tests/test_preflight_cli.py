@@ -168,6 +168,16 @@ def test_escalated_experiment_executes_nothing(run_cli, state: StatePaths, tmp_p
         pkt = json.loads(Path(body["packet"]).read_text())
         assert pkt["experiment_hash"] == body["experiment_hash"] and pkt["experiment"] == doc
 
+        # the same document made invalid (a toxicity Chaos Toolkit would pass on) is rejected: nothing runs
+        doc["method"][0]["provider"]["arguments"]["toxicity"] = 3
+        invalid = tmp_path / "invalid.json"
+        invalid.write_text(json.dumps(doc))
+        res = run_cli("sre-agent", "chaos", "run", str(invalid), "--state", str(state.root), "--json")
+        assert res.returncode == 2, res.stderr
+        assert json.loads(res.stdout)["verdict"] == "reject"
+        assert not marker.exists() and not config_marker.exists()
+        assert client.toxics("uplink") == [] and FaultRegistry(state.root).list() == []
+
         # positive control: the same file under plain Chaos Toolkit does inject and run the program
         chaos = Path(sys.executable).parent / "chaos"
         plain = subprocess.run(
