@@ -53,12 +53,20 @@ def _slots(paths: StatePaths, rehash: bool) -> tuple[dict[str, SlotState], bool]
 
 
 def read_device_state(
-    paths: StatePaths, clock: Clock | None = None, device_id: str | None = None
+    paths: StatePaths, clock: Clock | None = None, device_id: str | None = None, rehash: bool = True
 ) -> DeviceState:
-    """A snapshot of the device for the dynamic pre-flight (never raises for a missing piece)."""
+    """A snapshot of the device for the dynamic pre-flight (never raises for a missing piece).
+
+    Args:
+        paths: the device state layout.
+        clock: the time source for ``now`` (the allowed-window check).
+        device_id: default: read from the identity directory.
+        rehash: re-hash each standby slot against its signed digests (True: what "verified" means;
+            False: trust the slot record, for callers that verify on their own schedule).
+    """
     clock = clock or SystemClock()
     try:
-        modules, safe = _slots(paths)
+        modules, safe = _slots(paths, rehash)
     except Exception as exc:
         _log.warning("chaos pre-flight: slot state unavailable: %s", exc)
         modules, safe = {}, True
