@@ -40,6 +40,7 @@ persisted in the lease before each step so a restart knows where a run stopped (
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -48,8 +49,9 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -60,11 +62,13 @@ from chaos.watchdog import read_lease, recover_stale_lease
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
+from sre_core.errors import SreError
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = [
     "TRANSITIONS",
+    "ChaosBusyError",
     "LearnedGate",
     "RunPhase",
     "RunResult",
@@ -383,16 +387,69 @@ def run_experiment_guarded(
 
     Raises:
         chaos.loader.ExperimentError: the experiment file cannot be loaded (nothing ran).
+        ChaosBusyError: another chaos run is in progress on this device (nothing ran).
         ValueError: a budget outside (0, 24 h].
     """
     if not 0 < budget_s <= MAX_BUDGET_S:
         raise ValueError(f"budget_s must be in (0, {MAX_BUDGET_S}]")
     paths = state if isinstance(state, StatePaths) else StatePaths(Path(state))
     clock = clock or SystemClock()
-    sink: TelemetrySink = telemetry or NullSink()
     doc, exp_hash = _load(experiment)
     title = str(doc.get("title", ""))
-    recover(paths, audit)
+    with _exclusive(paths):
+        recover(paths, audit)
+        return _run_locked(
+            doc, exp_hash, title, paths, budget_s, guardrails, disk_reserve_mb, serving_url, model,
+            toxiproxy_url, configuration, settings, telemetry, audit, clock, sanctioned, grace_s, stop,
+            python, guard_interval_s, skip_pauses,
+        )  # fmt: skip
+
+
+class ChaosBusyError(SreError):
+    """Another chaos run holds this device."""
+
+
+@contextlib.contextmanager
+def _exclusive(paths: StatePaths) -> Iterator[None]:
+    """One chaos run per device at a time (flock on ``<state>/run/chaos.lock``, released on death)."""
+    paths.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.run / "chaos.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ChaosBusyError(
+                "start a chaos run", "another chaos run is in progress on this device", "wait for it to end"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_locked(
+    doc: dict[str, Any],
+    exp_hash: str,
+    title: str,
+    paths: StatePaths,
+    budget_s: float,
+    guardrails: Any,
+    disk_reserve_mb: float | None,
+    serving_url: str | None,
+    model: str | None,
+    toxiproxy_url: str | None,
+    configuration: Mapping[str, Any] | None,
+    settings: Mapping[str, Any] | None,
+    telemetry: TelemetrySink | None,
+    audit: AuditLog | None,
+    clock: Clock,
+    sanctioned: bool,
+    grace_s: tuple[float, float],
+    stop: threading.Event | None,
+    python: str | None,
+    guard_interval_s: float | None,
+    skip_pauses: bool,
+) -> RunResult:
+    sink: TelemetrySink = telemetry or NullSink()
 
     run_id = clock.now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     run_dir = chaos_dir(paths.root) / "runs" / run_id
@@ -638,16 +695,18 @@ def _report(result: RunResult, sink: TelemetrySink, audit: AuditLog | None, side
         JOURNAL_TABLE,
         {
             "run_id": result.run_id,
-            "ts": result.ended_at,
+            "ts": datetime.fromisoformat(result.ended_at),
             "experiment_hash": result.experiment_hash,
             "title": result.title,
             "verdict": result.verdict.value,
             "status": result.status,
             "deviated": result.deviated,
             "duration_s": result.duration_s,
-            "reasons": json.dumps(result.reasons),
-            "cleanup": json.dumps(result.cleanup.to_dict()),
-            "journal": json.dumps(result.journal, default=str) if result.journal is not None else None,
+            "reasons": list(result.reasons),
+            "signals": list(result.signals),
+            "cleanup": result.cleanup.to_dict(),
+            "gates": [g["name"] for g in result.gates],
+            "journal": result.journal,
         },
     )
     sink.event(

@@ -143,7 +143,7 @@ def test_passing_run_with_uplink_toxic_is_journaled_audited_and_clean(state: Sta
     assert res.cleanup.ok
     assert [t for t, _ in sink.records] == ["chaos_journals"]
     row = sink.records[0][1]
-    assert row["verdict"] == "passed" and json.loads(row["journal"])["status"] == "completed"
+    assert row["verdict"] == "passed" and row["journal"]["status"] == "completed"
     events = [r.event for r in audit.records()]
     assert events == ["chaos.run.started", "chaos.run.finished"]
     assert audit.verify() == (2, None)
@@ -372,4 +372,34 @@ def test_examples_style_experiment_runs_under_plain_chaos_cli(state: StatePaths,
     assert journal["status"] == "completed" and journal["deviated"] is True, proc.stderr[-2000:]
     assert [r["status"] for r in journal["run"]] == ["succeeded", "succeeded"]
     assert journal["rollbacks"][0]["output"]["ok"] is True
+    _no_faults_left(state)
+
+
+def test_one_run_at_a_time_and_stop_request(state: StatePaths) -> None:
+    """A second run is refused while one holds the device; a stop request interrupts the first."""
+    from chaos.runner import ChaosBusyError
+
+    exp = _experiment(
+        "long",
+        [_exists_probe("state-present", state.root, True)],
+        [_action("hang", "fill_disk", reserve_mb=0, max_mb=1) | {"pauses": {"after": 120}}],
+    )
+    stop = threading.Event()
+    out: list[Any] = []
+    t = threading.Thread(
+        target=lambda: out.append(run_experiment_guarded(exp, state=state, budget_s=120, stop=stop))
+    )
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not FaultRegistry(state.root).list():
+            time.sleep(0.05)
+        with pytest.raises(ChaosBusyError):
+            run_experiment_guarded(exp, state=state, budget_s=10)
+    finally:
+        stop.set()
+        t.join(60)
+    (res,) = out
+    assert res.verdict is Verdict.INTERRUPTED and "a stop was requested" in res.reasons
+    assert res.signals[0] == "SIGUSR1"
     _no_faults_left(state)
