@@ -696,7 +696,13 @@ class FaultProxy:
                 await writer.drain()
                 if not keep or status == 413:
                     return
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (
+            TimeoutError,
+            ConnectionError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
             return
         finally:
             writer.close()

@@ -4,9 +4,9 @@ Configuration keys are those of :mod:`chaos.actions` (``state_dir``, ``serving_u
 ``uplink_proxy``). Inference probes send real Open Inference Protocol (v2) requests; when no payload
 is given they build a zero tensor from the model's metadata (``-1`` dimensions become 1).
 
-The uplink backlog is read from ``<state>/run/uplink_status.json`` (``{"backlog_rows": n}`` or
-``{"backlog_batches": n}``, written by the uplink) and otherwise counted as sealed files in
-``<state>/outbox``.
+The uplink backlog is read from ``<state>/run/uplink_status.json`` (``{"backlog_rows": n}``, which
+the uplink should publish while the daemon holds the database) and otherwise from the ``outbox`` table
+of ``<state>/telemetry.duckdb`` opened read-only.
 """
 
 from __future__ import annotations
@@ -156,7 +156,12 @@ def slot_status(module: str, configuration: Configuration = None) -> dict[str, A
 
 
 def uplink_backlog(configuration: Configuration = None) -> int:
-    """Rows (or sealed batches) waiting for upload."""
+    """Rows sealed into the outbox and not yet acknowledged by the hub.
+
+    Raises:
+        ChaosActionError: the backlog cannot be known (the daemon holds the telemetry database and
+            publishes no status file): a guardrail treats that as a breach.
+    """
     state = _state(configuration)
     status = state / "run" / "uplink_status.json"
     if status.exists():
@@ -164,10 +169,24 @@ def uplink_backlog(configuration: Configuration = None) -> int:
         for key in ("backlog_rows", "backlog_batches", "backlog"):
             if key in d:
                 return int(d[key])
-    outbox = state / "outbox"
-    if outbox.is_dir():
-        return sum(1 for p in outbox.rglob("*.parquet") if p.is_file())
-    return 0
+    db = state / "telemetry.duckdb"
+    if not db.exists():
+        return 0  # nothing recorded, nothing waiting
+    import duckdb
+
+    try:
+        con = duckdb.connect(str(db), read_only=True)
+    except Exception as exc:
+        raise ChaosActionError(
+            f"uplink backlog unknown: {db} is held by another process and {status} is absent ({exc})"
+        ) from exc
+    try:
+        row = con.execute("SELECT coalesce(sum(rows), 0) FROM outbox WHERE kind = 'batch'").fetchone()
+    except Exception:
+        return 0  # a database without an outbox has nothing waiting
+    finally:
+        con.close()
+    return int(row[0]) if row else 0
 
 
 def active_faults(configuration: Configuration = None) -> list[dict[str, Any]]:

@@ -351,3 +351,29 @@ def test_discover_lists_our_activities() -> None:
     d = discover()
     names = {a["name"] for a in d["activities"]}
     assert set(actions.__all__) | set(probes.__all__) <= names
+
+
+def test_uplink_backlog_from_status_file_or_outbox(state: StatePaths) -> None:
+    import duckdb
+
+    cfg = _cfg(state)
+    assert probes.uplink_backlog(configuration=cfg) == 0  # no telemetry yet
+    con = duckdb.connect(str(state.telemetry_db))
+    con.execute("CREATE TABLE outbox (batch_id VARCHAR, kind VARCHAR, rows BIGINT)")
+    con.execute("INSERT INTO outbox VALUES ('b1', 'batch', 120), ('b2', 'batch', 30), ('a', 'attest', 1)")
+    con.close()
+    assert probes.uplink_backlog(configuration=cfg) == 150
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(state.telemetry_db)!r}); "
+         "print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ChaosActionError, match="backlog unknown"):
+            probes.uplink_backlog(configuration=cfg)
+        (state.run / "uplink_status.json").write_text(json.dumps({"backlog_rows": 7}))
+        assert probes.uplink_backlog(configuration=cfg) == 7
+    finally:
+        holder.kill()
+        holder.wait()
