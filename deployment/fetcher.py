@@ -54,12 +54,20 @@ class FetchConfig:
     max_attempts: int = 10_000
     backoff_s: float = 0.05
     max_backoff_s: float = 2.0
+    min_rate_bytes_s: float = 8 * 1024
+    base_deadline_s: float = 120.0
+
+    def deadline_s(self, length: int) -> float:
+        """Wall-clock budget for one transfer of ``length`` bytes (a trickling server cannot hold us)."""
+        return self.base_deadline_s + length / self.min_rate_bytes_s
 
     def __post_init__(self) -> None:
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         if self.max_stalled_attempts < 1 or self.max_attempts < 1:
             raise ValueError("attempt bounds must be >= 1")
+        if self.min_rate_bytes_s <= 0 or self.base_deadline_s <= 0:
+            raise ValueError("rate and deadline must be positive")
 
 
 @dataclass
@@ -126,6 +134,7 @@ class _Resumable:
             progress(have)
         stalled = 0
         last_error: Exception | None = None
+        deadline = self.clock.monotonic() + self.config.deadline_s(length)
         for _attempt in range(self.config.max_attempts):
             if have == length:
                 return stats
@@ -163,6 +172,11 @@ class _Resumable:
                                 stats.bytes_received += len(chunk)
                                 if progress:
                                     progress(len(chunk))
+                                if self.clock.monotonic() > deadline:
+                                    raise exceptions.SlowRetrievalError(
+                                        f"{url}: {have} of {length} bytes after "
+                                        f"{self.config.deadline_s(length):.0f} s (below the minimum rate)"
+                                    )
                         finally:
                             fh.flush()
                             os.fsync(fh.fileno())
@@ -238,10 +252,15 @@ class HttpFetcher(_Resumable, FetcherInterface):
             raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
         return self._chunks(resp, url)
 
-    @staticmethod
-    def _chunks(resp: httpx.Response, url: str) -> Iterator[bytes]:
+    def _chunks(self, resp: httpx.Response, url: str) -> Iterator[bytes]:
+        deadline = self.clock.monotonic() + self.config.base_deadline_s
         try:
-            yield from resp.iter_raw(CHUNK)
+            for chunk in resp.iter_raw(CHUNK):
+                yield chunk
+                if self.clock.monotonic() > deadline:
+                    raise exceptions.SlowRetrievalError(
+                        f"GET {url}: slower than {self.config.base_deadline_s} s"
+                    )
         except httpx.HTTPError as exc:
             raise exceptions.DownloadError(f"GET {url} interrupted: {exc}") from exc
         finally:

@@ -8,6 +8,8 @@ Public API::
         .publish(channel, artifact, manifest, cosign_key=None, attestation=None) -> PublishedModule
         .release(channel, module, version, expires_in=timedelta(days=14)) -> DesiredState
         .timestamp(expires_in=None)                   -> int (new timestamp version)
+        .expiring(within)                             -> dict[role, datetime]
+        .lock()                                       -> context manager (exclusive, re-entrant)
         .rotate_key(role)                             -> list[str] (new key ids)
         .desired_state(channel)                       -> DesiredState | None
         .channel_targets(channel)                     -> dict[str, TargetFile]
@@ -31,12 +33,16 @@ raise their trusted-time high-water mark on every refresh.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -116,6 +122,23 @@ def safe_target_path(path: str, channel: str) -> bool:
     return safe_target(path, channel)
 
 
+_LOCK_TIMEOUT_S = 60.0
+
+
+def _locked[**P, R](method: Callable[P, R]) -> Callable[P, R]:
+    """Serialise mutating operations across processes (hub cron, CLI, rollout service)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        repo = args[0]
+        if not isinstance(repo, HubRepository):  # pragma: no cover - decorator misuse
+            raise TypeError("_locked decorates HubRepository methods")
+        with repo.lock():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 def _typed[T](value: object, cls: type[T], what: str) -> T:
     if not isinstance(value, cls):
         raise SreError(f"load {what} metadata", f"expected {cls.__name__}, found {type(value).__name__}")
@@ -155,6 +178,41 @@ class HubRepository:
             )
         self._cfg: dict[str, Any] = json.loads(cfg_path.read_text())
         self.expiry = Expiry(**self._cfg.get("expiry", {}))
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive, re-entrant lock on the repository (``DIR/.lock``), waited for at most 60 s.
+
+        Raises:
+            SreError: another writer held the lock for too long.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with (self.dir / ".lock").open("a") as fh:
+            deadline = time.monotonic() + _LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SreError(
+                            f"lock repository {self.dir}", "another writer holds it", "retry when it is done"
+                        ) from None
+                    time.sleep(0.05)
+            self._cfg = json.loads((self.dir / "repo.json").read_text())  # another writer may have changed it
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # ----- layout -------------------------------------------------------------------------------
     @property
@@ -338,6 +396,7 @@ class HubRepository:
         return ["targets", *self.channels]
 
     # ----- channels -----------------------------------------------------------------------------
+    @_locked
     def add_channel(self, channel: str, _commit: bool = True) -> None:
         """Delegate ``<channel>/*`` to a new role with its own key.
 
@@ -407,6 +466,7 @@ class HubRepository:
             tmp.replace(dest)
         return tf
 
+    @_locked
     def publish(
         self,
         channel: str,
@@ -475,6 +535,7 @@ class HubRepository:
         blob = self.targets_dir / channel / f"{tf.hashes['sha256']}.{DESIRED_STATE}"
         return DesiredState.model_validate_json(blob.read_bytes())
 
+    @_locked
     def release(
         self,
         channel: str,
@@ -540,12 +601,30 @@ class HubRepository:
         return ds
 
     # ----- freshness and keys -------------------------------------------------------------------
+    @_locked
     def timestamp(self, expires_in: timedelta | None = None) -> int:
-        """Re-sign the timestamp (new version, new expiry, new signing time). Run from cron."""
+        """Re-sign the timestamp (new version, new expiry, new signing time). Run from cron.
+
+        The snapshot is re-signed too when less than half its lifetime is left (both keys are online).
+        """
+        snap = self._load("snapshot")
+        if snap.signed.expires - self._now() < self.expiry.for_role("snapshot") / 2:
+            self._commit([])
         ts = self._load("timestamp")
         _typed(ts.signed, Timestamp, "timestamp").unrecognized_fields[ISSUED_FIELD] = self._now().isoformat()
         return self._store("timestamp", ts, expires_in=expires_in)
 
+    def expiring(self, within: timedelta) -> dict[str, datetime]:
+        """Roles whose current metadata expires within ``within`` (re-sign them before devices refuse)."""
+        limit = self._now() + within
+        out = {}
+        for role in [*TOP_ROLES, *self.channels]:
+            expires = self._load(role).signed.expires
+            if expires <= limit:
+                out[role] = expires
+        return out
+
+    @_locked
     def rotate_key(self, role: str) -> list[str]:
         """Replace every key of ``role`` (a top-level role or a channel) with new ones.
 

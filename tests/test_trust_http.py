@@ -8,7 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hub.http import _parse_range
 from hub.repository import HubRepository
 from hub.server import build_hub_app
 from sre_core.clock import FakeClock
@@ -81,3 +84,37 @@ def test_nothing_outside_metadata_and_targets(hub: tuple[httpx.Client, bytes, st
     ]:
         assert client.get(bad).status_code == 404, bad
     assert client.get("/healthz").json() == {"ok": True}
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 5000), a=st.integers(0, 6000), b=st.integers(0, 6000), suffix=st.booleans())
+def test_range_parser_matches_a_slice(size: int, a: int, b: int, suffix: bool) -> None:
+    header = f"bytes=-{a}" if suffix else f"bytes={a}-{b}"
+    got = _parse_range(header, size)
+    data = bytes(size)
+    if suffix:
+        assert got == ("416" if a == 0 else (max(size - a, 0), size - 1))
+    elif a >= size:
+        assert got == "416"
+    elif b < a:
+        assert got is None
+    else:
+        assert isinstance(got, tuple)
+        start, end = got
+        assert data[start : end + 1] == data[a : b + 1] and end < size
+
+
+def test_directory_fetcher_stays_inside_the_bundle(tmp_path: Path) -> None:
+    from tuf.api import exceptions
+
+    from deployment.fetcher import DirectoryFetcher
+
+    (tmp_path / "bundle" / "metadata").mkdir(parents=True)
+    (tmp_path / "secret").write_text("x")
+    (tmp_path / "bundle" / "metadata" / "timestamp.json").write_text("{}")
+    f = DirectoryFetcher(tmp_path / "bundle")
+    assert f.download_bytes((tmp_path / "bundle/metadata/timestamp.json").as_uri(), 100) == b"{}"
+    with pytest.raises(exceptions.DownloadError, match="outside"):
+        f.download_bytes((tmp_path / "bundle").as_uri() + "/../secret", 100)
+    with pytest.raises(exceptions.DownloadHTTPError):
+        f.download_bytes((tmp_path / "bundle/metadata/none.json").as_uri(), 100)

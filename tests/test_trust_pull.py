@@ -3,6 +3,7 @@ link that drops, key rotation, second signatures required by policy."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -236,3 +237,54 @@ def test_policy_required_cosign_and_attestation(env: HubEnv) -> None:
         env.puller(policy=policy).pull()
     assert "pinned" in info.value.why
     assert load_held(env.paths, env.clock).artifacts["clf"].version == "1.0.0"
+
+
+def test_cron_timestamp_keeps_a_quiet_repository_valid(env: HubEnv) -> None:
+    """No publish for 60 days: the hub's cron re-signs timestamp (and snapshot before it expires)."""
+    env.artifact("1.0.0")
+    env.repo.release("stable", "clf", "1.0.0", expires_in=timedelta(days=90))
+    for _ in range(6):
+        env.clock.advance(timedelta(days=10))
+        env.repo.timestamp()
+        assert env.puller().pull().trust is TrustStatus.FRESH
+    assert "snapshot" not in env.repo.expiring(timedelta(days=10))
+
+
+def test_trickling_server_hits_the_deadline_and_the_next_pull_resumes(tmp_path: Path) -> None:
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from hub.server import build_hub_app
+    from sre_core.http_server import ServerThread
+
+    env = make_env(tmp_path)
+    try:
+        target = env.artifact("1.0.0", size=300_000)
+        real = env.target_file(target).read_bytes()
+        clock = env.clock
+
+        def trickle(request: Request) -> StreamingResponse:
+            def body() -> Iterator[bytes]:
+                for i in range(0, 40_000, 4096):
+                    clock.advance(60)  # each piece takes a minute
+                    yield real[i : i + 4096]
+
+            return StreamingResponse(body(), headers={"ETag": f'"{hashlib.sha256(real).hexdigest()}"'})
+
+        slow = ServerThread(
+            build_hub_app(env.repo.dir, [Route("/targets/stable/{d}.clf-1.0.0-model.onnx", trickle)])
+        ).start()
+        try:
+            with pytest.raises(PullError, match="minimum rate") as info:
+                env.puller(source=slow.url).pull()
+        finally:
+            slow.stop()
+        assert not info.value.refused
+        assert len(env.partials()) == 1
+        p = env.puller()
+        result = p.pull()
+        assert sha256(result.artifacts["clf"].path) == sha256(env.target_file(target))
+        assert p.stats["resumes"] == 1 and p.stats["bytes"] < 300_000
+    finally:
+        env.server.stop()

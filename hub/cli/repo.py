@@ -177,8 +177,15 @@ def register(app: typer.Typer) -> None:
         """Re-sign the timestamp role (run from cron well inside its expiry)."""
         from hub.repository import HubRepository
 
-        v = HubRepository(repo).timestamp(parse_duration(expires) if expires else None)
-        _print({"timestamp_version": v}, json_out, f"timestamp version {v}")
+        r = HubRepository(repo)
+        v = r.timestamp(parse_duration(expires) if expires else None)
+        soon = {k: d.isoformat() for k, d in r.expiring(timedelta(days=30)).items() if k != "timestamp"}
+        line = f"timestamp version {v}"
+        if soon:
+            line += "\n[yellow]re-sign soon (expiring within 30 days):[/yellow] " + ", ".join(
+                f"{k} {d}" for k, d in soon.items()
+            )
+        _print({"timestamp_version": v, "expiring_within_30d": soon}, json_out, line)
 
     @keys_app.command("rotate")
     def keys_rotate(
