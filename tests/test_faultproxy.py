@@ -461,3 +461,23 @@ def test_faultproxy_runs_as_a_process(echo: Upstream) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_api_is_bounded_against_bad_clients(fp: FaultProxyServer, api: ToxiproxyClient) -> None:
+    """Oversize bodies are refused, over-long lines drop that connection, a stalled client blocks nobody."""
+    with socket.create_connection(("127.0.0.1", fp.port), timeout=5) as s:
+        s.sendall(b"POST /proxies HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 413")
+    with socket.create_connection(("127.0.0.1", fp.port), timeout=5) as s:
+        s.sendall(b"GET /" + b"x" * 200_000 + b" HTTP/1.1\r\n\r\n")
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    stalled = socket.create_connection(("127.0.0.1", fp.port), timeout=5)
+    try:
+        stalled.sendall(b"POST /proxies HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")  # never finishes
+        assert "faultproxy" in api.version()
+        assert api.proxies() == {}
+    finally:
+        stalled.close()
