@@ -119,7 +119,7 @@ class Window(PolicyModel):
         if isinstance(value, int) and not isinstance(value, bool):
             hours, minutes = divmod(value, 60)
             if not (0 <= hours < 24):
-                raise ValueError(f"{value} is not a time of day; write it as \"HH:MM\"")
+                raise ValueError(f'{value} is not a time of day; write it as "HH:MM"')
             return time(hours, minutes)
         return value
 
