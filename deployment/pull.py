@@ -98,10 +98,12 @@ def _read_held(paths: StatePaths) -> dict[str, Any] | None:
         return None
     try:
         data: dict[str, Any] = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise SreError(
-            f"read held state {p}", f"unreadable ({exc})", "pull again from the hub or a bundle"
-        ) from exc
+        DesiredState.model_validate(data["desired"])
+    except (OSError, ValueError, KeyError, TypeError):
+        # Written atomically, so this is tampering or disk damage: keep the evidence aside and hold
+        # nothing (safe mode) until the next verified pull.
+        p.replace(p.with_name("held.json.corrupt"))
+        return None
     return data
 
 

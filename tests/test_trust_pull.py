@@ -288,3 +288,13 @@ def test_trickling_server_hits_the_deadline_and_the_next_pull_resumes(tmp_path: 
         assert p.stats["resumes"] == 1 and p.stats["bytes"] < 300_000
     finally:
         env.server.stop()
+
+
+def test_damaged_held_record_means_nothing_is_held_until_the_next_pull(env: HubEnv) -> None:
+    env.artifact("1.0.0")
+    env.puller().pull()
+    held = env.paths.trust / "held.json"
+    held.write_text(held.read_text()[:50])
+    assert load_held(env.paths, env.clock).trust is TrustStatus.NONE
+    assert (env.paths.trust / "held.json.corrupt").exists()
+    assert env.puller().pull().trust is TrustStatus.FRESH
