@@ -109,7 +109,13 @@ class VerificationPolicy(PolicyModel):
 
 
 def load_verification_policy(path: Path | None = None) -> VerificationPolicy:
-    """The policy at ``path``, else the shipped default. Raises InputError when invalid."""
+    """The policy at ``path`` (a file, or a policies directory holding ``verification.yaml``), else the
+    shipped default. Raises InputError when invalid."""
     if path is None:
         return load_default(VerificationPolicy, "verification")
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "verification.yaml").is_file():
+            return load_default(VerificationPolicy, "verification")
+        path = path / "verification.yaml"
     return load_document(VerificationPolicy, path)

@@ -147,3 +147,33 @@ def test_cli_gates(
     assert main(["gates", "remove", "mem-floor", "--state", root]) == 2
     audit = [json.loads(line)["event"] for line in state.audit_log.read_text().splitlines()]
     assert audit == ["gate.added", "gate.removed"]
+
+
+def test_the_daemon_service_runs_every_check_on_a_real_device(state: StatePaths, clock: FakeClock) -> None:
+    import time
+
+    from policies.verification import ScheduleDefaults
+    from sre_core.clock import SystemClock
+    from verification import SampleRecorder
+    from verification.scheduler import build_service
+
+    sample = install_sample_module(state, clock)
+    recorder = SampleRecorder()
+    recorder.observe("classifier", {"input": sample.baseline[:400]})
+    policy = load_verification_policy().model_copy(update={"defaults": ScheduleDefaults(jitter_s=0)})
+    policy = policy.model_copy(
+        update={"checks": {k: v.model_copy(update={"jitter_s": 0}) for k, v in policy.checks.items()}}
+    )
+    sink = MemorySink()
+    service = build_service(state, SystemClock(), sink, policy=policy, recorder=recorder)
+    service.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len({r["check"] for _, r in sink.records}) < len(policy.checks):
+            time.sleep(0.1)
+    finally:
+        service.stop()
+    by = {r["check"]: r for _, r in sink.records}
+    assert set(by) == set(policy.checks)
+    assert by["drift.inputs"]["status"] == "pass"
+    assert by["rollback.readiness"]["status"] == "pass"

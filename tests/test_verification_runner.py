@@ -370,3 +370,37 @@ def test_scheduler_runs_checks_on_their_intervals_without_overlap(state: StatePa
     assert slow.max_active == 1
     assert any(r["check"] == "test.slow" for t, r in sink.records)
     GateStore(state.root / "gates").remove("fast-ok")
+
+
+def test_chaos_findings_become_gates_that_run_like_checks(
+    state: StatePaths, ctx: VerificationContext
+) -> None:
+    from dataclasses import replace
+
+    from chaos.runner import learned_gates
+    from policies.verification import ResourceReserves
+    from sre_core.atomic import atomic_write_json
+
+    journal = {
+        "deviated": True,
+        "run": [{"activity": {"type": "action", "provider": {"func": "fill_disk"}}}],
+        "steady_states": {
+            "after": {"probes": [{"tolerance_met": False, "activity": {"name": "inference-p95-under-50ms"}}]}
+        },
+    }
+    gates = learned_gates(
+        journal, "run-7", "sha256:0123456789abcdef", "Disk fills up", "2026-01-01T00:00:00+00:00"
+    )
+    assert [g["check"] for g in gates] == ["resources.headroom"]
+    for g in gates:  # as the chaos runner persists them
+        atomic_write_json(state.root / "gates" / f"{g['name']}.json", dict(g))
+
+    listed, bad = GateStore(state.root / "gates").list()
+    assert bad == [] and [g.source for g in listed] == ["chaos"]
+    assert listed[0].finding is not None and listed[0].finding["run_id"] == "run-7"
+    # While the disk is under the reserve, the learned gate fails with the finding attached.
+    tight = ctx.policy.model_copy(update={"reserves": ResourceReserves(min_free_disk_mb=1e12)})
+    results = Harness(tight, gates_dir=state.root / "gates").run_once(replace(ctx, policy=tight))
+    gate = next(r for r in results if r.check == f"gate.{listed[0].name}")
+    assert gate.status is Status.FAIL
+    assert "inference-p95-under-50ms" in gate.evidence["reason"]

@@ -22,14 +22,18 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from policies.verification import VerificationPolicy, load_verification_policy
 from sre_core.clock import Clock, SystemClock
+from sre_core.paths import StatePaths
+from sre_core.telemetry import TelemetrySink
 from verification.base import CheckResult, Status
-from verification.context import VerificationContext
+from verification.context import SessionCache, VerificationContext
 from verification.gates import GATE_PREFIX
 from verification.harness import Harness
-from verification.registry import PlannedCheck
+from verification.recorder import SampleRecorder
+from verification.registry import CheckRegistry, PlannedCheck
 
-__all__ = ["GATES_SYNC_JOB", "VerificationScheduler"]
+__all__ = ["GATES_SYNC_JOB", "VerificationScheduler", "build_service"]
 
 GATES_SYNC_JOB = "verification:gates-sync"
 _log = logging.getLogger(__name__)
@@ -173,3 +177,37 @@ class VerificationScheduler:
             res = CheckResult(Status.ERROR, f"cannot build the verification context: {exc}"[:500])
             return self.harness.runner.record(res.stamped(name, item.spec.severity, self.clock.now(), 0.0))
         return self.harness.runner.run_one(ctx, item)
+
+
+def build_service(
+    paths: StatePaths,
+    clock: Clock,
+    sink: TelemetrySink,
+    policy: VerificationPolicy | None = None,
+    recorder: SampleRecorder | None = None,
+    telemetry_query: Callable[[str], list[tuple[Any, ...]]] | None = None,
+    registry: CheckRegistry | None = None,
+) -> VerificationScheduler:
+    """The daemon's verification service, wired to a device state directory.
+
+    Args:
+        paths: the device state (slots, audit trail, gates under ``<state>/gates``).
+        clock: the agent's clock.
+        sink: the telemetry writer (results, metrics, incident events).
+        policy: default ``<state>/policies/verification.yaml`` if present, else the shipped default.
+        recorder: where serving records recent inputs/outputs (drift checks).
+        telemetry_query: SQL on the daemon's own DuckDB connection (the file is held by it).
+        registry: installed checks (default: built-ins + ``sre_agent.checks`` entry points).
+    """
+    from verification.adapters import build_context
+
+    policy = policy or load_verification_policy(paths.policies)
+    harness = Harness(policy, registry=registry, gates_dir=paths.root / "gates", sink=sink, clock=clock)
+    sessions = SessionCache()
+
+    def context() -> VerificationContext:
+        return build_context(
+            paths, policy, clock=clock, sessions=sessions, recorder=recorder, telemetry_query=telemetry_query
+        )
+
+    return VerificationScheduler(harness, context, clock=clock)

@@ -26,7 +26,10 @@ _STYLE = {
 
 PolicyOpt = Annotated[
     Path | None,
-    typer.Option("--policy", help="Verification policy file (default: the shipped default policy)."),
+    typer.Option(
+        "--policy",
+        help="Verification policy file (default: <state>/policies/verification.yaml, else the shipped one).",
+    ),
 ]
 
 
@@ -119,7 +122,7 @@ def register(app: typer.Typer) -> None:
         from verification.harness import Harness
 
         paths = _paths(state, config)
-        pol = load_verification_policy(policy)
+        pol = load_verification_policy(policy or paths.policies)
         clock = SystemClock()
         harness = Harness(pol, gates_dir=paths.root / "gates", clock=clock)
         sessions = SessionCache()
