@@ -8,6 +8,7 @@ away with a note, since it was never acknowledged; any other break is reported b
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -83,6 +84,7 @@ class AuditLog:
         self.mirror = mirror
         self._lock = threading.Lock()
         self._head: tuple[int, str] | None = None
+        self._size = -1  # file size after our last append: another writer changed it if it differs
 
     def _load_head(self) -> tuple[int, str]:
         if not self.path.exists():
@@ -101,31 +103,38 @@ class AuditLog:
         last = json.loads(lines[-1])
         return int(last["seq"]), str(last["hash"])
 
+    def _sync_head(self, fd: int) -> tuple[int, str]:
+        """The head, re-read when another writer (process or instance) appended since our last write."""
+        size = os.fstat(fd).st_size
+        if self._head is not None and size == self._size:
+            return self._head
+        window = 65536
+        tail = os.pread(fd, min(size, window), max(0, size - window)) if size else b""
+        if not size:
+            self._head, self._size = (0, GENESIS), 0
+        elif not tail.endswith(b"\n") or (size > window and tail.count(b"\n") < 2):
+            self._head = self._load_head()  # torn tail (truncated there) or one huge record
+            self._size = self.path.stat().st_size
+        else:
+            last = json.loads(tail[:-1].rsplit(b"\n", 1)[-1])
+            self._head, self._size = (int(last["seq"]), str(last["hash"])), size
+        return self._head
+
     def append(self, event: str, actor: str = "agent", **data: Any) -> AuditRecord:
-        """Append one record and fsync it. Returns the record written."""
+        """Append one record and fsync it. Returns the record written.
+
+        Appends from several instances or processes are serialised by an exclusive ``flock`` on the
+        file, and each re-reads the head when the file changed, so the chain never forks.
+        """
         with self._lock:
-            if self._head is None:
-                self._head = self._load_head()
-            seq, prev = self._head
-            body = {
-                "seq": seq + 1,
-                "ts": self.clock.now().isoformat(),
-                "event": event,
-                "actor": actor,
-                "data": data,
-                "prev": prev,
-            }
-            h = _digest(body)
-            line = json.dumps({**body, "hash": h}, sort_keys=True, default=str) + "\n"
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line.encode("utf-8"))
-                os.fsync(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                seq, prev = self._sync_head(fd)
+                rec = self._append_locked(fd, seq, prev, event, actor, data)
             finally:
-                os.close(fd)
-            self._head = (seq + 1, h)
-            rec = AuditRecord(seq + 1, str(body["ts"]), event, actor, data, prev, h)
+                os.close(fd)  # releases the flock
         if self.mirror is not None:
             try:
                 self.mirror(rec)
@@ -133,6 +142,25 @@ class AuditLog:
                 # The file is the record of truth; a failing mirror must not block the trail.
                 _log.exception("audit mirror failed for record %d", rec.seq)
         return rec
+
+    def _append_locked(
+        self, fd: int, seq: int, prev: str, event: str, actor: str, data: dict[str, Any]
+    ) -> AuditRecord:
+        body = {
+            "seq": seq + 1,
+            "ts": self.clock.now().isoformat(),
+            "event": event,
+            "actor": actor,
+            "data": data,
+            "prev": prev,
+        }
+        h = _digest(body)
+        raw = (json.dumps({**body, "hash": h}, sort_keys=True, default=str) + "\n").encode("utf-8")
+        os.write(fd, raw)
+        os.fsync(fd)
+        self._head = (seq + 1, h)
+        self._size = os.fstat(fd).st_size
+        return AuditRecord(seq + 1, str(body["ts"]), event, actor, data, prev, h)
 
     def records(self) -> Iterator[AuditRecord]:
         """Iterate parsed records (no verification; see :meth:`verify`)."""
