@@ -2,7 +2,8 @@
 
 Public API::
 
-    Puller(paths, source, channel, clock=None, policy=None, fetch_config=None, audit=None, progress=None)
+    Puller(paths, source, channel, clock=None, policy=None, fetch_config=None, audit=None, progress=None,
+           telemetry=None)   metrics pull.seconds/bytes/requests/resumes/restarts; events pull.refused/failed
         .pull() -> PullResult              raises PullError (with .held, the last verified state)
     load_held(paths, clock, verify=False) -> PullResult    offline: what the device holds and trusts
     PullError(SreError): .refused (a security check failed) / transfer failure, .held (a PullResult)
@@ -51,6 +52,7 @@ from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import SreError
 from sre_core.paths import StatePaths
+from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = [
     "DESIRED_STATE",
@@ -203,6 +205,7 @@ class Puller:
         fetch_config: FetchConfig | None = None,
         audit: AuditLog | None = None,
         progress: ProgressFactory | None = None,
+        telemetry: TelemetrySink | None = None,
     ) -> None:
         self.paths = paths
         self.source = source
@@ -216,6 +219,7 @@ class Puller:
         )
         self.audit = audit or AuditLog(paths.audit_log, self.clock)
         self.progress = progress
+        self.telemetry: TelemetrySink = telemetry or NullSink()
         self.store = ContentStore(paths.cas)
         self.stats: dict[str, int] = {"requests": 0, "bytes": 0, "resumes": 0, "restarts": 0}
         self._fetcher: HttpFetcher | DirectoryFetcher | None = None
@@ -266,11 +270,28 @@ class Puller:
         with _pull_lock(self.paths):
             self.store.remove_stale()
             self._fetcher = make_fetcher(self.source, self.fetch_config, self.clock)
+            started = self.clock.monotonic()
+            outcome = "error"
             try:
-                return self._pull()
+                result = self._pull()
+                outcome = str(result.trust) if result.online else "offline"
+                return result
+            except PullError as exc:
+                outcome = "refused" if exc.refused else "failed"
+                self.telemetry.event(
+                    f"pull.{outcome}",
+                    exc.message,
+                    severity="error" if exc.refused else "warning",
+                    attrs={"channel": self.channel, "source": self.source},
+                )
+                raise
             finally:
                 self.stats["requests"] += self._fetcher.requests
                 self._fetcher.close()
+                labels = {"channel": self.channel, "outcome": outcome}
+                self.telemetry.metric("pull.seconds", self.clock.monotonic() - started, labels)
+                for key in ("bytes", "requests", "resumes", "restarts"):
+                    self.telemetry.metric(f"pull.{key}", float(self.stats[key]), labels)
 
     def _updater(self, trusted: TrustedTime) -> Updater:
         meta_url, _ = base_urls(self.source)

@@ -298,3 +298,20 @@ def test_damaged_held_record_means_nothing_is_held_until_the_next_pull(env: HubE
     assert load_held(env.paths, env.clock).trust is TrustStatus.NONE
     assert (env.paths.trust / "held.json.corrupt").exists()
     assert env.puller().pull().trust is TrustStatus.FRESH
+
+
+def test_pull_reports_telemetry(env: HubEnv) -> None:
+    from deployment.pull import Puller
+    from sre_core.telemetry import MemorySink
+
+    sink = MemorySink()
+    env.artifact("1.0.0", size=70_000)
+    Puller(env.paths, env.url, "stable", clock=env.clock, telemetry=sink).pull()
+    got = {name: (value, labels["outcome"]) for name, value, labels in sink.metrics}
+    assert got["pull.bytes"][0] >= 70_000 and got["pull.bytes"][1] == "fresh"
+    f = env.target_file(env.artifact("1.1.0", size=70_000))
+    f.write_bytes(b"\0" * 70_000)
+    with pytest.raises(PullError):
+        Puller(env.paths, env.url, "stable", clock=env.clock, telemetry=sink).pull()
+    assert sink.events[-1][0] == "pull.refused" and sink.events[-1][2] == "error"
+    assert "clf-1.1.0" in sink.events[-1][1]
