@@ -19,6 +19,7 @@ TOPICS = [
     "hub.cli.basics",
     "hub.cli.repo",
     "hub.cli.fleet_data",
+    "hub.cli.escalations",
 ]
 
 HELP = (

@@ -1,0 +1,182 @@
+"""`sre-agent escalations ...` and `sre-hub escalations|operators ...` as real child processes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from policies.triage import default_triage_policy
+from sre_agent.escalations import EscalationStatus, EscalationStore, escalations_dir
+from sre_agent.triage import TriageEngine
+from sre_agent.triage_eval import load_cases
+from sre_core.audit import AuditLog
+from sre_core.clock import SystemClock
+
+CASES = {c.name: c for c in load_cases(Path(__file__).parent / "triage_cases")}
+
+
+def _escalate(state, name: str, module: str) -> str:
+    clock = SystemClock()
+    store = EscalationStore(
+        escalations_dir(state), AuditLog(state.audit_log, clock), clock, device_id="dev-7"
+    )
+    inc = CASES[name].incident.model_copy(update={"module": module, "opened_at": clock.now()})
+    decision = TriageEngine(default_triage_policy()).decide(inc)
+    return store.create(inc, decision).id
+
+
+@pytest.fixture
+def setup(tmp_path, state, run_cli):
+    keys = tmp_path / "keys"
+    r = run_cli("sre-hub", "operators", "keygen", "--operator", "alice", "--out", str(keys), "--json")
+    assert r.returncode == 0, r.stderr
+    entry = json.loads(r.stdout)["entry"]
+    assert (keys / "alice.key.pem").stat().st_mode & 0o777 == 0o600
+    roster = {"version": 1, "max_ttl_s": 7200, "operators": [entry]}
+    (state.policies / "operators.yaml").write_text(yaml.safe_dump(roster))
+    a = _escalate(state, "pf-active-nolkg", "classifier")
+    b = _escalate(state, "cd-persisted-lkg", "detector")
+    return keys, a, b
+
+
+def test_device_list_show_approve_reject(setup, state, run_cli, tmp_path):
+    keys, a, b = setup
+    r = run_cli("sre-agent", "escalations", "list", "--state", str(state.root), "--json")
+    assert r.returncode == 0, r.stderr
+    assert {e["id"] for e in json.loads(r.stdout)["escalations"]} == {a, b}
+
+    r = run_cli("sre-agent", "escalations", "show", a, "--state", str(state.root))
+    assert r.returncode == 0 and "safe_mode" in r.stdout and "why:" in r.stdout
+
+    # an operator key that is not in the roster: refused, exit 2, nothing changes
+    r = run_cli("sre-hub", "operators", "keygen", "--operator", "mallory", "--out", str(keys))
+    assert r.returncode == 0
+    r = run_cli(
+        "sre-agent",
+        "escalations",
+        "approve",
+        a,
+        "--state",
+        str(state.root),
+        "--key",
+        str(keys / "mallory.key.pem"),
+        "--operator",
+        "alice",
+    )
+    assert r.returncode == 2 and "does not list" in r.stderr
+
+    r = run_cli(
+        "sre-agent",
+        "escalations",
+        "approve",
+        a,
+        "--state",
+        str(state.root),
+        "--key",
+        str(keys / "alice.key.pem"),
+        "--operator",
+        "alice",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "approved"
+
+    r = run_cli(
+        "sre-agent",
+        "escalations",
+        "reject",
+        b,
+        "--state",
+        str(state.root),
+        "--key",
+        str(keys / "alice.key.pem"),
+        "--operator",
+        "alice",
+        "--reason",
+        "not now",
+    )
+    assert r.returncode == 0, r.stderr
+    store = EscalationStore(escalations_dir(state), AuditLog(state.audit_log), SystemClock())
+    assert store.get(a).status == EscalationStatus.APPROVED
+    assert store.get(b).status == EscalationStatus.REJECTED
+    events = [x.event for x in AuditLog(state.audit_log).records()]
+    assert "escalation.approval_refused" in events and "escalation.reject" in events
+
+
+def test_hub_reads_uploaded_escalations_signs_and_the_device_applies(setup, state, run_cli, tmp_path):
+    keys, a, b = setup
+    repo = tmp_path / "hub"
+    (repo / "policies").mkdir(parents=True)
+    (repo / "policies" / "operators.yaml").write_text((state.policies / "operators.yaml").read_text())
+    # what the uplink lands in the lake: rows of the escalations table, body = the row JSON
+    store = EscalationStore(escalations_dir(state), AuditLog(state.audit_log), SystemClock())
+    rows = [store.get(i).row() for i in (a, b)]
+    lake = repo / "fleet" / "lake" / "table=escalations" / "date=2026-01-01"
+    lake.mkdir(parents=True)
+    tbl = pa.table(
+        {
+            "seq": [1, 2],
+            "ts": pa.array([datetime.now(tz=UTC)] * 2, pa.timestamp("us", tz="UTC")),
+            "body": [json.dumps(r, default=str) for r in rows],
+            "device_id": ["dev-7", "dev-7"],
+        }
+    )
+    pq.write_table(tbl, lake / ("0" * 40 + ".parquet"))
+
+    r = run_cli("sre-hub", "escalations", "list", "--repo", str(repo), "--json")
+    assert r.returncode == 0, r.stderr
+    listed = {e["id"]: e for e in json.loads(r.stdout)["escalations"]}
+    assert set(listed) == {a, b} and listed[a]["device"] == "dev-7"
+
+    r = run_cli(
+        "sre-hub",
+        "escalations",
+        "approve",
+        a,
+        "--repo",
+        str(repo),
+        "--key",
+        str(keys / "alice.key.pem"),
+        "--operator",
+        "alice",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    path = Path(json.loads(r.stdout)["path"])
+    assert path.exists()
+
+    # an approval for a different action than allowed is refused at the hub already
+    r = run_cli(
+        "sre-hub",
+        "escalations",
+        "approve",
+        b,
+        "--repo",
+        str(repo),
+        "--action",
+        "quarantine",
+        "--key",
+        str(keys / "alice.key.pem"),
+        "--operator",
+        "alice",
+    )
+    assert r.returncode == 2 and "not allowed" in r.stderr
+
+    # a tampered approval file is refused by the device; the original is accepted
+    doc = json.loads(path.read_text())
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({**doc, "action": "alert"}))
+    r = run_cli("sre-agent", "escalations", "apply", str(forged), "--state", str(state.root))
+    assert r.returncode == 2 and "does not verify" in r.stderr
+    r = run_cli("sre-agent", "escalations", "apply", str(path), "--state", str(state.root), "--json")
+    assert r.returncode == 0, r.stderr
+    assert store.get(a).status == EscalationStatus.APPROVED
+    assert store.get(a).approval["operator"] == "alice"
+    hub_audit = [x.event for x in AuditLog(repo / "escalations" / "audit.jsonl").records()]
+    assert hub_audit == ["escalation.approve_signed"]
