@@ -320,8 +320,9 @@ class SlotManager:
 
     def verify_slot(self, module: str, slot: str) -> SlotCheck:
         """Re-hash a slot's files against the digests recorded at install (no extra files allowed)."""
-        st = self._load(module)
-        rec = st.slots.get(slot)
+        return self._verify(module, slot, self._load(module).slots.get(slot))
+
+    def _verify(self, module: str, slot: str, rec: SlotRecord | None) -> SlotCheck:
         if rec is None:
             return SlotCheck(module, slot, False, ["slot is empty"])
         root = self.paths.module(module) / slot
@@ -387,8 +388,41 @@ class SlotManager:
                 self.audit.append("slot.canary_dropped", module=module, reason="interrupted")
             if self._discard_staging(mdir):
                 done = done if done != "nothing pending" else "removed stale staging"
+            if st.phase is Phase.IDLE and st.active is not None:
+                done = self._check_active(st) or done
             self._point_current(module, st)
             return done
+
+    def _check_active(self, st: _State) -> str:
+        """On start, re-hash the active slot; a corrupt one is never served again (empty string: fine).
+
+        It goes back to a verified last-known-good standby, else serves nothing; either way the slot is
+        emptied so the next reconcile reinstalls from the verified cache.
+        """
+        module, bad_slot = st.module, st.active
+        if bad_slot is None:
+            return ""
+        chk = self._verify(module, bad_slot, st.slots.get(bad_slot))
+        if chk.ok:
+            return ""
+        rec = st.slots.get(bad_slot)
+        sb = st.standby
+        lkg = st.last_known_good or {}
+        sb_rec = st.slots.get(sb)
+        fallback: SlotId | None = None
+        if sb_rec is not None and lkg.get("sha256") == sb_rec.sha256 and self._verify(module, sb, sb_rec).ok:
+            fallback = sb
+        st.slots[bad_slot] = None
+        st.active = fallback
+        st.last_known_good = None
+        self._save(st)
+        self._point_current(module, st)
+        self._discard_slot(self.paths.module(module), bad_slot)
+        self.audit.append(
+            "slot.corrupt", module=module, slot=bad_slot, version=rec.version if rec else None,
+            problems=chk.problems[:20], now_active=fallback,
+        )  # fmt: skip
+        return f"active slot {bad_slot} failed its re-hash; now serving {fallback or 'nothing'}"
 
     # ----------------------------------------------------------------- install
     def install(self, artifact: VerifiedArtifact, actor: str = "agent") -> SlotView:

@@ -333,3 +333,24 @@ def test_canary_seam_promote_and_abort(slots: SlotManager, state: StatePaths, tm
     st = slots.status("clf")
     assert served_bytes(slots, "clf") == b"two" and v3.sha256 in st.bad
     assert {"canary.started", "canary.aborted"} <= set(events(state))
+
+
+def test_start_rehash_never_serves_a_corrupt_active_slot(
+    slots: SlotManager, state: StatePaths, tmp_path: Path
+) -> None:
+    cas = tmp_path / "cas"
+    for v in (make_artifact(cas, "clf", "1.0", b"one"), make_artifact(cas, "clf", "2.0", b"two")):
+        slots.install(v)
+        slots.flip("clf")
+        slots.commit("clf")
+    (state.module("clf") / "b" / "model.onnx").write_bytes(b"tw0")  # bit rot in the active slot
+    done = slots.recover("clf")
+    assert "failed its re-hash" in done
+    st = slots.status("clf")
+    assert served_bytes(slots, "clf") == b"one" and st.active is not None and st.active.version == "1.0"
+    assert st.standby is None and not st.bad  # the version is fine; the copy was not: reinstall it
+    assert "slot.corrupt" in events(state)
+    # Both copies corrupt: nothing is served rather than unverified bytes.
+    (state.module("clf") / "a" / "model.onnx").write_bytes(b"0ne")
+    slots.recover("clf")
+    assert slots.status("clf").active is None and not (state.module("clf") / "current").exists()
