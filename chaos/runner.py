@@ -59,6 +59,7 @@ from typing import Any
 from chaos.faults import CleanupReport, chaos_dir
 from chaos.watchdog import cleanup as _cleanup_faults
 from chaos.watchdog import read_lease, recover_stale_lease
+from policies.chaos import Guardrails
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
@@ -351,7 +352,7 @@ def run_experiment_guarded(
     *,
     state: StatePaths | Path,
     budget_s: float,
-    guardrails: Any = None,
+    guardrails: Guardrails | None = None,
     disk_reserve_mb: float | None = None,
     serving_url: str | None = None,
     model: str | None = None,
@@ -432,7 +433,7 @@ def _run_locked(
     title: str,
     paths: StatePaths,
     budget_s: float,
-    guardrails: Any,
+    guardrails: Guardrails | None,
     disk_reserve_mb: float | None,
     serving_url: str | None,
     model: str | None,
@@ -456,8 +457,6 @@ def _run_locked(
     run_dir.mkdir(parents=True, exist_ok=True)
     started_at = clock.now()
     t0 = clock.monotonic()
-
-    from policies.chaos import Guardrails
 
     g = guardrails if guardrails is not None else Guardrails()
     fp = None

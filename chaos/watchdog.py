@@ -27,6 +27,7 @@ from sre_core.audit import AuditLog
 __all__ = ["POLL_S", "fire", "lease_is_stale", "main", "read_lease", "recover_stale_lease"]
 
 POLL_S = 0.2
+SIDE_FILES = ("clock_skew.json", "input_noise.json", "fill.bin")
 OVERDUE_MARGIN_S = 30.0
 MAX_LIFETIME_S = 6 * 3600.0
 
@@ -65,7 +66,17 @@ def cleanup(
     state_root: Path, toxiproxy_url: str | None, timeout_s: float = 3.0, audit: AuditLog | None = None
 ) -> CleanupReport:
     """Undo every registered fault, then reset the Toxiproxy API (toxics off, proxies kept)."""
-    report = FaultRegistry(state_root).clear(audit=audit)
+    registry = FaultRegistry(state_root)
+    report = registry.clear(audit=audit)
+    # Side files our actions create are swept even if the registry lost track of them (say it was
+    # unreadable): a leftover skew, noise spec or ballast must never outlive its run.
+    kept = {str(f.undo.get("path")) for f in registry.list()}
+    for name in SIDE_FILES:
+        path = chaos_dir(state_root) / name
+        if path.exists() and str(path) not in kept:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            report.notes.append(f"swept unregistered {name}")
     if toxiproxy_url:
         from chaos.toxiproxy_client import ToxiproxyClient, ToxiproxyError
 

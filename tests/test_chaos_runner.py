@@ -403,3 +403,20 @@ def test_one_run_at_a_time_and_stop_request(state: StatePaths) -> None:
     assert res.verdict is Verdict.INTERRUPTED and "a stop was requested" in res.reasons
     assert res.signals[0] == "SIGUSR1"
     _no_faults_left(state)
+
+
+def test_cleanup_sweeps_side_files_even_when_registry_is_lost(state: StatePaths) -> None:
+    from chaos import actions
+    from chaos.watchdog import cleanup
+
+    cfg = {"state_dir": str(state.root)}
+    actions.skew_agent_clock(30, 600, configuration=cfg)
+    actions.fill_disk(reserve_mb=0, max_mb=1, configuration=cfg)
+    (state.run / "faults.json").write_text("{not json")  # registry lost (torn, edited...)
+    report = cleanup(state.root, None)
+    assert sorted(n for n in report.notes if n.startswith("swept")) == [
+        "swept unregistered clock_skew.json",
+        "swept unregistered fill.bin",
+    ]
+    assert (state.run / "faults.corrupt").exists(), "the unreadable registry is kept for a human"
+    _no_faults_left(state)
