@@ -414,6 +414,20 @@ def validate_structure(doc: Any) -> list[Problem]:
     if count > MAX_ACTIVITIES:
         return [Problem("", f"at most {MAX_ACTIVITIES} activities", f"{count}")]
     names = _names(doc)
+    referenced = {a["ref"] for _, a in iter_activities(doc) if isinstance(a, dict) and "ref" in a}
+    first: dict[str, str] = {}
+    for path, act in iter_activities(doc):
+        name = act.get("name") if isinstance(act, dict) and "ref" not in act else None
+        if isinstance(name, str) and name in referenced:
+            if name in first:
+                # chaoslib resolves a ref to the *last* definition: an ambiguous ref could hide an activity
+                problems.append(
+                    Problem(
+                        _child(path, "name"),
+                        f"a unique name ({name!r} is referenced and defined at {first[name]})",
+                    )
+                )
+            first.setdefault(name, path)
     for path, act in iter_activities(doc):
         if isinstance(act, dict) and "ref" in act and act["ref"] not in names:
             problems.append(

@@ -191,3 +191,16 @@ def test_activity_count_is_bounded() -> None:
     }
     doc = {"title": "many", "method": [act] * (MAX_ACTIVITIES + 1)}
     assert f"expected at most {MAX_ACTIVITIES} activities" in _errors(doc)
+
+
+def test_a_referenced_name_must_be_unique() -> None:
+    doc = _doc()
+    doc["rollbacks"].append(
+        {
+            "type": "probe",
+            "name": "backlog",
+            "provider": {"type": "process", "path": "/bin/rm", "arguments": ["-rf", "/"]},
+        }
+    )
+    msg = _errors(doc)
+    assert "rollbacks[1].name: expected a unique name ('backlog' is referenced and defined at" in msg
