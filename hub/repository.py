@@ -6,7 +6,8 @@ Public API::
     HubRepository(repo_dir, clock=None)
         .add_channel(channel)                         -> None
         .publish(channel, artifact, manifest, cosign_key=None, attestation=None) -> PublishedModule
-        .release(channel, module, version, expires_in=timedelta(days=14)) -> DesiredState
+        .release(channel, module, version, expires_in=timedelta(days=14), extra=None) -> DesiredState
+        .update_desired(channel, changes, expires_in=timedelta(days=14)) -> DesiredState (rollouts, recalls)
         .timestamp(expires_in=None)                   -> int (new timestamp version)
         .expiring(within)                             -> dict[role, datetime]
         .lock()                                       -> context manager (exclusive, re-entrant)
@@ -581,6 +582,35 @@ class HubRepository:
             fields["recalls"] = prev.recalls
         fields.update(extra or {})
         ds = DesiredState.model_validate(fields)
+        return self._write_desired(channel, ds)
+
+    @_locked
+    def update_desired(
+        self, channel: str, changes: dict[str, Any], expires_in: timedelta = timedelta(days=14)
+    ) -> DesiredState:
+        """Sign a new serial of the channel's desired state with ``changes`` applied to its fields
+        (``rollout``, ``recalls``, ``modules``...); issued now, expiring after ``expires_in``.
+
+        Raises:
+            InputError: the result is not a valid desired state, or names an unpublished target.
+        """
+        self._require_channel(channel)
+        prev = self.desired_state(channel)
+        now = self._now()
+        serial = max(prev.serial if prev else 0, int(self._cfg.get("serials", {}).get(channel, 0))) + 1
+        fields: dict[str, Any] = prev.model_dump() if prev else {"channel": channel, "modules": {}}
+        fields.update(changes)
+        fields.update({"channel": channel, "serial": serial, "issued": now, "expires": now + expires_in})
+        try:
+            ds = DesiredState.model_validate(fields)
+        except ValueError as exc:
+            raise InputError(f"update desired state of {channel}", str(exc), "fix the changes") from exc
+        published = self.channel_targets(channel)
+        for name, dm in ds.modules.items():
+            if dm.target not in published:
+                raise InputError(
+                    f"update desired state of {channel}", f"{name} names {dm.target}, which is not published"
+                )
         return self._write_desired(channel, ds)
 
     def _write_desired(self, channel: str, ds: DesiredState) -> DesiredState:

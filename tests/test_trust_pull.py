@@ -315,3 +315,15 @@ def test_pull_reports_telemetry(env: HubEnv) -> None:
         Puller(env.paths, env.url, "stable", clock=env.clock, telemetry=sink).pull()
     assert sink.events[-1][0] == "pull.refused" and sink.events[-1][2] == "error"
     assert "clf-1.1.0" in sink.events[-1][1]
+
+
+def test_update_desired_signs_rollouts_and_recalls(env: HubEnv) -> None:
+    env.artifact("1.0.0")
+    ds = env.repo.update_desired("stable", {"rollout": {"id": "r1", "waves": [10, 50, 100]}})
+    assert ds.serial == 2 and ds.modules["clf"].version == "1.0.0"
+    result = env.puller().pull()
+    assert result.desired is not None and result.desired.rollout == {"id": "r1", "waves": [10, 50, 100]}
+    from sre_core.errors import InputError
+
+    with pytest.raises(InputError, match="not published"):
+        env.repo.update_desired("stable", {"modules": {"clf": {"version": "9", "target": "stable/nope"}}})

@@ -214,6 +214,9 @@ def register(app: typer.Typer) -> None:
 
         if not (repo / "repo.json").is_file():
             raise InputError(f"serve {repo}", "not a repository", "run `sre-hub init --repo DIR` first")
+        from sre_core.cli import err_console
+
+        err_console().print(f"serving {repo} on http://{host}:{port} (Ctrl-C stops)")
         uvicorn.run(build_hub_app(repo), host=host, port=port, log_level="warning", lifespan="off")
 
     @bundle_app.command("export")
