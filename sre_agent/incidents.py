@@ -36,6 +36,8 @@ __all__ = [
     "SlotStatus",
     "TrackVerdict",
     "VerificationEvidence",
+    "check_category",
+    "incident_from_event",
 ]
 
 MAX_LOG_LINE = 500
@@ -218,3 +220,86 @@ class IncidentTracker:
         while len(self._entries) > self.max_entries:
             oldest = min(self._entries, key=lambda fp: self._entries[fp].last_seen)
             del self._entries[oldest]
+
+
+# --------------------------------------------------------------------------------------------------
+# Incidents from telemetry events (the verification runner emits ``kind="incident"`` events)
+
+CHECK_CATEGORIES: dict[str, str] = {
+    "model.golden": "behaviour",
+    "rollback.readiness": "rollback_readiness",
+    "integrity.slots": "integrity",
+    "integrity.telemetry_db": "data_integrity",
+    "integrity.audit_chain": "data_integrity",
+}
+"""Verification check name -> the category triage rules match on (prefix rules below for the rest)."""
+_PREFIX_CATEGORIES = {"drift": "drift", "resources": "performance", "trust": "trust", "model": "behaviour"}
+
+
+def check_category(check: str) -> str:
+    """The triage category of a verification check name."""
+    if check in CHECK_CATEGORIES:
+        return CHECK_CATEGORIES[check]
+    prefix = check.split(".", 1)[0]
+    return _PREFIX_CATEGORIES.get(prefix, prefix)
+
+
+def _fact(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+def incident_from_event(
+    message: str,
+    severity: str,
+    attrs: dict[str, Any],
+    ts: datetime,
+    *,
+    slot: SlotStatus | None = None,
+    logs: list[str] | None = None,
+) -> Incident | None:
+    """Turn an ``incident`` telemetry event (``attrs["incident_kind"]``, ``facts``, ``modules``...) into an
+    :class:`Incident`; None when the event names no known incident kind.
+
+    The event's message and evidence become untrusted evidence text; only ``attrs["facts"]`` (scalars)
+    become facts. The verification check's category is normalised with :func:`check_category`.
+    """
+    try:
+        kind = IncidentKind(str(attrs.get("incident_kind", "")))
+    except ValueError:
+        return None
+    facts: dict[str, FactValue] = {
+        str(k)[:64]: v for k, v in dict(attrs.get("facts") or {}).items() if _fact(v)
+    }
+    check = str(attrs.get("check") or facts.get("check") or "")
+    if kind == IncidentKind.VERIFICATION_FAILURE and check:
+        facts["check"] = check
+        facts["category"] = check_category(check)
+    modules = [str(m) for m in attrs.get("modules") or []]
+    module = modules[0] if modules else "device"
+    key = str(attrs.get("dedup_key") or f"{kind.value}:{module}:{check}")
+    verification = []
+    if kind == IncidentKind.VERIFICATION_FAILURE and check:
+        verification.append(VerificationEvidence(check=check, passed=False, detail=message[:MAX_LOG_LINE]))
+    raw_evidence = attrs.get("evidence")
+    lines = list(logs or [])
+    if raw_evidence:
+        lines.append(json.dumps(raw_evidence, default=str, sort_keys=True)[:MAX_LOG_LINE])
+    metrics = {
+        str(k): float(v)
+        for k, v in dict(attrs.get("measurements") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    sev = severity if severity in {s.value for s in Severity} else Severity.WARNING.value
+    digest = hashlib.sha256(f"{key}|{ts.isoformat()}".encode()).hexdigest()[:16]
+    return Incident(
+        id=f"inc-{digest}",
+        kind=kind,
+        module=module[:100] or "device",
+        version=(slot.active_version if slot else None),
+        severity=Severity(sev),
+        opened_at=ts,
+        title=message[:200],
+        facts=facts,
+        evidence=Evidence(metrics=metrics, logs=lines, slot=slot or SlotStatus(), verification=verification),
+        fingerprint_keys=("check",) if check else (),
+    )
