@@ -189,6 +189,7 @@ def test_escalated_experiment_executes_nothing(run_cli, state: StatePaths, tmp_p
             cwd=tmp_path,
         )
         assert marker.exists(), plain.stdout + plain.stderr
+        assert config_marker.exists()  # chaoslib runs dynamic configuration probes while loading
         assert [t["type"] for t in client.toxics("uplink")] == ["latency"]
 
 
