@@ -8,18 +8,27 @@ decision (telemetry table ``triage_decisions``).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-from sre_agent.actions import ActionExecutor, ActionResult
-from sre_agent.escalations import Escalation, EscalationStore
+from policies.base import load_document
+from policies.triage import Action, TriagePolicy, default_triage_policy
+from sre_agent.actions import ActionExecutor, ActionHandler, ActionResult
+from sre_agent.config import AgentSettings, LlmSettings
+from sre_agent.escalations import Escalation, EscalationStatus, EscalationStore
 from sre_agent.incidents import Incident, IncidentTracker, TrackVerdict
 from sre_agent.triage import Advice, RuleMatch, TriageDecision, TriageEngine
 from sre_core.audit import AuditLog
+from sre_core.clock import Clock
+from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
-__all__ = ["Advisor", "Outcome", "Responder"]
+__all__ = ["Advisor", "LazyLlmAdvisor", "Outcome", "Responder", "build_responder", "load_triage_policy"]
 
 Advisor = Callable[[Incident, RuleMatch], Advice]
 """Given the incident and the matched rule, say which allowed action and why. May raise; may be slow."""
@@ -102,3 +111,90 @@ class Responder:
         results = tuple(self.executor.execute(a, incident) for a in decision.execute_now)
         escalation = self.escalations.create(incident, decision) if decision.escalated else None
         return Outcome(incident.id, tracked, decision, results, escalation)
+
+    def process_escalations(self, roster_path: Path) -> list[tuple[Escalation, ActionResult | None]]:
+        """The daemon's periodic escalation job: expire what is due, then carry out approved escalations
+        (each approval verified again against the operator policy at ``roster_path`` right before acting).
+        Without an operator policy nothing is executed."""
+        from policies.approvals import load_roster
+        from sre_core.errors import InputError
+
+        self.escalations.expire_due()
+        try:
+            roster = load_roster(roster_path)
+        except InputError as exc:
+            if self.escalations.select(EscalationStatus.APPROVED):
+                self.audit.append("escalation.execution_blocked", why=exc.why[:300])
+            return []
+        return self.escalations.execute_approved(self.executor, roster)
+
+
+def load_triage_policy(policies_dir: Path) -> TriagePolicy:
+    """``<policies>/triage.yaml`` when the signed policy module installed one, else the shipped default.
+
+    Raises:
+        InputError: the installed document is invalid (never silently replaced by the default).
+    """
+    installed = Path(policies_dir) / "triage.yaml"
+    if installed.exists():
+        return load_document(TriagePolicy, installed)
+    return default_triage_policy()
+
+
+class LazyLlmAdvisor:
+    """Loads the local model on first use (start-up stays fast; a load failure only costs a fallback)."""
+
+    def __init__(self, settings: LlmSettings) -> None:
+        self.settings = settings
+        self._advisor: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._advisor is None:
+                from sre_agent.llm import LlmAdvisor, LocalModel
+
+                self._advisor = LlmAdvisor(LocalModel.from_settings(self.settings), self.settings)
+            return self._advisor
+
+    def __call__(self, incident: Incident, match: RuleMatch) -> Advice:
+        advice: Advice = self._get()(incident, match)
+        return advice
+
+    def summarize(self, prompt: str) -> str:
+        text: str = self._get().summarize(prompt)
+        return text
+
+
+def build_responder(
+    paths: StatePaths,
+    settings: AgentSettings,
+    *,
+    clock: Clock,
+    audit: AuditLog,
+    handlers: Mapping[Action, ActionHandler] | None = None,
+    telemetry: TelemetrySink | None = None,
+    device_id: str = "",
+) -> Responder:
+    """Wire a responder for the daemon: policy from the device, escalations under the state directory,
+    the local model when ``settings.llm.enabled`` (loaded lazily), the daemon's action handlers."""
+    from sre_agent.escalations import escalations_dir
+
+    policy = load_triage_policy(paths.policies)
+    store = EscalationStore(
+        escalations_dir(paths),
+        audit,
+        clock,
+        device_id=device_id,
+        telemetry=telemetry,
+        ttl=timedelta(seconds=policy.escalation_ttl_s),
+    )
+    return Responder(
+        TriageEngine(policy),
+        ActionExecutor(handlers, audit=audit, telemetry=telemetry),
+        store,
+        IncidentTracker(clock),
+        audit,
+        advisor=LazyLlmAdvisor(settings.llm) if settings.llm.enabled else None,
+        telemetry=telemetry,
+    )

@@ -229,3 +229,55 @@ def test_approval_documents_round_trip_and_garbage_is_refused(world):
         load_approval(b"{not json")
     with pytest.raises(ApprovalError):
         load_approval(json.dumps({**json.loads(a.model_dump_json()), "extra": 1}))
+
+
+def test_daemon_wiring_escalates_then_executes_after_signed_approval(tmp_path, state, clock):
+    """build_responder + process_escalations: the daemon's path from incident to approved action."""
+    import yaml
+
+    from sre_agent.config import load_settings
+    from sre_agent.respond import build_responder
+
+    settings = load_settings(env={"SRE_AGENT_LLM__ENABLED": "false"}, state_dir=state.root)
+    audit = AuditLog(state.audit_log, clock)
+    ran: list[str] = []
+    responder = build_responder(
+        state,
+        settings,
+        clock=clock,
+        audit=audit,
+        handlers={Action.SAFE_MODE: lambda inc: ran.append(inc.id) or "safe mode on"},
+        device_id="dev-9",
+    )
+    assert responder.advisor is None
+    incident = {c.name: c for c in load_cases(CASES)}["pf-active-nolkg"].incident
+    out = responder.handle(incident)
+    assert out.escalation is not None and ran == []
+    roster_path = state.policies / "operators.yaml"
+    # no operator policy yet: an approval cannot even be verified, nothing runs
+    assert responder.process_escalations(roster_path) == []
+    alice = generate_operator_key()
+    roster_path.write_text(
+        yaml.safe_dump(
+            {"version": 1, "operators": [{"id": "alice", "public_key": public_key_b64(alice.public_key())}]}
+        )
+    )
+    from policies.approvals import load_roster
+
+    esc = out.escalation
+    approval = sign_approval(
+        alice,
+        operator="alice",
+        escalation_id=esc.id,
+        escalation_hash=esc.content_hash,
+        decision="approve",
+        action="safe_mode",
+        now=clock.now(),
+        ttl=timedelta(minutes=30),
+    )
+    responder.escalations.decide(approval, load_roster(roster_path))
+    done = responder.process_escalations(roster_path)
+    assert [e.status for e, _ in done] == [EscalationStatus.EXECUTED] and ran == [incident.id]
+    assert responder.process_escalations(roster_path) == [] and ran == [incident.id]
+    assert esc.content["device_id"] == "dev-9"
+    assert audit.verify()[1] is None
