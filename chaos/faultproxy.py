@@ -797,6 +797,11 @@ class FaultProxyServer:
         if self._server is not None:
             self._server.close()
         await self.proxy.close()
+        # API connections still open (keep-alive clients) and link tasks end here, not at loop teardown.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def call(self, fn: Callable[[FaultProxy], Any], timeout_s: float = 5.0) -> Any:
         """Run ``fn(proxy)`` on the loop thread (in-process inspection) and return its result."""

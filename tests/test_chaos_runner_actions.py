@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -377,3 +378,35 @@ def test_uplink_backlog_from_status_file_or_outbox(state: StatePaths) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_cut_uplink_blocks_then_restores_by_itself(state: StatePaths) -> None:
+    echo = _Echo()
+    try:
+        with FaultProxyServer() as fp:
+            cfg = _cfg(state, toxiproxy_url=fp.url, uplink_upstream=echo.addr)
+            result: list[dict[str, object]] = []
+            t = threading.Thread(target=lambda: result.append(actions.cut_uplink(1.5, configuration=cfg)))
+            t.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):  # the proxy is not there yet
+                    if len(probes.uplink_toxics(configuration=cfg)) == 2:
+                        break
+                time.sleep(0.02)
+            with ToxiproxyClient(fp.url) as api:
+                listen = api.get_proxy("uplink")["listen"]
+            with socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), timeout=0.3) as s:
+                s.sendall(b"x")
+                with pytest.raises(TimeoutError):
+                    s.recv(1)  # cut: nothing comes back
+            t.join(10)
+            assert result and result[0]["cut_s"] == 1.5
+            assert probes.uplink_toxics(configuration=cfg) == []
+            with socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), timeout=5) as s:
+                s.sendall(b"y")
+                assert s.recv(1) == b"y"
+            assert [f.kind for f in FaultRegistry(state.root).list()] == ["proxy"]
+            actions.clear_faults(configuration=cfg)
+    finally:
+        echo.close()
