@@ -41,6 +41,10 @@ class CheckPolicy(PolicyModel):
     jitter_s: float | None = Field(default=None, ge=0, le=86400)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
     severity: Severity | None = None
+    isolation: Literal["thread", "process"] | None = Field(
+        default=None,
+        description="process: run in a child process that is killed on timeout (costs a Python start-up)",
+    )
 
 
 class ResourceReserves(PolicyModel):

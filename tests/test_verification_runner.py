@@ -74,8 +74,45 @@ class Flips(Check):
         return CheckResult.fail("broken", {"why": "x"}) if self.bad else CheckResult.ok("fixed")
 
 
-def _spec(name: str, timeout_s: float = 30.0) -> CheckSpec:
-    return CheckSpec(name=name, interval_s=60, timeout_s=timeout_s, severity=Severity.CRITICAL)
+def _spec(name: str, timeout_s: float = 30.0, isolation: str = "thread") -> CheckSpec:
+    return CheckSpec(
+        name=name,
+        interval_s=60,
+        timeout_s=timeout_s,
+        severity=Severity.CRITICAL,
+        isolation=isolation,  # type: ignore[arg-type]
+    )
+
+
+class BusyLoop(Check):
+    """Hangs holding a core: only a process boundary can stop it."""
+
+    name = "test.busy"
+
+    def run(self, ctx: VerificationContext) -> CheckResult:
+        n = 0
+        while True:
+            n += 1
+
+
+class DiesHard(Check):
+    name = "test.dies"
+
+    def run(self, ctx: VerificationContext) -> CheckResult:
+        import os
+
+        os._exit(3)
+
+
+class WhereAmI(Check):
+    name = "test.where"
+
+    def run(self, ctx: VerificationContext) -> CheckResult:
+        import os
+
+        return CheckResult.ok(
+            "ran", {"root": str(ctx.paths.root), "now": ctx.clock.now().isoformat()}, pid=os.getpid()
+        )
 
 
 @pytest.fixture
@@ -246,6 +283,9 @@ def test_default_policy_names_every_builtin() -> None:
     planned, problems = reg.plan(policy)
     assert problems == []
     assert {p.spec.name for p in planned} == set(reg.names())
+    assert all(p.spec.isolation == "thread" for p in planned)
+    isolated = policy.model_copy(update={"checks": {"drift.inputs": CheckPolicy(isolation="process")}})
+    assert [p.spec.isolation for p in reg.plan(isolated)[0]] == ["process"]
 
 
 # -- learned gates ------------------------------------------------------------------------------------
@@ -404,3 +444,33 @@ def test_chaos_findings_become_gates_that_run_like_checks(
     gate = next(r for r in results if r.check == f"gate.{listed[0].name}")
     assert gate.status is Status.FAIL
     assert "inference-p95-under-50ms" in gate.evidence["reason"]
+
+
+@pytest.mark.slow
+def test_process_isolation_kills_a_busy_hang_and_survives_a_dying_check(ctx: VerificationContext) -> None:
+    import os
+
+    import psutil
+
+    sink = MemorySink()
+    runner = Runner(sink=sink, clock=ctx.clock, max_parallel=4)
+    planned = [
+        PlannedCheck(BusyLoop(), _spec("test.busy", timeout_s=1.0, isolation="process")),
+        PlannedCheck(DiesHard(), _spec("test.dies", isolation="process")),
+        PlannedCheck(Raises(), _spec("test.raises", isolation="process")),
+        PlannedCheck(WhereAmI(), _spec("test.where", isolation="process")),
+    ]
+    busy, dies, raises, where = runner.run(ctx, planned)
+    assert busy.status is Status.TIMEOUT and busy.evidence["killed"] is True
+    pid = busy.evidence["pid"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert dies.status is Status.ERROR and "exit code 3" in dies.summary
+    assert raises.status is Status.ERROR and "sensor bus went away" in (raises.traceback or "")
+    assert where.status is Status.PASS and where.measurements["pid"] != os.getpid()
+    # The child saw the same device and (frozen) fake time.
+    assert where.evidence == {"root": str(ctx.paths.root), "now": ctx.clock.now().isoformat()}
+    assert {e[3]["check"] for e in sink.events if e[0] == "incident"} == {
+        "test.busy",
+        "test.dies",
+        "test.raises",
+    }

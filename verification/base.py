@@ -12,7 +12,7 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from verification.context import VerificationContext
@@ -137,6 +137,7 @@ class CheckSpec:
     severity: Severity
     jitter_s: float = 0.0
     misfire_grace_s: float = 60.0
+    isolation: Literal["thread", "process"] = "thread"
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.timeout_s <= 0:
@@ -157,6 +158,7 @@ class Check(ABC):
     severity: Severity = Severity.WARNING
     interval_s: float | None = None  # None: the policy's defaults
     timeout_s: float | None = None
+    isolation: Literal["thread", "process"] = "thread"
 
     @abstractmethod
     def run(self, ctx: VerificationContext) -> CheckResult:

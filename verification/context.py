@@ -22,7 +22,7 @@ from policies.verification import VerificationPolicy
 from sre_core.clock import Clock, SystemClock
 from sre_core.paths import StatePaths
 
-__all__ = ["SessionCache", "SlotView", "VerificationContext", "sha256_file"]
+__all__ = ["FrozenClock", "SessionCache", "SlotView", "VerificationContext", "sha256_file"]
 
 Role = Literal["active", "standby"]
 _CHUNK = 1 << 20
@@ -83,6 +83,13 @@ class SessionCache:
         self._sessions: dict[tuple[str, int, int], Any] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sessions and locks do not cross a process boundary: a child starts with an empty cache.
+        return {"max_sessions": self.max_sessions, "providers": self.providers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_sessions"], state["providers"])  # type: ignore[misc]
+
     def get(self, path: Path) -> Any:
         """A session for ``path``; raises whatever onnxruntime raises for an unloadable model."""
         import onnxruntime as ort
@@ -105,6 +112,23 @@ class SessionCache:
                 del self._sessions[next(iter(self._sessions))]
             self._sessions[key] = sess
         return sess
+
+
+@dataclass(frozen=True)
+class FrozenClock:
+    """A clock stopped at one instant: what a child process sees of a clock that cannot be pickled."""
+
+    wall: datetime
+    mono: float
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        return None
 
 
 @dataclass
@@ -138,6 +162,22 @@ class VerificationContext:
     input_samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     output_samples: dict[str, np.ndarray] = field(default_factory=dict)
     sessions: SessionCache = field(default_factory=SessionCache)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a child process gets (process isolation): no live connection, no sessions; the clock
+        as is when it pickles (the system clock), else frozen at this instant."""
+        import pickle
+
+        state = dict(self.__dict__)
+        state["telemetry_query"] = None
+        try:
+            pickle.dumps(self.clock)
+        except Exception:
+            state["clock"] = FrozenClock(self.clock.now(), self.clock.monotonic())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def modules(self) -> list[str]:
         """Module names with at least one installed slot, sorted."""

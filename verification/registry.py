@@ -164,4 +164,5 @@ def spec_for(check: Check, cp: CheckPolicy, policy: VerificationPolicy) -> Check
         severity=Severity(cp.severity) if cp.severity else check.severity,
         jitter_s=d.jitter_s if cp.jitter_s is None else cp.jitter_s,
         misfire_grace_s=d.misfire_grace_s,
+        isolation=cp.isolation or check.isolation,
     )

@@ -34,6 +34,8 @@ __all__ = ["RESULTS_TABLE", "Runner"]
 RESULTS_TABLE = "verification_results"
 _log = logging.getLogger(__name__)
 _MAX_EVIDENCE_STACK = 4000
+SPAWN_ALLOWANCE_S = 60.0
+"""Start-up of an isolated check's child process (interpreter + imports; slow on a busy edge device)."""
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Runner:
                     running[idx] = started
             if not running:
                 continue
-            wait = min(r.t0 + r.spec.timeout_s for r in running.values()) - time.monotonic()
+            wait = min(r.t0 + _limit(r.spec) for r in running.values()) - time.monotonic()
             try:
                 idx, res = done.get(timeout=max(0.0, wait))
                 r = running.pop(idx, None)
@@ -107,7 +109,7 @@ class Runner:
                 pass
             now = time.monotonic()
             for idx, r in list(running.items()):
-                if now - r.t0 >= r.spec.timeout_s and r.thread.is_alive():
+                if now - r.t0 >= _limit(r.spec) and r.thread.is_alive():
                     del running[idx]
                     results[idx] = self._finish(self._timed_out(r, now))
         return [results[i] for i in range(len(planned))]
@@ -148,7 +150,10 @@ class Runner:
         def work() -> None:
             res: Any
             try:
-                res = check.run(ctx)
+                if spec.isolation == "process":
+                    res = run_in_child(check, ctx, spec.timeout_s)
+                else:
+                    res = check.run(ctx)
             except BaseException as exc:  # a check must never take the agent down
                 res = CheckResult(
                     Status.ERROR,
@@ -244,6 +249,83 @@ class Runner:
                 },
                 ts=res.started,
             )
+
+
+def _limit(spec: CheckSpec) -> float:
+    # A process-isolated check is killed by its manager thread; the runner's deadline is a backstop.
+    return spec.timeout_s + (SPAWN_ALLOWANCE_S + 10.0 if spec.isolation == "process" else 0.0)
+
+
+def _child_main(conn: Any, check: Check, ctx: VerificationContext) -> None:
+    """Entry point of an isolated check's child process: say it started, run, send the result."""
+    conn.send(("started", None))
+    try:
+        res: Any = check.run(ctx)
+        if not isinstance(res, CheckResult):
+            res = CheckResult(Status.ERROR, f"{type(check).__name__}.run returned {type(res).__name__}")
+    except BaseException as exc:
+        res = CheckResult(
+            Status.ERROR,
+            f"check raised {type(exc).__name__}: {exc}"[:500],
+            {"exception": type(exc).__name__, "isolation": "process"},
+            traceback=traceback.format_exc(),
+        )
+    conn.send(("result", res))
+    conn.close()
+
+
+def run_in_child(check: Check, ctx: VerificationContext, timeout_s: float) -> CheckResult:
+    """Run ``check`` in a fresh (spawned) child process; kill it if the check overruns ``timeout_s``.
+
+    The child's start-up (a Python interpreter importing the check) is bounded separately by
+    :data:`SPAWN_ALLOWANCE_S` and does not count against the check's timeout.
+    """
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")
+    recv, send = mp.Pipe(duplex=False)
+    proc = mp.Process(target=_child_main, args=(send, check, ctx), name=f"check:{check.name}", daemon=True)
+    try:
+        proc.start()
+    except Exception as exc:
+        recv.close()
+        send.close()
+        return CheckResult(
+            Status.ERROR,
+            f"cannot start the check in a child process: {type(exc).__name__}: {exc}"[:500],
+            {"isolation": "process"},
+            traceback=traceback.format_exc(),
+        )
+    send.close()
+    evidence: dict[str, Any] = {"isolation": "process", "pid": proc.pid}
+    try:
+        for phase, limit in (("started", SPAWN_ALLOWANCE_S), ("result", timeout_s)):
+            if not recv.poll(limit):
+                proc.kill()
+                proc.join(5)
+                if phase == "started":
+                    return CheckResult(
+                        Status.ERROR, f"child process did not start within {limit:g} s (killed)", evidence
+                    )
+                return CheckResult(
+                    Status.TIMEOUT,
+                    f"did not finish within {limit:g} s (child process {proc.pid} killed)",
+                    {**evidence, "timeout_s": limit, "killed": True},
+                )
+            kind, payload = recv.recv()
+            if kind == "result":
+                return payload  # type: ignore[no-any-return]
+        return CheckResult(Status.ERROR, "child process sent no result", evidence)  # pragma: no cover
+    except EOFError:
+        proc.join(5)
+        return CheckResult(
+            Status.ERROR, f"child process died (exit code {proc.exitcode}) before it sent a result", evidence
+        )
+    finally:
+        recv.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
 
 
 def _stack_of(thread: threading.Thread) -> str:
