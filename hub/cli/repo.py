@@ -217,7 +217,10 @@ def register(app: typer.Typer) -> None:
         from sre_core.cli import err_console
 
         err_console().print(f"serving {repo} on http://{host}:{port} (Ctrl-C stops)")
-        uvicorn.run(build_hub_app(repo), host=host, port=port, log_level="warning", lifespan="off")
+        from hub.ingest import ingest_routes
+
+        asgi = build_hub_app(repo, extra_routes=ingest_routes(repo / "fleet"))
+        uvicorn.run(asgi, host=host, port=port, log_level="warning", lifespan="off")
 
     @bundle_app.command("export")
     def bundle_export(
