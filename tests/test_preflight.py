@@ -110,6 +110,7 @@ def test_example_rules_are_the_documented_ones() -> None:
     assert {"no-steady-state", "no-rollback"} <= by_name["kill-serving-no-hypothesis.json"]
     assert by_name["remote-health-probe.yaml"] == {"http-non-loopback"}
     assert by_name["typo-provider.yaml"] == {"invalid"}
+    assert by_name["noise-half-declared-high-risk.yaml"] == {"declared-risk"}
 
 
 def test_rollback_drill_needs_a_verified_standby() -> None:
