@@ -84,3 +84,36 @@ def test_reconcile_once_offline_without_hub(tmp_path: Path, run_cli) -> None:  #
     data = json.loads(r.stdout)
     assert data["trust"] == "none" and data["outcomes"] == [] and not data["safe_mode"]
     assert run_cli("sre-agent", "reconcile", "--state", str(state.root)).returncode == 2
+
+
+def test_reconcile_once_pulls_from_a_real_hub(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    from _trust_support import HubEnv
+
+    from hub.repository import HubRepository
+    from hub.server import build_hub_app
+    from sre_core.http_server import ServerThread
+
+    # The CLI runs on the real clock, so the hub signs relative to it (not to a fake 2026-01-01).
+    clock = FakeClock(datetime.now(UTC))
+    repo = HubRepository.init(tmp_path / "repo", channels=("stable",), clock=clock)
+    server = ServerThread(build_hub_app(repo.dir, [])).start()
+    paths = StatePaths(tmp_path / "device")
+    provision(paths, root=repo.metadata_dir / "1.root.json", hub=server.url, channel="stable", clock=clock)
+    env = HubEnv(tmp_path, clock, repo, server, paths)
+    try:
+        env.artifact("1.0.0")
+        s = str(env.paths.root)
+        r = run_cli("sre-agent", "reconcile", "--state", s, "--once", "--json")
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        assert data["trust"] == "fresh" and data["online"]
+        assert [(o["module"], o["result"], o["version"]) for o in data["outcomes"]] == [
+            ("clf", "committed", "1.0.0")
+        ]
+        st = json.loads(run_cli("sre-agent", "status", "--state", s, "--json").stdout)
+        assert st["modules"][0]["active"]["version"] == "1.0.0" and st["trust"]["trust"] == "fresh"
+        assert run_cli("sre-agent", "audit", "verify", "--state", s).returncode == 0
+    finally:
+        env.server.stop()
