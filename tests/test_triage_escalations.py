@@ -281,3 +281,42 @@ def test_daemon_wiring_escalates_then_executes_after_signed_approval(tmp_path, s
     assert responder.process_escalations(roster_path) == [] and ran == [incident.id]
     assert esc.content["device_id"] == "dev-9"
     assert audit.verify()[1] is None
+
+
+def test_escalations_are_mirrored_into_the_duckdb_telemetry_store(tmp_path, state, clock):
+    """The escalation store writes through the telemetry sink seam into the real `escalations` table."""
+    from policies.telemetry import load_telemetry_policy
+    from sre_agent.telemetry import Store, TelemetryWriter
+
+    store_db = Store(state.telemetry_db, load_telemetry_policy(), clock, "dev-1")
+    writer = TelemetryWriter(store_db)
+    try:
+        audit = AuditLog(state.audit_log, clock)
+        escs = EscalationStore(tmp_path / "esc", audit, clock, device_id="dev-1", telemetry=writer)
+        incident = {c.name: c for c in load_cases(CASES)}["pf-active-nolkg"].incident
+        esc = escs.create(incident, TriageEngine(default_triage_policy()).decide(incident))
+        alice = generate_operator_key()
+        roster = OperatorRoster(
+            version=1, operators=[{"id": "alice", "public_key": public_key_b64(alice.public_key())}]
+        )
+        escs.decide(
+            sign_approval(
+                alice,
+                operator="alice",
+                escalation_id=esc.id,
+                escalation_hash=esc.content_hash,
+                decision="reject",
+                now=clock.now(),
+                ttl=timedelta(minutes=5),
+            ),
+            roster,
+        )
+        writer.flush()
+        rows = store_db.query("SELECT body FROM escalations ORDER BY seq").to_pylist()
+    finally:
+        store_db.close()
+    bodies = [json.loads(r["body"]) for r in rows]
+    assert [b["status"] for b in bodies] == ["open", "rejected"]
+    assert {b["id"] for b in bodies} == {esc.id}
+    doc = json.loads(bodies[-1]["document"])
+    assert doc["content_hash"] == esc.content_hash and doc["approval"]["operator"] == "alice"
