@@ -177,3 +177,16 @@ def test_the_daemon_service_runs_every_check_on_a_real_device(state: StatePaths,
     assert set(by) == set(policy.checks)
     assert by["drift.inputs"]["status"] == "pass"
     assert by["rollback.readiness"]["status"] == "pass"
+
+
+def test_cli_verify_list_shows_the_schedule(state: StatePaths, capsys: pytest.CaptureFixture[str]) -> None:
+    from sre_agent.cli import main
+    from verification import GateDefinition, GateStore
+
+    GateStore(state.root / "gates").add(GateDefinition(name="audit-ok", check="integrity.audit_chain"))
+    assert main(["verify", "--state", str(state.root), "--list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["check"]: r for r in doc["checks"]}
+    assert rows["resources.headroom"]["interval_s"] == 60 and rows["resources.headroom"]["jitter_s"] == 10
+    assert rows["model.golden"]["source"] == "builtin" and rows["gate.audit-ok"]["source"] == "gate"
+    assert doc["problems"] == []

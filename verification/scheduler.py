@@ -201,7 +201,7 @@ def build_service(
     """
     from verification.adapters import build_context
 
-    policy = policy or load_verification_policy(paths.policies)
+    policy = policy or load_verification_policy(paths.policies if paths.policies.is_dir() else None)
     harness = Harness(policy, registry=registry, gates_dir=paths.root / "gates", sink=sink, clock=clock)
     sessions = SessionCache()
 

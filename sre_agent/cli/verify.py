@@ -75,7 +75,8 @@ def _table(results: list[Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="verification", show_lines=False)
-    for col in ("check", "status", "severity", "took", "summary"):
+    table.add_column("check", no_wrap=True)
+    for col in ("status", "severity", "took", "summary"):
         table.add_column(col, overflow="fold")
     for r in results:
         style = _STYLE.get(r.status.value, "")
@@ -100,6 +101,9 @@ def register(app: typer.Typer) -> None:
         state: StateOpt = None,
         config: ConfigOpt = None,
         once: Annotated[bool, typer.Option("--once", help="Run every check once and exit.")] = False,
+        list_only: Annotated[
+            bool, typer.Option("--list", help="Show the schedule (checks, gates, sources) and exit.")
+        ] = False,
         check: Annotated[
             str | None, typer.Option("--check", help="Run only this check (or gate.NAME).")
         ] = None,
@@ -122,7 +126,7 @@ def register(app: typer.Typer) -> None:
         from verification.harness import Harness
 
         paths = _paths(state, config)
-        pol = load_verification_policy(policy or paths.policies)
+        pol = load_verification_policy(policy or (paths.policies if paths.policies.is_dir() else None))
         clock = SystemClock()
         harness = Harness(pol, gates_dir=paths.root / "gates", clock=clock)
         sessions = SessionCache()
@@ -132,6 +136,47 @@ def register(app: typer.Typer) -> None:
                 raise InputError(
                     f"verify --check {check}", "no such check", f"installed: {', '.join(sorted(known))}"
                 )
+        if list_only:
+            planned, problems = harness.plan(check)
+            rows = [
+                {
+                    "check": p.spec.name,
+                    "source": harness.registry.source(p.spec.name)
+                    if not p.spec.name.startswith("gate.")
+                    else "gate",
+                    "interval_s": p.spec.interval_s,
+                    "jitter_s": p.spec.jitter_s,
+                    "timeout_s": p.spec.timeout_s,
+                    "severity": p.spec.severity.value,
+                    "isolation": p.spec.isolation,
+                    "description": p.check.description,
+                }
+                for p in planned
+            ]
+            broken = [{"check": r.check, "error": r.summary} for r in problems]
+            if json_out:
+                emit_json({"checks": rows, "problems": broken})
+                return
+            from rich.table import Table
+
+            table = Table(title="verification schedule")
+            table.add_column("check", no_wrap=True)
+            for col in ("source", "every", "timeout", "severity", "isolation"):
+                table.add_column(col, overflow="fold")
+            for r in rows:
+                table.add_row(
+                    str(r["check"]),
+                    str(r["source"]),
+                    f"{r['interval_s']:g} s ± {r['jitter_s']:g}",
+                    f"{r['timeout_s']:g} s",
+                    str(r["severity"]),
+                    str(r["isolation"]),
+                )
+            console = out_console()
+            console.print(table)
+            for b in broken:
+                console.print(f"[red]{b['check']}[/red]: {b['error']}")
+            return
         if once:
             sink, query, close = _telemetry(paths, clock)
             harness.runner.sink = sink
