@@ -241,13 +241,13 @@ def test_bandwidth_limits_rate(api: ToxiproxyClient) -> None:
     src = Upstream("source", payload)
     try:
         p = api.create_proxy("svc", src.addr)
+        t0 = time.monotonic()
         with _connect(p) as s:
-            t0 = time.monotonic()
             free = _recv_all(s)
             fast = time.monotonic() - t0
         api.add_toxic("svc", "bandwidth", {"rate": 60})  # 60 KB/s -> 60 kB take >= 1 s
+        t0 = time.monotonic()  # before connecting: the proxy may start sending before we look
         with _connect(p) as s:
-            t0 = time.monotonic()
             got = _recv_all(s)
             slow = time.monotonic() - t0
         assert free == payload and got == payload
@@ -262,8 +262,8 @@ def test_slow_close_delays_close(api: ToxiproxyClient) -> None:
     try:
         p = api.create_proxy("svc", src.addr)
         api.add_toxic("svc", "slow_close", {"delay": 300})
+        t0 = time.monotonic()
         with _connect(p) as s:
-            t0 = time.monotonic()
             assert _recv_all(s) == b"bye"
             assert time.monotonic() - t0 >= 0.3
     finally:
@@ -273,8 +273,8 @@ def test_slow_close_delays_close(api: ToxiproxyClient) -> None:
 def test_timeout_closes_after_timeout_and_drops_data(api: ToxiproxyClient, echo: Upstream) -> None:
     p = api.create_proxy("svc", echo.addr)
     api.add_toxic("svc", "timeout", {"timeout": 250}, stream="upstream")
+    t0 = time.monotonic()  # the toxic's clock starts with the connection
     with _connect(p) as s:
-        t0 = time.monotonic()
         s.sendall(b"lost")
         assert s.recv(10) == b""  # closed by the toxic, nothing echoed
         assert time.monotonic() - t0 >= 0.25
