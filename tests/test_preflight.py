@@ -701,3 +701,22 @@ def test_configuration_and_secrets_that_reach_off_the_device() -> None:
     doc["secrets"]["hub"]["vaulted"] = {"type": "vault", "path": "secret/hub"}
     res = check(doc)
     assert rules(res) == {"external-secrets"} and res.findings[0].path == "secrets.hub.vaulted"
+
+
+def test_preflight_imports_nothing_the_document_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider module with a side effect at import time is judged without being imported."""
+    import sys
+
+    marker = tmp_path / "imported"
+    (tmp_path / "sneaky_chaos_ext.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\ndef boom(): pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = safe_doc()
+    doc["method"].append(action("boom", mod="sneaky_chaos_ext"))
+    doc["controls"] = [{"name": "c", "provider": {"type": "python", "module": "sneaky_chaos_ext"}}]
+    res = check(doc)
+    assert rules(res) == {"unknown-activity", "unknown-control"}
+    assert not marker.exists() and "sneaky_chaos_ext" not in sys.modules
