@@ -314,6 +314,10 @@ def test_dead_mans_switch_clears_faults_when_agent_dies(state: StatePaths, tmp_p
         audit = AuditLog(state.audit_log)
         reports = recover(state, audit)
         assert len(reports) == 1 and "agent pid" in reports[0]["why"]
+        import psutil
+
+        child = reports[0]["lease"]["child_pid"]
+        assert child and (not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie")
         assert [r.event for r in audit.records()] == ["chaos.deadman"]
     finally:
         if agent.poll() is None:
