@@ -119,9 +119,12 @@ def main() -> None:
                 proxy_rtt += _rtts(pe, args.rtt)
                 direct_mbs.append(_throughput(int(src_port), total))
                 proxy_mbs.append(_throughput(ps, total))
-            # one more figure: the cost of a latency toxic's bookkeeping with 0 ms (toxic path, no delay)
+            # the toxic path with a 0 ms latency toxic (queue + pump, no delay), then a 5 ms one:
+            # how exactly does the proxy add what it is told to?
             api.add_toxic("echo", "latency", {"latency": 0}, stream="downstream")
             toxic_rtt = _rtts(pe, args.rtt)
+            api.update_toxic("echo", "latency_downstream", {"latency": 5})
+            lat5_rtt = _rtts(pe, max(50, args.rtt // 20))
     finally:
         for p in (fp, echo, src):
             p.terminate()
@@ -145,7 +148,9 @@ def main() -> None:
                 "proxied_p50": p50,
                 "proxied_p99": us(proxy_rtt, 0.99),
                 "proxied_zero_latency_toxic_p50": us(toxic_rtt, 0.5),
+                "proxied_5ms_latency_toxic_p50": us(lat5_rtt, 0.5),
             },
+            "latency_toxic_5ms_added_us_p50": round(us(lat5_rtt, 0.5) - p50, 1),
             "rtt_ratio_proxied_to_direct": round(p50 / d50, 2) if d50 else None,
             "throughput_mb_s": {"direct": round(dm, 1), "proxied": round(pm, 1)},
             "throughput_ratio_proxied_to_direct": round(pm / dm, 3),
