@@ -22,6 +22,15 @@ def _write(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, default=str, sort_keys=True).encode("utf-8"))
 
 
+def _require_chaoslib() -> None:
+    """1.44 swallows SIGTERM/InterruptExecution inside a python activity and goes on injecting."""
+    import chaoslib
+
+    major, minor = (int(x) for x in chaoslib.__version__.split(".")[:2])
+    if (major, minor) < (1, 45):
+        raise RuntimeError(f"chaostoolkit-lib >= 1.45 is required, found {chaoslib.__version__}")
+
+
 def main(argv: list[str]) -> int:
     workdir = Path(argv[0])
     logging.basicConfig(
@@ -31,6 +40,8 @@ def main(argv: list[str]) -> int:
     )
     try:
         from chaoslib.control import load_global_controls
+
+        _require_chaoslib()
         from chaoslib.experiment import ensure_experiment_is_valid, run_experiment
 
         experiment = json.loads((workdir / "experiment.json").read_text(encoding="utf-8"))
