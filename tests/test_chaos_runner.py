@@ -424,3 +424,21 @@ def test_cleanup_sweeps_side_files_even_when_registry_is_lost(state: StatePaths)
     ]
     assert (state.run / "faults.corrupt").exists(), "the unreadable registry is kept for a human"
     _no_faults_left(state)
+
+
+def test_guardrail_decision_is_fail_closed() -> None:
+    from chaos.controls import GuardLimits, Guardrail, Readings
+
+    g = Guardrail(GuardLimits(max_error_rate=0.05, max_p95_ms=100, max_uplink_backlog=10, disk_reserve_mb=50))
+    assert (
+        g.breaches(Readings(ready=True, p95_ms=50, error_rate=0.0, uplink_backlog=3, free_disk_mb=80)) == []
+    )
+    assert g.breaches(Readings()) == [], "nothing configured to read: nothing to breach"
+    tripped = g.breaches(
+        Readings(
+            ready=False, p95_ms=150, error_rate=0.2, uplink_backlog=11, free_disk_mb=10, stop_requested=True
+        )
+    )
+    assert len(tripped) == 6
+    assert g.breaches(Readings(errors=["serving: ConnectError"])) == ["probe failed: serving: ConnectError"]
+    assert Guardrail(GuardLimits(max_p95_ms=None)).breaches(Readings(p95_ms=1e9)) == []
