@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -223,6 +225,7 @@ class Puller:
         self.store = ContentStore(paths.cas)
         self.stats: dict[str, int] = {"requests": 0, "bytes": 0, "resumes": 0, "restarts": 0}
         self._fetcher: HttpFetcher | DirectoryFetcher | None = None
+        self._anchor = ""
 
     # ----- outcomes ------------------------------------------------------------------------------
     def _refuse(self, what: str, why: str, fix: str, refused: bool = True) -> PullError:
@@ -298,6 +301,15 @@ class Puller:
         self.paths.tuf.mkdir(parents=True, exist_ok=True)
         config = UpdaterConfig(targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024)
         updater: Updater | None = None
+        pinned = self.paths.root_json.read_bytes()
+        anchor = self.paths.tuf / "anchor.sha256"
+        pinned_sha = hashlib.sha256(pinned).hexdigest()
+        self._anchor = pinned_sha
+        if not anchor.is_file() or anchor.read_text().strip() != pinned_sha:
+            # A newly pinned trust anchor (re-provisioning) invalidates everything trusted under the old one.
+            shutil.rmtree(self.paths.tuf, ignore_errors=True)
+            self.paths.tuf.mkdir(parents=True)
+            atomic_write_bytes(anchor, pinned_sha.encode())
         if (self.paths.tuf / "root.json").is_file():
             # The cached root may be newer than the pinned one (rotation); if it is unreadable, start again
             # from the pinned anchor and walk the root chain.
@@ -320,7 +332,7 @@ class Puller:
                     None,
                     fetcher=self._fetcher,
                     config=config,
-                    bootstrap=self.paths.root_json.read_bytes(),
+                    bootstrap=pinned,
                 )
             except exceptions.RepositoryError as exc:
                 raise self._refuse(
@@ -398,6 +410,7 @@ class Puller:
                 "channel": self.channel,
                 "desired": desired.model_dump(mode="json"),
                 "desired_sha256": ds_sha,
+                "anchor": self._anchor,
                 "serial": desired.serial,
                 "refreshed_at": now.isoformat(),
                 "timestamp_expires": ts.expires.isoformat(),
@@ -440,7 +453,8 @@ class Puller:
             raise self._refuse(
                 what, f"it is for channel {desired.channel}, not {self.channel}", "report the hub"
             )
-        if held is not None and held.get("channel") == self.channel:
+        # Serials only compare within one channel under one trust anchor (re-provisioning starts afresh).
+        if held is not None and held.get("channel") == self.channel and held.get("anchor") == self._anchor:
             if desired.serial < int(held["serial"]):
                 raise self._refuse(
                     what,

@@ -327,3 +327,27 @@ def test_update_desired_signs_rollouts_and_recalls(env: HubEnv) -> None:
 
     with pytest.raises(InputError, match="not published"):
         env.repo.update_desired("stable", {"modules": {"clf": {"version": "9", "target": "stable/nope"}}})
+
+
+def test_re_pinning_a_new_trust_anchor_drops_metadata_trusted_under_the_old_one(
+    env: HubEnv, tmp_path: Path
+) -> None:
+    env.artifact("1.0.0")
+    env.puller().pull()
+    other = make_env(tmp_path / "other-hub")
+    try:
+        other.clock.set(env.clock.now())
+        other.artifact("7.0.0")
+        # The old anchor refuses the other hub's metadata...
+        with pytest.raises(PullError, match=r"Unsigned|signature|threshold"):
+            env.puller(source=other.url).pull()
+        # ...and after `sre-agent init --root <new root>` the device trusts the new hub only.
+        from sre_agent.provision import pin_root
+
+        pin_root(env.paths, other.repo.metadata_dir / "1.root.json")
+        result = env.puller(source=other.url).pull()
+        assert result.artifacts["clf"].version == "7.0.0"
+        with pytest.raises(PullError):
+            env.puller().pull()
+    finally:
+        other.server.stop()
