@@ -179,16 +179,30 @@ class Uplink:
         Bounded: at most ``max_batches`` uploads and ``max_attempts`` consecutive failures.
         """
         report = FlushReport()
-        attempt = 0
         done = 0
-        while done < max_batches:
+        stop = False
+        while not stop and done < max_batches:
             if seal:
                 self.store.seal()
             batches = [x for x in self.store.pending() if x.batch_id not in report.rejected]
             if not batches:
                 break
-            b = batches[0]
-            payload = self.store.payload(b.batch_id)
+            for b in batches:
+                if done >= max_batches:
+                    break
+                outcome = self._deliver(b, max_attempts, report)
+                if outcome == "ok":
+                    done += 1
+                elif outcome != "rejected":
+                    stop = True
+                    break
+        report.pending_after = len(self.store.pending())
+        return report
+
+    def _deliver(self, b: BatchInfo, max_attempts: int, report: FlushReport) -> str:
+        """Upload one entry, retrying transient failures. Returns ok, rejected, refused or link_down."""
+        payload = self.store.payload(b.batch_id)
+        for attempt in range(max_attempts):
             retry_after: float | None = None
             try:
                 resp = self.send(b, payload)
@@ -198,34 +212,28 @@ class Uplink:
                 status = 0
             if status == 200:
                 body = resp.json()
-                (report.duplicates if body.get("status") == "duplicate" else report.uploaded).append(
-                    b.batch_id
-                )
+                dup = body.get("status") == "duplicate"
+                (report.duplicates if dup else report.uploaded).append(b.batch_id)
                 self.store.ack(b.batch_id)
                 report.rows += b.rows
                 report.bytes += b.bytes
-                attempt = 0
-                done += 1
-                continue
+                return "ok"
             if status in (401, 403):
                 report.refused = f"{status} {resp.text[:200]}"
                 self.store.defer(b.batch_id, _us(self.clock) + int(self.retry.max_s * 1e6))
-                break
+                return "refused"
             if status in (400, 413, 422):
                 # The hub will never take this entry; keep it (nothing is dropped silently) and move on.
                 report.rejected.append(b.batch_id)
                 self.store.defer(b.batch_id, _us(self.clock) + int(self.retry.max_s * 1e6))
-                continue
+                return "rejected"
             report.failures += 1
             delay = self.retry.delay(attempt, retry_after, self.rng)
-            attempt += 1
             self.store.defer(b.batch_id, _us(self.clock) + int(delay * 1e6))
-            if attempt >= max_attempts:
-                report.link_down = True
-                break
-            self.clock.sleep(delay)
-        report.pending_after = len(self.store.pending())
-        return report
+            if attempt + 1 < max_attempts:
+                self.clock.sleep(delay)
+        report.link_down = True
+        return "link_down"
 
 
 def _us(clock: Clock) -> int:

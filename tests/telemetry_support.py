@@ -86,3 +86,11 @@ def log_columns(start_us: int, seconds: int, per_s: int) -> pa.Table:
             "message": pa.array([f"request {i} handled in {i % 997} ms by worker {i % 4}" for i in range(n)]),
         }
     )
+
+
+def shifted(template: pa.Table, start_us: int) -> pa.Table:
+    """``template`` (built from time 0) moved to start at ``start_us``: cheap repeated data."""
+    import pyarrow.compute as pc
+
+    ts = pc.add(template.column("ts").cast(pa.int64()), start_us).cast(pa.timestamp("us", tz="UTC"))
+    return template.set_column(template.schema.get_field_index("ts"), "ts", ts)

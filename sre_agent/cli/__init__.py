@@ -23,6 +23,7 @@ TOPICS = [
     "sre_agent.cli.verify",
     "sre_agent.cli.slots",
     "sre_agent.cli.serve",
+    "sre_agent.cli.telemetry",
     "sre_agent.cli.escalations",
 ]
 

@@ -16,6 +16,7 @@ from sre_agent.telemetry.store import (
     Store,
     TelemetryLockedError,
     open_readonly,
+    status_of,
 )
 from sre_agent.telemetry.writer import OVERFLOW_SERIES, TelemetryWriter, WriterStats, series_key
 
@@ -37,4 +38,5 @@ __all__ = [
     "open_readonly",
     "plan_enforcement",
     "series_key",
+    "status_of",
 ]

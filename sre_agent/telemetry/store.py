@@ -42,6 +42,7 @@ __all__ = [
     "Store",
     "TelemetryLockedError",
     "open_readonly",
+    "status_of",
 ]
 
 BLOCK_BYTES = 262_144
@@ -290,19 +291,20 @@ class Store:
             return out
 
     def table_bytes(self) -> dict[str, int]:
-        """Bytes of persistent storage blocks per table (checkpointed data)."""
+        """Bytes of persistent storage blocks per table (checkpointed data), in one query."""
+        names = [*TABLES, "outbox"]
+        parts = " UNION ALL ".join(
+            f"SELECT '{n}' AS t, block_id AS b, additional_block_ids AS more "  # noqa: S608
+            f"FROM pragma_storage_info('{n}') WHERE persistent"
+            for n in names
+        )
+        sql = (
+            f"SELECT t, count(DISTINCT b) FROM (SELECT t, b FROM ({parts}) WHERE b >= 0 "  # noqa: S608
+            f"UNION ALL SELECT t, unnest(more) FROM ({parts})) GROUP BY t"
+        )
         with self._lock:
-            out: dict[str, int] = {}
-            for name in [*TABLES, "outbox"]:
-                row = _q1(
-                    self._con,
-                    "SELECT count(DISTINCT b) FROM (SELECT block_id AS b FROM pragma_storage_info(?) "
-                    "WHERE persistent AND block_id >= 0 UNION ALL SELECT unnest(additional_block_ids) "
-                    "FROM pragma_storage_info(?) WHERE persistent)",
-                    [name, name],
-                )
-                out[name] = int(row[0]) * BLOCK_BYTES if row else 0
-            return out
+            found = {str(r[0]): int(r[1]) * BLOCK_BYTES for r in self._con.execute(sql).fetchall()}
+        return {n: found.get(n, 0) for n in names}
 
     def file_bytes(self) -> int:
         """Bytes on disk: the database file plus its WAL."""
@@ -719,3 +721,60 @@ def encode_batch(rows: pa.Table, table_name: str, device_id: str) -> bytes:
     buf = io.BytesIO()
     pq.write_table(rows, buf, compression="zstd", write_statistics=True)
     return buf.getvalue()
+
+
+def status_of(con: duckdb.DuckDBPyConnection, policy: TelemetryPolicy, now_us: int) -> dict[str, Any]:
+    """Sizes, budgets, backlog and books from any connection (read-only is enough)."""
+    tables: dict[str, dict[str, Any]] = {}
+    books = {
+        str(r[0]): r
+        for r in con.execute(
+            "SELECT tbl, produced, sealed, uploaded, folded, dropped, overflowed, sealed_seq FROM books"
+        ).fetchall()
+    }
+    for name, t in TABLES.items():
+        b = books.get(name)
+        sealed_seq = int(b[7]) if b else 0
+        row = _q1(con, f"SELECT count(*), count(*) FILTER (WHERE seq > ?) FROM {name}", [sealed_seq])  # noqa: S608
+        blocks = _q1(
+            con,
+            "SELECT count(DISTINCT block_id) FROM pragma_storage_info(?) WHERE persistent AND block_id >= 0",
+            [name],
+        )
+        tables[name] = {
+            "class": t.cls,
+            "rows": int(row[0]),
+            "unsealed": int(row[1]),
+            "bytes": int(blocks[0]) * BLOCK_BYTES,
+            **(
+                {k: int(b[i]) for i, k in enumerate(_BOOK_FIELDS, start=1)}
+                if b
+                else dict.fromkeys(_BOOK_FIELDS, 0)
+            ),
+        }
+    ob = _q1(con, "SELECT count(*), coalesce(sum(bytes), 0), min(epoch_us(created)) FROM outbox")
+    last_ack = _q1(con, "SELECT v FROM kv WHERE k = 'last_ack_us'")
+    stop = _q1(con, "SELECT v FROM kv WHERE k = 'stop_nonessential'")
+    budgets = {
+        "total_bytes": policy.total_bytes,
+        "metrics": policy.metrics.bytes,
+        "logs": policy.logs.bytes,
+        "events": policy.events.bytes,
+        "records": policy.records.bytes,
+        "essential_reserved": policy.essential.reserved_bytes,
+        "outbox": policy.outbox.bytes,
+    }
+    return {
+        "tables": tables,
+        "budgets": budgets,
+        "backlog": {
+            "outbox_batches": int(ob[0]),
+            "outbox_bytes": int(ob[1]),
+            "oldest_unacked_age_s": None if ob[2] is None else (now_us - int(ob[2])) / 1e6,
+            "unsealed_rows": sum(t["unsealed"] for t in tables.values()),
+            "since_last_ack_s": None if last_ack is None else (now_us - int(last_ack[0])) / 1e6,
+        },
+        "drops": {n: t["dropped"] for n, t in tables.items() if t["dropped"]},
+        "folds": {n: t["folded"] for n, t in tables.items() if t["folded"]},
+        "stop_nonessential": stop is not None and stop[0] == "1",
+    }
