@@ -469,7 +469,7 @@ def _run_locked(
     cfg = {**dict(doc.get("configuration") or {}), **dict(configuration or {})}
     cfg.update({"state_dir": str(paths.root), "toxiproxy_url": toxiproxy_url})
     if serving_url:
-        cfg.setdefault("serving_url", serving_url)
+        cfg["serving_url"] = serving_url  # the device's own server, not one the author names
     doc_run = {**doc, "configuration": cfg}
     guard_args: dict[str, Any] = {
         "state_dir": str(paths.root),
