@@ -67,6 +67,9 @@ class DriftPolicy(PolicyModel):
     ks_statistic_max: float = Field(
         default=0.15, gt=0, le=1, description="KS distance to the baseline normal when no histogram ships"
     )
+    max_non_finite_share: float = Field(
+        default=0.01, ge=0, le=1, description="share of inputs with NaN/inf beyond which inputs fail"
+    )
     output_js_max: float = Field(
         default=0.1, gt=0, le=1, description="Jensen-Shannon distance (base 2) to the fleet class shares"
     )

@@ -368,3 +368,44 @@ def test_duckdb_held_by_another_process_is_inconclusive_not_corrupt(
         assert "another process" in res.summary
     finally:
         holder.communicate(timeout=30)
+
+
+def test_inputs_full_of_nan_fail_the_drift_check(device: VerificationContext) -> None:
+    x = np.random.default_rng(2).normal(0, 1, (600, N_FEATURES))
+    x[::10, 2] = np.nan  # a sensor dropping out on 10 % of the requests
+    res = InputDriftCheck().run(_with(device, input_samples={"clf": {"input": x}}))
+    assert res.status is Status.FAIL
+    assert res.evidence["clf/input"]["non_finite_rows"] == 60
+    x[::10, 2] = 0.0
+    x[0, 1] = np.inf  # one bad row in 600 is within the policy's share and dropped from the statistics
+    ok = InputDriftCheck().run(_with(device, input_samples={"clf": {"input": x}}))
+    assert ok.status is Status.PASS and ok.evidence["clf/input"]["non_finite_rows"] == 1
+
+
+def test_regressor_outputs_against_the_shipped_output_statistics(
+    state: StatePaths, policy: VerificationPolicy
+) -> None:
+    from deployment.manifest import RuntimeSpec
+    from deployment.sample_models import linear_regressor
+
+    model = linear_regressor(N_FEATURES, seed=4)
+    d = state.module("reg") / "a"
+    d.mkdir(parents=True)
+    (d / "model.onnx").write_bytes(model)
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(9)
+    base = sess.run(None, {"input": rng.normal(0, 1, (2000, N_FEATURES)).astype(np.float32)})[0]
+    golden = GoldenSpec(
+        output_stats={"value": TensorStats(mean=[float(base.mean())], std=[float(base.std())])}
+    )
+    manifest = ModuleManifest(
+        name="reg", version="1.0", runtime=RuntimeSpec(task="regressor", output_name="value"), golden=golden
+    )
+    view = SlotView("reg", "a", "active", d, "1.0", hashlib.sha256(model).hexdigest(), manifest)
+    ctx = VerificationContext(paths=state, policy=policy, clock=FakeClock(NOW), slots=[view])
+    live = sess.run(None, {"input": rng.normal(0, 1, (800, N_FEATURES)).astype(np.float32)})[0]
+    ok = OutputDriftCheck().run(_with(ctx, output_samples={"reg": live}))
+    assert ok.status is Status.PASS, ok.summary
+    skewed = sess.run(None, {"input": rng.normal(0, 3.0, (800, N_FEATURES)).astype(np.float32)})[0]
+    bad = OutputDriftCheck().run(_with(ctx, output_samples={"reg": skewed}))
+    assert bad.status is Status.FAIL and bad.measurements["max_ks"] > policy.drift.ks_statistic_max

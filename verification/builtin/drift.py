@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from deployment.manifest import TensorStats
+from deployment.manifest import ModuleManifest, TensorStats
 from verification.base import Check, CheckResult, Severity
 from verification.context import VerificationContext
 
@@ -107,6 +107,14 @@ class InputDriftCheck(Check):
                     continue
                 x = np.asarray(samples[input_name], dtype=np.float64)
                 x = x.reshape(len(x), -1)[-pol.max_samples :]
+                finite = np.isfinite(x).all(axis=1)
+                non_finite = int(len(x) - int(finite.sum()))
+                if non_finite and non_finite / len(x) > pol.max_non_finite_share:
+                    evidence[key] = {"samples": len(x), "non_finite_rows": non_finite}
+                    drifted.append(f"{key} ({non_finite} of {len(x)} rows hold NaN/inf)")
+                    drifted_modules.add(module)
+                    continue
+                x = x[finite]
                 if len(x) < pol.min_samples:
                     evidence[key] = {"samples": len(x), "note": f"fewer than {pol.min_samples} samples"}
                     continue
@@ -121,6 +129,7 @@ class InputDriftCheck(Check):
                 evidence[key] = {
                     "method": method,
                     "samples": len(x),
+                    "non_finite_rows": non_finite,
                     "max": round(value, 6),
                     "feature": top,
                     "limit": limit,
@@ -147,7 +156,10 @@ class OutputDriftCheck(Check):
     """Predicted class shares against the fleet baseline shipped with the module."""
 
     name = "drift.outputs"
-    description = "output class distribution against the fleet baseline (Jensen-Shannon distance)"
+    description = (
+        "output class shares against the fleet baseline (Jensen-Shannon distance); regressors: KS "
+        "distance to the shipped output statistics"
+    )
     severity = Severity.WARNING
     interval_s = 900.0
     timeout_s = 30.0
@@ -158,11 +170,19 @@ class OutputDriftCheck(Check):
         divergent: list[str] = []
         divergent_modules: list[str] = []
         judged = 0
-        worst = 0.0
+        worst = worst_ks = 0.0
         for module in ctx.modules():
             manifest = ctx.manifest(module)
             fleet = manifest.golden.fleet_output_distribution if manifest and manifest.golden else None
             if not fleet:
+                if manifest is not None and manifest.golden is not None and manifest.golden.output_stats:
+                    d_ks = self._value_drift(ctx, module, manifest, evidence)
+                    if d_ks is not None:
+                        judged += 1
+                        worst_ks = max(worst_ks, d_ks)
+                        if d_ks > pol.ks_statistic_max:
+                            divergent.append(f"{module} (KS {d_ks:.3f} > {pol.ks_statistic_max})")
+                            divergent_modules.append(module)
                 continue
             if module not in ctx.output_samples:
                 evidence[module] = {"note": "no output samples recorded"}
@@ -188,8 +208,45 @@ class OutputDriftCheck(Check):
                 divergent_modules.append(module)
         if divergent:
             return CheckResult.fail(
-                f"outputs diverge from the fleet: {'; '.join(divergent)}", evidence, max_js=worst
+                f"outputs diverge from the fleet: {'; '.join(divergent)}",
+                evidence,
+                max_js=worst,
+                max_ks=worst_ks,
             ).about(divergent_modules)
         if judged == 0:
             return CheckResult.inconclusive("no output samples to compare with a fleet baseline", evidence)
-        return CheckResult.ok(f"{judged} module(s) match the fleet baseline", evidence, max_js=worst)
+        return CheckResult.ok(
+            f"{judged} module(s) match the fleet baseline", evidence, max_js=worst, max_ks=worst_ks
+        )
+
+    @staticmethod
+    def _value_drift(
+        ctx: VerificationContext, module: str, manifest: ModuleManifest, evidence: dict[str, Any]
+    ) -> float | None:
+        """Regressors (no class shares): KS distance of each output column to the shipped output stats."""
+        golden = manifest.golden
+        assert golden is not None  # noqa: S101 (checked by the caller)
+        name = manifest.runtime.output_name
+        stats = golden.output_stats.get(name) if name else None
+        if stats is None and len(golden.output_stats) == 1:
+            stats = next(iter(golden.output_stats.values()))
+        if stats is None or module not in ctx.output_samples:
+            return None
+        pol = ctx.policy.drift
+        y = np.asarray(ctx.output_samples[module], dtype=np.float64)
+        y = y.reshape(len(y), -1)[-pol.max_samples :]
+        y = y[np.isfinite(y).all(axis=1)]
+        if len(y) < pol.min_samples:
+            evidence[module] = {"samples": len(y), "note": f"fewer than {pol.min_samples} samples"}
+            return None
+        _, per_column = _feature_drift(y, TensorStats(mean=stats.mean, std=stats.std), ctx)
+        if not per_column:
+            return None
+        d = max(per_column)
+        evidence[module] = {
+            "method": "ks",
+            "samples": len(y),
+            "ks": round(d, 6),
+            "limit": pol.ks_statistic_max,
+        }
+        return d
