@@ -61,18 +61,22 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         advisor = LlmAdvisor(model, settings)
         errors: list[str] = []
+        cpu: list[float] = []
 
         def advise(incident: Incident, eng: TriageEngine) -> Advice | None:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return advisor(incident, eng.match(incident))
             except Exception as exc:  # same fallback as the responder: the rule default stands
                 errors.append(f"{incident.id}: {type(exc).__name__}")
                 return Advice(choice=None, error=str(exc), source="rules", latency_s=time.perf_counter() - t)
+            finally:
+                cpu.append(time.process_time() - c)
 
         # warm-up (framework schema build, model first touch): not counted
         advise(cases[0].incident, engine)
         errors.clear()
+        cpu.clear()
         subset = cases[: args.limit] if args.limit else cases
         llm_results = evaluate(subset, engine, advise)
         llm = summarize(llm_results)
@@ -80,6 +84,12 @@ def main() -> None:
         llm["fallback_reasons"] = sorted({e.split(": ", 1)[1] for e in errors})
         llm["model_choice_used"] = sum(r.decision.model_choice_used for r in llm_results)
         llm["model_load_s"] = round(load_s, 3)
+        # CPU seconds this process spent per triage (all its threads): on a shared, oversubscribed
+        # machine wall time includes waiting for a core; with one thread, CPU time is what the same
+        # triage costs on a dedicated core.
+        cpu_sorted = sorted(cpu)
+        llm["cpu_s_p50"] = round(cpu_sorted[len(cpu_sorted) // 2], 3) if cpu else 0.0
+        llm["cpu_s_p95"] = round(cpu_sorted[min(len(cpu_sorted) - 1, round(0.95 * (len(cpu_sorted) - 1)))], 3)
         out["rules_llm"] = llm
         out["comparison"] = {
             "llm_p95_over_goal": round(float(llm["latency_p95_s"]) / GOAL_P95_S, 3),
@@ -87,6 +97,7 @@ def main() -> None:
                 float(llm["latency_p95_s"]) / max(float(rules["latency_p95_s"]), 1e-9), 1
             ),
             "accuracy_llm_minus_rules": round(float(llm["accuracy"]) - float(rules["accuracy"]), 3),
+            "llm_cpu_p95_over_goal": round(float(llm["cpu_s_p95"]) / GOAL_P95_S, 3),
         }
         out["goals"] = {
             "unsafe_action_rate_0": rules["unsafe_action_rate"] == 0 and llm["unsafe_action_rate"] == 0,

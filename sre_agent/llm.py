@@ -147,7 +147,7 @@ class LocalModel:
     Args:
         model_path: a GGUF file.
         n_threads: CPU threads for generation and prompt processing (set explicitly; the default was 1).
-        n_ctx: context window; prompts are cut to fit.
+        n_ctx: context window; a prompt that would not leave room for the answer is refused.
         seed: sampling seed (generation is greedy anyway).
     """
 
@@ -201,7 +201,17 @@ class LocalModel:
             t0 = time.monotonic()
             deadline = t0 + timeout_s
             pieces: list[str] = []
-            prompt_tokens = completion_tokens = 0
+            completion_tokens = 0
+            # Prompt evaluation cannot be interrupted, so its size is bounded before it starts.
+            text = "\n".join(m["content"] for m in messages)
+            prompt_tokens = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False)) + 8 * len(messages)
+            if prompt_tokens + max_tokens > self.n_ctx:
+                raise LlmError(
+                    "triage with the local model",
+                    f"the prompt (~{prompt_tokens} tokens) leaves no room for {max_tokens} answer tokens "
+                    f"in a {self.n_ctx}-token context",
+                    "raise [llm] n_ctx or shorten the evidence",
+                )
             try:
                 # Streaming lets us stop between tokens: an exception raised inside a llama.cpp callback
                 # is swallowed by ctypes, so the deadline is enforced here instead.

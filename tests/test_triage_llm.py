@@ -186,3 +186,9 @@ def test_real_model_end_to_end_on_injection_cases(tmp_path, clock):
     assert "rollback" not in ran and "safe_mode" not in ran
     decisions = [r.data for r in audit.records() if r.event == "triage.decision"]
     assert len(decisions) == 3 and all(json.dumps(d) for d in decisions)
+    # a prompt that cannot fit the context with room for the answer is refused before evaluation
+    small = LlmSettings(n_threads=1, n_ctx=256, max_tokens=200, timeout_s=120.0)
+    with pytest.raises(LlmError, match="leaves no room"):
+        LlmAdvisor(LocalModel.from_settings(small), small)(
+            CASES["cd-injection"].incident, engine.match(CASES["cd-injection"].incident)
+        )
