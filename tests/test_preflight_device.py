@@ -82,3 +82,36 @@ def test_empty_state_has_no_modules_so_no_verified_standby(state: StatePaths) ->
     snap = read_device_state(state)
     assert snap.modules == {} and not snap.safe_mode
     assert "active-without-standby" in _rules(state)
+
+
+def test_pipeline_escalates_with_packet_audit_and_telemetry(state: StatePaths, clock, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from chaos.pipeline import escalations_dir, guarded_run
+    from chaos.preflight import DeviceState, SlotState
+    from sre_core.telemetry import MemorySink
+
+    device = DeviceState(
+        now=datetime(2026, 1, 5, 12, tzinfo=UTC),
+        modules={"classifier": SlotState(standby_verified=True)},
+        disk_free_mb=10_000,
+        cpu_load=0.1,
+        mem_available_mb=4096,
+    )
+    sink = MemorySink()
+    out = guarded_run(
+        REPO / "experiments" / "uplink-blackout-5min.yaml", state, clock=clock, device=device, telemetry=sink
+    )
+    assert not out.ran and out.preflight.verdict == "escalate"
+    assert out.packet_path is not None and out.packet_path.parent == escalations_dir(state)
+    stored = json.loads(out.packet_path.read_text())
+    assert stored["experiment_hash"] == out.preflight.experiment_hash
+    assert [e[0] for e in sink.events] == ["chaos.escalated"]
+    assert sink.records[0][0] == "escalations"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("title: x\nmethod: 3\n")
+    out = guarded_run(bad, state, clock=clock, device=device, telemetry=sink)
+    assert out.preflight.verdict == "reject" and out.packet_path is not None
+    assert out.packet_path.name.startswith("invalid-")
+    events = [json.loads(line)["event"] for line in state.audit_log.read_text().splitlines()]
+    assert events == ["chaos.preflight", "chaos.escalated", "chaos.preflight", "chaos.escalated"]

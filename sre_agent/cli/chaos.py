@@ -260,10 +260,7 @@ def register(app: typer.Typer) -> None:
         <state>/run/chaos/escalations/ and the command exits 10 (escalate) or 2 (reject).
         A run exits 0 when it passed, 1 when it deviated, was aborted, interrupted or failed.
         """
-        from chaos.devicestate import read_device_state
-        from chaos.escalation import build_escalation
-        from chaos.preflight import preflight_file
-        from sre_core.clock import SystemClock
+        from chaos.pipeline import guarded_run
         from sre_core.paths import StatePaths
 
         settings = settings_for(state, config)
@@ -272,69 +269,36 @@ def register(app: typer.Typer) -> None:
             raise InputError(
                 f"run chaos on {paths.root}", "the state directory does not exist", "sre-agent init"
             )
-        pol = _policy(policy, paths.root)
-        clock = SystemClock()
-        device = read_device_state(paths, clock)
-        exp, res = preflight_file(file, pol, device, approve)
-        _audit(
-            paths.root,
-            "chaos.preflight",
-            file=str(file),
-            experiment_hash=res.experiment_hash,
-            verdict=res.verdict,
-            rules=sorted({f.rule for f in res.findings}),
-            sanctioned=sorted({f.rule for f in res.sanctioned}),
-        )
-        if res.verdict != "run" or exp is None:
-            pkt = build_escalation(res, exp, pol, clock.now(), device)
-            name = (res.experiment_hash or "invalid").split(":")[-1][:16]
-            where = paths.run / "chaos" / "escalations" / f"{name}.json"
-            _write_packet(pkt, where)
-            _audit(
-                paths.root,
-                "chaos.escalated",
-                file=str(file),
-                experiment_hash=res.experiment_hash,
-                packet=str(where),
-                verdict=res.verdict,
-            )
-            if json_out:
-                emit_json({**res.to_dict(), "ran": False, "packet": str(where)})
-            else:
-                _print_result(res, False)
-                if pkt.plan:
-                    _print_plan(pkt)
-                out_console().print(f"not run; escalation packet: {where}", highlight=False)
-            raise typer.Exit(res.exit_code)
-        from chaos.runner import run_experiment_guarded
-        from sre_core.audit import AuditLog
-
-        estimate = res.report.estimated_duration_s if res.report else None
-        budget = budget_s or min(pol.max_experiment_s, (estimate or pol.max_experiment_s) * 1.5 + 30)
-        # The very object that passed pre-flight is what runs (no second read of the file).
-        result = run_experiment_guarded(
-            exp,
-            state=paths,
-            budget_s=budget,
-            guardrails=pol.guardrails,
-            disk_reserve_mb=pol.headroom.disk_reserve_mb,
+        outcome = guarded_run(
+            file,
+            paths,
+            policy=_policy(policy, paths.root),
+            approved_hash=approve,
+            budget_s=budget_s,
+            toxiproxy_url=settings.chaos.toxiproxy_url,
             serving_url=serving_url,
             model=model,
-            toxiproxy_url=settings.chaos.toxiproxy_url,
-            audit=AuditLog(paths.audit_log),
-            clock=clock,
+            actor="cli",
         )
-        outcome = result.to_dict(with_journal=False)
+        res = outcome.preflight
         if json_out:
-            emit_json({**res.to_dict(), "ran": True, "result": outcome})
+            emit_json(outcome.to_dict())
         else:
             _print_result(res, False)
-            style = "green" if outcome["verdict"] == "passed" else "red"
+            if outcome.packet is not None and outcome.packet.plan:
+                _print_plan(outcome.packet)
+        if not outcome.ran:
+            if not json_out:
+                out_console().print(f"not run; escalation packet: {outcome.packet_path}", highlight=False)
+            raise typer.Exit(res.exit_code)
+        ran = outcome.to_dict()["result"]
+        if not json_out:
+            style = "green" if ran["verdict"] == "passed" else "red"
             out_console().print(
-                f"[{style}]{outcome['verdict']}[/{style}] in {outcome['duration_s']:.1f}s "
-                f"(budget {budget:.0f}s); cleanup ok: {outcome['cleanup']['ok']}",
+                f"[{style}]{ran['verdict']}[/{style}] in {ran['duration_s']:.1f}s "
+                f"(budget {outcome.budget_s:.0f}s); cleanup ok: {ran['cleanup']['ok']}",
                 highlight=False,
             )
-            for r in outcome["reasons"]:
+            for r in ran["reasons"]:
                 out_console().print(f"  - {r}", highlight=False, markup=False)
-        raise typer.Exit(0 if outcome["verdict"] == "passed" else 1)
+        raise typer.Exit(0 if ran["verdict"] == "passed" else 1)
