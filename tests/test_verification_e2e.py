@@ -16,11 +16,9 @@ import pytest
 from _trust_support import HubEnv, make_env
 
 from deployment.manifest import ModuleManifest
-from deployment.pull import Puller
 from deployment.reconcile import Reconciler
 from deployment.sample_models import linear_classifier
 from policies.verification import load_verification_policy
-from sre_core.audit import AuditLog
 from sre_core.telemetry import MemorySink
 from verification import Harness, Status
 from verification.adapters import build_context
@@ -46,13 +44,11 @@ def _publish(env: HubEnv, version: str, seed: int) -> None:
 
 @pytest.mark.slow
 def test_pulled_and_reconciled_modules_verify_and_the_trust_horizon_runs_out(env: HubEnv) -> None:
-    # One AuditLog instance for the process: separate instances each cache the chain head, and their
-    # appends fork the chain (the audit check catches exactly that; reported to the foundation owner).
-    audit = AuditLog(env.paths.audit_log, env.clock)
+    # Puller and Reconciler each open their own AuditLog on the same file (as separate processes would):
+    # the chain must stay one chain, which the audit check below verifies.
     for version, seed in (("1.0.0", 1), ("1.1.0", 2)):
         _publish(env, version, seed)
-        puller = Puller(env.paths, env.url, "stable", clock=env.clock, audit=audit)
-        report = Reconciler(env.paths, puller.pull, clock=env.clock, audit=audit).run_once()
+        report = Reconciler(env.paths, env.puller().pull, clock=env.clock).run_once()
         assert report.trust == "fresh", report
 
     policy = load_verification_policy()
