@@ -125,6 +125,10 @@ class TriagePolicy(PolicyModel):
         default=Action.ALERT, description="what runs at once while an escalation waits (observe or alert)"
     )
     escalation_ttl_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    model_may_choose: bool = Field(
+        default=True,
+        description="let the local model pick the default or a milder allowed action; false = summary only",
+    )
     rules: list[TriageRule] = Field(default_factory=list)
     fallback: TriageRule
 

@@ -178,7 +178,9 @@ class TriageEngine:
         choice = advice.choice if advice else None
         used = False
         action = rule.default
-        if choice is not None:
+        if choice is not None and not policy.model_may_choose:
+            reasons.append(f"model choice {choice[:40]!r} not used: policy lets the model only summarise")
+        elif choice is not None:
             picked = _as_action(choice)
             if picked is None or picked not in rule.allowed:
                 reasons.append(f"model choice {choice[:40]!r} is not an allowed action; ignored")

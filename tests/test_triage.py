@@ -300,3 +300,11 @@ def test_responder_falls_back_to_rule_default_when_the_advisor_fails(tmp_path, c
 def test_action_rank_orders_destructive_actions_last():
     assert ACTION_RANK[Action.OBSERVE] < ACTION_RANK[Action.ALERT] < ACTION_RANK[Action.QUARANTINE]
     assert ACTION_RANK[Action.QUARANTINE] < ACTION_RANK[Action.ROLLBACK] < ACTION_RANK[Action.SAFE_MODE]
+
+
+def test_policy_can_limit_the_model_to_summaries(cases):
+    policy = default_triage_policy().model_copy(update={"model_may_choose": False})
+    case = next(c for c in cases if c.name == "ca-error-rate")
+    d = TriageEngine(policy).decide(case.incident, Advice(choice="observe", summary="looks fine"))
+    assert d.action == Action.QUARANTINE and not d.model_choice_used
+    assert "looks fine" in d.summary and any("only summarise" in r for r in d.reasons)
