@@ -15,7 +15,9 @@ probe fails so that rollbacks run too) and is killed with SIGKILL after a random
 at the moment of each kill is counted, to show the kills land during installs, flips, probes and
 rollbacks.
 
-Run: ``python benchmarks/crash.py [--trials 1000] [--max-delay 0.25] [--seed 1]``. Prints one JSON object:
+Run: ``python benchmarks/crash.py [--trials 1000] [--max-delay SECONDS] [--seed 1]``. The kill delay
+is uniform in [0, max-delay]; by default max-delay adapts to three times the median pass time seen so
+far (at least 0.2 s), so kills land inside passes on a quiet or a loaded machine. Prints one JSON object:
 the success rate, the phases hit, and the recovery time as a ratio to a normal reconcile pass.
 """
 
@@ -102,7 +104,12 @@ def build_fixture(work: Path, seed: int = 1, size: int = 64 * 1024) -> Path:
                  "good": not bad, "files": files, "manifest": manifest.model_dump(mode="json")}
             )  # fmt: skip
     policy = DeploymentPolicy.model_validate(
-        {"probes": {"exec_allowlist": [str(probe)]}, "flapping": {"max_rollbacks": 1000, "window_s": 1}}
+        {
+            "probes": {"exec_allowlist": [str(probe)]},
+            "flapping": {"max_rollbacks": 1000, "window_s": 1},
+            # Kills here are deliberate: keep the loop guard (interrupted flips) out of the way.
+            "max_resumes": 100,
+        }
     )
     spec = {"state": str(state.root), "artifacts": arts, "policy": policy.model_dump(mode="json")}
     spec_path = work / "spec.json"
@@ -288,8 +295,12 @@ def _wait_dead(pid: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"child {pid} survived SIGKILL")
 
 
-def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float = 0.25) -> dict[str, Any]:
-    """Build a device in ``work`` and run ``trials`` kill/restart cycles. Returns the counts."""
+def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None = None) -> dict[str, Any]:
+    """Build a device in ``work`` and run ``trials`` kill/restart cycles. Returns the counts.
+
+    ``max_delay``: kill within this many seconds of resuming a child; None adapts it to three times
+    the median duration of the reconcile passes seen so far, at least 0.2 s.
+    """
     spec_path = build_fixture(work, seed)
     spec = json.loads(spec_path.read_text())
     rng = random.Random(seed)
@@ -339,7 +350,10 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float = 0.25) 
                 _wait_dead(pid)
                 break
             os.kill(pid, signal.SIGCONT)
-            time.sleep(rng.uniform(0, max_delay))
+            bound = (
+                max_delay if max_delay is not None else (2 * statistics.median(passes) if passes else 0.25)
+            )
+            time.sleep(rng.uniform(0, bound))
             os.kill(pid, signal.SIGKILL)
             _wait_dead(pid)
             phases.update(_phases_now(spec))
@@ -375,7 +389,9 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float = 0.25) 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=1000)
-    ap.add_argument("--max-delay", type=float, default=0.25, help="kill within this many seconds of resuming")
+    ap.add_argument(
+        "--max-delay", type=float, default=None, help="kill within this many seconds (default: adaptive)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--zygote", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -364,7 +364,7 @@ class SlotManager:
                 slot = str((st.op or {}).get("slot", st.standby))
                 self._discard_slot(mdir, slot)
                 st.slots[slot] = None
-                self._bump_interrupted(st)
+                # Not counted for the loop guard: the new version never ran, so it cannot have caused this.
                 st.phase, st.op = target, None
                 self._save(st)
                 done = f"discarded interrupted install into slot {slot}"
