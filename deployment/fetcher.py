@@ -18,7 +18,9 @@ the connection drops, it resumes with ``Range: bytes=<have>-`` and ``If-Range: <
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,12 @@ class _Resumable:
         )
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One CA bundle load per process (it costs ~50 ms, more than a warm refresh)."""
+    return ssl.create_default_context()
+
+
 class HttpFetcher(_Resumable, FetcherInterface):
     """httpx fetcher: a timeout on every call; HTTP errors become ``DownloadHTTPError``."""
 
@@ -218,7 +226,9 @@ class HttpFetcher(_Resumable, FetcherInterface):
             pool=self.config.connect_timeout_s,
         )
         self._own = client is None
-        self.client = client or httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
+        self.client = client or httpx.Client(
+            timeout=timeout, follow_redirects=False, trust_env=False, verify=_ssl_context()
+        )
         self.requests = 0
 
     def close(self) -> None:
