@@ -27,6 +27,8 @@ __all__ = [
     "ProbeSpec",
     "RuntimeSpec",
     "TensorStats",
+    "manifest_from_custom",
+    "manifest_to_custom",
     "version_key",
 ]
 
@@ -200,3 +202,27 @@ class DesiredState(_Doc):
 
     def is_expired(self, trusted_now: datetime) -> bool:
         return trusted_now >= self.expires
+
+
+def manifest_to_custom(manifest: ModuleManifest) -> dict[str, Any]:
+    """The TUF target ``custom`` value that carries a manifest.
+
+    TUF's canonical JSON has no floats, and manifests are full of them (timeouts, tolerances, golden
+    vectors), so the manifest travels as one JSON string; the signature covers it all the same.
+    """
+    return {"manifest_json": manifest.model_dump_json()}
+
+
+def manifest_from_custom(custom: Any) -> ModuleManifest | None:
+    """Parse the manifest back out of a target's ``custom`` (None when the target carries none).
+
+    Raises:
+        pydantic.ValidationError: the signed manifest is malformed.
+    """
+    if not isinstance(custom, dict):
+        return None
+    if isinstance(custom.get("manifest_json"), str):
+        return ModuleManifest.model_validate_json(custom["manifest_json"])
+    if isinstance(custom.get("manifest"), dict):
+        return ModuleManifest.model_validate(custom["manifest"])
+    return None

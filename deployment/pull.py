@@ -45,7 +45,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
 from deployment.cas import ContentStore, HashMismatchError
 from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
-from deployment.manifest import DesiredState, ModuleManifest
+from deployment.manifest import DesiredState, ModuleManifest, manifest_from_custom
 from deployment.signatures import SignatureError, cosign_verify, verify_attestation
 from deployment.trusted_time import TrustedTime
 from policies.trust import TrustPolicy, load_trust_policy
@@ -503,11 +503,13 @@ class Puller:
             )
         custom = info.custom if isinstance(info.custom, dict) else {}
         try:
-            manifest = ModuleManifest.model_validate(custom.get("manifest"))
+            manifest = manifest_from_custom(custom)
         except ValidationError as exc:
             raise self._refuse(
                 what, f"the signed manifest is invalid: {exc.errors()[0]['msg']}", "republish it"
             ) from exc
+        if manifest is None:
+            raise self._refuse(what, "the signed target carries no module manifest", "republish it")
         if manifest.name != module or manifest.version != version:
             raise self._refuse(
                 what, f"the signed manifest says {manifest.name} {manifest.version}", "report the hub"

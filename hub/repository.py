@@ -65,7 +65,14 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from deployment.manifest import NAME_RE, DesiredModule, DesiredState, ModuleManifest
+from deployment.manifest import (
+    NAME_RE,
+    DesiredModule,
+    DesiredState,
+    ModuleManifest,
+    manifest_from_custom,
+    manifest_to_custom,
+)
 from deployment.pull import DESIRED_STATE, ISSUED_FIELD, safe_target
 from sre_core.atomic import atomic_write_bytes, atomic_write_json
 from sre_core.clock import Clock, SystemClock
@@ -513,7 +520,7 @@ class HubRepository:
         md = self._load(channel)
         targets = md.signed
         targets = _typed(targets, Targets, "targets")
-        tf = self._add_target_file(channel, path, artifact, {"manifest": manifest.model_dump(mode="json")})
+        tf = self._add_target_file(channel, path, artifact, manifest_to_custom(manifest))
         targets.targets[path] = tf
         staging = self.dir / "staging"
         staging.mkdir(exist_ok=True)
@@ -556,8 +563,8 @@ class HubRepository:
         targets = self.channel_targets(channel)
         found = None
         for path, tf in targets.items():
-            man = (tf.custom or {}).get("manifest") if isinstance(tf.custom, dict) else None
-            if man and man.get("name") == module and man.get("version") == version:
+            man = manifest_from_custom(tf.custom)
+            if man is not None and man.name == module and man.version == version:
                 found = path
         if found is None:
             raise InputError(
