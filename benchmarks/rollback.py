@@ -2,8 +2,10 @@
 
 The real reconcile path runs each iteration: install a new version into the standby, flip ``current``,
 run its exec probe (which fails), roll back. The clock starts when the probe runner returns its failed
-verdict and stops when ``SlotManager.rollback`` returns (``current`` re-pointed, ``state.json`` and the
-audit record fsynced). Measured in the same run, for comparison: the naive rollback an agent without
+verdict; ``rollback_*`` stops when ``current`` names the previous slot again (renamed, directory
+fsynced: what the application serves), ``rollback_recorded_*`` when ``SlotManager.rollback`` returns
+(``state.json`` and the audit record fsynced too). Measured in the same run, for comparison: the naive
+rollback an agent without
 A/B slots does, re-copying the previous artifact from the content cache over the model file (copy,
 hash, fsync, rename, fsync dir).
 
@@ -97,9 +99,19 @@ def run(work: Path, iterations: int, size_mb: int) -> dict[str, Any]:
         return out
 
     rec.slots.rollback = timed_rollback  # type: ignore[method-assign]
+    real_point = rec.slots._point_current
+
+    def timed_point(*a: Any, **kw: Any) -> Any:
+        out = real_point(*a, **kw)
+        if "verdict" in marks and "served" not in marks:
+            marks["served"] = time.perf_counter()  # `current` renamed back and its directory fsynced
+        return out
+
+    rec.slots._point_current = timed_point  # type: ignore[method-assign]
     assert [o.result for o in rec.run_once().outcomes] == ["committed"]
     served = state.module("clf") / "current" / "model.onnx"
     flips: list[float] = []
+    serving: list[float] = []
     current["art"] = bad
     for _ in range(iterations):
         marks.clear()
@@ -107,6 +119,7 @@ def run(work: Path, iterations: int, size_mb: int) -> dict[str, Any]:
         if o.result != "rolled_back" or served.read_bytes()[:5] != b"good ":
             raise RuntimeError(f"expected a rollback to 1.0, got {o.to_dict()}")
         flips.append(marks["active"] - marks["verdict"])
+        serving.append(marks["served"] - marks["verdict"])
         rec.slots.clear_bad("clf", bad.sha256, actor="benchmark")
 
     # Naive: copy the previous artifact back over the served file, verifying its hash.
@@ -135,11 +148,13 @@ def run(work: Path, iterations: int, size_mb: int) -> dict[str, Any]:
     return {
         "iterations": iterations,
         "artifact_mb": size_mb,
-        "rollback_median_ms": round(statistics.median(flips) * ms, 3),
-        "rollback_p99_ms": round(_p(flips, 0.99) * ms, 3),
+        "rollback_median_ms": round(statistics.median(serving) * ms, 3),
+        "rollback_p99_ms": round(_p(serving, 0.99) * ms, 3),
+        "rollback_recorded_median_ms": round(statistics.median(flips) * ms, 3),
+        "rollback_recorded_p99_ms": round(_p(flips, 0.99) * ms, 3),
         "naive_reinstall_median_ms": round(statistics.median(naive) * ms, 3),
         "naive_reinstall_p99_ms": round(_p(naive, 0.99) * ms, 3),
-        "naive_to_flip_ratio": round(statistics.median(naive) / statistics.median(flips), 1),
+        "naive_to_flip_ratio": round(statistics.median(naive) / statistics.median(serving), 1),
     }
 
 

@@ -496,10 +496,8 @@ class Reconciler:
         ctx = ProbeContext(module, art.version, standby.artifact_path, standby.path, swapped_ns)
         probe_report = self.probes.run_all(manifest.probes, ctx)
         results = [r.to_dict() for r in probe_report.results]
-        self.audit.append(
-            "probe.completed", module=module, version=art.version, ok=probe_report.ok, results=results
-        )
         if probe_report.ok:
+            self.audit.append("probe.completed", module=module, version=art.version, ok=True, results=results)
             self.slots.commit(module, evidence={"probes": len(results)})
             self.telemetry.event(
                 "deployment", f"{module} {art.version} committed", attrs={"previous": previous}
@@ -507,7 +505,9 @@ class Reconciler:
             return ModuleOutcome(module, "committed", art.version, previous, "probes passed", results)
         failed = probe_report.failed()
         why = f"{failed.kind} probe {failed.outcome}: {failed.detail}" if failed else "probes failed"
+        # Roll back first (its state is persisted before it acts), then record the verdict: MTTR counts.
         self.slots.rollback(module, reason=why)
+        self.audit.append("probe.completed", module=module, version=art.version, ok=False, results=results)
         self.telemetry.event(
             "deployment", f"{module} {art.version} rolled back: {why}", severity="error",
             attrs={"previous": previous},
