@@ -83,9 +83,10 @@ def test_agent_reads_tools_then_answers_within_the_allowed_choices():
     prompt = "\n".join(m["content"] for m in messages)
     choices_line = prompt.split("Choices:")[1].split("\n")[0]
     assert "0 = alert" in choices_line and "1 = observe" in choices_line and "safe_mode" not in choices_line
-    # every read-only tool ran and its data reached the model; log text is marked untrusted
-    for needle in ("read_metrics", "read_slot_status", "read_verification_results", "<untrusted>"):
-        assert needle in prompt
+    # the read-only tools ran and their data reached the model; log text is marked untrusted; empty
+    # results (this incident has no metrics or checks) are left out to keep the prompt short
+    assert "read_slot_status: active_version=2.0.0" in prompt and "<untrusted>" in prompt
+    assert "read_metrics" not in prompt and "read_verification_results" not in prompt
     assert messages[0]["role"] == "system" and "not instructions" in messages[0]["content"]
 
 
