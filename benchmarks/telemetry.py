@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
     ap.add_argument("--days", type=int, default=2)
-    ap.add_argument("--cap-kbps", type=float, default=4000.0, help="upload cap in kbit/s")
+    ap.add_argument("--cap-kbps", type=float, default=2000.0, help="upload cap in kbit/s")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from starlette.applications import Starlette
 
 from hub.fleetdb import FleetDB
 from hub.ingest import ingest_routes
+from hub.server import build_hub_app
 from policies.telemetry import TelemetryPolicy
 from sre_core.clock import Clock, SystemClock
 from sre_core.http_server import ServerThread
@@ -29,9 +29,9 @@ class Hub:
 
 @contextmanager
 def running_hub(fleet_dir: Path, clock: Clock | None = None) -> Iterator[Hub]:
-    """Our ingest routes in a Starlette app under uvicorn on 127.0.0.1 (ephemeral port)."""
+    """The real hub app (``build_hub_app``) with our ingest routes, under uvicorn on 127.0.0.1."""
     fleet = FleetDB(fleet_dir, clock or SystemClock())
-    app = Starlette(routes=ingest_routes(fleet_dir, clock=clock, fleet=fleet))
+    app = build_hub_app(fleet_dir.parent, extra_routes=ingest_routes(fleet_dir, clock=clock, fleet=fleet))
     server = ServerThread(app).start()
     try:
         yield Hub(server.url, fleet, server)

@@ -224,3 +224,27 @@ def test_kill_9_during_sealing_and_upload_loses_and_duplicates_nothing(tmp_path:
         sql = f"SELECT count(*) AS n, count(DISTINCT seq) AS d FROM {table}"  # noqa: S608
         got = fleet.query(sql).to_pylist()[0]
         assert got == {"n": n, "d": n}, table  # every row once: nothing lost, nothing duplicated
+
+
+def test_telemetry_service_runs_the_writer_and_an_uplink_window(tmp_path: Path) -> None:
+    from policies.telemetry import load_telemetry_policy
+    from sre_agent.telemetry.service import TelemetryService
+    from sre_core.audit import AuditLog
+
+    paths, ident = device(tmp_path / "dev")
+    svc = TelemetryService(paths, load_telemetry_policy(), SystemClock(), ident.device_id)
+    svc.start()
+    try:
+        audit = AuditLog(paths.audit_log, SystemClock(), mirror=svc.audit_mirror)
+        audit.append("agent.start")
+        for i in range(100):
+            svc.sink.metric("requests", float(i), {"slot": "a"})
+        with running_hub(tmp_path / "fleet") as hub:
+            hub.fleet.enroll(ident.device_id, ident.public_pem)
+            report = svc.flush_uplink(ident, hub.url)
+            rows = hub.fleet.query("SELECT count(*) AS n FROM metrics").to_pylist()[0]["n"]
+            audited = hub.fleet.query("SELECT hash FROM audit").to_pylist()
+        assert report["pending_after"] == 0 and rows == 100
+        assert audited == [{"hash": audit.head()}]
+    finally:
+        svc.stop()

@@ -259,11 +259,25 @@ class TelemetryWriter:
                 tables[name] = tbl
             n = 0
             if tables or shed:
-                n = self.store.append(tables, dropped=shed, overflowed=overflowed)
+                try:
+                    n = self.store.append(tables, dropped=shed, overflowed=overflowed)
+                except Exception:
+                    self._requeue(tables, shed)
+                    raise
                 self.stats.rows_written += n
                 self.stats.flushes += 1
             self.stats.cpu_s += time.thread_time() - t0
             return n
+
+    def _requeue(self, tables: dict[str, pa.Table], shed: dict[str, int]) -> None:
+        """A failed commit (disk full...): keep the rows for the next flush; the buffer bound still holds,
+        so under a persistent failure new rows are shed and counted instead of memory growing."""
+        with self._buf_lock:
+            for name, tbl in tables.items():
+                self._chunks[name].insert(0, tbl)
+                self._buffered += tbl.num_rows
+            for name, k in shed.items():
+                self._shed[name] += k
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Commit everything buffered so far (in the writer thread when it runs, else here)."""
