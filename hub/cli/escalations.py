@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json({"escalations": rows})
             return
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=f"fleet escalations ({len(rows)})")
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
         for c in cols:
             table.add_column(c)
         for r in rows:
-            table.add_row(*[r[c] for c in cols])
+            table.add_row(*[escape(r[c]) for c in cols])
         out_console().print(table)
 
     @esc.command("show")

@@ -101,15 +101,15 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json({"escalations": rows})
             return
+        from rich.markup import escape
         from rich.table import Table
 
+        cols = ("id", "status", "created", "kind", "module", "proposed", "what")
         table = Table(title=f"escalations ({len(rows)})")
-        for col in ("id", "status", "created", "kind", "module", "proposed", "what"):
+        for col in cols:
             table.add_column(col)
         for r in rows:
-            table.add_row(
-                *[str(r[c]) for c in ("id", "status", "created", "kind", "module", "proposed", "what")]
-            )
+            table.add_row(*[escape(str(r[c])) for c in cols])
         out_console().print(table)
 
     @esc_app.command("show")
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         c = esc.content
         con = out_console()
         con.print(f"[bold]{esc.id}[/bold]  status [bold]{esc.status.value}[/bold]  hash {esc.content_hash}")
-        con.print(f"what: {c['what']}")
+        con.print(f"what: {c['what']}", markup=False)
         con.print(f"proposed: [bold]{c['proposed_action']}[/bold]  allowed: {', '.join(c['allowed'])}")
         con.print(f"created {c['created_at']}  expires {c['expires_at']}  device {c['device_id']}")
         con.print("why:")
@@ -138,7 +138,8 @@ def register(app: typer.Typer) -> None:
         con.print(f"device state: {json.dumps(c['device_state'])}", markup=False)
         inc = c["incident"]
         con.print(
-            f"incident: {inc['kind']} {inc['module']} {inc.get('version')} facts={json.dumps(inc['facts'])}"
+            f"incident: {inc['kind']} {inc['module']} {inc.get('version')} facts={json.dumps(inc['facts'])}",
+            markup=False,
         )
         ev = inc["evidence"]
         if ev["metrics"]:
