@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -173,8 +173,7 @@ class Routing:
     fallback: bool = True
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """The outputs and the version that produced them."""
 
     outputs: dict[str, np.ndarray]
@@ -305,12 +304,13 @@ class Router:
 
     # -- serving -------------------------------------------------------------------------------
     def _run(self, session: ModelSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        t0 = self._timer()
+        timer = self._timer
+        t0 = timer()
         try:
             out = session.run(feeds)
         except Exception:  # the model failed on this input: count it, the caller decides
             out = None
-        dt = self._timer() - t0
+        dt = timer() - t0
         with self._lock:
             st = self._stats.get(session.version)
             if st is None:
@@ -319,7 +319,7 @@ class Router:
             if out is None:
                 st.errors += 1
             else:  # latency of answers only: a fast failure must not make a version look quick
-                st.latency.add(dt)
+                st.latency.counts[bisect.bisect_left(LATENCY_EDGES, dt)] += 1
         return out
 
     def infer(self, feeds: Mapping[str, np.ndarray], pin: str | None = None) -> Answer:
@@ -332,13 +332,13 @@ class Router:
         r = self._routing  # read once: this request uses one consistent table throughout
         if pin is not None:
             return self._pinned(r, feeds, pin)
-        n = next(self._counter)
         canary = r.canary
-        if canary is None:
+        if canary is None:  # the steady state: one version, no canary
             out = self._run(r.active, feeds)
             if out is None:
                 raise InferenceError(f"inference on {self.name} {r.active.version}", "the model failed")
             return Answer(out, r.active.version)
+        n = next(self._counter)
         to_canary = math.floor((n + 1) * r.weight) > math.floor(n * r.weight)
         mirrored = r.mirror_share > 0.0 and self._rng.random() < r.mirror_share
         if mirrored:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +155,17 @@ class CanaryRun:
         self._act(decision)
         return decision
 
+    def evaluate(self) -> Decision:
+        """Judge the evidence so far (no action yet; :meth:`act` carries the decision out)."""
+        return self.controller.evaluate(self.router.snapshot(), self.clock.monotonic())
+
+    def act(self, decision: Decision) -> None:
+        """Carry out a decision: weights, the flip, or the cut-off (router first, then disk)."""
+        self._act(decision)
+
     def tick(self) -> Decision:
         """Judge the evidence so far and act on the verdict."""
-        decision = self.controller.evaluate(self.router.snapshot(), self.clock.monotonic())
+        decision = self.evaluate()
         self._act(decision)
         return decision
 
@@ -192,6 +201,7 @@ class CanaryRun:
         self.last = d
         if d.action == "abort":
             self.router.cut_canary()  # first: the next request is the incumbent's
+            time.sleep(0)  # hand the GIL to serving threads before the bookkeeping below
             self._abort(d)
         elif d.action == "set_weight":
             self.router.set_weight(d.weight)

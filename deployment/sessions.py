@@ -109,10 +109,13 @@ class ModelSession:
     providers: tuple[str, ...] = field(default_factory=tuple)
     primary_output: str = ""
 
+    def __post_init__(self) -> None:
+        self._names = [o.name for o in self.outputs]
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model; returns every output by name. ONNX Runtime errors propagate unchanged."""
-        names = [o.name for o in self.outputs]
-        values = self.session.run(names, dict(feeds))
+        names = self._names
+        values = self.session.run(names, feeds if type(feeds) is dict else dict(feeds))
         return dict(zip(names, values, strict=True))
 
     def describe(self) -> dict[str, Any]:

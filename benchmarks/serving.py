@@ -1,0 +1,491 @@
+"""Managed serving: router overhead, HTTP throughput/p99 against a peer server, MTTR, requests lost in a flip.
+
+All parts use the same ONNX model (an MLP classifier built in code, ~0.13 ms per request on one thread):
+
+- router overhead: ``Router.infer`` vs a bare ``InferenceSession.run`` in the same process, interleaved
+  blocks (minimum of block means, medians too); with no canary and with a canary in progress (5 %, no
+  mirroring: a cold canary session runs slower, which shows in that figure, not routing cost).
+- HTTP: our v2 server and a *peer* (a plain starlette/uvicorn v2 endpoint doing json -> numpy ->
+  session.run the straightforward way), each in its own child process under uvicorn with the same
+  settings, driven by the same closed-loop client at a fixed concurrency with identical JSON requests;
+  throughput and p99 as ratios (ours / peer). MLServer and the kserve model server are not installed;
+  this peer stands in for them. Our server's binary-tensor path is reported next to it.
+- MTTR: a real canary of a model that fails on some inputs, at 100 % weight, under a traffic thread;
+  from the controller's failed-gate verdict to the first request answered by the incumbent (the router
+  points at the already-loaded session), next to the naive path (load a new session of the incumbent
+  after the failure, then serve it).
+- flip: real canaries promoted through every step to the flip while client threads send HTTP requests
+  to the in-process server; requests lost (non-200 or transport errors).
+
+The load generator is a minimal asyncio HTTP/1.1 keep-alive client (hand-written: httpx costs more per
+request than the servers under test, which would hide the difference). On a 2-core machine the client
+and server share the cores; the ratio is what compares, not absolute numbers.
+
+Run: ``python benchmarks/serving.py [--http-seconds 6] [--concurrency 8] [--mttr-iterations 50] [--flips 2]``.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+N_FEATURES = 32
+HIDDEN, WIDTH = 3, 1024
+
+
+def _p(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
+
+
+def model_bytes() -> bytes:
+    from deployment.sample_models import linear_classifier
+
+    return linear_classifier(
+        n_features=N_FEATURES, n_classes=10, seed=0, hidden_layers=HIDDEN, hidden_size=WIDTH
+    )
+
+
+# -- router overhead ------------------------------------------------------------------------------
+def router_overhead(blob: bytes, blocks: int, per_block: int) -> dict[str, Any]:
+    from deployment.router import Router
+    from deployment.sessions import load_session
+
+    bare = load_session(blob, name="m", version="1")
+    sess = bare.session
+    routed = Router("m", load_session(blob, name="m", version="1"))
+    canary_router = Router("m", load_session(blob, name="m", version="1"))
+    canary_router.start_canary(load_session(blob, name="m", version="2"), mirror_share=0.0)
+    canary_router.set_weight(0.05)
+    x = np.random.default_rng(0).normal(size=(1, N_FEATURES)).astype(np.float32)
+    feeds = {"input": x}
+    for _ in range(500):  # warm every session
+        sess.run(None, feeds)
+        routed.infer(feeds)
+        canary_router.infer(feeds)
+
+    def block(fn: Any) -> float:
+        t = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        return (time.perf_counter() - t) / per_block
+
+    bare_t: list[float] = []
+    routed_t: list[float] = []
+    canary_t: list[float] = []
+    kinds = [
+        (bare_t, lambda: sess.run(None, feeds)),
+        (routed_t, lambda: routed.infer(feeds)),
+        (canary_t, lambda: canary_router.infer(feeds)),
+    ]
+    for i in range(blocks):
+        for sink, fn in kinds if i % 2 == 0 else kinds[::-1]:  # alternate the order: no position bias
+            sink.append(block(fn))
+    # The minimum over interleaved blocks is the cost without interference from other processes (the
+    # timeit convention); the medians are reported next to it for a loaded machine.
+    b, r, c = min(bare_t), min(routed_t), min(canary_t)
+    bm, rm = statistics.median(bare_t), statistics.median(routed_t)
+    return {
+        "bare_session_run_us": round(b * 1e6, 2),
+        "routed_us": round(r * 1e6, 2),
+        "routed_with_canary_us": round(c * 1e6, 2),
+        "overhead_us": round((r - b) * 1e6, 2),
+        "ratio": round(r / b, 4),
+        "ratio_with_canary": round(c / b, 4),
+        "ratio_of_medians": round(rm / bm, 4),
+        "goal_ratio": 1.05,
+        "method": f"min of {len(bare_t)} interleaved blocks of {per_block} calls",
+    }
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+def child_server(kind: str, port: int, model_path: str) -> None:
+    """Runs in a child process: our v2 server or the peer, under uvicorn, until killed."""
+    import uvicorn
+
+    if kind == "ours":
+        from deployment.oip import create_app
+        from deployment.serving import ModelRepository
+        from deployment.sessions import load_session
+
+        repo = ModelRepository()
+        repo.add(load_session(Path(model_path), name="m", version="1"))
+        app: Any = create_app(repo)
+    else:
+        import onnxruntime as ort
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(model_path, sess_options=so, providers=["CPUExecutionProvider"])
+
+        async def ready(request: Request) -> JSONResponse:
+            return JSONResponse({"ready": True})
+
+        async def infer(request: Request) -> JSONResponse:
+            body = await request.json()
+            inp = body["inputs"][0]
+            arr = np.array(inp["data"], dtype=np.float32).reshape(inp["shape"])
+            names = [o.name for o in sess.get_outputs()]
+            outs = sess.run(names, {inp["name"]: arr})
+            return JSONResponse(
+                {
+                    "model_name": request.path_params["name"],
+                    "outputs": [
+                        {"name": n, "datatype": "FP32", "shape": list(o.shape), "data": o.flatten().tolist()}
+                        for n, o in zip(names, outs, strict=True)
+                    ],
+                }
+            )
+
+        app = Starlette(
+            routes=[
+                Route("/v2/health/ready", ready),
+                Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+            ]
+        )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
+
+
+async def _worker(port: int, request: bytes, deadline: float, lat: list[float], bad: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            writer.write(request)
+            await writer.drain()
+            status = await reader.readline()
+            length = 0
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            lat.append(time.perf_counter() - t)
+            if not status.startswith(b"HTTP/1.1 200"):
+                bad.append(1)
+    finally:
+        writer.close()
+
+
+async def _window(port: int, request: bytes, seconds: float, concurrency: int) -> tuple[list[float], int]:
+    lat: list[float] = []
+    bad: list[int] = []
+    deadline = time.perf_counter() + seconds
+    await asyncio.gather(*(_worker(port, request, deadline, lat, bad) for _ in range(concurrency)))
+    return lat, len(bad)
+
+
+def load_interleaved(
+    targets: dict[str, tuple[int, bytes]], seconds: float, concurrency: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Closed-loop load on each target in alternating windows (so drifting machine load hits all alike)."""
+
+    async def main() -> dict[str, tuple[list[float], int, float]]:
+        acc: dict[str, tuple[list[float], int, float]] = {k: ([], 0, 0.0) for k in targets}
+        for port, req in targets.values():  # warm-up, not measured
+            await _window(port, req, 0.5, concurrency)
+        for _ in range(rounds):
+            for kind, (port, req) in targets.items():
+                t = time.perf_counter()
+                lat, bad = await _window(port, req, seconds / rounds, concurrency)
+                prev = acc[kind]
+                acc[kind] = (prev[0] + lat, prev[1] + bad, prev[2] + time.perf_counter() - t)
+        return acc
+
+    out = {}
+    for kind, (lat, bad, spent) in asyncio.run(main()).items():
+        out[kind] = {
+            "requests": len(lat),
+            "errors": bad,
+            "throughput_rps": round(len(lat) / spent, 1),
+            "p50_ms": round(_p(lat, 0.5) * 1e3, 3),
+            "p99_ms": round(_p(lat, 0.99) * 1e3, 3),
+        }
+    return out
+
+
+def _http_request(body: bytes, extra: str = "", content_type: str = "application/json") -> bytes:
+    head = (
+        f"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+def start_child(kind: str, model_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    from sre_core.http_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, "--port", str(port), "--model", str(model_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import httpx
+
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited during start-up")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{kind} server did not start")
+
+
+def http_comparison(model_path: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+    x = np.random.default_rng(1).normal(size=(1, N_FEATURES)).astype(np.float32)
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32", "data": x.ravel().tolist()}
+            ]
+        }
+    ).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, N_FEATURES],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    binary = _http_request(
+        head + x.tobytes(), f"Inference-Header-Content-Length: {len(head)}\r\n", "application/octet-stream"
+    )
+    out: dict[str, Any] = {
+        "concurrency": concurrency,
+        "seconds_each": seconds,
+        "payload": "JSON, 1 x 32 FP32",
+    }
+    procs = {kind: start_child(kind, model_path) for kind in ("peer", "ours")}
+    try:
+        targets = {
+            "peer": (procs["peer"][1], _http_request(body)),
+            "ours": (procs["ours"][1], _http_request(body)),
+            "ours_binary_tensors": (procs["ours"][1], binary),
+        }
+        out |= load_interleaved(targets, seconds, concurrency, rounds=4)
+    finally:
+        for proc, _port in procs.values():
+            proc.kill()
+            proc.wait(10)
+    out["throughput_ratio"] = round(out["ours"]["throughput_rps"] / out["peer"]["throughput_rps"], 3)
+    out["p99_ratio"] = round(out["ours"]["p99_ms"] / out["peer"]["p99_ms"], 3)
+    out["peer_note"] = (
+        "plain starlette/uvicorn v2 endpoint; MLServer/kserve need a dependency the project lacks"
+    )
+    return out
+
+
+# -- MTTR -----------------------------------------------------------------------------------------
+def mttr(blob: bytes, model_path: Path, iterations: int) -> dict[str, Any]:
+    """MTTR = first request answered by the incumbent after the last one answered (or failed) by the
+    canary, minus the time of the failed-gate verdict. The canary holds 50 % (so the gate has incumbent
+    evidence to compare with) and fails for real on about a third of its inputs."""
+    from deployment.canary import CanaryConfig, StepConfig
+    from deployment.router import InferenceError, Router
+    from deployment.sample_models import erroring_classifier
+    from deployment.serving import CanaryRun
+    from deployment.sessions import load_session
+    from sre_core.clock import FakeClock
+    from sre_core.telemetry import NullSink
+
+    bad_blob = erroring_classifier(n_features=N_FEATURES, n_classes=10, seed=0, error_threshold=0.5)
+    config = CanaryConfig(steps=(StepConfig(0.5, 50, 1e9),), mirror_share=0.0, soak_s=0)
+    incumbent = load_session(blob, name="m", version="good")
+    bad = load_session(bad_blob, name="m", version="bad")
+    results: dict[str, list[float]] = {"preloaded": [], "naive_reload": []}
+    rng = np.random.default_rng(2)
+    inputs = [rng.normal(size=(1, N_FEATURES)).astype(np.float32) for _ in range(256)]
+    for i in range(iterations * 2):
+        path = "preloaded" if i % 2 == 0 else "naive_reload"
+        router = Router("m", incumbent)
+        clock = FakeClock()
+        run = CanaryRun("m", router, bad, config, clock, NullSink())
+        run.start()
+        router.start_canary(bad, mirror_share=0.0, fallback=False)  # canary failures reach the client
+        router.set_weight(0.5)
+        answered: list[tuple[float, str]] = []
+        stop = threading.Event()
+
+        def traffic(r: Router, out: list[tuple[float, str]], halt: threading.Event) -> None:
+            k = 0
+            while not halt.is_set():
+                k += 1
+                try:
+                    v = r.infer({"input": inputs[k % len(inputs)]}).version
+                except InferenceError:
+                    v = "failed"
+                out.append((time.perf_counter(), v))
+
+        worker = threading.Thread(target=traffic, args=(router, answered, stop))
+        worker.start()
+        try:
+            give_up = time.perf_counter() + 30
+            decision = run.evaluate()
+            while decision.action != "abort" and time.perf_counter() < give_up:
+                time.sleep(0.001)
+                clock.advance(0.1)
+                decision = run.evaluate()
+            if decision.action != "abort":
+                raise RuntimeError("the erroring canary was not cut off within 30 s")
+            t0 = time.perf_counter()  # the failed-gate verdict
+            if path == "preloaded":
+                run.act(decision)
+            else:
+                router.replace_active(load_session(model_path, name="m", version="good-reloaded"))
+            t_cut = time.perf_counter()
+            while time.perf_counter() < t_cut + 0.05:  # let traffic flow on the restored version
+                time.sleep(0.001)
+        finally:
+            stop.set()
+            worker.join(10)
+        after = [(t, v) for (t, v) in answered if t > t0]
+        last_bad = max((t for (t, v) in after if not v.startswith("good")), default=t0)
+        first_good = min(t for (t, v) in after if v.startswith("good") and t > last_bad)
+        results[path].append(first_good - t0)
+    pre, naive = results["preloaded"], results["naive_reload"]
+    return {
+        "iterations": iterations,
+        "preloaded_p50_ms": round(_p(pre, 0.5) * 1e3, 3),
+        "preloaded_p99_ms": round(_p(pre, 0.99) * 1e3, 3),
+        "naive_reload_p50_ms": round(_p(naive, 0.5) * 1e3, 3),
+        "naive_reload_p99_ms": round(_p(naive, 0.99) * 1e3, 3),
+        "p50_ratio_naive_over_ours": round(_p(naive, 0.5) / _p(pre, 0.5), 2),
+    }
+
+
+# -- requests lost during flips -------------------------------------------------------------------
+def flip_loss(blob: bytes, flips: int, clients: int) -> dict[str, Any]:
+    import httpx
+
+    from deployment.canary import CanaryConfig, Phase, StepConfig
+    from deployment.oip import create_app
+    from deployment.serving import CanaryRun, ModelRepository
+    from deployment.sessions import load_session
+    from sre_core.clock import FakeClock
+    from sre_core.http_server import ServerThread
+    from sre_core.telemetry import NullSink
+
+    repo = ModelRepository()
+    router = repo.add(load_session(blob, name="m", version="v0"))
+    config = CanaryConfig(
+        steps=tuple(StepConfig(w, 30, 1e9) for w in (0.01, 0.05, 0.25, 0.5, 1.0)),
+        soak_s=3,
+        mirror_share=0.2,
+        max_p95_latency_ratio=5.0,
+    )
+    counts = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+    stop = threading.Event()
+    x = np.random.default_rng(3).normal(size=(1, N_FEATURES)).astype(np.float32).ravel().tolist()
+    req = {"inputs": [{"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32", "data": x}]}
+    phases = []
+    with ServerThread(create_app(repo)) as server:
+
+        def client() -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                while not stop.is_set():
+                    try:
+                        ok = http.post("/v2/models/m/infer", json=req).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    with lock:
+                        counts["ok" if ok else "failed"] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        try:
+            for k in range(flips):
+                clock = FakeClock()
+                run = CanaryRun(
+                    "m", router, load_session(blob, name="m", version=f"v{k + 1}"), config, clock, NullSink()
+                )
+                run.start()
+                for _ in range(20_000):
+                    if run.controller.final:
+                        break
+                    time.sleep(0.01)
+                    clock.advance(1.0)
+                    run.tick()
+                phases.append(run.phase.value)
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+    return {
+        "flips": flips,
+        "promoted": phases.count(Phase.PROMOTED.value),
+        "requests": counts["ok"] + counts["failed"],
+        "requests_lost": counts["failed"],
+        "goal_lost": 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    ap.add_argument("--http-seconds", type=float, default=6.0)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--overhead-blocks", type=int, default=60)
+    ap.add_argument("--mttr-iterations", type=int, default=50)
+    ap.add_argument("--flips", type=int, default=2)
+    ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child_server(args.child, args.port, args.model)
+        return 0
+    blob = model_bytes()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / "model.onnx"
+        model_path.write_bytes(blob)
+        res: dict[str, Any] = {
+            "benchmark": "serving",
+            "model": f"MLP {N_FEATURES}->{HIDDEN}x{WIDTH}->10, ONNX built in code, batch 1, 1 ORT thread",
+            "cpus": os.cpu_count(),
+        }
+        res["router_overhead"] = router_overhead(blob, args.overhead_blocks, 100)
+        res["http"] = http_comparison(model_path, args.http_seconds, args.concurrency)
+        res["mttr"] = mttr(blob, model_path, args.mttr_iterations)
+        res["flip"] = flip_loss(blob, args.flips, 4)
+    res["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
