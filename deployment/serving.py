@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from deployment.canary import CanaryConfig, CanaryController, Decision, Phase
+from deployment.canary import RESUME, CanaryConfig, CanaryController, Decision, Phase
 from deployment.manifest import ModuleManifest
 from deployment.router import Router
 from deployment.sessions import ModelSession, SessionOptions, load_session
@@ -37,6 +37,7 @@ __all__ = [
     "ModelRepository",
     "canary_progress",
     "progress_path",
+    "resume_progress",
 ]
 
 
@@ -47,8 +48,8 @@ class CanarySlots(Protocol):
         """Flip the standby (the canary) active and commit it."""
         ...
 
-    def abort_canary(self, module: str, reason: str, actor: str = ...) -> Any:
-        """End the canary, mark the standby's version bad; the active version never changed."""
+    def abort_canary(self, module: str, reason: str, actor: str = ..., mark_bad: bool = ...) -> Any:
+        """End the canary (the active version never changed); ``mark_bad``: never install it again."""
         ...
 
 
@@ -78,6 +79,33 @@ def canary_progress(paths: StatePaths, module: str | None = None) -> list[dict[s
         if isinstance(data, dict):
             out.append(data)
     return out
+
+
+def resume_progress(paths: StatePaths, now: str) -> list[str]:
+    """After a restart: progress files a dead process left mid-canary go through :data:`RESUME`.
+
+    The evidence died with that process, so a ramping or soaking canary shows as pending again (the slots
+    resume it the same way and reconcile starts it over). Returns the modules whose record changed.
+    """
+    changed = []
+    for entry in canary_progress(paths):
+        try:
+            phase = Phase(entry.get("phase", ""))
+        except ValueError:
+            continue
+        resumed = RESUME[phase]
+        module = str(entry.get("module", ""))
+        if resumed is phase or not module:
+            continue
+        entry |= {
+            "phase": resumed.value,
+            "weight": 0.0,
+            "reason": f"interrupted in phase {phase.value} by a restart; the canary starts over",
+            "updated": now,
+        }
+        atomic_write_json(progress_path(paths, module), _finite(entry))
+        changed.append(module)
+    return changed
 
 
 class ModelRepository:
@@ -173,8 +201,7 @@ class CanaryRun:
         """Stop the canary without a verdict (operator, safe mode): weight 0, not marked bad."""
         self.router.cut_canary()
         decision = self.controller.cancel(reason)
-        if self.slots is not None:
-            self._slots_abort(reason)
+        self._slots_abort(reason, mark_bad=False)
         self._record("canary.cancelled", decision, severity="warning")
         return decision
 
@@ -213,8 +240,7 @@ class CanaryRun:
 
     def _abort(self, d: Decision) -> None:
         if d.mark_bad:
-            if self.slots is not None:
-                self._slots_abort(d.reason)
+            self._slots_abort(d.reason, mark_bad=True)
             self._record("canary.gate_failed", d, severity="error")
             self.sink.event(
                 "incident",
@@ -230,17 +256,16 @@ class CanaryRun:
                 },
             )
         else:
-            if self.slots is not None:
-                self._slots_abort(d.reason)
+            self._slots_abort(d.reason, mark_bad=False)  # nothing was shown wrong: it may run again
             self._record("canary.inconclusive", d, severity="warning")
 
-    def _slots_abort(self, reason: str) -> None:
+    def _slots_abort(self, reason: str, mark_bad: bool) -> None:
         if self.slots is None:
             return
         try:
-            self.slots.abort_canary(self.module, reason, actor=self.actor)
-        except SreError as exc:  # the router already serves the incumbent; keep going, say so
-            self.sink.event("canary_slot_error", exc.message, severity="error", attrs={"module": self.module})
+            self.slots.abort_canary(self.module, reason, actor=self.actor, mark_bad=mark_bad)
+        except (SreError, RuntimeError) as exc:  # the router already serves the incumbent; say so
+            self.sink.event("canary_slot_error", str(exc), severity="error", attrs={"module": self.module})
 
     def _flip(self, d: Decision) -> None:
         evidence = {"gates": [g.to_dict() for g in d.gates], "steps": len(self.config.steps)}
@@ -250,6 +275,7 @@ class CanaryRun:
             except SreError as exc:
                 self.router.cut_canary()
                 failed = self.controller.flip_failed(f"flip refused by the slots: {exc.message}")
+                self._slots_abort(failed.reason, mark_bad=False)
                 self._record("canary.flip_failed", failed, severity="error")
                 return
         self.router.promote()  # one reference assignment: in-flight requests finish where they started
@@ -389,7 +415,9 @@ class ManagedServing:
         try:
             run = self.prepare(module, standby.artifact_path, manifest)
         except SreError as exc:
-            slots.abort_canary(module, f"candidate does not load: {exc.why or exc.message}", actor="canary")
+            slots.abort_canary(
+                module, f"candidate does not load: {exc.why or exc.message}", actor="canary", mark_bad=True
+            )
             self.sink.event(
                 "incident",
                 f"canary of {module} {manifest.version} refused: {exc.message}",
@@ -408,7 +436,9 @@ class ManagedServing:
         try:
             session = self.load(module, standby.artifact_path, manifest)
         except SreError as exc:
-            slots.abort_canary(module, f"does not load: {exc.why or exc.message}", actor="canary")
+            slots.abort_canary(
+                module, f"does not load: {exc.why or exc.message}", actor="canary", mark_bad=True
+            )
             return
         slots.promote_canary(module, actor="canary", evidence={"first_version": True})
         self.repository.add(session)

@@ -17,6 +17,7 @@ from scipy import stats
 
 from deployment.artifacts import VerifiedArtifact
 from deployment.canary import (
+    RESUME,
     TRANSITIONS,
     CanaryConfig,
     Event,
@@ -31,7 +32,14 @@ from deployment.canary import (
 from deployment.manifest import CanarySpec, CanaryStep, ModuleManifest, RuntimeSpec
 from deployment.router import Router, VersionStats
 from deployment.sample_models import erroring_classifier, linear_classifier, linear_regressor, slow_classifier
-from deployment.serving import CanaryRun, ManagedServing, ModelRepository, canary_progress, progress_path
+from deployment.serving import (
+    CanaryRun,
+    ManagedServing,
+    ModelRepository,
+    canary_progress,
+    progress_path,
+    resume_progress,
+)
 from deployment.sessions import ModelSession, load_session
 from deployment.slots import SlotManager
 from sre_core.audit import AuditLog
@@ -292,3 +300,37 @@ def test_canary_commits_or_aborts_in_the_slots(
         assert progress[0]["phase"] == "aborted" and progress[0]["step"] == 1
         assert "canary.gate_failed" in events and "canary.aborted" in events
     assert audit.verify()[1] is None
+
+
+def test_inconclusive_canary_is_not_marked_bad_in_the_slots(
+    state: StatePaths, clock: FakeClock, tmp_path: Path
+) -> None:
+    slots, audit = slots_with(
+        state, clock, tmp_path, relabel(linear_classifier(seed=0, hidden_layers=HIDDEN), "2")
+    )
+    repo = ModelRepository()
+    steps = (StepConfig(0.01, min_samples=100_000, max_duration_s=30),)
+    serving = ManagedServing(state, repo, slots=slots, clock=clock, audit=audit, overrides={"steps": steps})
+    active = slots.status("m").active
+    assert active is not None
+    serving.serve("m", active.artifact_path, active.manifest)
+    view = slots.begin_canary("m")
+    run = serving.prepare("m", view.artifact_path, view.manifest)
+    drive(run, clock, np.random.default_rng(9))
+    assert run.phase is Phase.INCONCLUSIVE
+    st = slots.status("m")
+    assert st.phase.value == "idle" and not st.bad and st.active is not None and st.active.version == "1.0"
+    assert "canary.inconclusive" in [r.event for r in audit.records()]
+
+
+def test_progress_left_by_a_dead_process_resumes_as_pending(state: StatePaths, clock: FakeClock) -> None:
+    sink = MemorySink()
+    run = make_run(linear_classifier(seed=0, hidden_layers=HIDDEN), clock, sink)
+    run.progress_file = progress_path(state, "m")
+    run.start()
+    assert canary_progress(state, "m")[0]["phase"] == "ramping"
+    assert resume_progress(state, clock.now().isoformat()) == ["m"]
+    (entry,) = canary_progress(state, "m")
+    assert entry["phase"] == "pending" and entry["weight"] == 0.0 and "restart" in entry["reason"]
+    assert resume_progress(state, clock.now().isoformat()) == []  # idempotent
+    assert all(RESUME[p] in (Phase.PENDING, p) for p in Phase)

@@ -31,12 +31,15 @@ class ServingPlane:
         paths: the device state.
         source: the pull source for reconcile passes (None: serve what is installed, never reconcile).
         canary_interval_s: seconds between canary evaluations.
+        sink: the telemetry sink (the daemon's DuckDB writer; None drops telemetry, the audit keeps
+            every canary step, verdict and flip).
     """
 
     settings: AgentSettings
     paths: StatePaths
     source: Any = None
     canary_interval_s: float = 1.0
+    sink: Any = None
     name: str = "serving"
     _server: Any = field(default=None, repr=False)
 
@@ -54,7 +57,7 @@ class ServingPlane:
         self.audit = AuditLog(self.paths.audit_log, self.clock)
         self.policy = load_deployment_policy(self.paths.policies / "deployment.yaml")
         self.slots = SlotManager(self.paths, self.audit, self.clock, self.policy)
-        self.repository = ModelRepository()
+        self.repository = ModelRepository(self.sink)
         options = SessionOptions(cfg.intra_op_threads, cfg.inter_op_threads, tuple(cfg.providers))
         self.serving = ManagedServing(
             self.paths,
@@ -75,9 +78,11 @@ class ServingPlane:
 
     def start(self) -> None:
         """Load the active versions, then listen."""
+        from deployment.serving import resume_progress
         from sre_core.http_server import ServerThread
 
         self.slots.recover_all()
+        resume_progress(self.paths, self.clock.now().isoformat())
         self.serving.sync(self.slots)
         cfg = self.settings.serving
         self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
