@@ -9,6 +9,7 @@ What the jobs and services are is decided in :mod:`sre_agent.wiring`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import traceback
 from collections.abc import Callable
@@ -106,15 +107,21 @@ class Daemon:
 
         return run
 
-    def heartbeat(self) -> dict[str, Any]:
-        """Write ``<state>/run/heartbeat.json`` (liveness for watchdogs and the CLI) and return it."""
-        now = self.clock.now()
-        beat = {
-            "ts": now.isoformat(),
+    def status(self) -> dict[str, Any]:
+        """What runs and how the jobs fare (the admin API's ``/status`` and the heartbeat file)."""
+        with self._lock:
+            jobs = {k: dict(vars(v)) for k, v in self.stats.items()}
+        return {
+            "ts": self.clock.now().isoformat(),
+            "pid": os.getpid(),
             "started": self._started_at.isoformat() if self._started_at else None,
             "services": [s.name for s in self._started],
-            "jobs": {k: vars(v) for k, v in self.stats.items()},
+            "jobs": jobs,
         }
+
+    def heartbeat(self) -> dict[str, Any]:
+        """Write ``<state>/run/heartbeat.json`` (liveness for watchdogs and the CLI) and return it."""
+        beat = self.status()
         atomic_write_json(self.paths.run / "heartbeat.json", beat)
         return beat
 

@@ -1,0 +1,123 @@
+"""The daemon's wiring: incidents reach the responder, the chaos schedule pre-flights and escalates, the
+admin API only runs read-only SQL. Real components (state directory, escalation store, audit trail,
+pre-flight); the LLM is disabled."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from sre_agent.config import AgentSettings
+from sre_agent.provision import provision
+from sre_agent.respond import build_responder
+from sre_agent.wiring import ChaosSchedule, IncidentTee, ResponderService, read_only_sql
+from sre_core.audit import AuditLog
+from sre_core.clock import FakeClock
+from sre_core.paths import StatePaths
+from sre_core.telemetry import MemorySink
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _settings(tmp: Path, **chaos: object) -> AgentSettings:
+    return AgentSettings.model_validate(
+        {"state_dir": str(tmp), "llm": {"enabled": False}, "chaos": {"enabled": True, **chaos}}
+    )
+
+
+def test_read_only_sql_allows_one_select_only() -> None:
+    assert read_only_sql("SELECT 1") == "SELECT 1"
+    for bad in ("DELETE FROM metrics", "SELECT 1; DROP TABLE metrics", "COPY metrics TO 'x.csv'", "ATTACH 'x'"):
+        with pytest.raises(ValueError):
+            read_only_sql(bad)
+
+
+def test_incident_events_flow_through_the_tee_into_triage_once(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path / "dev")
+    provision(paths)
+    clock = FakeClock()
+    audit = AuditLog(paths.audit_log, clock)
+    sink = MemorySink()
+    settings = _settings(paths.root)
+    svc = ResponderService(
+        paths,
+        clock,
+        lambda: build_responder(paths, settings, clock=clock, audit=audit, telemetry=sink),
+        lambda: None,
+    )
+    tee = IncidentTee(lambda: sink, svc.submit)
+    svc.start()
+    try:
+        # A canary abort as deployment.serving reports it (no incident_kind: the source says which).
+        for _ in range(3):
+            tee.event(
+                "incident",
+                "canary of clf 2.0 aborted: error rate gate failed",
+                severity="error",
+                attrs={"source": "canary", "module": "clf", "version": "2.0"},
+            )
+        tee.event("canary.step", "not an incident", attrs={"source": "canary"})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and svc.status()["counts"]["handled"] + svc.status()["counts"][
+            "duplicates"
+        ] < 3:
+            time.sleep(0.05)
+    finally:
+        svc.stop()
+    counts = svc.status()["counts"]
+    assert counts["queued"] == 3 and counts["handled"] == 1 and counts["duplicates"] == 2
+    assert [e for e in sink.events if e[0] == "incident"].__len__() == 3  # the tee still records them all
+    opened = [r for r in audit.records() if r.event == "incident.opened"]
+    assert len(opened) == 1 and opened[0].data["kind"] == "canary_abort" and opened[0].data["module"] == "clf"
+    assert any(r.event == "triage.decision" for r in audit.records())
+
+
+def test_chaos_schedule_escalates_destructive_experiments_once_and_respects_windows(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path / "dev")
+    provision(paths)
+    exps = tmp_path / "experiments"
+    exps.mkdir()
+    shutil.copy(REPO / "experiments" / "uplink-blackout-5min.yaml", exps)
+    shutil.copy(REPO / "experiments" / "typo-provider.yaml", exps)
+    clock = FakeClock()  # 2026-01-01 is a Thursday
+    audit = AuditLog(paths.audit_log, clock)
+    sink = MemorySink()
+    sched = ChaosSchedule(
+        paths,
+        _settings(paths.root, experiments_dir=str(exps)),
+        clock,
+        audit,
+        sink,
+        serving_url=lambda: None,
+        model=lambda: None,
+        toxiproxy_url=lambda: None,
+    )
+    done = sched.tick()
+    assert {r["file"]: r["verdict"] for r in done} == {
+        "typo-provider.yaml": "reject",
+        "uplink-blackout-5min.yaml": "escalate",
+    }
+    assert all("run" not in r for r in done)
+    assert len(list((paths.run / "chaos" / "escalations").glob("*.json"))) == 2
+    assert sched.tick() == []  # the same content is not escalated again
+    assert not any(r.event == "chaos.run.started" for r in audit.records())
+
+    # Outside the policy's windows nothing is even pre-flighted.
+    policy = (REPO / "policies" / "defaults" / "chaos.yaml").read_text()
+    (paths.policies / "chaos.yaml").write_text(
+        policy.replace("windows: []", 'windows: [{days: [mon], start: "09:00", end: "17:00"}]', 1)
+    )
+    shutil.copy(REPO / "experiments" / "disk-fill-below-reserve.yaml", exps)
+    before = len([r for r in audit.records() if r.event == "chaos.preflight"])
+    assert sched.tick() == []
+    assert len([r for r in audit.records() if r.event == "chaos.preflight"]) == before
+
+    # A pause (triage's pause_chaos) skips ticks until it lapses.
+    (paths.policies / "chaos.yaml").unlink()
+    sched.pause(60, "test")
+    assert sched.tick() == []
+    clock.advance(61)
+    assert [r["file"] for r in sched.tick()] == ["disk-fill-below-reserve.yaml"]
