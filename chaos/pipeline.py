@@ -9,6 +9,7 @@ telemetry entries. The object that passed pre-flight is the object that runs: th
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def guarded_run(
     telemetry: TelemetrySink | None = None,
     audit: AuditLog | None = None,
     actor: str = "agent",
+    stop: threading.Event | None = None,
 ) -> ChaosOutcome:
     """Pre-flight ``source`` against the device; run it guarded on ``run``, escalate it otherwise.
 
@@ -100,6 +102,7 @@ def guarded_run(
         toxiproxy_url, serving_url, model: passed to the runner (None: embedded fault proxy; no
             serving guardrail).
         telemetry, audit: where verdicts, packets and run results are recorded.
+        stop: set it to interrupt a run early (the daemon's shutdown); cleanup still runs.
 
     Never raises for a bad or refused experiment: that is a ``reject``/``escalate`` outcome with a
     packet. Raises ``OSError`` when the state directory cannot be written.
@@ -171,5 +174,6 @@ def guarded_run(
         telemetry=sink,
         audit=audit,
         clock=clock,
+        stop=stop,
     )
     return ChaosOutcome(result, exp, run=run, budget_s=budget)

@@ -90,6 +90,7 @@ class ChaosSettings(_Section):
     enabled: bool = True
     toxiproxy_url: str | None = Field(default=None, description="use a real Toxiproxy server")
     experiments_dir: Path | None = None
+    interval_s: float = Field(default=3600.0, ge=10, description="the daemon's chaos schedule period")
 
 
 class AgentSettings(BaseSettings):
