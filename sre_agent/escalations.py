@@ -36,7 +36,7 @@ from policies.triage import Action
 from sre_agent.actions import ActionExecutor, ActionResult
 from sre_agent.incidents import Incident
 from sre_agent.triage import TriageDecision
-from sre_core.atomic import atomic_write_json, remove_stale_temps
+from sre_core.atomic import atomic_write_json, fsync_dir, remove_stale_temps
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock
 from sre_core.errors import InputError, SreError
@@ -384,6 +384,27 @@ class EscalationStore:
                 if (esc.status == S.OPEN and now >= esc.expires_at) or lapsed:
                     out.append(self._transition(esc, E.EXPIRE, "agent", "expired"))
         return out
+
+    def prune(self, older_than: timedelta) -> list[str]:
+        """Delete finished escalations (rejected, expired, executed, failed) whose last change is older
+        than ``older_than``: the files are bounded; the audit trail and the uploaded copies remain."""
+        removed = []
+        with self._locked():
+            cutoff = self.clock.now() - older_than
+            for esc in self.select():
+                if esc.status in (S.OPEN, S.APPROVED):
+                    continue
+                last = (
+                    esc.history[-1].ts if esc.history else datetime.fromisoformat(esc.content["created_at"])
+                )
+                if last < cutoff:
+                    self._path(esc.id).unlink(missing_ok=True)
+                    removed.append(esc.id)
+            if removed:
+                fsync_dir(self.directory)
+        if removed:
+            self.audit.append("escalation.pruned", ids=removed[:100], count=len(removed))
+        return removed
 
     def execute_approved(
         self, executor: ActionExecutor, roster: OperatorRoster

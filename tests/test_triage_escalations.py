@@ -320,3 +320,15 @@ def test_escalations_are_mirrored_into_the_duckdb_telemetry_store(tmp_path, stat
     assert {b["id"] for b in bodies} == {esc.id}
     doc = json.loads(bodies[-1]["document"])
     assert doc["content_hash"] == esc.content_hash and doc["approval"]["operator"] == "alice"
+
+
+def test_finished_escalations_are_pruned_open_ones_kept(world, tmp_path):
+    world.store.decide(world.sign(decision="reject", action=None), world.roster)
+    other = {c.name: c for c in load_cases(CASES)}["cd-persisted-lkg"].incident
+    still_open = world.store.create(other, TriageEngine(default_triage_policy()).decide(other))
+    world.clock.advance(timedelta(days=2))
+    assert world.store.prune(timedelta(days=7)) == []
+    world.clock.advance(timedelta(days=6))
+    assert world.store.prune(timedelta(days=7)) == [world.esc.id]
+    assert [e.id for e in world.store.select()] == [still_open.id]
+    assert "escalation.pruned" in world.events()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,20 @@ def test_real_model_end_to_end_on_injection_cases(tmp_path, clock):
         LlmAdvisor(LocalModel.from_settings(small), small)(
             CASES["cd-injection"].incident, engine.match(CASES["cd-injection"].incident)
         )
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_real_model_writes_the_health_digest_summary(tmp_path, clock):
+    from sre_agent.digest import DigestBuilder
+
+    settings = LlmSettings(n_threads=1, timeout_s=120.0)
+    advisor = LlmAdvisor(LocalModel.from_settings(settings), settings)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock)
+    audit.append("incident.opened", kind="slo_burn")
+    clock.advance(10)
+    digest = DigestBuilder(clock, "dev-1", audit, summarizer=advisor.summarize).build(
+        clock.now() - timedelta(hours=1), metrics={"latency_p95_ms": 14.0}
+    )
+    assert digest.summary_source == "llm" and digest.summary_error is None
+    assert 0 < len(digest.summary) <= 400 and digest.figures.incidents_total == 1
