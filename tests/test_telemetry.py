@@ -230,3 +230,27 @@ def test_plan_prefers_rollups_and_local_copies_over_drops() -> None:
     # Within budget and young: nothing to do.
     stats = {**base, "metrics": st("metrics", 10, 10, 1 << 20, now - 60_000_000)}
     assert plan_enforcement(stats, now, policy).empty
+
+
+def test_byte_pressure_folds_sooner_and_keeps_metrics_within_budget(tmp_path: Path, clock: FakeClock) -> None:
+    budget = 2 << 20
+    store = Store(tmp_path / "t.duckdb", small_policy(metrics={"bytes": budget}), clock)
+    writer = TelemetryWriter(store, enforce=False)
+    for _ in range(4):
+        writer.write_table("metrics", metric_columns(_us(clock), 3600, 50))
+        writer.flush()
+        clock.advance(3600)
+        report = store.enforce()
+        metric_bytes = sum(report.bytes_after[t] for t in ("metrics", "metrics_1m", "metrics_1h"))
+        assert metric_bytes <= budget
+    books = store.books()
+    # Pressure was relieved by folding (well before raw_max_age_s), not by dropping samples.
+    assert books["metrics"].folded > 0 and books["metrics"].dropped == 0
+    total = store.query(
+        "SELECT (SELECT count(*) FROM metrics WHERE name SIMILAR TO 'm[0-9]') "
+        "+ (SELECT coalesce(sum(count), 0) FROM metrics_1m WHERE name SIMILAR TO 'm[0-9]') "
+        "+ (SELECT coalesce(sum(count), 0) FROM metrics_1h WHERE name SIMILAR TO 'm[0-9]') AS n"
+    ).to_pylist()[0]["n"]
+    assert total == 4 * 3600 * 50
+    assert all(b.balanced for b in books.values())
+    store.close()
