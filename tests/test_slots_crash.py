@@ -9,6 +9,8 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,12 @@ def _harness() -> ModuleType:
     return mod
 
 
+def test_kill_9_quick_sample(tmp_path: Path) -> None:
+    res = _harness().run_trials(tmp_path, trials=25, seed=3)
+    assert res["failures"] == [] and res["ok"] == 25
+
+
+@pytest.mark.slow
 def test_kill_9_during_install_and_flip_always_restarts_on_a_verified_version(tmp_path: Path) -> None:
     res = _harness().run_trials(tmp_path, trials=200, seed=7)
     assert res["failures"] == [] and res["ok"] == 200 and res["rate"] == 1.0
