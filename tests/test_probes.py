@@ -233,3 +233,24 @@ def test_run_all_stops_at_first_failure(tmp_path: Path, clock: FakeClock, ctx: P
     rep = runner(tmp_path, clock).run_all(specs, ctx)
     assert not rep.ok and len(rep.results) == 1 and not marker.exists()
     assert runner(tmp_path, clock).run_all([], ctx).ok
+
+
+def test_deployment_policy_documents(tmp_path: Path) -> None:
+    from policies.deployment import load_deployment_policy
+    from sre_core.errors import InputError
+
+    default = load_deployment_policy(tmp_path / "absent.yaml")
+    assert default.canary_steps == [1, 5, 25, 50, 100] and default.flapping.max_rollbacks == 3
+    assert default.probes.allows("/usr/bin/true") and not default.probes.allows("/bin/sh")
+    doc = tmp_path / "deployment.yaml"
+    doc.write_text("probes:\n  exec_alowlist: [/bin/sh]\n")  # a typo must not silently widen anything
+    with pytest.raises(InputError, match="exec_alowlist"):
+        load_deployment_policy(doc)
+    doc.write_text("probes:\n  exec_allowlist: [bin/sh]\n")
+    with pytest.raises(InputError, match="absolute"):
+        load_deployment_policy(doc)
+    doc.write_text("canary_steps: [5, 1, 100]\n")
+    with pytest.raises(InputError, match="increasing"):
+        load_deployment_policy(doc)
+    doc.write_text("flapping: {max_rollbacks: 2, window_s: 600}\n")
+    assert load_deployment_policy(doc).flapping.window_s == 600
