@@ -248,6 +248,27 @@ def _fact(v: Any) -> bool:
     return v is None or isinstance(v, str | int | float | bool)
 
 
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _normalise_facts(kind: IncidentKind, attrs: dict[str, Any], facts: dict[str, FactValue]) -> None:
+    """Derive the facts the triage rules name from what each reporter sends."""
+    if kind == IncidentKind.CANARY_ABORT and "gate" not in facts:
+        # the serving plane sends its gate verdicts: the first failed gate and its sample count
+        failed = [g for g in attrs.get("gates") or [] if isinstance(g, dict) and g.get("verdict") == "fail"]
+        if failed:
+            facts["gate"] = str(failed[0].get("gate", ""))[:64]
+            n = _number(failed[0].get("n"))
+            if n is not None:
+                facts["samples"] = int(n)
+    if kind == IncidentKind.SLO_BURN and "burn_rate" not in facts:
+        # drift SLOs are "at most" objectives: the burn rate is the value over its objective
+        value, target = _number(facts.get("value")), _number(facts.get("target"))
+        if value is not None and target is not None and target > 0:
+            facts["burn_rate"] = round(value / target, 4)
+
+
 def incident_from_event(
     message: str,
     severity: str,
@@ -274,6 +295,7 @@ def incident_from_event(
     if kind == IncidentKind.VERIFICATION_FAILURE and check:
         facts["check"] = check
         facts["category"] = check_category(check)
+    _normalise_facts(kind, attrs, facts)
     modules = [str(m) for m in attrs.get("modules") or []]
     module = modules[0] if modules else "device"
     key = str(attrs.get("dedup_key") or f"{kind.value}:{module}:{check}")
@@ -291,11 +313,12 @@ def incident_from_event(
     }
     sev = severity if severity in {s.value for s in Severity} else Severity.WARNING.value
     digest = hashlib.sha256(f"{key}|{ts.isoformat()}".encode()).hexdigest()[:16]
+    version = attrs.get("version") or facts.get("version") or (slot.active_version if slot else None)
     return Incident(
         id=f"inc-{digest}",
         kind=kind,
         module=module[:100] or "device",
-        version=(slot.active_version if slot else None),
+        version=str(version)[:100] if version is not None else None,
         severity=Severity(sev),
         opened_at=ts,
         title=message[:200],

@@ -109,3 +109,46 @@ def test_check_categories():
     assert check_category("integrity.audit_chain") == "data_integrity"
     assert check_category("drift.inputs") == "drift"
     assert check_category("resources.headroom") == "performance"
+
+
+def test_incidents_from_canary_slo_and_probe_reporters_get_the_facts_rules_need(clock):
+    engine = TriageEngine(default_triage_policy())
+    canary = incident_from_event(
+        "canary of classifier 2.1.0 aborted: error rate",
+        "critical",
+        {
+            "incident_kind": "canary_abort",
+            "modules": ["classifier"],
+            "version": "2.1.0",
+            "gates": [
+                {"gate": "latency", "verdict": "pass", "n": 900},
+                {"gate": "error_rate", "verdict": "fail", "n": 900, "excess_lcb": 0.02},
+            ],
+        },
+        clock.now(),
+    )
+    assert canary is not None and canary.facts["gate"] == "error_rate" and canary.facts["samples"] == 900
+    assert canary.version == "2.1.0"
+    assert engine.decide(canary).action == Action.QUARANTINE
+    slo = incident_from_event(
+        "SLO sync.oldest_unacked_age_s is burning",
+        "warning",
+        {"incident_kind": "slo_burn", "facts": {"slo": "sync", "value": 1_400_000.0, "target": 172_800.0}},
+        clock.now(),
+    )
+    assert slo is not None and 8.0 < float(slo.facts["burn_rate"]) < 8.2
+    assert engine.decide(slo).rule == "slo-fast-burn"
+    probe = incident_from_event(
+        "probes failed for classifier 2.1.0",
+        "critical",
+        {
+            "incident_kind": "probe_failure",
+            "modules": ["classifier"],
+            "facts": {"version": "2.1.0", "rolled_back": True},
+        },
+        clock.now(),
+        slot=SlotStatus(active_version="2.0.0", standby_verified=True),
+    )
+    assert probe is not None and probe.version == "2.1.0"
+    d = engine.decide(probe)
+    assert d.rule == "probe-already-rolled-back" and d.action == Action.QUARANTINE
