@@ -7,10 +7,13 @@ Public API::
         .get(sha256, length) -> Path|None  a complete blob of that length, if held
         .partial(sha256) -> Path           the resumable partial download (``partial/<hex>.part``)
         .read_resume(sha256) / .write_resume(sha256, info)   the validator (ETag) for If-Range
-        .commit(sha256, length) -> Path    verify the partial, then rename it into place atomically
+        .commit(sha256, length, what) -> Path   verify the partial, then rename it into place atomically
+                                           (raises HashMismatchError and deletes the partial)
+        .adopt(sha256, verified_path) -> Path   move a file the caller verified into place
         .discard(sha256)                   drop a partial (failed verification)
         .remove_stale()                    delete temp files left by a crash
         .blobs() -> set[str]               held digests
+        .prune(keep) -> list[str]          delete blobs not in ``keep``
     hash_file(path) -> (length, sha256_hex)
 
 A blob is only ever reachable under its digest after its bytes hashed to that digest, so nothing in

@@ -2,12 +2,14 @@
 
 Public API::
 
-    FetchConfig(connect_timeout_s=5, read_timeout_s=20, max_stalled_attempts=5, max_attempts=10_000)
+    FetchConfig(connect_timeout_s=5, read_timeout_s=20, max_stalled_attempts=5, max_attempts=10_000,
+                min_rate_bytes_s=8192, base_deadline_s=120)   a transfer may take base + length / min rate
     HttpFetcher(config=None, client=None, clock=None)      a tuf FetcherInterface over httpx
-    DirectoryFetcher(base_dir)                               a tuf FetcherInterface over a bundle directory
+    DirectoryFetcher(base_dir, config=None, clock=None)      a tuf FetcherInterface over a bundle directory
     make_fetcher(source, config=None, clock=None) -> HttpFetcher | DirectoryFetcher
     base_urls(source) -> (metadata_base_url, targets_base_url)
-    <fetcher>.download_to(url, part, length, validator, progress=None) -> DownloadStats
+    <fetcher>.download_to(url, part, length, validator=None, progress=None, on_validator=None)
+        -> DownloadStats(bytes_received, requests, resumes, restarts, etag)
 
 ``download_to`` appends to a partial file and never writes more than the signed ``length``: a server
 that sends more (an endless or oversized artifact) fails with ``DownloadLengthMismatchError``. When

@@ -3,11 +3,12 @@
 Public API::
 
     cosign_sign_file(private_pem, path) -> bytes          base64 DER signature, as cosign writes it
-    cosign_verify(public_pems, sha256_hex, signature)     raises SignatureError
+    cosign_verify(public_pems, sha256_hex, signature, what) -> str (key id)   raises SignatureError
     intoto_statement(name, sha256_hex, predicate_type, predicate) -> dict
     dsse_sign(private_pem, payload_type, payload) -> dict  the DSSE envelope
-    verify_attestation(envelope_bytes, public_pems, sha256_hex, predicate_types) -> dict (the statement)
-    keyid(public_key) -> str
+    verify_attestation(envelope_bytes, public_pems, sha256_hex, predicate_types, what) -> dict (statement)
+    keyid(public_pem) -> str
+    SignatureError(SreError)
 
 Hand-written on ``cryptography`` because the formats are tiny and fixed and the device must verify
 offline with no transparency log and no cosign binary: cosign's ``sign-blob --key`` signature is

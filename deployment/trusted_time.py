@@ -5,7 +5,8 @@ Public API::
     TrustedTime(path, clock)         a Clock (now/monotonic/sleep) that never goes below its high-water mark
         .now() -> datetime           max(clock.now(), high water)
         .observe(signed_time, source) -> datetime   raise the mark (persisted atomically) and return now()
-        .checkpoint() -> datetime         also ratchet the mark up to the system clock (persisted)
+        .checkpoint() -> datetime    also ratchet the mark up to the system clock (persisted)
+        .clock_behind() -> bool      the system clock is behind the mark (RTC reset or wound back)
         .high_water -> datetime | None
 
 The mark lives in ``<state>/clock.json`` and only moves forward, so winding the system clock back (a bad

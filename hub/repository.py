@@ -74,6 +74,7 @@ from deployment.manifest import (
     manifest_to_custom,
 )
 from deployment.pull import DESIRED_STATE, ISSUED_FIELD, safe_target
+from deployment.signatures import cosign_sign_file, dsse_sign, intoto_statement
 from sre_core.atomic import atomic_write_bytes, atomic_write_json
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError, SreError
@@ -493,8 +494,6 @@ class HubRepository:
         Raises:
             InputError: unknown channel, missing file, unsafe target name.
         """
-        from deployment.signatures import cosign_sign_file, dsse_sign, intoto_statement
-
         self._require_channel(channel)
         artifact = Path(artifact)
         if not artifact.is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 from _trust_support import DroppingProxy, HubEnv, make_env, p256_keypair, sha256
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
 
 from deployment.artifacts import TrustStatus
 from deployment.manifest import ModuleManifest
-from deployment.pull import PullError, load_held
+from deployment.pull import PullError, load_held, safe_target
 from hub.bundle import export_bundle
 from policies.trust import TrustPolicy
 
@@ -351,3 +354,46 @@ def test_re_pinning_a_new_trust_anchor_drops_metadata_trusted_under_the_old_one(
             env.puller().pull()
     finally:
         other.server.stop()
+
+
+def test_concurrent_publishers_are_serialised(env: HubEnv) -> None:
+    import threading
+
+    from hub.repository import HubRepository
+
+    errors: list[BaseException] = []
+
+    def publisher(n: int) -> None:
+        repo = HubRepository(env.repo.dir, env.clock)  # its own instance, as another process would have
+        try:
+            for i in range(4):
+                f = env.tmp / f"p{n}-{i}.bin"
+                f.write_bytes(os.urandom(1000))
+                repo.publish("stable", f, ModuleManifest(name=f"m{n}", version=f"1.{i}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(env.repo.channel_targets("stable")) == 8
+    env.repo.release("stable", "m0", "1.3")
+    env.repo.release("stable", "m1", "1.3")
+    result = env.puller().pull()
+    assert {m: a.version for m, a in result.artifacts.items()} == {"m0": "1.3", "m1": "1.3"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab./\\\x00-_+A", max_size=20))
+def test_safe_target_admits_only_one_plain_name_under_the_channel(name: str) -> None:
+    path = f"stable/{name}"
+    if safe_target(path, "stable"):
+        parts = path.split("/")
+        assert len(parts) == 2 and parts[1] not in {"", ".", ".."} and not parts[1].startswith(".")
+        assert "\\" not in path and "\x00" not in path
+        assert (Path("/cas") / parts[1]).parent == Path("/cas")
+    assert not safe_target("/" + path, "stable")
+    assert not safe_target(path, "beta")
