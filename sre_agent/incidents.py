@@ -262,6 +262,18 @@ def _normalise_facts(kind: IncidentKind, attrs: dict[str, Any], facts: dict[str,
             n = _number(failed[0].get("n"))
             if n is not None:
                 facts["samples"] = int(n)
+    evidence = attrs.get("evidence")
+    modules = [str(m) for m in attrs.get("modules") or []]
+    if facts.get("check") == "integrity.slots" and isinstance(evidence, dict) and modules:
+        # which of the module's slots failed to re-hash: the rules roll back only onto an intact standby
+        roles = {r: evidence.get(f"{modules[0]}/{r}") for r in ("active", "standby")}
+        ok = {r: v.get("ok") for r, v in roles.items() if isinstance(v, dict)}
+        if ok.get("active") is False:
+            facts["slot"] = "active"
+        elif ok.get("standby") is False:
+            facts["slot"] = "standby"
+        if isinstance(ok.get("standby"), bool):
+            facts["standby_intact"] = ok["standby"]
     if kind == IncidentKind.SLO_BURN and "burn_rate" not in facts:
         # drift SLOs are "at most" objectives: the burn rate is the value over its objective
         value, target = _number(facts.get("value")), _number(facts.get("target"))

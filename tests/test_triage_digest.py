@@ -152,3 +152,33 @@ def test_incidents_from_canary_slo_and_probe_reporters_get_the_facts_rules_need(
     assert probe is not None and probe.version == "2.1.0"
     d = engine.decide(probe)
     assert d.rule == "probe-already-rolled-back" and d.action == Action.QUARANTINE
+
+
+def test_slot_integrity_incidents_roll_back_only_onto_an_intact_standby(clock):
+    engine = TriageEngine(default_triage_policy())
+    slot = SlotStatus(active_version="2.0.0", standby_version="1.9.0", standby_verified=True)
+
+    def incident(active_ok: bool, standby_ok: bool):
+        return incident_from_event(
+            "verification check integrity.slots fail",
+            "critical",
+            {
+                "incident_kind": "verification_failure",
+                "check": "integrity.slots",
+                "modules": ["classifier"],
+                "facts": {"check": "integrity.slots", "corrupted": 1},
+                "evidence": {
+                    "classifier/active": {"ok": active_ok},
+                    "classifier/standby": {"ok": standby_ok},
+                },
+            },
+            clock.now(),
+            slot=slot,
+        )
+
+    active = engine.decide(incident(False, True))
+    assert active.action == Action.ROLLBACK and active.verdict == "execute"
+    standby = engine.decide(incident(True, False))
+    assert standby.action == Action.ALERT and standby.verdict == "execute"
+    both = engine.decide(incident(False, False))
+    assert both.action == Action.SAFE_MODE and both.verdict == "escalate"
