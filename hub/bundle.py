@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deployment.manifest import manifest_from_custom
 from deployment.pull import DESIRED_STATE
 from hub.repository import HubRepository
 from sre_core.atomic import fsync_dir
@@ -51,8 +52,9 @@ def export_bundle(repo: HubRepository, channel: str, out: Path) -> dict[str, Any
     needed = [f"{channel}/{DESIRED_STATE}"]
     for dm in desired.modules.values():
         needed.append(dm.target)
-        manifest = (targets[dm.target].custom or {}).get("manifest", {})
-        needed.extend(a["target"] for a in manifest.get("attestations", []) if a.get("target") in targets)
+        manifest = manifest_from_custom(targets[dm.target].custom)
+        if manifest is not None:
+            needed.extend(a.target for a in manifest.attestations if a.target in targets)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"export bundle to {out}", "the directory is not empty", "choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)

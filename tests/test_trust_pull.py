@@ -22,6 +22,8 @@ from deployment.manifest import ModuleManifest
 from deployment.pull import PullError, load_held, safe_target
 from hub.bundle import export_bundle
 from policies.trust import TrustPolicy
+from sre_agent.provision import provision
+from sre_core.paths import StatePaths
 
 MiB = 1024 * 1024
 
@@ -219,6 +221,12 @@ def test_policy_required_cosign_and_attestation(env: HubEnv) -> None:
     result = env.puller(policy=policy).pull()
     kinds = {a.kind for a in result.artifacts["clf"].manifest.attestations}
     assert kinds == {"cosign", "dsse"}
+    # the same checks hold for an offline bundle: it carries the signature and the attestation
+    info = export_bundle(env.repo, "stable", env.tmp / "usb")
+    assert info["targets"] == 4
+    bundled = StatePaths(env.tmp / "usb-device")
+    provision(bundled, root=env.repo.metadata_dir / "1.root.json", clock=env.clock)
+    assert env.puller(source=str(env.tmp / "usb"), policy=policy, paths=bundled).pull().artifacts["clf"]
     # Unsigned version: refused before a byte of the artifact is downloaded.
     env.artifact("1.1.0", size=300_000)
     p = env.puller(policy=policy)
