@@ -204,6 +204,8 @@ class Router:
         sink: where :meth:`flush_telemetry` writes.
         seed: seeds the mirror sampler (tests reproduce a run exactly).
         timer: the latency timer (``time.perf_counter``); a seam for tests, not a wall clock.
+        preprocess: applied to every request's inputs before routing (the agent plugs the chaos
+            input-noise fault in here; this package cannot import ``chaos``).
     """
 
     def __init__(
@@ -213,8 +215,10 @@ class Router:
         sink: TelemetrySink | None = None,
         seed: int | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        preprocess: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         self.name = name
+        self.preprocess = preprocess
         self.sink: TelemetrySink = sink or NullSink()
         self._routing = Routing(active=active)
         self._counter = itertools.count()
@@ -330,6 +334,8 @@ class Router:
             LookupError: ``pin`` names no loaded version.
         """
         r = self._routing  # read once: this request uses one consistent table throughout
+        if self.preprocess is not None:
+            feeds = self.preprocess(feeds)
         if pin is not None:
             return self._pinned(r, feeds, pin)
         canary = r.canary

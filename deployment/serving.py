@@ -13,10 +13,12 @@ import json
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from deployment.canary import RESUME, CanaryConfig, CanaryController, Decision, Phase
 from deployment.manifest import ModuleManifest
@@ -111,8 +113,13 @@ def resume_progress(paths: StatePaths, now: str) -> list[str]:
 class ModelRepository:
     """The models the inference server answers for: module name -> :class:`Router`. Thread-safe."""
 
-    def __init__(self, sink: TelemetrySink | None = None) -> None:
+    def __init__(
+        self,
+        sink: TelemetrySink | None = None,
+        preprocess: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
         self.sink: TelemetrySink = sink or NullSink()
+        self.preprocess = preprocess
         self._routers: dict[str, Router] = {}
         self._lock = threading.Lock()
 
@@ -121,7 +128,9 @@ class ModelRepository:
         with self._lock:
             router = self._routers.get(session.name)
             if router is None:
-                router = self._routers[session.name] = Router(session.name, session, self.sink, seed=seed)
+                router = self._routers[session.name] = Router(
+                    session.name, session, self.sink, seed=seed, preprocess=self.preprocess
+                )
             else:
                 router.replace_active(session)
             return router

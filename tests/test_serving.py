@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
+from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -274,3 +277,27 @@ def test_binary_request_over_plain_http() -> None:
     empty = ModelRepository()
     with ServerThread(create_app(empty)) as server, httpx.Client(base_url=server.url, timeout=10) as http:
         assert http.get("/v2/health/ready").status_code == 503
+
+
+def test_chaos_input_noise_reaches_the_model_through_the_router_hook(tmp_path: Path) -> None:
+    from chaos.faults import chaos_dir
+    from sre_agent.cli.serve import InputNoise
+
+    clock = FakeClock()
+    spec = chaos_dir(tmp_path)
+    spec.mkdir(parents=True)
+    expires = (clock.now() + timedelta(seconds=60)).isoformat()
+    (spec / "input_noise.json").write_text(
+        json.dumps({"share": 1.0, "sigma": 3.0, "seed": 1, "expires_at": expires})
+    )
+    repo = ModelRepository(preprocess=InputNoise(tmp_path, clock))
+    router = repo.add(load_session(BASE, name="m", version="1"))
+    clean = load_session(BASE, name="m", version="1")
+    data = np.random.default_rng(7).normal(size=(1, 16)).astype(np.float32)
+    noisy = router.infer({"input": data}).outputs["probabilities"]
+    assert not np.allclose(noisy, clean.run({"input": data})["probabilities"])
+    (spec / "input_noise.json").unlink()  # the fault is undone; the hook notices within a second
+    clock.advance(1.5)
+    np.testing.assert_allclose(
+        router.infer({"input": data}).outputs["probabilities"], clean.run({"input": data})["probabilities"]
+    )

@@ -74,6 +74,8 @@ def test_serve_command_serves_active_version_and_follows_rollback(
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.1)
             assert infer_version(http) == "2.0"
+            pid_file = state.run / "serving.pid"  # where the chaos harness finds the serving worker
+            assert pid_file.read_text().strip() == str(proc.pid)
             done = run_cli("sre-agent", "rollback", "--state", str(state.root), "clf", "--reason", "test")
             assert done.returncode == 0, done.stderr
             for _ in range(200):
@@ -89,3 +91,4 @@ def test_serve_command_serves_active_version_and_follows_rollback(
             proc.kill()
             proc.wait(10)
     assert rc == 0
+    assert not (state.run / "serving.pid").exists()

@@ -7,19 +7,57 @@ through the canary instead of a plain swap.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import signal
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from sre_agent.cli._common import ConfigOpt, JsonOpt, StateOpt, emit_json, err_console, settings_for
 from sre_agent.config import AgentSettings
+from sre_core.atomic import atomic_write_text
 from sre_core.errors import InputError
 from sre_core.paths import StatePaths
 
-__all__ = ["ServingPlane", "register"]
+__all__ = ["InputNoise", "ServingPlane", "register"]
+
+
+class InputNoise:
+    """The chaos input-noise fault as a router ``preprocess`` hook (re-reads the fault once a second)."""
+
+    def __init__(self, root: Path, clock: Any) -> None:
+        self.root = root
+        self.clock = clock
+        self._spec: Any = None
+        self._checked = -1e18
+        self._n = itertools.count()
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        from chaos.faults import apply_input_noise, input_noise_spec
+
+        mono = self.clock.monotonic()
+        if mono - self._checked >= 1.0:
+            self._spec = input_noise_spec(self.root, self.clock.now())
+            self._checked = mono
+        spec = self._spec
+        if spec is None:
+            return feeds
+        n = next(self._n)
+        out = {}
+        for k, v in feeds.items():
+            if v.dtype.kind == "f":
+                noisy = apply_input_noise(v.ravel().tolist(), spec, n)
+                out[k] = np.asarray(noisy, dtype=v.dtype).reshape(v.shape)
+            else:
+                out[k] = v
+        return out
 
 
 @dataclass
@@ -57,7 +95,7 @@ class ServingPlane:
         self.audit = AuditLog(self.paths.audit_log, self.clock)
         self.policy = load_deployment_policy(self.paths.policies / "deployment.yaml")
         self.slots = SlotManager(self.paths, self.audit, self.clock, self.policy)
-        self.repository = ModelRepository(self.sink)
+        self.repository = ModelRepository(self.sink, preprocess=InputNoise(self.paths.root, self.clock))
         options = SessionOptions(cfg.intra_op_threads, cfg.inter_op_threads, tuple(cfg.providers))
         self.serving = ManagedServing(
             self.paths,
@@ -86,6 +124,9 @@ class ServingPlane:
         self.serving.sync(self.slots)
         cfg = self.settings.serving
         self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
+        # The chaos harness finds the serving worker here (kill_serving_worker).
+        self.paths.run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.pid_file, f"{os.getpid()}\n")
 
     def reconcile_pass(self) -> dict[str, Any]:
         """One reconcile pass with this plane as the canary driver, then serve what is active."""
@@ -106,6 +147,13 @@ class ServingPlane:
         self.serving.stop()
         if self._server is not None:
             self._server.stop()
+        with contextlib.suppress(FileNotFoundError):
+            if self.pid_file.read_text(encoding="utf-8").strip() == str(os.getpid()):
+                self.pid_file.unlink()
+
+    @property
+    def pid_file(self) -> Path:
+        return self.paths.run / "serving.pid"
 
 
 def register(app: typer.Typer) -> None:
