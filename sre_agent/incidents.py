@@ -307,6 +307,8 @@ def incident_from_event(
     if kind == IncidentKind.VERIFICATION_FAILURE and check:
         facts["check"] = check
         facts["category"] = check_category(check)
+        # the runner raises on the first failure of a streak; recurrences are counted by the responder
+        facts.setdefault("consecutive_failures", 1)
     _normalise_facts(kind, attrs, facts)
     modules = [str(m) for m in attrs.get("modules") or []]
     module = modules[0] if modules else "device"

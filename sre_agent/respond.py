@@ -30,6 +30,8 @@ from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = ["Advisor", "LazyLlmAdvisor", "Outcome", "Responder", "build_responder", "load_triage_policy"]
 
+MAX_TRACKED = 10_000
+
 Advisor = Callable[[Incident, RuleMatch], Advice]
 """Given the incident and the matched rule, say which allowed action and why. May raise; may be slow."""
 
@@ -76,6 +78,7 @@ class Responder:
         self.audit = audit
         self.advisor = advisor
         self.telemetry = telemetry or NullSink()
+        self._last_action: dict[str, Action | None] = {}
 
     def advise(self, incident: Incident) -> Advice | None:
         """Ask the advisor; an exception becomes an Advice with no choice (the rule default stands)."""
@@ -93,23 +96,41 @@ class Responder:
             )
 
     def handle(self, incident: Incident) -> Outcome:
-        """Triage one incident sighting (duplicates and cooled-down repeats are only counted)."""
+        """Triage one incident sighting.
+
+        Duplicates and cooled-down repeats are only counted, with one exception: when the last action
+        for the problem was to re-run verification (a "try again first" action) and it recurs, it is
+        triaged again with ``consecutive_failures`` set to the number of sightings, so a persistent
+        failure moves on to the next rule instead of being re-run forever.
+        """
+        fp = incident.fingerprint
         tracked = self.tracker.observe(incident)
         if tracked != "new":
-            return Outcome(incident.id, tracked, notes=(f"{tracked}; fingerprint {incident.fingerprint}",))
+            if tracked == "duplicate" and self._last_action.get(fp) == Action.RERUN_VERIFICATION:
+                seen = self.tracker.count(fp)
+                facts = {**incident.facts, "consecutive_failures": seen}
+                self.audit.append("incident.recurred", id=incident.id, fingerprint=fp, sightings=seen)
+                return self._triage(incident.model_copy(update={"facts": facts}), tracked)
+            return Outcome(incident.id, tracked, notes=(f"{tracked}; fingerprint {fp}",))
         self.audit.append(
             "incident.opened",
             id=incident.id,
             kind=incident.kind.value,
             module=incident.module,
             version=incident.version,
-            fingerprint=incident.fingerprint,
+            fingerprint=fp,
         )
+        return self._triage(incident, tracked)
+
+    def _triage(self, incident: Incident, tracked: TrackVerdict) -> Outcome:
         decision = self.engine.decide(incident, self.advise(incident))
         self.audit.append("triage.decision", **decision.to_dict())
         self.telemetry.record("triage_decisions", decision.to_dict())
         results = tuple(self.executor.execute(a, incident) for a in decision.execute_now)
         escalation = self.escalations.create(incident, decision) if decision.escalated else None
+        if len(self._last_action) >= MAX_TRACKED:
+            self._last_action.pop(next(iter(self._last_action)))
+        self._last_action[incident.fingerprint] = decision.execute_now[0] if decision.execute_now else None
         return Outcome(incident.id, tracked, decision, results, escalation)
 
     def process_escalations(self, roster_path: Path) -> list[tuple[Escalation, ActionResult | None]]:

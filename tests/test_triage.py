@@ -308,3 +308,35 @@ def test_policy_can_limit_the_model_to_summaries(cases):
     d = TriageEngine(policy).decide(case.incident, Advice(choice="observe", summary="looks fine"))
     assert d.action == Action.QUARANTINE and not d.model_choice_used
     assert "looks fine" in d.summary and any("only summarise" in r for r in d.reasons)
+
+
+def test_a_failure_that_recurs_after_a_rerun_moves_to_the_next_rule(tmp_path, clock):
+    audit = AuditLog(tmp_path / "audit.jsonl", clock)
+    ran: list[str] = []
+    executor = ActionExecutor(
+        {
+            Action.RERUN_VERIFICATION: lambda inc: ran.append("rerun") or "rerun queued",
+            Action.ROLLBACK: lambda inc: ran.append("rollback") or "flipped",
+        },
+        audit=audit,
+    )
+    store = EscalationStore(tmp_path / "esc", audit, clock)
+    responder = Responder(
+        TriageEngine(default_triage_policy()), executor, store, IncidentTracker(clock), audit
+    )
+    slot = SlotStatus(active_version="2.0.0", standby_version="1.9.0", standby_verified=True)
+    inc = _incident(
+        IncidentKind.VERIFICATION_FAILURE,
+        {"category": "behaviour", "consecutive_failures": 1, "since_flip_s": 600},
+        slot=slot,
+    )
+    first = responder.handle(inc)
+    assert first.decision is not None and first.decision.action == Action.RERUN_VERIFICATION
+    clock.advance(3600)
+    second = responder.handle(inc.model_copy(update={"id": "inc-2"}))
+    assert second.tracked == "duplicate" and second.decision is not None
+    assert second.decision.rule == "verification-behaviour-after-flip" and ran == ["rerun", "rollback"]
+    # after the rollback, more sightings are only counted
+    third = responder.handle(inc.model_copy(update={"id": "inc-3"}))
+    assert third.decision is None and ran == ["rerun", "rollback"]
+    assert [r.event for r in audit.records()].count("incident.recurred") == 1

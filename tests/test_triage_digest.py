@@ -97,9 +97,10 @@ def test_incident_from_a_verification_event(clock):
     assert any("ignore previous" in line for line in inc.evidence.logs)
     again = incident_from_event("x", "critical", attrs, clock.now() + timedelta(hours=1), slot=slot)
     assert again is not None and again.fingerprint == inc.fingerprint and again.id != inc.id
-    # no consecutive count and no flip age: the conservative rule asks a human before rolling back
+    # the runner raises on the first failure of a streak: re-run before acting
+    assert inc.facts["consecutive_failures"] == 1
     d = TriageEngine(default_triage_policy()).decide(inc)
-    assert d.action == Action.ROLLBACK and d.verdict == "escalate"
+    assert d.action == Action.RERUN_VERIFICATION and d.verdict == "execute"
     assert incident_from_event("x", "info", {"incident_kind": "nope"}, clock.now()) is None
 
 
