@@ -74,7 +74,25 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
         "last_sync": last.get("last_sync"),
         "last_reconcile": last.get("last_run"),
         "last_outcomes": {o["module"]: o["result"] for o in (last.get("report") or {}).get("outcomes", [])},
+        "daemon": _daemon_status(paths),
     }
+
+
+def _daemon_status(paths: StatePaths) -> dict[str, Any] | None:
+    """The running daemon's own status over its admin API (None when no daemon runs)."""
+    from sre_agent.admin import admin_client
+
+    client = admin_client(paths)
+    if client is None:
+        return None
+    try:
+        resp = client.get("/status")
+    finally:
+        client.close()
+    if resp.status_code != 200:
+        return None
+    doc: dict[str, Any] = resp.json()
+    return doc
 
 
 def _short(d: str | None) -> str:
@@ -97,6 +115,16 @@ def _print_status(data: dict[str, Any]) -> None:
     else:
         con.print("safe mode: [green]off[/green]")
     con.print(f"last sync {data['last_sync'] or 'never'}, last reconcile {data['last_reconcile'] or 'never'}")
+    d = data.get("daemon")
+    if d:
+        failing = sorted(k for k, j in d["jobs"].items() if j.get("consecutive_failures"))
+        con.print(
+            f"daemon: [green]running[/green] (pid {d['pid']}, since {d['started']}); "
+            f"serving {(d.get('serving') or {}).get('url') or '-'}; "
+            f"failing jobs: {', '.join(failing) or 'none'}"
+        )
+    else:
+        con.print("daemon: not running")
     table = Table(title="modules")
     for col in ("module", "phase", "serving", "active", "standby", "last-known-good", "bad", "last outcome"):
         table.add_column(col)

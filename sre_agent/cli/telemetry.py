@@ -1,7 +1,8 @@
 """`sre-agent telemetry status | query "SQL"` and `sre-agent uplink flush`.
 
-These open ``<state>/telemetry.duckdb`` directly, which works only while no daemon runs (DuckDB lets no
-second process open a file another holds); while the daemon runs they fail with a clear message.
+While the daemon runs it holds ``<state>/telemetry.duckdb`` (DuckDB lets no second process open it), so
+``status`` and ``query`` ask it over its admin API; otherwise they open the file directly, read-only.
+``uplink flush`` needs the file itself and fails with a clear message while the daemon runs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,28 @@ def _plain_rows(tbl: Any) -> list[dict[str, Any]]:
     return list(pa.Table.from_arrays(cols, names=tbl.column_names).to_pylist())
 
 
+def _daemon_call(state_root: Path, method: str, path: str, body: Any = None) -> Any:
+    """The running daemon's answer over its admin API, or None when no daemon runs.
+
+    Raises:
+        InputError: the daemon refused the request (e.g. SQL that is not one SELECT).
+    """
+    from sre_agent.admin import admin_client
+    from sre_core.paths import StatePaths
+
+    client = admin_client(StatePaths(state_root))
+    if client is None:
+        return None
+    try:
+        resp = client.request(method, path, json=body)
+    finally:
+        client.close()
+    if resp.status_code == 400:
+        raise InputError(f"telemetry {path}", str(resp.json().get("error")), "check the SQL")
+    resp.raise_for_status()
+    return resp.json()
+
+
 def register(app: typer.Typer) -> None:
     tel = typer.Typer(help="The local telemetry store (DuckDB): sizes, budgets, backlog, queries.")
     up = typer.Typer(help="Store-and-forward upload of telemetry to the hub.")
@@ -56,16 +79,20 @@ def register(app: typer.Typer) -> None:
         settings = settings_for(state, config)
         db = settings.state_dir / "telemetry.duckdb"
         policy = _policy(settings.state_dir)
-        con = open_readonly(db)
-        try:
-            now_us = int(SystemClock().now().timestamp() * 1_000_000)
+        live = _daemon_call(settings.state_dir, "GET", "/telemetry/status")
+        if live is not None:  # the daemon holds the file: ask it
+            info = live
+        else:
+            con = open_readonly(db)
             try:
-                info = status_of(con, policy, now_us)
-            except duckdb.CatalogException as exc:
-                raise SreError(f"read {db}", "not a telemetry database", "check --state") from exc
-        finally:
-            con.close()
-        info["file_bytes"] = db.stat().st_size
+                now_us = int(SystemClock().now().timestamp() * 1_000_000)
+                try:
+                    info = status_of(con, policy, now_us)
+                except duckdb.CatalogException as exc:
+                    raise SreError(f"read {db}", "not a telemetry database", "check --state") from exc
+            finally:
+                con.close()
+            info["file_bytes"] = db.stat().st_size
         if json_out:
             emit_json(info)
             return
@@ -123,21 +150,25 @@ def register(app: typer.Typer) -> None:
         from sre_agent.telemetry import open_readonly
 
         settings = settings_for(state, config)
-        con = open_readonly(settings.state_dir / "telemetry.duckdb")
-        try:
-            tbl = con.sql(sql).to_arrow_table()
-        except duckdb.Error as exc:
-            raise InputError("run telemetry query", str(exc).splitlines()[0], "check the SQL") from exc
-        finally:
-            con.close()
-        rows = _plain_rows(tbl)
+        live = _daemon_call(settings.state_dir, "POST", "/telemetry/query", {"sql": sql})
+        if live is not None:  # the daemon holds the file: it runs the (read-only) query
+            columns, rows = list(live["columns"]), list(live["rows"])
+        else:
+            con = open_readonly(settings.state_dir / "telemetry.duckdb")
+            try:
+                tbl = con.sql(sql).to_arrow_table()
+            except duckdb.Error as exc:
+                raise InputError("run telemetry query", str(exc).splitlines()[0], "check the SQL") from exc
+            finally:
+                con.close()
+            columns, rows = tbl.column_names, _plain_rows(tbl)
         if json_out:
-            emit_json({"columns": tbl.column_names, "rows": rows})
+            emit_json({"columns": columns, "rows": rows})
             return
         from rich.table import Table
 
         t = Table(title=f"{len(rows)} rows")
-        for c in tbl.column_names:
+        for c in columns:
             t.add_column(c)
         for r in rows:
             t.add_row(*["" if v is None else str(v) for v in r.values()])
