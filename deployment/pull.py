@@ -46,6 +46,7 @@ from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
 from deployment.cas import ContentStore, HashMismatchError
 from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
 from deployment.manifest import DesiredState, ModuleManifest, manifest_from_custom
+from deployment.rollout import effective_desired
 from deployment.signatures import SignatureError, cosign_verify, verify_attestation
 from deployment.trusted_time import TrustedTime
 from policies.trust import TrustPolicy, load_trust_policy
@@ -155,7 +156,7 @@ def load_held(paths: StatePaths, clock: Clock | None = None, verify: bool = Fals
         return PullResult(
             TrustStatus.NONE, online=False, trusted_now=now, messages=[*messages, "no desired state held"]
         )
-    desired = DesiredState.model_validate(held["desired"])
+    desired = effective_desired(paths, DesiredState.model_validate(held["desired"]))
     arts, notes = _artifacts_from(held, ContentStore(paths.cas), verify)
     ts_expires = datetime.fromisoformat(held["timestamp_expires"])
     if desired.is_expired(now):
@@ -393,7 +394,8 @@ class Puller:
         now = trusted.now()
         artifacts: dict[str, VerifiedArtifact] = {}
         records: dict[str, Any] = {}
-        for module, dm in sorted(desired.modules.items()):
+        effective = effective_desired(self.paths, desired)  # rollout membership + recalls (fleet)
+        for module, dm in sorted(effective.modules.items()):
             art = self._artifact(updater, module, dm.version, dm.target)
             artifacts[module] = art
             records[module] = {
@@ -433,7 +435,7 @@ class Puller:
             modules={m: {"version": a.version, "sha256": a.sha256} for m, a in artifacts.items()},
         )
         return PullResult(
-            trust, online=True, trusted_now=now, desired=desired, artifacts=artifacts, messages=messages
+            trust, online=True, trusted_now=now, desired=effective, artifacts=artifacts, messages=messages
         )
 
     # ----- desired state ------------------------------------------------------------------------

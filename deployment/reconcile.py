@@ -27,6 +27,7 @@ from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
 from deployment.lifecycle import Phase
 from deployment.manifest import Constraints, DesiredState, version_key
 from deployment.probes import ProbeContext, ProbeRefusedError, ProbeRunner
+from deployment.rollout import RolloutLedger
 from deployment.safemode import SafeMode, decide
 from deployment.slots import ModuleStatus, SlotError, SlotManager, SlotView
 from policies.deployment import DeploymentPolicy
@@ -525,6 +526,7 @@ class Reconciler:
             "report": report.to_dict(),
         }
         atomic_write_json(reconcile_file(self.paths), rec)
+        RolloutLedger(self.paths).observe(report)  # seen/committed/rolled-back times for fleet DORA
         self.audit.append(
             "reconcile.completed", ok=report.ok, safe_mode=report.safe_mode,
             outcomes={o.module: o.result for o in report.outcomes},

@@ -20,6 +20,7 @@ TOPICS = [
     "hub.cli.repo",
     "hub.cli.fleet_data",
     "hub.cli.escalations",
+    "hub.cli.rollouts",
 ]
 
 HELP = (

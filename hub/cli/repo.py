@@ -217,9 +217,10 @@ def register(app: typer.Typer) -> None:
         from sre_core.cli import err_console
 
         err_console().print(f"serving {repo} on http://{host}:{port} (Ctrl-C stops)")
+        from hub.fleet_api import fleet_routes
         from hub.ingest import ingest_routes
 
-        asgi = build_hub_app(repo, extra_routes=ingest_routes(repo / "fleet"))
+        asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
         uvicorn.run(asgi, host=host, port=port, log_level="warning", lifespan="off")
 
     @bundle_app.command("export")

@@ -1,0 +1,167 @@
+"""DORA metrics for the sovereign edge, from signed publications and what devices report.
+
+Public API::
+
+    publications(repo) -> list[Publication]       (channel, module, version, issued) first signed
+    compute_dora(repo, reports, window_days=30, now=None) -> DoraReport   .to_dict()
+
+Definitions (each from evidence the hub holds, not from hub-side guesses):
+
+- Deployment frequency: module versions that first appeared in a channel's *signed* desired state
+  (as the baseline or as a rollout candidate), per day over the window. The hub keeps every signed
+  desired state (consistent snapshots), so the history is the signed record itself.
+- Lead time: publication (the desired state's ``issued``) -> the device committed the version (device
+  ledger). The part the device was disconnected is reported separately (``link_gap_s``, measured by the
+  device: time since its previous successful sync, capped at the time since publication), so a fleet on
+  a 20 % link is not blamed for the link.
+- Change failure rate: devices whose local health gate rolled the version back / devices exposed to it
+  (installed it), plus the share of releases with at least one such failure.
+- MTTR: the device's local flip time from the failed version back to the previous one (from its
+  audit trail); recovery does not wait for the hub.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from deployment.manifest import DesiredState
+from deployment.rollout import rollout_of
+from hub.repository import DESIRED_STATE, HubRepository
+from hub.rollouts import ReportStore
+
+__all__ = ["DoraReport", "Publication", "compute_dora", "publications"]
+
+
+@dataclass(frozen=True)
+class Publication:
+    channel: str
+    module: str
+    version: str
+    issued: datetime
+    serial: int
+
+
+def publications(repo: HubRepository) -> list[Publication]:
+    """First signed appearance of each (channel, module, version), oldest first."""
+    first: dict[tuple[str, str, str], Publication] = {}
+    for ch in repo.channels:
+        d = repo.targets_dir / ch
+        if not d.is_dir():
+            continue
+        docs = []
+        for p in d.glob(f"*.{DESIRED_STATE}"):
+            try:
+                docs.append(DesiredState.model_validate_json(p.read_bytes()))
+            except ValueError:
+                continue
+        for ds in sorted(docs, key=lambda x: x.serial):
+            seen = [(m, dm.version) for m, dm in ds.modules.items()]
+            ro = rollout_of(ds)
+            if ro is not None:
+                seen.append((ro.module, ro.version))
+            for m, v in seen:
+                first.setdefault((ch, m, v), Publication(ch, m, v, ds.issued, ds.serial))
+    return sorted(first.values(), key=lambda p: p.issued)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+@dataclass
+class DoraReport:
+    window_days: int
+    deployments: int
+    deployment_frequency_per_day: float
+    lead_time_s: dict[str, float | None] = field(default_factory=dict)
+    lead_time_connected_s: dict[str, float | None] = field(default_factory=dict)
+    disconnected_s: dict[str, float | None] = field(default_factory=dict)
+    device_deployments: int = 0
+    exposures: int = 0
+    failures: int = 0
+    change_failure_rate: float | None = None
+    releases_with_failures: int = 0
+    release_failure_rate: float | None = None
+    mttr_ms: dict[str, float | None] = field(default_factory=dict)
+    per_release: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _summary(values: list[float]) -> dict[str, float | None]:
+    return {
+        "n": float(len(values)),
+        "median": statistics.median(values) if values else None,
+        "p90": _pct(values, 0.9),
+        "max": max(values) if values else None,
+    }
+
+
+def compute_dora(
+    repo: HubRepository, reports: ReportStore, window_days: int = 30, now: datetime | None = None
+) -> DoraReport:
+    """DORA figures over the last ``window_days`` (see the module docstring)."""
+    now = now or repo.clock.now()
+    since = now - timedelta(days=window_days)
+    pubs = publications(repo)
+    recent = [p for p in pubs if p.issued >= since]
+    by_key = {(p.channel, p.module, p.version): p for p in pubs}
+    lead: list[float] = []
+    connected: list[float] = []
+    disconnected: list[float] = []
+    flips: list[float] = []
+    per: dict[tuple[str, str, str], dict[str, int]] = {}
+    for rep in reports.all().values():
+        ch = str(rep.get("channel"))
+        for e in (rep.get("ledger") or {}).values():
+            if not isinstance(e, dict):
+                continue
+            key = (ch, str(e.get("module")), str(e.get("version")))
+            pub = by_key.get(key)
+            if pub is None or pub.issued < since:
+                continue
+            stats = per.setdefault(key, {"exposed": 0, "failed": 0, "committed": 0})
+            installed = "committed_at" in e or "rolled_back_at" in e
+            stats["exposed"] += int(installed)
+            if "rolled_back_at" in e:
+                stats["failed"] += 1
+                if isinstance(e.get("flip_ms"), int):
+                    flips.append(float(e["flip_ms"]))
+            elif "committed_at" in e:
+                stats["committed"] += 1
+                total = (datetime.fromisoformat(e["committed_at"]) - pub.issued).total_seconds()
+                seen = (datetime.fromisoformat(e["seen_at"]) - pub.issued).total_seconds()
+                gap = e.get("link_gap_s")
+                off = min(float(gap), max(seen, 0.0)) if isinstance(gap, int) else 0.0
+                lead.append(max(total, 0.0))
+                disconnected.append(off)
+                connected.append(max(total - off, 0.0))
+    exposures = sum(s["exposed"] for s in per.values())
+    failures = sum(s["failed"] for s in per.values())
+    failed_releases = sum(1 for s in per.values() if s["failed"])
+    return DoraReport(
+        window_days=window_days,
+        deployments=len(recent),
+        deployment_frequency_per_day=round(len(recent) / max(window_days, 1), 4),
+        lead_time_s=_summary(lead),
+        lead_time_connected_s=_summary(connected),
+        disconnected_s=_summary(disconnected),
+        device_deployments=sum(s["committed"] for s in per.values()),
+        exposures=exposures,
+        failures=failures,
+        change_failure_rate=round(failures / exposures, 4) if exposures else None,
+        releases_with_failures=failed_releases,
+        release_failure_rate=round(failed_releases / len(per), 4) if per else None,
+        mttr_ms=_summary(flips),
+        per_release=[
+            {"channel": k[0], "module": k[1], "version": k[2], **v, "issued": by_key[k].issued.isoformat()}
+            for k, v in sorted(per.items())
+        ],
+    )

@@ -1,0 +1,228 @@
+"""The hub's fleet API: device reports (device-signed) and operator endpoints (operator credential).
+
+Public API::
+
+    fleet_routes(repo_dir, service=None, clock=None, fleet=None) -> list[Route]
+    issue_operator_token(repo_dir, name) -> str     (shown once; the hub keeps only its sha256)
+    operator_for(repo_dir, authorization) -> str | None
+    OperatorTokens(repo_dir)
+
+Authentication (every hub API except the static repository reads ``/metadata/*``, ``/targets/*`` and
+``/healthz``):
+
+- devices sign requests with their enrolled Ed25519 key (RFC 9421, :mod:`sre_core.signing`, the same
+  scheme as telemetry ingest); the report's ``device_id`` must be the signing key's id.
+- operators send ``Authorization: Bearer <token>``; tokens are random 256-bit values, stored hashed
+  (``<repo>/operators/api-tokens.json``, 0600) and compared in constant time.
+
+Refusals: 401 (no or bad credential), 403 (revoked device), 400 (bad body), 413 (too large).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hub.fleetdb import FleetDB
+from hub.repository import HubRepository
+from hub.rollouts import RolloutService, RolloutSpec
+from sre_core.atomic import atomic_write_json
+from sre_core.clock import Clock, SystemClock
+from sre_core.errors import InputError, SreError
+from sre_core.signing import NonceCache, SignatureRefused, verify_request
+
+__all__ = ["OperatorTokens", "fleet_routes", "issue_operator_token", "operator_for"]
+
+MAX_REPORT_BYTES = 256 * 1024
+_log = logging.getLogger(__name__)
+
+
+class OperatorTokens:
+    """Hashed operator API tokens under ``<repo>/operators/api-tokens.json``."""
+
+    def __init__(self, repo_dir: Path) -> None:
+        self.path = Path(repo_dir) / "operators" / "api-tokens.json"
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+    def issue(self, name: str) -> str:
+        if not name or not all(c.isalnum() or c in "._-@" for c in name) or len(name) > 64:
+            raise InputError(f"operator token for {name!r}", "names are letters, digits, . _ - @")
+        token = "sre_op_" + secrets.token_urlsafe(32)
+        tokens = self._load()
+        tokens[name] = {"sha256": hashlib.sha256(token.encode()).hexdigest()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, tokens, mode=0o600)
+        return token
+
+    def revoke(self, name: str) -> bool:
+        tokens = self._load()
+        if tokens.pop(name, None) is None:
+            return False
+        atomic_write_json(self.path, tokens, mode=0o600)
+        return True
+
+    def operator(self, authorization: str | None) -> str | None:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            return None
+        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
+        found = None
+        for name, rec in self._load().items():
+            if hmac.compare_digest(str(rec.get("sha256", "")), digest):
+                found = name
+        return found
+
+
+def issue_operator_token(repo_dir: Path, name: str) -> str:
+    """A new bearer token for operator ``name`` (replaces the previous one)."""
+    return OperatorTokens(repo_dir).issue(name)
+
+
+def operator_for(repo_dir: Path, authorization: str | None) -> str | None:
+    """The operator a ``Authorization`` header authenticates, or None."""
+    return OperatorTokens(repo_dir).operator(authorization)
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse(
+        {"refused": "unauthorized", "detail": "send Authorization: Bearer <operator token>"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="sre-hub"'},
+    )
+
+
+def fleet_routes(
+    repo_dir: Path,
+    service: RolloutService | None = None,
+    clock: Clock | None = None,
+    fleet: FleetDB | None = None,
+    window_s: float = 300.0,
+) -> list[Route]:
+    """Routes: ``POST /v1/fleet/reports`` (device), ``GET /v1/fleet/status``, ``GET /v1/dora``,
+    ``GET /v1/rollouts/{channel}``, ``POST /v1/rollouts/{channel}/{action}``, ``POST /v1/recalls/{channel}``
+    (operator)."""
+    repo_dir = Path(repo_dir)
+    clk = clock or SystemClock()
+    svc = service or RolloutService(HubRepository(repo_dir, clk), clock=clk)
+    db = fleet or FleetDB(svc.fleet_dir, clk)
+    nonces = NonceCache(window_s)
+    tokens = OperatorTokens(repo_dir)
+
+    async def report(request: Request) -> JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_REPORT_BYTES:
+            return JSONResponse({"error": "report too large", "limit": MAX_REPORT_BYTES}, status_code=413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REPORT_BYTES:
+                return JSONResponse({"error": "report too large"}, status_code=413)
+        try:
+            vr = await run_in_threadpool(
+                verify_request, request.method, str(request.url), list(request.headers.items()), body,
+                db.resolve_key, clk.now().timestamp(), nonces,
+            )  # fmt: skip
+        except SignatureRefused as exc:
+            _log.warning("refused fleet report: %s", exc)
+            status = 403 if exc.reason == "revoked" else 401
+            return JSONResponse({"refused": exc.reason, "detail": exc.detail}, status_code=status)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return JSONResponse({"error": "the report is not JSON"}, status_code=400)
+        if not isinstance(doc, dict) or doc.get("device_id") != vr.key_id:
+            return JSONResponse(
+                {"error": "the report's device_id is not the signing device"}, status_code=400
+            )
+        try:
+            events = await run_in_threadpool(svc.observe, doc)
+        except InputError as exc:
+            return JSONResponse(exc.to_dict(), status_code=400)
+        return JSONResponse({"status": "stored", "events": events})
+
+    def _operator(request: Request) -> str | None:
+        return tokens.operator(request.headers.get("authorization"))
+
+    async def fleet_status(request: Request) -> JSONResponse:
+        if _operator(request) is None:
+            return _unauthorized()
+        from hub.fleet_status import fleet_status as build
+
+        return JSONResponse(await run_in_threadpool(build, svc))
+
+    async def dora(request: Request) -> JSONResponse:
+        if _operator(request) is None:
+            return _unauthorized()
+        from hub.dora import compute_dora
+
+        return JSONResponse(await run_in_threadpool(lambda: compute_dora(svc.repo, svc.reports).to_dict()))
+
+    async def rollout_status(request: Request) -> JSONResponse:
+        if _operator(request) is None:
+            return _unauthorized()
+        try:
+            st = await run_in_threadpool(svc.status, request.path_params["channel"])
+        except SreError as exc:
+            return JSONResponse(exc.to_dict(), status_code=404)
+        return JSONResponse(st.to_dict())
+
+    async def rollout_action(request: Request) -> JSONResponse:
+        who = _operator(request)
+        if who is None:
+            return _unauthorized()
+        channel, action = request.path_params["channel"], request.path_params["action"]
+        try:
+            if action == "start":
+                spec = RolloutSpec.model_validate({**(await request.json()), "channel": channel})
+                r = await run_in_threadpool(svc.start, spec, who)
+            elif action in {"approve", "pause", "resume", "ack"}:
+                r = await run_in_threadpool(getattr(svc, action), channel, who)
+            elif action in {"abort-keep", "abort-revert"}:
+                r = await run_in_threadpool(svc.abort, channel, action == "abort-revert", who)
+            else:
+                return JSONResponse({"error": f"unknown action {action!r}"}, status_code=404)
+        except SreError as exc:
+            return JSONResponse(exc.to_dict(), status_code=409 if exc.exit_code == 2 else 500)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"id": r.id, "state": r.state, "wave": r.wave, "percent": r.percent})
+
+    async def recall(request: Request) -> JSONResponse:
+        who = _operator(request)
+        if who is None:
+            return _unauthorized()
+        try:
+            body = await request.json()
+            out = await run_in_threadpool(
+                svc.recall, request.path_params["channel"], str(body["module"]), list(body["withdrawn"]),
+                str(body["to_version"]), str(body.get("reason", "")), who,
+            )  # fmt: skip
+        except SreError as exc:
+            return JSONResponse(exc.to_dict(), status_code=409)
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": f"bad recall body: {exc}"}, status_code=400)
+        return JSONResponse(out)
+
+    return [
+        Route("/v1/fleet/reports", report, methods=["POST"]),
+        Route("/v1/fleet/status", fleet_status, methods=["GET"]),
+        Route("/v1/dora", dora, methods=["GET"]),
+        Route("/v1/rollouts/{channel}", rollout_status, methods=["GET"]),
+        Route("/v1/rollouts/{channel}/{action}", rollout_action, methods=["POST"]),
+        Route("/v1/recalls/{channel}", recall, methods=["POST"]),
+    ]

@@ -1,0 +1,92 @@
+"""The operator's view of the fleet: devices, versions, last sync, drift SLOs, safe mode, escalations.
+
+Public API::
+
+    fleet_status(service, sync_slo_s=86400) -> dict     built from enrolled devices + latest reports
+
+Drift SLOs per device: time since its last successful sync (against ``sync_slo_s``) and version drift
+(a module whose version is neither the channel's baseline nor the candidate of the rollout in progress).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from hub.fleetdb import FleetDB
+from hub.rollouts import RolloutService
+
+__all__ = ["fleet_status"]
+
+
+def fleet_status(service: RolloutService, sync_slo_s: int = 86400) -> dict[str, Any]:
+    """A JSON-ready summary of the fleet (see the module docstring)."""
+    now = service.clock.now()
+    reports = service.reports.all()
+    enrolled = {d.device_id: d for d in FleetDB(service.fleet_dir, service.clock).devices()}
+    channels: dict[str, Any] = {}
+    allowed: dict[str, dict[str, set[str]]] = {}
+    for ch in service.repo.channels:
+        ds = service.repo.desired_state(ch)
+        r = service.current(ch)
+        ok: dict[str, set[str]] = {m: {dm.version} for m, dm in (ds.modules.items() if ds else [])}
+        if r is not None and r.state not in {"completed", "reverted"}:
+            ok.setdefault(r.spec.module, set()).add(r.spec.version)
+        allowed[ch] = ok
+        channels[ch] = {
+            "serial": ds.serial if ds else None,
+            "modules": {m: dm.version for m, dm in ds.modules.items()} if ds else {},
+            "rollout": None
+            if r is None
+            else {
+                "id": r.id,
+                "module": r.spec.module,
+                "version": r.spec.version,
+                "state": r.state,
+                "percent": r.percent,
+            },
+            "recalls": len(ds.recalls) if ds else 0,
+        }
+    devices: list[dict[str, Any]] = []
+    versions: dict[str, Counter[str]] = {}
+    for dev in sorted(set(enrolled) | set(reports)):
+        rep = reports.get(dev, {})
+        rec = enrolled.get(dev)
+        last_sync = rep.get("last_sync")
+        age = None
+        if isinstance(last_sync, str):
+            age = max(0, int((now - datetime.fromisoformat(last_sync)).total_seconds()))
+        mods = {m: f.get("version") for m, f in (rep.get("modules") or {}).items() if isinstance(f, dict)}
+        for m, v in mods.items():
+            versions.setdefault(m, Counter())[str(v)] += 1
+        ok = allowed.get(str(rep.get("channel")), {})
+        drift = sorted(m for m, v in mods.items() if m in ok and v not in ok[m])
+        devices.append(
+            {
+                "device_id": dev,
+                "channel": rep.get("channel"),
+                "versions": mods,
+                "last_sync": last_sync,
+                "sync_age_s": age,
+                "sync_slo_ok": age is not None and age <= sync_slo_s,
+                "drift": drift,
+                "safe_mode": bool(rep.get("safe_mode")),
+                "trust": rep.get("trust"),
+                "open_escalations": int(rep.get("open_escalations") or 0),
+                "revoked": bool(rec.revoked) if rec else False,
+                "reported": bool(rep),
+            }
+        )
+    summary = {
+        "devices": len(devices),
+        "enrolled": len(enrolled),
+        "reporting": sum(1 for d in devices if d["reported"]),
+        "sync_slo_s": sync_slo_s,
+        "sync_slo_breaches": sum(1 for d in devices if d["reported"] and not d["sync_slo_ok"]),
+        "drifting": sum(1 for d in devices if d["drift"]),
+        "safe_mode": sum(1 for d in devices if d["safe_mode"]),
+        "open_escalations": sum(d["open_escalations"] for d in devices),
+        "versions": {m: dict(c.most_common()) for m, c in sorted(versions.items())},
+    }
+    return {"time": now.isoformat(), "summary": summary, "channels": channels, "devices": devices}
