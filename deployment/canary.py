@@ -385,6 +385,7 @@ class CanaryController:
         self.gates: tuple[GateResult, ...] = ()
         self.history: list[tuple[Phase, Event, Phase]] = []
         self._baseline: Snapshot | None = None
+        self._origin: Snapshot | None = None
         self._since = 0.0
         self._looks = _Looks()
         self._passed: dict[str, GateResult] = {}
@@ -411,6 +412,7 @@ class CanaryController:
     def start(self, snapshot: Snapshot, now: float) -> Decision:
         """Begin step 1."""
         self._fire(Event.START)
+        self._origin = snapshot
         self.step = 0
         self.weight = self.config.steps[0].weight
         self._enter_window(snapshot, now)
@@ -437,10 +439,14 @@ class CanaryController:
         return Decision("abort", self.phase, 0.0, self.step, reason, mark_bad=False)
 
     # -- judging --------------------------------------------------------------------------------
-    def _judge(self, delta: Snapshot, min_samples: int | None) -> tuple[GateResult, ...]:
+    def _judge(self, delta: Snapshot, whole: Snapshot, min_samples: int | None) -> tuple[GateResult, ...]:
         c = self.config
         can = delta.stats(self.candidate)
         inc = delta.stats(self.incumbent)
+        if inc.requests < c.first_look:
+            # At 100 % without mirroring the incumbent gets nothing in this step: judge against what it
+            # did since the canary began (its behaviour does not change while it waits).
+            inc = whole.stats(self.incumbent)
         pairs, diverged = delta.pair_counts(self.candidate)
         looks = self._looks
         n0_pass = min_samples
@@ -483,7 +489,8 @@ class CanaryController:
         c = self.config
         soaking = self.phase is Phase.SOAKING
         step = c.steps[self.step]
-        self.gates = self._judge(delta, None if soaking else step.min_samples)
+        whole = snapshot.minus(self._origin) if self._origin is not None else delta
+        self.gates = self._judge(delta, whole, None if soaking else step.min_samples)
         failed = [g for g in self.gates if g.verdict == "fail"]
         where = "soak" if soaking else f"step {self.step + 1}/{len(c.steps)} ({step.weight:.0%})"
         if failed:

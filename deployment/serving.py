@@ -423,13 +423,12 @@ class ManagedServing:
             return
         try:
             run = self.prepare(module, standby.artifact_path, manifest)
-        except SreError as exc:
-            slots.abort_canary(
-                module, f"candidate does not load: {exc.why or exc.message}", actor="canary", mark_bad=True
-            )
+        except (SreError, ValueError) as exc:  # does not load, or its canary settings are unusable
+            why = exc.message if isinstance(exc, SreError) else str(exc)
+            slots.abort_canary(module, f"candidate refused: {why}", actor="canary", mark_bad=True)
             self.sink.event(
                 "incident",
-                f"canary of {module} {manifest.version} refused: {exc.message}",
+                f"canary of {module} {manifest.version} refused: {why}",
                 severity="error",
                 attrs={"source": "canary", "module": module, "version": manifest.version},
             )

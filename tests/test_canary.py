@@ -334,3 +334,19 @@ def test_progress_left_by_a_dead_process_resumes_as_pending(state: StatePaths, c
     assert entry["phase"] == "pending" and entry["weight"] == 0.0 and "restart" in entry["reason"]
     assert resume_progress(state, clock.now().isoformat()) == []  # idempotent
     assert all(RESUME[p] in (Phase.PENDING, p) for p in Phase)
+
+
+def test_without_mirroring_the_full_step_is_judged_against_the_incumbents_earlier_evidence(
+    clock: FakeClock,
+) -> None:
+    sink = MemorySink()
+    run = make_run(
+        relabel(linear_classifier(seed=0, hidden_layers=HIDDEN), "2"),
+        clock,
+        sink,
+        small_config(mirror_share=0.0),
+    )
+    drive(run, clock, np.random.default_rng(10))
+    assert run.phase is Phase.PROMOTED
+    assert run.last is not None
+    assert {g.gate: g.verdict for g in run.last.gates}["divergence"] == "skipped"
