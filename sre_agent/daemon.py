@@ -72,6 +72,8 @@ class Daemon:
     services: list[Service] = field(default_factory=list)
     heartbeat_interval_s: float = 30.0
     on_job_failure: Callable[[str, BaseException], None] | None = None
+    before_stop: list[Callable[[], None]] = field(default_factory=list)
+    """Called first on stop, before waiting for running jobs (e.g. interrupt a chaos run)."""
     stats: dict[str, JobStats] = field(default_factory=dict)
     _started: list[Service] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -162,6 +164,11 @@ class Daemon:
 
     def stop(self, reason: str = "stop requested") -> None:
         """Stop scheduling, wait for running jobs, stop services in reverse order. Idempotent."""
+        for hook in self.before_stop:
+            try:
+                hook()
+            except Exception:
+                _log.exception("a stop hook failed")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None

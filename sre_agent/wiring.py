@@ -417,6 +417,7 @@ class ChaosSchedule:
         self._model = model
         self._toxiproxy_url = toxiproxy_url
         self.stop_event = threading.Event()
+        self.shutting_down = False
         self.paused_until: datetime | None = None
         self._escalated: set[str] = set()
         self.last: list[dict[str, Any]] = []
@@ -440,11 +441,16 @@ class ChaosSchedule:
         self.audit.append("chaos.paused", until=self.paused_until.isoformat(), why=why[:300])
         return f"chaos paused until {self.paused_until.isoformat()}"
 
+    def shutdown(self) -> None:
+        """The daemon is stopping: interrupt a running experiment (its cleanup still runs), start none."""
+        self.shutting_down = True
+        self.stop_event.set()
+
     def tick(self) -> list[dict[str, Any]]:
         from chaos.pipeline import guarded_run
 
         now = self.clock.now()
-        if self.paused_until is not None and now < self.paused_until:
+        if self.shutting_down or (self.paused_until is not None and now < self.paused_until):
             return []
         self.paused_until = None
         self.stop_event.clear()
@@ -794,6 +800,7 @@ def build_daemon(
 
     services.append(responder)
     daemon = Daemon(paths, clock, audit, jobs=jobs, services=services, heartbeat_interval_s=heartbeat_s)
+    daemon.before_stop.append(schedule.shutdown)
     daemon.on_job_failure = lambda job, exc: base_sink.event(
         "daemon.job_failed", f"job {job} failed: {type(exc).__name__}: {exc}"[:300], severity="warning",
         attrs={"job": job},

@@ -16,6 +16,7 @@ from sre_agent.daemon import Daemon, JobSpec
 from sre_agent.provision import provision
 from sre_core.audit import AuditLog
 from sre_core.clock import SystemClock
+from sre_core.http_server import free_port
 from sre_core.paths import StatePaths
 
 
@@ -67,13 +68,14 @@ def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     provision(paths)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SRE_AGENT_")}
     env["SRE_AGENT_LLM__ENABLED"] = "false"
+    env["SRE_AGENT_SERVING__PORT"] = str(free_port("127.0.0.1"))
     exe = Path(sys.executable).parent / "sre-agent"
+    log = (tmp_path / "daemon.log").open("w")  # a file, not a pipe: nobody reads a pipe until exit
     proc = subprocess.Popen(
         [str(exe), "run", "--state", str(paths.root), "--heartbeat", "0.2"],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
     )
     try:
         assert _wait_for((paths.run / "heartbeat.json").exists), "no heartbeat"
@@ -89,14 +91,39 @@ def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert raw.get("http://x/ping").status_code == 401
         client.close()
         raw.close()
+        # CLI commands reach live data through the daemon while it holds telemetry.duckdb.
+        st = subprocess.run(
+            [str(exe), "status", "--json", "--state", str(paths.root)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert st.returncode == 0, st.stderr
+        daemon = json.loads(st.stdout)["daemon"]
+        assert daemon["pid"] == proc.pid and "telemetry" in daemon["services"]
+        tel = subprocess.run(
+            [str(exe), "telemetry", "status", "--json", "--state", str(paths.root)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert tel.returncode == 0, tel.stderr
+        assert "metrics" in json.loads(tel.stdout)["tables"]
+        bad = subprocess.run(
+            [str(exe), "telemetry", "query", "DROP TABLE metrics", "--state", str(paths.root)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert bad.returncode == 2, bad.stderr
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 0, proc.stderr.read() if proc.stderr else ""
+    log.close()
+    assert rc == 0, (tmp_path / "daemon.log").read_text()[-4000:]
     recs = list(AuditLog(paths.audit_log).records())
     assert recs[-1].event == "daemon.stopped"
     assert recs[-1].data["reason"] == "SIGTERM"
     assert not (paths.run / "admin.sock").exists()
     assert AuditLog(paths.audit_log).verify()[1] is None
+    st = subprocess.run(
+        [str(exe), "status", "--json", "--state", str(paths.root)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert json.loads(st.stdout)["daemon"] is None
