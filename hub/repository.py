@@ -429,7 +429,8 @@ class HubRepository:
         self._cfg["channels"] = [*self.channels, channel]
         self._save_cfg()
         now = self._now()
-        self._put_current(channel, Metadata(Targets(version=0 if _commit else 1, expires=now)))
+        # TUF refuses version 0; a channel added later simply starts at version 2 after the commit.
+        self._put_current(channel, Metadata(Targets(version=1, expires=now)))
         if _commit:
             self._commit(["targets", channel])
 
