@@ -180,3 +180,16 @@ def test_hub_reads_uploaded_escalations_signs_and_the_device_applies(setup, stat
     assert store.get(a).approval["operator"] == "alice"
     hub_audit = [x.event for x in AuditLog(repo / "escalations" / "audit.jsonl").records()]
     assert hub_audit == ["escalation.approve_signed"]
+
+
+def test_triage_explain_dry_runs_the_policy(run_cli, tmp_path):
+    case = Path(__file__).parent / "triage_cases" / "cd-injection-persisted.yaml"
+    r = run_cli("sre-agent", "triage", "explain", str(case), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["rule"] == "chaos-damage-persists-with-lkg" and d["verdict"] == "escalate"
+    assert d["action"] == "rollback" and d["execute_now"] == ["alert"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: not-a-kind\n")
+    r = run_cli("sre-agent", "triage", "explain", str(bad))
+    assert r.returncode == 2 and "read incident" in r.stderr

@@ -72,7 +72,68 @@ def _print_decided(esc: Any, json_out: bool) -> None:
         out_console().print("the agent will carry it out after verifying the approval again")
 
 
+def _register_triage(app: typer.Typer) -> None:
+    triage_app = typer.Typer(help="Dry-run the triage policy on incident files.", no_args_is_help=True)
+    app.add_typer(triage_app, name="triage")
+
+    @triage_app.command("explain")
+    def explain(
+        incident_file: Annotated[Path, typer.Argument(help="Incident (YAML/JSON), or a labelled case file.")],
+        policy_file: Annotated[
+            Path | None, typer.Option("--policy", help="Triage policy (default: the shipped one).")
+        ] = None,
+        llm: Annotated[bool, typer.Option("--llm", help="Also ask the local model (slower).")] = False,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Show which rule matches, what is allowed, and what the gate would do. Changes nothing."""
+        import yaml
+
+        from policies.base import load_document
+        from policies.triage import TriagePolicy, default_triage_policy
+        from sre_agent.incidents import Incident
+        from sre_agent.triage import TriageEngine
+
+        try:
+            raw = yaml.safe_load(incident_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"read incident {incident_file}", str(exc), "pass a YAML/JSON file") from exc
+        if isinstance(raw, dict) and "incident" in raw:
+            raw = raw["incident"]
+        try:
+            incident = Incident.model_validate(raw)
+        except ValueError as exc:
+            raise InputError(f"read incident {incident_file}", str(exc)[:500], "fix the document") from exc
+        policy = load_document(TriagePolicy, policy_file) if policy_file else default_triage_policy()
+        engine = TriageEngine(policy)
+        advice = None
+        if llm:
+            from sre_agent.config import LlmSettings
+            from sre_agent.llm import LlmAdvisor, LlmError, LocalModel
+
+            settings = LlmSettings()
+            try:
+                advice = LlmAdvisor(LocalModel.from_settings(settings), settings)(
+                    incident, engine.match(incident)
+                )
+            except LlmError as exc:
+                out_console().print(f"model unavailable, rule default stands: {exc.message}", markup=False)
+        d = engine.decide(incident, advice)
+        if json_out:
+            emit_json(d.to_dict())
+            return
+        con = out_console()
+        con.print(f"rule [bold]{d.rule}[/bold]  certainty {d.certainty:.2f}")
+        con.print(f"allowed: {', '.join(a.value for a in d.allowed)}  default: {d.default.value}")
+        verb = "escalate, proposing" if d.escalated else "execute"
+        now = ", ".join(a.value for a in d.execute_now)
+        con.print(f"verdict: [bold]{verb} {d.action.value}[/bold]; runs now: {now}")
+        for r in d.reasons:
+            con.print(f"  - {r}", markup=False)
+        con.print(f"summary: {d.summary}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
+    _register_triage(app)
     esc_app = typer.Typer(
         help="Incidents the agent would not handle alone: review, approve (signed) or reject.",
         no_args_is_help=True,
