@@ -167,3 +167,47 @@ def test_daemon_responder_with_the_local_model_loaded_lazily(tmp_path: Path) -> 
     assert decision["model_choice"] in decision["allowed"]
     assert decision["action"] != "safe_mode"
     assert not any(r.event == "triage.action" and r.data["action"] == "safe_mode" for r in audit.records())
+
+
+def test_every_job_of_a_built_daemon_runs_without_a_hub(tmp_path: Path) -> None:
+    """build_daemon on a device with no hub and serving off: each job does its work or says why not."""
+    from sre_agent.admin import admin_client
+    from sre_agent.wiring import build_daemon
+    from sre_core.clock import SystemClock
+
+    paths = StatePaths(tmp_path / "dev")
+    provision(paths)
+    settings = AgentSettings.model_validate(
+        {"state_dir": str(paths.root), "llm": {"enabled": False}, "serving": {"enabled": False}}
+    )
+    daemon = build_daemon(settings, paths, SystemClock(), heartbeat_s=3600)
+    jobs = {j.name: j for j in daemon.jobs}
+    assert set(jobs) == {"pull-reconcile", "uplink", "slo", "escalations", "digest"}  # no experiments dir
+    daemon.start()
+    try:
+        assert "no hub" in jobs["uplink"].func()["skipped"]  # type: ignore[index]
+        assert (paths.run / "uplink_status.json").exists()
+        slos = jobs["slo"].func()
+        assert {s["name"] for s in slos} >= {"sync.since_last_ack_s", "policy.age_s"}  # type: ignore[union-attr]
+        assert jobs["escalations"].func() == 0
+        digest = jobs["digest"].func()
+        assert digest["id"].startswith("dig-") and digest["summary"]  # type: ignore[index]
+        jobs["pull-reconcile"].func()
+        client = admin_client(paths)
+        assert client is not None
+        try:
+            doc = client.get("/status").json()
+            assert doc["serving"] is None and doc["llm"] == {"enabled": False}
+            assert client.get("/escalations").json() == []
+            sql = "SELECT count(*) AS n FROM events WHERE kind = 'health.digest'"
+            deadline = time.monotonic() + 20  # the writer commits on its flush interval
+            rows: list[dict[str, int]] = []
+            while time.monotonic() < deadline and rows != [{"n": 1}]:
+                rows = client.post("/telemetry/query", json={"sql": sql}).json()["rows"]
+                time.sleep(0.1)
+        finally:
+            client.close()
+    finally:
+        daemon.stop("test over")
+    assert not any(s.failures for s in daemon.stats.values()), daemon.stats
+    assert rows == [{"n": 1}]
