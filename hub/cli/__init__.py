@@ -21,6 +21,7 @@ TOPICS = [
     "hub.cli.fleet_data",
     "hub.cli.escalations",
     "hub.cli.rollouts",
+    "hub.cli.report",
 ]
 
 HELP = (

@@ -25,6 +25,7 @@ TOPICS = [
     "sre_agent.cli.serve",
     "sre_agent.cli.telemetry",
     "sre_agent.cli.escalations",
+    "sre_agent.cli.report",
 ]
 
 HELP = (
