@@ -176,6 +176,9 @@ def bench_bytes_per_day(days: int, tmp: Path) -> dict[str, object]:
         "days": days,
         "db_bytes_after_day": per_day_file,
         "db_bytes_per_day_of_history": round(per_day_file[-1] / days),
+        "db_growth_bytes_per_day_after_day_1": (
+            round((per_day_file[-1] - per_day_file[0]) / (days - 1)) if days > 1 else None
+        ),
         "upload_zstd_parquet_bytes_per_day": sealed_bytes,
         "rows_per_day": 86400 * 100 + 86400 * 2,
     }
