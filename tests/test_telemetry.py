@@ -254,3 +254,17 @@ def test_byte_pressure_folds_sooner_and_keeps_metrics_within_budget(tmp_path: Pa
     assert total == 4 * 3600 * 50
     assert all(b.balanced for b in books.values())
     store.close()
+
+
+def test_store_status_reports_sizes_backlog_and_books(tmp_path: Path, clock: FakeClock) -> None:
+    store = Store(tmp_path / "t.duckdb", small_policy(), clock, "dev-s")
+    writer = TelemetryWriter(store, enforce=False)
+    writer.write_table("metrics", metric_columns(_us(clock), 60, 10))
+    writer.flush()
+    store.seal()
+    clock.advance(120)
+    info = store.status()
+    assert info["tables"]["metrics"]["produced"] == 600 and info["tables"]["metrics"]["sealed"] == 600
+    assert info["backlog"]["outbox_batches"] == 1 and info["backlog"]["oldest_unacked_age_s"] == 120
+    assert info["file_bytes"] > 0 and info["budgets"]["metrics"] == store.policy.metrics.bytes
+    store.close()

@@ -688,6 +688,14 @@ class Store:
 
     # ---- queries ---------------------------------------------------------------------------------
 
+    def status(self, now_us: int | None = None) -> dict[str, Any]:
+        """Sizes, budgets, backlog, folds and drops (what ``sre-agent telemetry status`` prints)."""
+        now_us = _us(self.clock.now()) if now_us is None else now_us
+        with self._lock:
+            info = status_of(self._con, self.policy, now_us)
+        info["file_bytes"] = self.file_bytes()
+        return info
+
     def query(self, sql: str) -> pa.Table:
         """Run SQL on this connection (under the lock) and return an Arrow table."""
         with self._lock:
