@@ -9,8 +9,8 @@ All parts use the same ONNX model (an MLP classifier built in code, ~0.13 ms per
   session.run the straightforward way), each in its own child process under uvicorn with the same
   settings, driven by the same closed-loop client at a fixed concurrency with identical JSON requests;
   throughput and p99 as ratios (ours / peer). MLServer and the kserve model server are not installed;
-  this peer stands in for them. Reported next to it: our binary-tensor path, and our server running
-  inference on the event loop like the peer does (ours offloads it to the thread pool by default).
+  this peer stands in for them. Reported next to it: our binary-tensor path, and our server forced to
+  offload every inference to the thread pool (by default it offloads only models slower than 1 ms).
 - MTTR: a real canary of a model that fails on some inputs, at 100 % weight, under a traffic thread;
   from the controller's failed-gate verdict to the first request answered by the incumbent (the router
   points at the already-loaded session), next to the naive path (load a new session of the incumbent
@@ -135,14 +135,14 @@ def child_server(kind: str, port: int, model_path: str) -> None:
     """Runs in a child process: our v2 server or the peer, under uvicorn, until killed."""
     import uvicorn
 
-    if kind in ("ours", "ours-inline"):
+    if kind in ("ours", "ours-offload"):
         from deployment.oip import create_app
         from deployment.serving import ModelRepository
         from deployment.sessions import load_session
 
         repo = ModelRepository()
         repo.add(load_session(Path(model_path), name="m", version="1"))
-        app: Any = create_app(repo, offload=kind == "ours")
+        app: Any = create_app(repo, offload_above_s=0.0) if kind == "ours-offload" else create_app(repo)
     else:
         import onnxruntime as ort
         from starlette.applications import Starlette
@@ -306,13 +306,13 @@ def http_comparison(model_path: Path, seconds: float, concurrency: int) -> dict[
         "seconds_each": seconds,
         "payload": "JSON, 1 x 32 FP32",
     }
-    procs = {kind: start_child(kind, model_path) for kind in ("peer", "ours", "ours-inline")}
+    procs = {kind: start_child(kind, model_path) for kind in ("peer", "ours", "ours-offload")}
     try:
         targets = {
             "peer": (procs["peer"][1], _http_request(body)),
             "ours": (procs["ours"][1], _http_request(body)),
             "ours_binary_tensors": (procs["ours"][1], binary),
-            "ours_inference_on_event_loop": (procs["ours-inline"][1], _http_request(body)),
+            "ours_always_offloaded": (procs["ours-offload"][1], _http_request(body)),
         }
         out |= load_interleaved(targets, seconds, concurrency, rounds=4)
     finally:
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-blocks", type=int, default=60)
     ap.add_argument("--mttr-iterations", type=int, default=50)
     ap.add_argument("--flips", type=int, default=2)
-    ap.add_argument("--child", choices=["ours", "ours-inline", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "ours-offload", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

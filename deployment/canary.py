@@ -19,7 +19,9 @@ test holds for any traffic volume.
   ``UCB(canary) - LCB(incumbent) <= max_error_rate_increase``.
 - latency (p95 ratio): with ``L``/``U`` the incumbent's p95 confidence bounds, pass when the share of
   canary requests slower than ``ratio * L`` is confidently below 5 % (then ``p95_c <= ratio * p95_i``);
-  fail when the share slower than ``ratio * U`` is confidently above 5 %.
+  fail when the share slower than ``ratio * U`` is confidently above 5 %. Mind the threshold for tiny
+  models: a canary at 1 % runs on colder caches than the incumbent, which alone measured a p95 ratio
+  of 1.3-1.5 for identical ~10 us models on a loaded 2-core machine (negligible at milliseconds).
 - divergence: over mirrored requests, the share of rows whose top-1 class differs (classifiers) or whose
   relative error exceeds ``relative_tolerance`` (regressors): pass when its UCB ``<= max_divergence``,
   fail when its LCB exceeds it. Without mirroring the gate is skipped (reported as such).

@@ -227,6 +227,7 @@ class Router:
         self._lock = threading.Lock()  # guards the counters below, never held across session.run
         self._stats: dict[str, VersionStats] = {}
         self._pairs: dict[str, list[int]] = {}
+        self.typical_s = 0.0  # moving average of session.run time (the server offloads slow models)
         self._swap_lock = threading.Lock()  # serialises writers of the routing table
 
     # -- the routing table ---------------------------------------------------------------------
@@ -324,6 +325,7 @@ class Router:
                 st.errors += 1
             else:  # latency of answers only: a fast failure must not make a version look quick
                 st.latency.counts[bisect.bisect_left(LATENCY_EDGES, dt)] += 1
+                self.typical_s += 0.05 * (dt - self.typical_s)
         return out
 
     def infer(self, feeds: Mapping[str, np.ndarray], pin: str | None = None) -> Answer:

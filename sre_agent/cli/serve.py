@@ -71,6 +71,7 @@ class ServingPlane:
         canary_interval_s: seconds between canary evaluations.
         sink: the telemetry sink (the daemon's DuckDB writer; None drops telemetry, the audit keeps
             every canary step, verdict and flip).
+        audit: the audit trail (pass the daemon's, which mirrors to DuckDB); clock: time source.
     """
 
     settings: AgentSettings
@@ -78,6 +79,8 @@ class ServingPlane:
     source: Any = None
     canary_interval_s: float = 1.0
     sink: Any = None
+    audit: Any = None
+    clock: Any = None
     name: str = "serving"
     _server: Any = field(default=None, repr=False)
 
@@ -91,8 +94,8 @@ class ServingPlane:
         from sre_core.clock import SystemClock
 
         cfg = self.settings.serving
-        self.clock = SystemClock()
-        self.audit = AuditLog(self.paths.audit_log, self.clock)
+        self.clock = self.clock or SystemClock()
+        self.audit = self.audit or AuditLog(self.paths.audit_log, self.clock)
         self.policy = load_deployment_policy(self.paths.policies / "deployment.yaml")
         self.slots = SlotManager(self.paths, self.audit, self.clock, self.policy)
         self.repository = ModelRepository(self.sink, preprocess=InputNoise(self.paths.root, self.clock))
