@@ -153,7 +153,9 @@ class ResponderService:
         self._factory = responder_factory
         self._slots = slots
         self.responder: Any = None
-        self._queue: queue.Queue[Incident] = queue.Queue(MAX_QUEUED_INCIDENTS)
+        self._queue: queue.Queue[tuple[str, str, dict[str, Any], datetime]] = queue.Queue(
+            MAX_QUEUED_INCIDENTS
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counts = {"queued": 0, "dropped": 0, "handled": 0, "failed": 0, "escalated": 0, "duplicates": 0}
@@ -161,24 +163,33 @@ class ResponderService:
         self._lock = threading.Lock()
 
     def _slot_status(self, module: str) -> SlotStatus:
+        """What rules read about the module's slots. The standby counts as verified only when it is not
+        marked bad and re-hashes to its signed digest now (a rollback target must be intact)."""
+        from deployment.safemode import read_safe_mode
+
         try:
+            safe = read_safe_mode(self.paths).active
             slots = self._slots()
             if slots is None or module not in slots.modules():
-                return SlotStatus()
+                return SlotStatus(safe_mode=safe)
             st = slots.status(module)
             lkg = st.last_known_good or {}
+            verified = False
+            if st.standby is not None and st.standby.sha256 not in st.bad:
+                verified = bool(slots.verify_slot(module, st.standby.slot).ok)
             return SlotStatus(
                 active_version=st.active.version if st.active else None,
                 standby_version=st.standby.version if st.standby else None,
-                standby_verified=st.standby is not None and st.standby.sha256 not in st.bad,
+                standby_verified=verified,
                 last_known_good=lkg.get("version"),
+                safe_mode=safe,
             )
         except Exception:
             _log.exception("slot status for %s", module)
             return SlotStatus()
 
     def submit(self, message: str, severity: str, attrs: dict[str, Any], ts: datetime | None) -> None:
-        """Turn an ``incident`` event into an :class:`Incident` and queue it (never blocks)."""
+        """Queue an ``incident`` event for triage (never blocks; the caller is a check or canary)."""
         attrs = dict(attrs)
         if "incident_kind" not in attrs:
             attrs["incident_kind"] = _SOURCE_KINDS.get(str(attrs.get("source", "")), "")
@@ -187,20 +198,19 @@ class ResponderService:
         facts = dict(attrs.get("facts") or {})
         facts.setdefault("chaos_active", (self.paths.run / "chaos.lease").exists())
         attrs["facts"] = facts
-        sev = {"error": "critical", "critical": "critical", "warning": "warning"}.get(severity, "info")
-        module = str((attrs.get("modules") or ["device"])[0])
-        incident = incident_from_event(
-            message, sev, attrs, ts or self.clock.now(), slot=self._slot_status(module)
-        )
-        if incident is None:
-            return
         try:
-            self._queue.put_nowait(incident)
+            self._queue.put_nowait((message, severity, attrs, ts or self.clock.now()))
             with self._lock:
                 self.counts["queued"] += 1
         except queue.Full:
             with self._lock:
                 self.counts["dropped"] += 1
+
+    def _incident(self, message: str, severity: str, attrs: dict[str, Any], ts: datetime) -> Incident | None:
+        """The event as an :class:`Incident` with the module's slot status (read now, on this thread)."""
+        sev = {"error": "critical", "critical": "critical", "warning": "warning"}.get(severity, "info")
+        module = str((attrs.get("modules") or ["device"])[0])
+        return incident_from_event(message, sev, attrs, ts, slot=self._slot_status(module))
 
     def start(self) -> None:
         self.responder = self._factory()
@@ -208,11 +218,14 @@ class ResponderService:
         self._thread = threading.Thread(target=self._loop, name="responder", daemon=True)
         self._thread.start()
 
-    def _handle(self, incident: Incident) -> None:
+    def _handle(self, item: tuple[str, str, dict[str, Any], datetime]) -> None:
         try:
+            incident = self._incident(*item)
+            if incident is None:  # names no known incident kind
+                return
             out = self.responder.handle(incident)
         except Exception:
-            _log.exception("triage of %s failed", incident.id)
+            _log.exception("triage of an incident failed: %s", item[0][:200])
             with self._lock:
                 self.counts["failed"] += 1
             return
@@ -237,10 +250,10 @@ class ResponderService:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                incident = self._queue.get(timeout=0.5)
+                item = self._queue.get(timeout=0.5)
             except queue.Empty:
                 continue
-            self._handle(incident)
+            self._handle(item)
 
     def stop(self) -> None:
         """Finish what is queued (bounded), then stop."""
@@ -249,10 +262,10 @@ class ResponderService:
             self._thread.join(30)
         for _ in range(MAX_QUEUED_INCIDENTS):
             try:
-                incident = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self._handle(incident)
+            self._handle(item)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -617,9 +630,8 @@ def build_daemon(
     if settings.serving.enabled:
         from sre_agent.cli.serve import ServingPlane
 
-        plane = ServingPlane(settings, paths)
-        plane.serving.sink = sink
-        plane.repository.sink = sink
+        # The plane applies the chaos input-noise fault (router preprocess) and writes run/serving.pid.
+        plane = ServingPlane(settings, paths, sink=sink)
         services.append(plane)
     holder["plane"] = plane
 

@@ -211,3 +211,60 @@ def test_every_job_of_a_built_daemon_runs_without_a_hub(tmp_path: Path) -> None:
         daemon.stop("test over")
     assert not any(s.failures for s in daemon.stats.values()), daemon.stats
     assert rows == [{"n": 1}]
+
+
+def test_integrity_incident_rolls_back_through_the_daemon_handlers(tmp_path: Path) -> None:
+    """An integrity failure on the active slot with an intact standby: the gate executes the rollback
+    through the daemon's handler, and the device serves the last-known-good version."""
+    from deployment.reconcile import Reconciler
+    from deployment.sample_models import linear_classifier
+    from deployment.slots import SlotManager
+    from sre_agent.wiring import _handlers
+    from tests.deploy_helpers import StaticSource, make_artifact
+
+    paths = StatePaths(tmp_path / "dev")
+    provision(paths)
+    clock = FakeClock()
+    audit = AuditLog(paths.audit_log, clock)
+    cas = tmp_path / "cas"
+    src = StaticSource(clock, [make_artifact(cas, "clf", "1.0", linear_classifier(seed=1))])
+    rec = Reconciler(paths, src, clock, audit=audit)
+    rec.run_once()
+    src.set([make_artifact(cas, "clf", "2.0", linear_classifier(seed=2))], serial=2)
+    rec.run_once()
+    slots = SlotManager(paths, audit, clock)
+    assert slots.status("clf").active.version == "2.0"  # type: ignore[union-attr]
+
+    sink = MemorySink()
+    settings = _settings(paths.root)
+    handlers = _handlers(paths, clock, audit, sink, {"plane": None})
+    svc = ResponderService(
+        paths,
+        clock,
+        lambda: build_responder(paths, settings, clock=clock, audit=audit, handlers=handlers, telemetry=sink),
+        lambda: slots,
+    )
+    svc.start()
+    try:
+        IncidentTee(lambda: sink, svc.submit).event(
+            "incident",
+            "verification check integrity.slots fail: active slot of clf does not re-hash",
+            severity="critical",
+            attrs={
+                "source": "verification",
+                "incident_kind": "verification_failure",
+                "check": "integrity.slots",
+                "modules": ["clf"],
+                "facts": {"slot": "active"},
+            },
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and svc.status()["counts"]["handled"] < 1:
+            time.sleep(0.05)
+    finally:
+        svc.stop()
+    (decision,) = [r.data for r in audit.records() if r.event == "triage.decision"]
+    assert decision["rule"] == "verification-integrity-with-lkg" and decision["execute_now"] == ["rollback"]
+    (act,) = [r.data for r in audit.records() if r.event == "triage.action"]
+    assert act["action"] == "rollback" and act["ok"], act
+    assert SlotManager(paths, audit, clock).status("clf").active.version == "1.0"  # type: ignore[union-attr]
