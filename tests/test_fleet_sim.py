@@ -58,7 +58,7 @@ def test_fleet_rollout_halt_revert_recall_catch_up(simdir: Path, run_cli) -> Non
         # Membership was each device's own decision: before completion only members ran 2.0.0.
         assert not r.failed
         # Reachable devices converge (stragglers' links come up at last); unreachable ones never synced.
-        for _ in range(6):
+        for _ in range(3):
             sim.round(down=OFFLINE)
         left = {d.index for d in online if sim.version_of(d) != "2.0.0"}
         sim.round(up=left, down=OFFLINE)
@@ -81,7 +81,7 @@ def test_fleet_rollout_halt_revert_recall_catch_up(simdir: Path, run_cli) -> Non
         st = failed_dev.rec.slots.status(MODULE)
         assert st.active is not None and st.active.version == "2.0.0"
         assert "3.0.0" in {b["version"] for b in st.bad.values()}
-        for _ in range(3):
+        for _ in range(2):
             sim.round()
         assert sim.versions() == {"2.0.0": N}
         assert sim.rollout().state == "halted" and len(sim.rollout().failed) == 1
@@ -100,10 +100,10 @@ def test_fleet_rollout_halt_revert_recall_catch_up(simdir: Path, run_cli) -> Non
         # --- recall 2.0.0 fleet-wide, rolling down to 1.0.0; some links are down when it is issued.
         out = svc.recall("stable", MODULE, ["2.0.0"], "1.0.0", reason="field defect")
         assert out["kind"] == "down"
-        for _ in range(4):
+        for _ in range(3):
             sim.round()
         behind = {d.index for d in sim.devices if sim.version_of(d) != "1.0.0"}
-        assert behind, "with 50 % links some devices should still be behind after 4 rounds"
+        assert behind, "with 50 % links some devices should still be behind after 3 rounds"
         assert all(sim.devices[i].passes > 0 for i in behind)
         sim.round(up=behind)
         assert sim.versions() == {"1.0.0": N}
