@@ -241,10 +241,13 @@ def test_telemetry_service_runs_the_writer_and_an_uplink_window(tmp_path: Path) 
             svc.sink.metric("requests", float(i), {"slot": "a"})
         with running_hub(tmp_path / "fleet") as hub:
             hub.fleet.enroll(ident.device_id, ident.public_pem)
+            svc.attest(ident, audit.head(), "telemetry@1", "verified", safe_mode=False)
             report = svc.flush_uplink(ident, hub.url)
+            attested = hub.fleet.state(ident.device_id)["attested"]
             rows = hub.fleet.query("SELECT count(*) AS n FROM metrics").to_pylist()[0]["n"]
             audited = hub.fleet.query("SELECT hash FROM audit").to_pylist()
         assert report["pending_after"] == 0 and rows == 100
         assert audited == [{"hash": audit.head()}]
+        assert attested["audit_head"] == audit.head() and attested["safe_mode"] is False
     finally:
         svc.stop()

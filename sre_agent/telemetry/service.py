@@ -6,6 +6,8 @@ Wiring (``sre_agent/wiring.py``)::
     services.append(tel)                      # opens the store, starts the writer thread
     audit = AuditLog(paths.audit_log, clock, mirror=tel.audit_mirror)
     jobs.append(JobSpec("uplink", lambda: tel.flush_uplink(identity, hub_url), interval_s=60, jitter_s=10))
+    jobs.append(JobSpec("attest", lambda: tel.attest(identity, audit.head(), policy_version, trust, safe),
+                        interval_s=3600))
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ class TelemetryService:
     def audit_mirror(self, rec: AuditRecord) -> None:
         if self.writer is not None:
             self.writer.audit_mirror(rec)
+
+    def attest(
+        self,
+        identity: DeviceIdentity,
+        audit_head: str,
+        policy_version: str,
+        trust_status: str,
+        safe_mode: bool,
+    ) -> str:
+        """Sign the device's current state (in-toto in DSSE) and queue it first in the outbox."""
+        from sre_agent.attestation import collect_state, queue_attestation
+
+        if self.store is None:
+            raise RuntimeError("telemetry service is not started")
+        state = collect_state(self.paths, self.clock, audit_head, policy_version, trust_status, safe_mode)
+        return queue_attestation(self.store, identity, state)
 
     def flush_uplink(
         self, identity: DeviceIdentity, hub_url: str, bandwidth_bps: float | None = None
