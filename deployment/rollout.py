@@ -26,8 +26,9 @@ Resolution (pure, :func:`resolve`), per the rollout's state:
   nothing).
 - ``paused`` / ``halted`` / ``aborted`` (abort --keep): membership is frozen and nobody *starts* the
   candidate: members already on it keep it, everyone else keeps what they run.
-- ``completed``: everyone takes the candidate. ``reverted`` (abort --revert): the rollout is ignored and
-  ``modules`` (the baseline) applies to every device.
+- ``completed``: everyone takes the candidate (every device of the group, for a device-group rollout:
+  the rest of the channel is not part of it and keeps what it runs). ``reverted`` (abort --revert): the
+  rollout is ignored and ``modules`` (the baseline) applies to every device.
 
 Recalls come last and win: a withdrawn version is never an effective target, and a device running one
 moves to the recall's replacement (roll forward to a named version, or down to a minimum version).
@@ -93,6 +94,11 @@ class RolloutDoc(_Doc):
     waves: list[int] = Field(min_length=1, description="cumulative percentages, ending at 100")
     wave: int = Field(ge=0, description="index of the open wave")
     state: RolloutState = "running"
+    group: list[str] | None = Field(
+        default=None,
+        max_length=100_000,
+        description="device ids the rollout is limited to (None: the channel)",
+    )
 
     @property
     def percent(self) -> int:
@@ -155,8 +161,10 @@ def resolve(desired: DesiredState, device_id: str, current: Mapping[str, str | N
     if ro is not None and ro.state != "reverted":
         cand = DesiredModule(version=ro.version, target=ro.target)
         cur = current.get(ro.module)
-        member = is_member(device_id, ro.id, ro.percent)
-        if ro.state == "completed" or (ro.state == "running" and member) or (member and cur == ro.version):
+        in_group = ro.group is None or device_id in ro.group
+        member = in_group and is_member(device_id, ro.id, ro.percent)
+        done = ro.state == "completed" and in_group
+        if done or (ro.state == "running" and member) or (member and cur == ro.version):
             modules[ro.module] = cand
         elif cur is not None:
             modules.pop(ro.module, None)  # keep what it runs

@@ -3,7 +3,7 @@
 Public API::
 
     RolloutSpec(channel, module, version, waves=[10, 50, 100], gates=None, soak_s=600, min_devices=3,
-                halt_after=1)
+                halt_after=1, group=None)   group: device ids (a device-group rollout)
     TRANSITIONS: dict[(state, event), state]      the whole lifecycle; next_state(state, event) -> state
     ReportStore(fleet_dir)                         latest device reports (``<fleet>/reports/<id>.json``)
     RolloutService(repo, fleet_dir=None, clock=None)
@@ -134,6 +134,9 @@ class RolloutSpec(BaseModel):
     soak_s: int = Field(default=600, ge=0, le=30 * 86400)
     min_devices: int = Field(default=3, ge=1, le=1_000_000)
     halt_after: int = Field(default=1, ge=1, le=1_000_000)
+    group: list[str] | None = Field(
+        default=None, max_length=100_000, description="limit the rollout to these device ids (a device group)"
+    )
 
     @field_validator("waves")
     @classmethod
@@ -195,6 +198,7 @@ class Rollout(BaseModel):
             waves=list(self.spec.waves),
             wave=self.wave,
             state="running" if self.state == "none" else self.state,
+            group=sorted(self.spec.group) if self.spec.group is not None else None,
         )
 
 
@@ -393,7 +397,7 @@ class RolloutService:
         channel = r.spec.channel
         changes: dict[str, Any] = {"rollout": r.doc().model_dump(mode="json")}
         ds = self.repo.desired_state(channel)
-        if new == "completed":
+        if new == "completed" and r.spec.group is None:  # a group rollout never moves the channel
             modules = {k: v.model_dump() for k, v in (ds.modules.items() if ds else [])}
             modules[r.spec.module] = {"version": r.spec.version, "target": r.target}
             changes["modules"] = modules
@@ -537,11 +541,18 @@ class RolloutService:
 
     def _failed_devices(self, r: Rollout, wave: int) -> list[str]:
         out = []
-        for dev, rep in self.reports.in_channel(r.spec.channel).items():
+        for dev, rep in self._in_scope(r).items():
             b = self._bucket(dev, r.id)
             if wave_of(b, r.spec.waves) == wave and _failed_on(rep, r.spec.module, r.spec.version):
                 out.append(dev)
         return out
+
+    def _in_scope(self, r: Rollout) -> dict[str, dict[str, Any]]:
+        reps = self.reports.in_channel(r.spec.channel)
+        if r.spec.group is None:
+            return reps
+        group = set(r.spec.group)
+        return {d: rep for d, rep in reps.items() if d in group}
 
     def status(self, channel: str) -> RolloutStatus:
         """The newest rollout of ``channel`` with per-wave figures.
@@ -559,7 +570,7 @@ class RolloutService:
             WaveStatus(i, pct, "start" if i == 0 else r.spec.gate(i), i <= r.wave)
             for i, pct in enumerate(r.spec.waves)
         ]
-        reps = self.reports.in_channel(r.spec.channel)
+        reps = self._in_scope(r)
         for dev, rep in reps.items():
             i = wave_of(self._bucket(dev, r.id), r.spec.waves)
             if i >= len(waves):

@@ -430,3 +430,26 @@ def test_cli_rollout_recall_fleet_status_dora(tmp_path: Path, run_cli) -> None: 
     )
     res = run_cli("sre-hub", "dora", "--repo", r)
     assert res.returncode == 0 and "deployment frequency" in res.stdout
+
+
+def test_device_group_rollout_touches_only_the_group(tmp_path: Path) -> None:
+    group = [f"d{i}" for i in range(10)]
+    doc = {**_ro("completed", 2), "group": group}
+    assert resolve(_desired(doc), "d3", {"clf": "1.0"}).modules["clf"].version == "2.0"
+    assert "clf" not in resolve(_desired(doc), "outsider", {"clf": "1.0"}).modules  # keeps what it runs
+    running = {**_ro("running", 2), "group": group}
+    assert "clf" not in resolve(_desired(running), "outsider", {"clf": "1.0"}).modules
+
+    clock = FakeClock()
+    repo = _repo(tmp_path, clock)
+    svc = RolloutService(repo, clock=clock)
+    svc.start(RolloutSpec(channel="stable", module="clf", version="2.0", waves=[100], soak_s=0, min_devices=2,
+                          group=group))  # fmt: skip
+    svc.observe(_report("outsider", "1.0", bad=["2.0"]))  # not in the group: not counted, no halt
+    assert svc.current("stable").state == "running"  # type: ignore[union-attr]
+    svc.observe(_report("d1", "2.0"))
+    svc.observe(_report("d2", "2.0"))
+    assert svc.current("stable").state == "completed"  # type: ignore[union-attr]
+    ds = repo.desired_state("stable")
+    assert ds is not None and ds.modules["clf"].version == "1.0"  # the channel's baseline is unchanged
+    assert ds.rollout is not None and ds.rollout["group"] == sorted(group)

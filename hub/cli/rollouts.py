@@ -37,6 +37,16 @@ def _ints(text: str, what: str) -> list[int]:
         ) from None
 
 
+def _group(path: Path) -> list[str]:
+    try:
+        ids = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as exc:
+        raise InputError(f"read --group {path}", str(exc), "pass a file of device ids, one a line") from exc
+    if not ids:
+        raise InputError(f"read --group {path}", "no device ids in it")
+    return ids
+
+
 def _bar(done: int, total: int, width: int = 20) -> Any:
     from rich.progress_bar import ProgressBar
 
@@ -90,6 +100,10 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--min-devices", help="Healthy devices an auto gate needs.")
         ] = 3,
         halt_after: Annotated[int, typer.Option("--halt-after", help="Failed devices that halt it.")] = 1,
+        group: Annotated[
+            Path | None,
+            typer.Option("--group", help="File of device ids (one a line): a device-group rollout."),
+        ] = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Start a rollout: wave 1 opens now; devices decide membership themselves."""
@@ -102,6 +116,7 @@ def register(app: typer.Typer) -> None:
                 channel=channel, module=module, version=version, waves=_ints(waves, "waves"),
                 gates=[g.strip() for g in gates.split(",")] if gates else None,  # type: ignore[misc]
                 soak_s=soak, min_devices=min_devices, halt_after=halt_after,
+                group=_group(group) if group else None,
             )  # fmt: skip
         except ValidationError as exc:
             raise InputError("rollout start", exc.errors()[0]["msg"], "see --help") from exc
