@@ -37,6 +37,13 @@ OVERFLOW_SERIES = "__overflow__"
 _log = logging.getLogger(__name__)
 
 
+_EMPTY: dict[str, Any] = {}
+
+
+def _as_json(col: Sequence[Any]) -> list[str]:
+    return [v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True) for v in col]
+
+
 def series_key(labels: dict[str, str] | None) -> str:
     """Canonical label set: ``k=v`` pairs sorted by key, comma-separated (empty for no labels)."""
     if not labels:
@@ -130,7 +137,7 @@ class TelemetryWriter:
             kind,
             severity,
             message,
-            json.dumps(attrs or {}, default=str, sort_keys=True),
+            dict(attrs) if attrs else _EMPTY,  # serialised in the writer thread, not on the caller's path
         )
         with self._buf_lock:
             if self._admit("events", 1):
@@ -146,7 +153,7 @@ class TelemetryWriter:
             raise KeyError(f"{table_name!r} is not a record table; use one of {sorted(RECORD_TABLES)}")
         ts = row.get("ts")
         when = self._now_us(ts if isinstance(ts, datetime) else None)
-        body = json.dumps(row, default=str, sort_keys=True)
+        body = dict(row)  # serialised in the writer thread
         with self._buf_lock:
             if self._admit(table_name, 1):
                 self._rows[table_name].append((when, body))
@@ -245,7 +252,9 @@ class TelemetryWriter:
                 if rows.get(name):
                     cols = list(zip(*rows[name], strict=True))
                     arrays = [
-                        pa.array(col, pa.int64()).cast(TS) if f.name == "ts" else pa.array(col, f.type)
+                        pa.array(col, pa.int64()).cast(TS)
+                        if f.name == "ts"
+                        else pa.array(_as_json(col) if f.name in ("attrs", "body") else col, f.type)
                         for col, f in zip(cols, schema, strict=True)
                     ]
                     parts.append(pa.Table.from_arrays(arrays, schema=schema))
