@@ -327,8 +327,8 @@ class AdminService:
 class FaultProxyService:
     """The embedded Toxiproxy-API fault proxy with an ``uplink`` proxy in front of the hub.
 
-    The daemon's management traffic (pull and uplink) goes through it, so uplink experiments act on
-    the real link; chaos runs get its API URL.
+    The daemon's management traffic (pull and uplink) to a plain-HTTP hub goes through it, so uplink
+    experiments act on the real link; chaos runs get its API URL.
     """
 
     name = "fault-proxy"
@@ -580,8 +580,9 @@ def build_daemon(
         return settings.chaos.toxiproxy_url or (proxy.api_url if proxy is not None else None)
 
     def link_url() -> str | None:
-        """The hub as the device reaches it (through the fault proxy when there is one)."""
-        if proxy is not None and proxy.link_url:
+        """The hub as the device reaches it: through the fault proxy for a plain-HTTP hub (a TLS hub is
+        reached directly: a loopback address would not match its certificate)."""
+        if proxy is not None and proxy.link_url and str(hub_url).startswith("http://"):
             return proxy.link_url
         return hub_url
 
