@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REPORT_PATH",
+    "DeviceReport",
+    "LedgerEntry",
+    "ModuleFacts",
     "RecallDoc",
     "RolloutDoc",
     "RolloutLedger",
@@ -115,6 +118,43 @@ class RecallDoc(_Doc):
     to_target: str
     kind: Literal["forward", "down"] = "down"
     reason: str = ""
+
+
+class ModuleFacts(_Doc):
+    """One module as a device reports it."""
+
+    version: str | None = None
+    phase: str | None = None
+    bad: list[str] = Field(default_factory=list, max_length=1024)
+
+
+class LedgerEntry(_Doc):
+    """One module version in the device's ledger (see :class:`RolloutLedger`)."""
+
+    module: str
+    version: str
+    seen_at: datetime
+    seen_serial: int | None = None
+    link_gap_s: int | None = Field(default=None, ge=0)
+    committed_at: datetime | None = None
+    rolled_back_at: datetime | None = None
+    flip_ms: int | None = Field(default=None, ge=0)
+    reason: str = Field(default="", max_length=500)
+
+
+class DeviceReport(_Doc):
+    """What a device reports to the hub (the hub validates every report against this)."""
+
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    channel: str = Field(pattern=NAME_RE)
+    time: datetime | None = None
+    serial: int | None = None
+    last_sync: datetime | None = None
+    trust: str | None = None
+    safe_mode: bool = False
+    modules: dict[str, ModuleFacts] = Field(default_factory=dict, max_length=256)
+    ledger: dict[str, LedgerEntry] = Field(default_factory=dict, max_length=4 * _LEDGER_MAX)
+    open_escalations: int = Field(default=0, ge=0)
 
 
 def bucket(device_id: str, rollout_id: str) -> int:

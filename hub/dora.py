@@ -67,6 +67,10 @@ def publications(repo: HubRepository) -> list[Publication]:
     return sorted(first.values(), key=lambda p: p.issued)
 
 
+def _when(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -128,16 +132,21 @@ def compute_dora(
             if pub is None or pub.issued < since:
                 continue
             stats = per.setdefault(key, {"exposed": 0, "failed": 0, "committed": 0})
-            installed = "committed_at" in e or "rolled_back_at" in e
-            stats["exposed"] += int(installed)
-            if "rolled_back_at" in e:
+            try:
+                committed = _when(e.get("committed_at"))
+                rolled_back = _when(e.get("rolled_back_at"))
+                seen_at = _when(e.get("seen_at"))
+            except (TypeError, ValueError):
+                continue  # a malformed entry counts for nothing
+            stats["exposed"] += int(committed is not None or rolled_back is not None)
+            if rolled_back is not None:
                 stats["failed"] += 1
                 if isinstance(e.get("flip_ms"), int):
                     flips.append(float(e["flip_ms"]))
-            elif "committed_at" in e:
+            elif committed is not None:
                 stats["committed"] += 1
-                total = (datetime.fromisoformat(e["committed_at"]) - pub.issued).total_seconds()
-                seen = (datetime.fromisoformat(e["seen_at"]) - pub.issued).total_seconds()
+                total = (committed - pub.issued).total_seconds()
+                seen = (seen_at - pub.issued).total_seconds() if seen_at else 0.0
                 gap = e.get("link_gap_s")
                 off = min(float(gap), max(seen, 0.0)) if isinstance(gap, int) else 0.0
                 lead.append(max(total, 0.0))

@@ -28,11 +28,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from deployment.rollout import DeviceReport
 from hub.fleetdb import FleetDB
 from hub.repository import HubRepository
 from hub.rollouts import RolloutService, RolloutSpec
@@ -150,7 +152,13 @@ def fleet_routes(
                 {"error": "the report's device_id is not the signing device"}, status_code=400
             )
         try:
-            events = await run_in_threadpool(svc.observe, doc)
+            clean = DeviceReport.model_validate(doc).model_dump(mode="json", exclude_none=True)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            return JSONResponse({"error": f"bad report: {where}: {err['msg']}"}, status_code=400)
+        try:
+            events = await run_in_threadpool(svc.observe, clean)
         except InputError as exc:
             return JSONResponse(exc.to_dict(), status_code=400)
         return JSONResponse({"status": "stored", "events": events})

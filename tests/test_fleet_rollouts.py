@@ -295,6 +295,12 @@ def test_fleet_api_needs_a_device_signature_or_an_operator_token(tmp_path: Path)
             hdrs = sign_request("POST", url + "/v1/fleet/reports", other, ident.private_key, ident.device_id,
                                 int(clock.now().timestamp()), secrets.token_hex(8))  # fmt: skip
             assert c.post(url + "/v1/fleet/reports", content=other, headers=hdrs).status_code == 400
+            malformed = json.dumps({**report, "modules": {"clf": {"bad": "not-a-list"}}}).encode()
+            now_s = int(clock.now().timestamp())
+            mh = sign_request("POST", url + "/v1/fleet/reports", malformed, ident.private_key,
+                              ident.device_id, now_s, secrets.token_hex(8))  # fmt: skip
+            answer = c.post(url + "/v1/fleet/reports", content=malformed, headers=mh)
+            assert answer.status_code == 400 and "modules.clf.bad" in answer.json()["error"]
             # A replayed request is refused.
             assert c.post(url + "/v1/fleet/reports", content=other, headers=hdrs).status_code == 401
             fleet.revoke(ident.device_id)
