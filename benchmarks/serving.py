@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -131,10 +132,8 @@ def router_overhead(blob: bytes, blocks: int, per_block: int) -> dict[str, Any]:
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
-def child_server(kind: str, port: int, model_path: str) -> None:
-    """Runs in a child process: our v2 server or the peer, under uvicorn, until killed."""
-    import uvicorn
-
+def build_app(kind: str, model_path: str) -> Any:
+    """Our v2 app (``ours``, ``ours-offload``) or the peer's, serving the model at ``model_path``."""
     if kind in ("ours", "ours-offload"):
         from deployment.oip import create_app
         from deployment.serving import ModelRepository
@@ -142,45 +141,112 @@ def child_server(kind: str, port: int, model_path: str) -> None:
 
         repo = ModelRepository()
         repo.add(load_session(Path(model_path), name="m", version="1"))
-        app: Any = create_app(repo, offload_above_s=0.0) if kind == "ours-offload" else create_app(repo)
-    else:
-        import onnxruntime as ort
-        from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import JSONResponse
-        from starlette.routing import Route
+        return create_app(repo, offload_above_s=0.0) if kind == "ours-offload" else create_app(repo)
+    import onnxruntime as ort
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(model_path, sess_options=so, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model_path, sess_options=so, providers=["CPUExecutionProvider"])
 
-        async def ready(request: Request) -> JSONResponse:
-            return JSONResponse({"ready": True})
+    async def ready(request: Request) -> JSONResponse:
+        return JSONResponse({"ready": True})
 
-        async def infer(request: Request) -> JSONResponse:
-            body = await request.json()
-            inp = body["inputs"][0]
-            arr = np.array(inp["data"], dtype=np.float32).reshape(inp["shape"])
-            names = [o.name for o in sess.get_outputs()]
-            outs = sess.run(names, {inp["name"]: arr})
-            return JSONResponse(
-                {
-                    "model_name": request.path_params["name"],
-                    "outputs": [
-                        {"name": n, "datatype": "FP32", "shape": list(o.shape), "data": o.flatten().tolist()}
-                        for n, o in zip(names, outs, strict=True)
-                    ],
-                }
-            )
-
-        app = Starlette(
-            routes=[
-                Route("/v2/health/ready", ready),
-                Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-            ]
+    async def infer(request: Request) -> JSONResponse:
+        body = await request.json()
+        inp = body["inputs"][0]
+        arr = np.array(inp["data"], dtype=np.float32).reshape(inp["shape"])
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, {inp["name"]: arr})
+        return JSONResponse(
+            {
+                "model_name": request.path_params["name"],
+                "outputs": [
+                    {"name": n, "datatype": "FP32", "shape": list(o.shape), "data": o.flatten().tolist()}
+                    for n, o in zip(names, outs, strict=True)
+                ],
+            }
         )
+
+    return Starlette(
+        routes=[Route("/v2/health/ready", ready), Route("/v2/models/{name}/infer", infer, methods=["POST"])]
+    )
+
+
+def child_server(kind: str, port: int, model_path: str) -> None:
+    """Runs in a child process: our v2 server or the peer, under uvicorn, until killed."""
+    import uvicorn
+
+    app = build_app(kind, model_path)
+    if kind != "peer":
+        gc.freeze()  # as ServingPlane.start does: start-up objects leave the collector's scans
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
+
+
+def asgi_cost(model_path: Path, body: bytes, blocks: int = 60, per_block: int = 50) -> dict[str, Any]:
+    """CPU per request of each app called straight through ASGI in this process (no sockets, no
+    client): the handler cost without the network noise of a shared machine. Interleaved blocks."""
+    apps = {kind: build_app(kind, str(model_path)) for kind in ("peer", "ours")}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v2/models/m/infer",
+        "raw_path": b"/v2/models/m/infer",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1),
+        "root_path": "",
+    }
+
+    async def call(app: Any) -> None:
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        status: list[int] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(dict(scope), receive, send)
+        if status != [200]:
+            raise RuntimeError(f"in-process request failed: {status}")
+
+    async def run() -> dict[str, list[float]]:
+        res: dict[str, list[float]] = {k: [] for k in apps}
+        for app in apps.values():
+            for _ in range(100):
+                await call(app)
+        for i in range(blocks):
+            order = list(apps.items()) if i % 2 else list(apps.items())[::-1]
+            for kind, app in order:
+                t = time.perf_counter()
+                for _ in range(per_block):
+                    await call(app)
+                res[kind].append((time.perf_counter() - t) / per_block)
+        return res
+
+    res = asyncio.run(run())
+    ours, peer = min(res["ours"]), min(res["peer"])
+    return {
+        "ours_us": round(ours * 1e6, 1),
+        "peer_us": round(peer * 1e6, 1),
+        "cost_ratio": round(ours / peer, 3),
+        "method": f"min of {blocks} interleaved blocks of {per_block} ASGI calls",
+    }
 
 
 async def _worker(port: int, request: bytes, deadline: float, lat: list[float], bad: list[int]) -> None:
@@ -314,13 +380,14 @@ def http_comparison(model_path: Path, seconds: float, concurrency: int) -> dict[
             "ours_binary_tensors": (procs["ours"][1], binary),
             "ours_always_offloaded": (procs["ours-offload"][1], _http_request(body)),
         }
-        out |= load_interleaved(targets, seconds, concurrency, rounds=4)
+        out |= load_interleaved(targets, seconds, concurrency, rounds=max(4, round(seconds * 2)))
     finally:
         for proc, _port in procs.values():
             proc.kill()
             proc.wait(10)
     out["throughput_ratio"] = round(out["ours"]["throughput_rps"] / out["peer"]["throughput_rps"], 3)
     out["p99_ratio"] = round(out["ours"]["p99_ms"] / out["peer"]["p99_ms"], 3)
+    out["in_process_cost"] = asgi_cost(model_path, body)
     out["peer_note"] = (
         "plain starlette/uvicorn v2 endpoint; MLServer/kserve need a dependency the project lacks"
     )
