@@ -8,6 +8,7 @@ through the canary instead of a plain swap.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import signal
@@ -125,6 +126,9 @@ class ServingPlane:
         self.slots.recover_all()
         resume_progress(self.paths, self.clock.now().isoformat())
         self.serving.sync(self.slots)
+        # Start-up objects (numpy, scipy, onnx, pydantic: ~10^5) leave the cyclic collector's scans, so
+        # the collections that per-request garbage triggers stay short.
+        gc.freeze()
         cfg = self.settings.serving
         self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
         # The chaos harness finds the serving worker here (kill_serving_worker).
