@@ -860,9 +860,31 @@ class Demo:
                 s["name"], "-" if v is None else f"{v:.1f}", str(s["objective"]), "yes" if s["met"] else "NO"
             )
         self.console.print(t)
+        self.cli_step()
         for name, path in reports.items():
             self.say(f"HTML report ({name}): [bold]{path}[/bold] (open it in a browser; nothing external)")
         return f"audit {n} records, chain {'intact' if broken is None else 'BROKEN'}"
+
+    def cli_step(self) -> None:
+        """One step through the real CLI (a child process), the way an operator would check the trail."""
+        import subprocess
+
+        exe = Path(sys.executable).parent / "sre-agent"
+        if not exe.exists():
+            self.say("[dim]sre-agent console script not found next to this Python; skipping the CLI step[/]")
+            return
+        cmd = [str(exe), "audit", "verify", "--state", str(self.paths.root)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        self.facts["cli_audit_verify_rc"] = r.returncode
+        self.say(f"$ sre-agent audit verify --state {self.paths.root}  -> exit {r.returncode}")
+        for line in r.stdout.strip().splitlines()[:3]:
+            self.say(f"  {line}")
+        example = "'SELECT name, count(*) FROM metrics GROUP BY name'"
+        self.say(
+            f"next: [bold]sre-agent status --state {self.paths.root}[/], "
+            f"[bold]sre-hub escalations list --repo {self.hub_dir}[/], "
+            f"[bold]sre-hub query --repo {self.hub_dir} {example}[/]"
+        )
 
     def _audit_events(self) -> list[dict[str, Any]]:
         out = []

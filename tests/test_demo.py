@@ -60,4 +60,8 @@ def test_demo_runs_headless_and_tells_the_whole_story(tmp_path: Path) -> None:
     assert {s["name"] for s in facts["slos"]} >= {"sync.oldest_unacked_age_s", "policy.age_s"}
     assert all(s["met"] for s in facts["slos"])
     assert facts["audit_intact"] is True
+    assert facts["cli_audit_verify_rc"] == 0  # the real CLI agrees, from a child process
+    assert set(facts["reports"]) == {"device", "hub"}
+    for html in facts["reports"].values():
+        assert Path(html).read_text().count('<svg class="plot"') >= 9
     assert "files are in" in r.stdout
