@@ -182,6 +182,8 @@ def test_hub_cli_enroll_list_revoke_query(tmp_path: Path, run_cli: Callable[...,
     assert json.loads(q.stdout)["rows"] == [{"n": 50}]  # type: ignore[attr-defined]
     bad_q = run_cli("sre-hub", "query", "--repo", str(repo), "SELECT * FROM nope")
     assert bad_q.returncode == 2 and "nope" in bad_q.stderr  # type: ignore[attr-defined]
+    fb = run_cli("sre-hub", "devices", "feedback", "--repo", str(repo), "--json")
+    assert json.loads(fb.stdout) == {"feedback": []}  # type: ignore[attr-defined]
     run_cli("sre-hub", "devices", "revoke", "--repo", str(repo), ident.device_id)
     lst = run_cli("sre-hub", "devices", "list", "--repo", str(repo), "--json")
     devs = json.loads(lst.stdout)["devices"]  # type: ignore[attr-defined]

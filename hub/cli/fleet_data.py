@@ -105,6 +105,27 @@ def register(app: typer.Typer) -> None:
         else:
             out_console().print("no devices enrolled (sre-hub devices enroll --id D --key PUB)")
 
+    @devices.command("feedback")
+    def feedback(repo: RepoOpt, json_out: JsonOpt = False) -> None:
+        """Device feedback (suggested gates, findings) waiting for an operator; never applied by itself."""
+        queue = _fleet(repo).review_queue()
+        if json_out:
+            emit_json({"feedback": queue})
+            return
+        rows = [
+            {
+                "batch": q["batch_id"][:12],
+                "device_id": q["device_id"],
+                "status": q["status"],
+                "items": len(q["items"]),
+            }
+            for q in queue
+        ]
+        if rows:
+            _table(rows, "device feedback (review queue)")
+        else:
+            out_console().print("no device feedback waiting for review")
+
     @app.command("query")
     def query(
         repo: RepoOpt,
