@@ -204,13 +204,15 @@ class Rollout(BaseModel):
 
 @dataclass
 class WaveStatus:
-    """One wave's figures from device reports (members known = reported devices in the wave)."""
+    """One wave's figures from device reports (members known = reported devices in the wave; reachable =
+    those heard from since the rollout began)."""
 
     index: int
     percent: int
     gate: str
     open: bool
     members_known: int = 0
+    reachable: int = 0
     on_candidate: int = 0
     healthy: int = 0
     failed: int = 0
@@ -314,6 +316,14 @@ def _healthy_on(report: dict[str, Any], module: str, version: str) -> bool:
 
 def _failed_on(report: dict[str, Any], module: str, version: str) -> bool:
     return version in (_module_facts(report, module).get("bad") or [])
+
+
+def _received_since(report: dict[str, Any], since: datetime) -> bool:
+    at = report.get("received_at")
+    try:
+        return isinstance(at, str) and datetime.fromisoformat(at) >= since
+    except ValueError:
+        return False
 
 
 class RolloutService:
@@ -504,7 +514,7 @@ class RolloutService:
     # ------------------------------------------------------------------ devices
     def observe(self, report: dict[str, Any]) -> list[str]:
         """Take one device report: store it, apply the halt rule, evaluate the automatic gate."""
-        self.reports.put(report)
+        self.reports.put({**report, "received_at": self.clock.now().isoformat()})
         channel = str(report.get("channel", ""))
         if not re.match(NAME_RE, channel) or channel not in self.repo.channels:
             return []
@@ -577,6 +587,7 @@ class RolloutService:
                 continue
             w = waves[i]
             w.members_known += 1
+            w.reachable += int(_received_since(rep, r.started_at))
             if _module_facts(rep, r.spec.module).get("version") == r.spec.version:
                 w.on_candidate += 1
             if _healthy_on(rep, r.spec.module, r.spec.version):
@@ -585,9 +596,11 @@ class RolloutService:
                 w.failed += 1
         st = RolloutStatus(r, waves, devices_reporting=len(reps))
         open_waves = waves[: r.wave + 1]
-        known = sum(w.members_known for w in open_waves)
+        # Only members heard from since the rollout began can be asked to be healthy: a member that last
+        # reported before it (and has been unreachable since) never holds the gate.
+        reachable = sum(w.reachable for w in open_waves)
         healthy = sum(w.healthy for w in open_waves)
-        need = min(r.spec.min_devices, known) if known else r.spec.min_devices
+        need = min(r.spec.min_devices, reachable) if reachable else r.spec.min_devices
         soaked = (self.clock.now() - r.wave_opened_at).total_seconds()
         if r.state != "running":
             st.gate_reason = f"rollout is {r.state}"

@@ -459,3 +459,21 @@ def test_device_group_rollout_touches_only_the_group(tmp_path: Path) -> None:
     ds = repo.desired_state("stable")
     assert ds is not None and ds.modules["clf"].version == "1.0"  # the channel's baseline is unchanged
     assert ds.rollout is not None and ds.rollout["group"] == sorted(group)
+
+
+def test_members_unreachable_since_the_start_never_hold_the_gate(tmp_path: Path) -> None:
+    clock = FakeClock()
+    repo = _repo(tmp_path, clock)
+    svc = RolloutService(repo, clock=clock)
+    rid = "stable-clf-2.0-1"  # the id the first rollout of clf 2.0 in stable gets
+    members = [f"d{i}" for i in range(2000) if is_member(f"d{i}", rid, 10)][:4]
+    for d in members[:3]:
+        svc.observe(_report(d, "1.0"))  # heard from once, before the rollout, then silent
+    clock.advance(timedelta(seconds=1))
+    r = svc.start(RolloutSpec(channel="stable", module="clf", version="2.0", soak_s=60, min_devices=5))
+    assert r.id == rid
+    clock.advance(timedelta(seconds=61))
+    svc.observe(_report(members[3], "2.0"))
+    st = svc.status("stable")
+    assert st.waves[0].members_known == 4 and st.waves[0].reachable == 1
+    assert svc.current("stable").wave == 1  # type: ignore[union-attr]

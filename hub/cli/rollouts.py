@@ -65,12 +65,23 @@ def _print_rollout(st: Any) -> None:
         f"[{color}]{d['state']}[/{color}]  wave {d['wave']} ({d['percent']} %)"
     )
     t = Table(title=f"rollout waves ({d['channel']})")
-    for c in ("wave", "cumulative", "gate", "open", "members seen", "on candidate", "healthy", "failed", ""):
+    for c in (
+        "wave",
+        "cumulative",
+        "gate",
+        "open",
+        "members seen",
+        "reachable",
+        "on candidate",
+        "healthy",
+        "failed",
+        "",
+    ):
         t.add_column(c)
     for w in d["waves"]:
         t.add_row(
             str(w["index"]), f"{w['percent']} %", w["gate"], "yes" if w["open"] else "no",
-            str(w["members_known"]), str(w["on_candidate"]), str(w["healthy"]),
+            str(w["members_known"]), str(w["reachable"]), str(w["on_candidate"]), str(w["healthy"]),
             f"[red]{w['failed']}[/red]" if w["failed"] else "0", _bar(w["healthy"], w["members_known"]),
         )  # fmt: skip
     out_console().print(t)
