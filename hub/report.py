@@ -18,6 +18,7 @@ Public API::
 
 from __future__ import annotations
 
+import html
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sre_core.atomic import atomic_write_text
-from sre_core.audit_plots import canary_plots, chaos_plots, record_time
+from sre_core.audit_plots import canary_plots, chaos_plots, error_rates, record_time
 from sre_core.errors import InputError
 from sre_core.svg import bar_chart, html_table, line_chart, page
 
@@ -180,20 +181,14 @@ def _label(dev: str, series: str) -> str:
 
 def _serving(data: HubData) -> str:
     p95: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    req: dict[tuple[float, str], float] = {}
-    err: dict[tuple[float, str], float] = {}
+    counts: list[tuple[float, str, str, float]] = []
     for t, dev, name, series, v in data.metrics:
         x, label = _rel(data, t), _label(dev, series)
         if name == "serving.latency_p95_s":
             p95[label].append((x, v * 1000))
-        elif name == "serving.requests":
-            req[(x, label)] = v
-        elif name == "serving.errors":
-            err[(x, label)] = v
-    rate: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (x, label), n in req.items():
-        if n > 0:
-            rate[label].append((x, err.get((x, label), 0.0) / n * 100))
+        elif name in ("serving.requests", "serving.errors"):
+            counts.append((x, label, name.removeprefix("serving."), v))
+    rate = error_rates(counts)
     return line_chart(p95, "fleet inference latency p95 per device, version and slot", "ms") + line_chart(
         rate, "fleet inference error rate per device, version and slot", "% of requests"
     )
@@ -266,7 +261,7 @@ def _escalations(data: HubData) -> str:
 
 def _dora(data: HubData) -> str:
     if not data.dora:
-        return '<p class="empty">' + "; ".join(data.notes) + "</p>"
+        return '<p class="empty">' + html.escape("; ".join(data.notes)) + "</p>"
     rows = [(k, json.dumps(v, default=str)) for k, v in data.dora.items() if k != "per_release"]
     per = data.dora.get("per_release") or []
     return html_table(("figure", "value"), rows) + html_table(

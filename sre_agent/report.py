@@ -16,6 +16,7 @@ Plots are inline SVG made by :mod:`sre_core.svg` (why hand-written: see there). 
 
 from __future__ import annotations
 
+import html
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sre_core.atomic import atomic_write_text
-from sre_core.audit_plots import canary_plots, chaos_plots, record_time
+from sre_core.audit_plots import canary_plots, chaos_plots, error_rates, record_time
 from sre_core.errors import SreError
 from sre_core.paths import StatePaths
 from sre_core.svg import bar_chart, html_table, line_chart, page
@@ -179,22 +180,16 @@ def _series_label(series: str, keys: tuple[str, ...] = ("slot", "version")) -> s
 
 def _serving_section(data: DeviceData) -> str:
     p95: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    req: dict[tuple[float, str], float] = {}
-    errs: dict[tuple[float, str], float] = {}
+    counts: list[tuple[float, str, str, float]] = []
     for t, name, series, value in data.metrics:
         label = _series_label(series)
         x = _rel(data, t)
         if name == "serving.latency_p95_s":
             p95[label].append((x, value * 1000))
-        elif name == "serving.requests":
-            req[(x, label)] = value
-        elif name == "serving.errors":
-            errs[(x, label)] = value
-    rate: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (x, label), n in req.items():
-        if n > 0:
-            rate[label].append((x, errs.get((x, label), 0.0) / n * 100))
-    note = f'<p class="empty">{data.telemetry_note}</p>' if data.telemetry_note else ""
+        elif name in ("serving.requests", "serving.errors"):
+            counts.append((x, label, name.removeprefix("serving."), value))
+    rate = error_rates(counts)
+    note = f'<p class="empty">{html.escape(data.telemetry_note)}</p>' if data.telemetry_note else ""
     return (
         note
         + line_chart(p95, "inference latency p95 per slot and version", "ms")

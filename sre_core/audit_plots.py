@@ -13,9 +13,29 @@ from typing import Any
 
 from sre_core.svg import bar_chart, html_table, line_chart
 
-__all__ = ["VERDICT_COLOR", "canary_plots", "chaos_plots", "record_data", "record_time"]
+__all__ = ["VERDICT_COLOR", "canary_plots", "chaos_plots", "error_rates", "record_data", "record_time"]
 
 VERDICT_COLOR = {"run": "#2ca02c", "passed": "#2ca02c", "escalate": "#ff7f0e", "reject": "#d62728"}
+
+
+def error_rates(
+    samples: Sequence[tuple[float, str, str, float]],
+) -> dict[str, list[tuple[float, float]]]:
+    """Error rate (%) per label from time-ordered ``(x, label, "requests"|"errors", value)`` samples.
+
+    The router writes a ``serving.requests`` and then a ``serving.errors`` sample per flush, each with
+    its own timestamp: an errors sample pairs with the latest unpaired requests sample of its label.
+    """
+    pending: dict[str, tuple[float, float]] = {}
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for x, label, kind, value in sorted(samples, key=lambda s: s[0]):
+        if kind == "requests":
+            pending[label] = (x, value)
+        elif kind == "errors" and label in pending:
+            x0, n = pending.pop(label)
+            if n > 0:
+                out[label].append((x0, value / n * 100))
+    return out
 
 
 def record_time(r: Mapping[str, Any]) -> float:

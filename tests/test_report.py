@@ -38,6 +38,7 @@ from sre_agent.telemetry.schema import RECORD_TABLES
 from sre_agent.triage import TriageEngine
 from sre_agent.triage_eval import load_cases
 from sre_core.audit import AuditLog
+from sre_core.audit_plots import error_rates
 from sre_core.clock import SystemClock
 from sre_core.identity import load_or_create_identity
 from sre_core.paths import StatePaths
@@ -260,6 +261,12 @@ def test_device_report_has_every_plot_with_data(world: World, tmp_path: Path) ->
     assert empty == [], plots
     # the canary weights went 20 % -> 100 % for 2.0.0 and 20 % -> 0 for 3.0.0
     assert "2.0.0 weight %" in html and "3.0.0 weight %" in html
+    # the bad canary's failed requests show as a non-zero error rate for 3.0.0
+    errors_svg = next(
+        c for c in html.split('<svg class="plot"') if "error rate per slot" in c.split("</title>")[0]
+    )
+    rates = [float(v) for v in re.findall(r"3\.0\.0: ([0-9.e+-]+) at", errors_svg)]
+    assert rates and max(rates) > 10, rates
     assert "error_rate gate failed" in html and "escalate" in html and "esc-" in html
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing external
     dom, colours = _render_in_chromium(tmp_path, out)
@@ -291,6 +298,19 @@ def test_report_clis(
     r = run_cli("sre-hub", "report", "--repo", str(tmp_path), "--html", str(tmp_path / "x.html"))
     assert r.returncode == 2 and "not a hub repository" in r.stderr
     assert not (tmp_path / "x.html").exists()
+
+
+def test_error_rates_pair_each_errors_sample_with_its_requests_sample() -> None:
+    samples = [
+        (1.0, "a", "requests", 100.0),
+        (1.001, "b", "requests", 10.0),
+        (1.002, "a", "errors", 5.0),
+        (1.003, "b", "errors", 0.0),
+        (2.0, "a", "errors", 9.0),  # no unpaired requests sample: ignored
+        (3.0, "a", "requests", 0.0),
+        (3.001, "a", "errors", 0.0),  # no requests: no rate
+    ]
+    assert error_rates(samples) == {"a": [(1.0, 5.0)], "b": [(1.001, 0.0)]}
 
 
 def test_svg_helpers_scale_and_escape() -> None:
