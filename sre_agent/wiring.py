@@ -670,6 +670,14 @@ def build_daemon(
         out: dict[str, Any] = {"reconcile": report.to_dict()}
         if plane is not None:
             out["sync"] = plane.serving.sync(plane.slots)
+        where = link_url()
+        if report.online and where and where.startswith(("http://", "https://")):
+            from deployment.rollout import device_report, send_report
+
+            try:  # the fleet's rollout gates and halt rule run on these reports (docs/fleet.md)
+                send_report(where, paths, device_report(paths, _channel(paths, settings), clock), clock)
+            except Exception as exc:  # the hub hears from us at the next sync
+                out["report_error"] = f"{type(exc).__name__}: {exc}"[:200]
         return out
 
     jobs.append(
