@@ -108,6 +108,7 @@ TABLES: dict[str, Table] = {
         Table("triage_decisions", "records", _BODY, 4),
         Table("chaos_journals", "records", _BODY, 5),
         Table("feedback", "records", _BODY, 6),
+        Table("serving_latency_histogram", "records", _BODY, 6),
         Table("metrics_1h", "metrics", _ROLLUP, 7),
         Table("metrics_1m", "metrics", _ROLLUP, 8),
         Table(
