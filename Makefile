@@ -12,7 +12,7 @@ export UV_LINK_MODE := copy
 EXTRAS ?= --extra cpu --extra dev
 PYTEST_WORKERS ?= 2
 
-.PHONY: help install demo test test-fast lint bench clean
+.PHONY: help install system-deps demo test test-fast lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,13 +29,22 @@ $(UV):
 
 install: .venv/.installed ## Create .venv with every dependency (idempotent)
 
+# The HTML report tests render pages in headless Chromium (Debian's package).
+system-deps: ## Install Chromium for the report tests (Debian/Ubuntu, as root)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Chromium (report tests render HTML headless)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "error: /usr/bin/chromium is missing: install Debian's chromium package" >&2; exit 1; fi; \
+	fi
+
 demo: .venv/.installed ## Run the main job on embedded defaults (local hub, local model, DuckDB)
 	.venv/bin/python -m sre_agent.demo
 
-test: .venv/.installed ## Run every test, slow ones included (what CI runs)
+test: .venv/.installed system-deps ## Run every test, slow ones included (what CI runs)
 	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
-test-fast: .venv/.installed ## Run the tests not marked slow
+test-fast: .venv/.installed system-deps ## Run the tests not marked slow
 	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
 lint: .venv/.installed ## ruff + mypy
