@@ -15,6 +15,7 @@ from telemetry_support import log_columns, metric_columns, small_policy
 
 from sre_agent.telemetry import (
     OVERFLOW_SERIES,
+    TABLES,
     Store,
     TableStats,
     TelemetryLockedError,
@@ -213,10 +214,7 @@ def test_plan_prefers_rollups_and_local_copies_over_drops() -> None:
     def st(name: str, rows: int = 0, unsealed: int = 0, size: int = 0, lo: int | None = None) -> TableStats:
         return TableStats(name, rows, unsealed, size, lo, None if lo is None else now)
 
-    names = [
-        "audit", "escalations", "verification_results", "events", "triage_decisions", "chaos_journals",
-        "feedback", "metrics_1h", "metrics_1m", "metrics", "logs", "outbox",
-    ]  # fmt: skip
+    names = [*TABLES, "outbox"]
     base = {n: st(n) for n in names}
     # Over budget with only unsealed raw data: fold sooner, never drop.
     stats = {**base, "metrics": st("metrics", 1000, 1000, 8 << 20, now - 2 * hour)}

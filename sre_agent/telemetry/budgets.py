@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from policies.telemetry import TelemetryPolicy
+from sre_agent.telemetry.schema import TABLES
 
 __all__ = ["Fold", "Plan", "TableStats", "plan_enforcement"]
 
@@ -28,8 +29,9 @@ HOUR_US = 3600 * 1_000_000
 #: After trimming, aim this far under a budget so the next pass is not immediately over again.
 HEADROOM = 0.8
 
-_RECORDS = ("triage_decisions", "chaos_journals", "feedback")
-_ESSENTIAL = ("audit", "escalations", "verification_results")
+# Derived from the schema, so a table added there is budgeted by its class without an edit here.
+_RECORDS = tuple(n for n, t in TABLES.items() if t.cls == "records")
+_ESSENTIAL = tuple(n for n, t in TABLES.items() if t.cls == "essential")
 
 
 @dataclass(frozen=True)
