@@ -55,11 +55,14 @@ def test_writer_is_a_sink_and_commits_in_batches(tmp_path: Path, clock: FakeCloc
     assert audit_rows == [{"event": "install", "hash": audit.head()}]
     body = store.query("SELECT body FROM verification_results").to_pylist()[0]["body"]
     assert json.loads(body)["check"] == "model.golden"
-    with pytest.raises(KeyError):
-        writer.record("no_such_table", {})
     books = store.books()
     assert all(b.balanced for b in books.values())
     assert books["metrics"].produced == 2500
+    # A record for a table that does not exist never raises into the caller; it is kept as an event.
+    writer.record("no_such_table", {"x": 1})
+    writer.flush()
+    kept = store.query("SELECT attrs FROM events WHERE kind = 'telemetry.unknown_record'").to_pylist()
+    assert json.loads(kept[0]["attrs"]) == {"table": "no_such_table", "row": {"x": 1}}
     store.close()
 
 

@@ -146,11 +146,17 @@ class TelemetryWriter:
     def record(self, table_name: str, row: dict[str, Any]) -> None:
         """A typed row for one of the record tables (``verification_results``, ``escalations``...).
 
-        Raises:
-            KeyError: ``table_name`` is not a record table.
+        Never raises into the caller (a serving thread must not die of a telemetry typo): a row for an
+        unknown table is kept as a warning event ``telemetry.unknown_record`` carrying the table and row.
         """
         if table_name not in RECORD_TABLES:
-            raise KeyError(f"{table_name!r} is not a record table; use one of {sorted(RECORD_TABLES)}")
+            self.event(
+                "telemetry.unknown_record",
+                f"record for unknown table {table_name!r}",
+                "warning",
+                {"table": table_name, "row": row},
+            )
+            return
         ts = row.get("ts")
         when = self._now_us(ts if isinstance(ts, datetime) else None)
         body = dict(row)  # serialised in the writer thread
