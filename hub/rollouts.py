@@ -6,7 +6,7 @@ Public API::
                 halt_after=1, group=None)   group: device ids (a device-group rollout)
     TRANSITIONS: dict[(state, event), state]      the whole lifecycle; next_state(state, event) -> state
     ReportStore(fleet_dir)                         latest device reports (``<fleet>/reports/<id>.json``)
-    RolloutService(repo, fleet_dir=None, clock=None)
+    RolloutService(repo, fleet_dir=None, clock=None, reports=None, tick_interval_s=5.0)
         .start(spec, actor) -> Rollout ; .approve/.pause/.resume/.ack(channel, actor) -> Rollout
         .abort(channel, revert, actor) -> Rollout
         .observe(report) -> list[str] (events fired: halt, advance, complete)
@@ -335,6 +335,8 @@ class RolloutService:
         fleet_dir: reports live under ``<fleet_dir>/reports`` (default ``<repo>/fleet``).
         clock: hub time (soak, audit stamps).
         reports: a shared :class:`ReportStore` (the server's ingest route passes its own).
+        tick_interval_s: ordinary reports re-evaluate the gates at most this often per channel (a report
+            of a bad version at once; ``tick()`` any time).
     """
 
     def __init__(
@@ -343,6 +345,7 @@ class RolloutService:
         fleet_dir: Path | None = None,
         clock: Clock | None = None,
         reports: ReportStore | None = None,
+        tick_interval_s: float = 5.0,
     ) -> None:
         self.repo = repo
         self.clock = clock or repo.clock or SystemClock()
@@ -351,6 +354,8 @@ class RolloutService:
         self.dir = repo.dir / "rollouts"
         self._lock = threading.RLock()
         self._buckets: dict[tuple[str, str], int] = {}
+        self._last_tick: dict[str, float] = {}
+        self.tick_interval_s = tick_interval_s
 
     # ------------------------------------------------------------------ records
     def _path(self, channel: str) -> Path:
@@ -518,6 +523,15 @@ class RolloutService:
         channel = str(report.get("channel", ""))
         if not re.match(NAME_RE, channel) or channel not in self.repo.channels:
             return []
+        # Gate evaluation reads every report of the channel: at most once per tick_interval_s on ordinary
+        # reports (O(fleet) per interval, not per report), at once when a device reports a bad version.
+        mods = report.get("modules")
+        failing = isinstance(mods, dict) and any(isinstance(m, dict) and m.get("bad") for m in mods.values())
+        now = self.clock.monotonic()
+        last = self._last_tick.get(channel)
+        if not failing and last is not None and now - last < self.tick_interval_s:
+            return []
+        self._last_tick[channel] = now
         return self.tick(channel)
 
     def tick(self, channel: str | None = None) -> list[str]:

@@ -455,6 +455,9 @@ def test_device_group_rollout_touches_only_the_group(tmp_path: Path) -> None:
     assert svc.current("stable").state == "running"  # type: ignore[union-attr]
     svc.observe(_report("d1", "2.0"))
     svc.observe(_report("d2", "2.0"))
+    assert svc.current("stable").state == "running"  # type: ignore[union-attr]  # gates: at most every 5 s
+    clock.advance(timedelta(seconds=5))
+    svc.observe(_report("d2", "2.0"))
     assert svc.current("stable").state == "completed"  # type: ignore[union-attr]
     ds = repo.desired_state("stable")
     assert ds is not None and ds.modules["clf"].version == "1.0"  # the channel's baseline is unchanged
