@@ -4,8 +4,10 @@ Public API::
 
     fleet_status(service, sync_slo_s=86400) -> dict     built from enrolled devices + latest reports
 
-Drift SLOs per device: time since its last successful sync (against ``sync_slo_s``) and version drift
-(a module whose version is neither the channel's baseline nor the candidate of the rollout in progress).
+Open escalations: the larger of what the device reports and the open escalations it uploaded (the
+telemetry lake, :class:`hub.operators.HubEscalations`). Drift SLOs per device: time since its last
+successful sync (against ``sync_slo_s``) and version drift (a module whose version is neither the
+channel's baseline nor the candidate of the rollout in progress).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def fleet_status(service: RolloutService, sync_slo_s: int = 86400) -> dict[str, 
             },
             "recalls": len(ds.recalls) if ds else 0,
         }
+    escalations = _open_escalations(service)
     devices: list[dict[str, Any]] = []
     versions: dict[str, Counter[str]] = {}
     for dev in sorted(set(enrolled) | set(reports)):
@@ -73,7 +76,7 @@ def fleet_status(service: RolloutService, sync_slo_s: int = 86400) -> dict[str, 
                 "drift": drift,
                 "safe_mode": bool(rep.get("safe_mode")),
                 "trust": rep.get("trust"),
-                "open_escalations": int(rep.get("open_escalations") or 0),
+                "open_escalations": max(int(rep.get("open_escalations") or 0), escalations.get(dev, 0)),
                 "revoked": bool(rec.revoked) if rec else False,
                 "reported": bool(rep),
             }
@@ -90,3 +93,18 @@ def fleet_status(service: RolloutService, sync_slo_s: int = 86400) -> dict[str, 
         "versions": {m: dict(c.most_common()) for m, c in sorted(versions.items())},
     }
     return {"time": now.isoformat(), "summary": summary, "channels": channels, "devices": devices}
+
+
+def _open_escalations(service: RolloutService) -> Counter[str]:
+    """device -> escalations uploaded through telemetry that are still open (the review queue)."""
+    from hub.operators import HubEscalations
+
+    out: Counter[str] = Counter()
+    try:
+        docs = HubEscalations(service.repo.dir, service.clock).load()
+    except Exception:  # a damaged lake must not take the fleet view down; the count is then a floor
+        return out
+    for doc in docs.values():
+        if doc.get("status") == "open":
+            out[str(doc.get("device_id"))] += 1
+    return out
