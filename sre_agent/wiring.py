@@ -63,6 +63,7 @@ _log = logging.getLogger(__name__)
 SLO_INTERVAL_S = 60.0
 ESCALATIONS_INTERVAL_S = 30.0
 DIGEST_INTERVAL_S = 3600.0
+ATTEST_INTERVAL_S = 3600.0
 MAX_QUERY_ROWS = 10_000
 MAX_QUEUED_INCIDENTS = 256
 CHAOS_PAUSE_S = 3600.0
@@ -749,6 +750,23 @@ def build_daemon(
     jobs.append(
         JobSpec("uplink", uplink, settings.uplink.interval_s, jitter_s=settings.uplink.interval_s * 0.1)
     )
+
+    # -- declare, admit, sign: a signed attestation of the device's own state, queued first ----------
+    def attest() -> str:
+        import hashlib
+
+        from deployment.pull import load_held
+        from deployment.safemode import is_safe_mode
+
+        held = load_held(paths, clock)
+        digest = hashlib.sha256()
+        if paths.policies.is_dir():
+            for f in sorted(paths.policies.glob("*.yaml")):
+                digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        policy_version = "sha256:" + digest.hexdigest()[:16]
+        return tel.attest(identity, audit.head(), policy_version, str(held.trust), is_safe_mode(paths))
+
+    jobs.append(JobSpec("attest", attest, ATTEST_INTERVAL_S, jitter_s=60.0))
 
     # -- SLOs ---------------------------------------------------------------------------------------
     def slo() -> list[dict[str, Any]]:

@@ -182,7 +182,7 @@ def test_every_job_of_a_built_daemon_runs_without_a_hub(tmp_path: Path) -> None:
     )
     daemon = build_daemon(settings, paths, SystemClock(), heartbeat_s=3600)
     jobs = {j.name: j for j in daemon.jobs}
-    assert set(jobs) == {"pull-reconcile", "uplink", "slo", "escalations", "digest"}  # no experiments dir
+    assert set(jobs) == {"pull-reconcile", "attest", "uplink", "slo", "escalations", "digest"}  # no chaos dir
     daemon.start()
     try:
         assert "no hub" in jobs["uplink"].func()["skipped"]  # type: ignore[index]
@@ -190,6 +190,8 @@ def test_every_job_of_a_built_daemon_runs_without_a_hub(tmp_path: Path) -> None:
         slos = jobs["slo"].func()
         assert {s["name"] for s in slos} >= {"sync.since_last_ack_s", "policy.age_s"}  # type: ignore[union-attr]
         assert jobs["escalations"].func() == 0
+        att_id = jobs["attest"].func()
+        assert isinstance(att_id, str) and att_id
         digest = jobs["digest"].func()
         assert digest["id"].startswith("dig-") and digest["summary"]  # type: ignore[index]
         jobs["pull-reconcile"].func()
@@ -199,6 +201,9 @@ def test_every_job_of_a_built_daemon_runs_without_a_hub(tmp_path: Path) -> None:
             doc = client.get("/status").json()
             assert doc["serving"] is None and doc["llm"] == {"enabled": False}
             assert client.get("/escalations").json() == []
+            # The scheduler's first run plus ours: signed attestations wait in the outbox.
+            q = {"sql": "SELECT count(*) AS n FROM outbox WHERE kind = 'attestation'"}
+            assert client.post("/telemetry/query", json=q).json()["rows"][0]["n"] >= 1
             sql = "SELECT count(*) AS n FROM events WHERE kind = 'health.digest'"
             deadline = time.monotonic() + 20  # the writer commits on its flush interval
             rows: list[dict[str, int]] = []
