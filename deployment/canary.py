@@ -26,6 +26,10 @@ test holds for any traffic volume.
   relative error exceeds ``relative_tolerance`` (regressors): pass when its UCB ``<= max_divergence``,
   fail when its LCB exceeds it. Without mirroring the gate is skipped (reported as such).
 
+Without mirroring, a 100 % step gives the incumbent no requests; it is then judged against what the
+incumbent did since the canary began, which is not concurrent evidence (load may have changed since):
+keep ``mirror_share`` above 0 where latency matters.
+
 A step that reaches ``max_duration_s`` without a verdict ends the canary as *inconclusive*: the weight
 goes to 0 but the version is not marked bad (nothing was shown to be wrong with it).
 """
