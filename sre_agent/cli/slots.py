@@ -61,6 +61,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
     """Everything `sre-agent status` shows, as one JSON-ready dict."""
     from deployment.reconcile import read_last_reconcile
     from deployment.safemode import read_safe_mode
+    from deployment.serving import canary_progress
     from deployment.slots import SlotManager
     from sre_core.audit import AuditLog
 
@@ -74,6 +75,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
         "last_sync": last.get("last_sync"),
         "last_reconcile": last.get("last_run"),
         "last_outcomes": {o["module"]: o["result"] for o in (last.get("report") or {}).get("outcomes", [])},
+        "canaries": canary_progress(paths),
         "daemon": _daemon_status(paths),
     }
 
@@ -139,6 +141,40 @@ def _print_status(data: dict[str, Any]) -> None:
             f"{lkg['version']} {_short(lkg['sha256'])}" if lkg else "-",
             str(len(m["bad"])),
             data["last_outcomes"].get(m["module"], "-"),
+        )
+    con.print(table)
+    if data.get("canaries"):
+        _print_canaries(con, data["canaries"])
+
+
+def _print_canaries(con: Any, canaries: list[dict[str, Any]]) -> None:
+    """One row per canary: where it stands in its steps, its evidence, and each gate's verdict."""
+    from rich.table import Table
+
+    table = Table(title="canaries")
+    for col in ("module", "candidate", "vs", "phase", "step", "weight", "samples", "gates", "reason"):
+        table.add_column(col)
+    colors = {"promoted": "green", "aborted": "red", "inconclusive": "yellow", "cancelled": "yellow"}
+    for c in canaries:
+        phase = str(c.get("phase", "-"))
+        color = colors.get(phase, "cyan")
+        gates = c.get("gates") or {}
+        items = gates.items() if isinstance(gates, dict) else enumerate(gates)
+        verdicts = ", ".join(
+            f"{g.get('gate', k) if isinstance(g, dict) else k}="
+            f"{g.get('verdict', g) if isinstance(g, dict) else g}"
+            for k, g in items
+        )
+        table.add_row(
+            str(c.get("module", "-")),
+            str(c.get("candidate", "-")),
+            str(c.get("incumbent", "-")),
+            f"[{color}]{phase}[/{color}]",
+            f"{c.get('step', '-')}/{c.get('steps', '-')}",
+            f"{float(c.get('weight') or 0) * 100:.0f} %",
+            f"{c.get('samples', '-')}/{c.get('min_samples', '-')}",
+            verdicts or "-",
+            str(c.get("reason") or ""),
         )
     con.print(table)
 
