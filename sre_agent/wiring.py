@@ -633,7 +633,7 @@ def build_daemon(
         from sre_agent.cli.serve import ServingPlane
 
         # The plane applies the chaos input-noise fault (router preprocess) and writes run/serving.pid.
-        plane = ServingPlane(settings, paths, sink=sink)
+        plane = ServingPlane(settings, paths, sink=sink, audit=audit, clock=clock)
         services.append(plane)
     holder["plane"] = plane
 
