@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from sre_core.errors import SreError
+from sre_core.signing import dsse_pae
 
 __all__ = [
     "INTOTO_PAYLOAD_TYPE",
@@ -119,12 +120,6 @@ def cosign_verify(public_pems: list[str] | list[bytes], sha256_hex: str, signatu
         "no key pinned in the trust policy verifies the signature (unknown signer or tampered artifact)",
         "pin the signer's public key in policies trust.yaml (cosign_public_keys) or republish",
     )
-
-
-def dsse_pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE pre-authentication encoding."""
-    t = payload_type.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
 def dsse_sign(private_pem: bytes, payload_type: str, payload: bytes) -> dict[str, Any]:
