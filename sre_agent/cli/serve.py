@@ -130,10 +130,15 @@ class ServingPlane:
         # the collections that per-request garbage triggers stay short.
         gc.freeze()
         cfg = self.settings.serving
-        self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
-        # The chaos harness finds the serving worker here (kill_serving_worker).
+        # The chaos harness finds the serving worker here (kill_serving_worker). Written before the
+        # socket listens, so whoever sees the server ready also finds the pid.
         self.paths.run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.pid_file, f"{os.getpid()}\n")
+        try:
+            self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
+        except BaseException:
+            self.pid_file.unlink(missing_ok=True)
+            raise
 
     def reconcile_pass(self) -> dict[str, Any]:
         """One reconcile pass with this plane as the canary driver, then serve what is active."""
