@@ -52,8 +52,15 @@ lint: .venv/.installed ## ruff + mypy
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-bench: .venv/.installed ## Run every benchmark; each prints one JSON object
-	@set -e; for b in benchmarks/*.py; do echo "== $$b" >&2; .venv/bin/python $$b; done
+# The serving benchmark compares against a real MLServer; MLServer's pins (fastapi -> starlette < 0.51)
+# cannot join our lock, so it lives in its own venv and the benchmark talks to it over HTTP only.
+.venv-bench/.installed: $(UV) benchmarks/mlserver-requirements.txt
+	$(UV) venv --allow-existing .venv-bench
+	$(UV) pip install --python .venv-bench/bin/python -r benchmarks/mlserver-requirements.txt
+	@touch $@
+
+bench: .venv/.installed .venv-bench/.installed ## Run every benchmark; each prints one JSON object
+	@set -e; for b in benchmarks/[!_]*.py; do echo "== $$b" >&2; .venv/bin/python $$b; done
 
 clean: ## Remove the environments
-	rm -rf .venv .tools
+	rm -rf .venv .venv-bench .tools

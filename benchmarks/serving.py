@@ -5,12 +5,18 @@ All parts use the same ONNX model (an MLP classifier built in code, ~0.13 ms per
 - router overhead: ``Router.infer`` vs a bare ``InferenceSession.run`` in the same process, interleaved
   blocks (minimum of block means, medians too); with no canary and with a canary in progress (5 %, no
   mirroring: a cold canary session runs slower, which shows in that figure, not routing cost).
-- HTTP: our v2 server and a *peer* (a plain starlette/uvicorn v2 endpoint doing json -> numpy ->
-  session.run the straightforward way), each in its own child process under uvicorn with the same
-  settings, driven by the same closed-loop client at a fixed concurrency with identical JSON requests;
-  throughput and p99 as ratios (ours / peer). MLServer and the kserve model server are not installed;
-  this peer stands in for them. Reported next to it: our binary-tensor path, and our server forced to
-  offload every inference to the thread pool (by default it offloads only models slower than 1 ms).
+- HTTP: our v2 server and a *peer*, each in its own child process, driven by the same closed-loop
+  client at a fixed concurrency with identical JSON requests, in interleaved windows; throughput and p99
+  as ratios (ours / peer: ``peer_throughput_ratio``, goal > 1; ``peer_p99_ratio``, goal < 1). The peer
+  is a real MLServer (Seldon's Open Inference Protocol server) serving the same ONNX file with
+  onnxruntime on one thread through a custom runtime (``benchmarks/_mlserver_onnx.py``, NumpyCodec
+  decoding), one worker process (``parallel_workers: 0``, like our single uvicorn process). MLServer's
+  pins cannot join our lock (its fastapi needs starlette < 0.51), so it runs from its own venv,
+  ``.venv-bench`` (``make bench`` builds it from ``benchmarks/mlserver-requirements.txt``), and is
+  reached over HTTP only. Without that venv the peer is a stand-in (a plain starlette/uvicorn v2
+  endpoint doing json -> numpy -> session.run) and the JSON says so (``"peer": "starlette-standin"``).
+  Reported next to it: our binary-tensor path, and our server forced to offload every inference to the
+  thread pool (by default it offloads only models slower than 1 ms).
 - MTTR: a real canary of a model that fails on some inputs, at 100 % weight, under a traffic thread;
   from the controller's failed-gate verdict to the first request answered by the incumbent (the router
   points at the already-loaded session), next to the naive path (load a new session of the incumbent
@@ -22,7 +28,8 @@ The load generator is a minimal asyncio HTTP/1.1 keep-alive client (hand-written
 request than the servers under test, which would hide the difference). On a 2-core machine the client
 and server share the cores; the ratio is what compares, not absolute numbers.
 
-Run: ``python benchmarks/serving.py [--http-seconds 6] [--concurrency 8] [--mttr-iterations 50] [--flips 2]``.
+Run: ``python benchmarks/serving.py [--http-seconds 6] [--concurrency 8] [--mttr-iterations 50] [--flips 2]
+[--peer-venv .venv-bench]``.
 Prints one JSON object.
 """
 
@@ -33,6 +40,8 @@ import asyncio
 import gc
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +55,9 @@ import numpy as np
 
 N_FEATURES = 32
 HIDDEN, WIDTH = 3, 1024
+ROOT = Path(__file__).resolve().parent.parent
+PEER_VENV = ROOT / ".venv-bench"
+MLSERVER_RUNTIME = Path(__file__).resolve().parent / "_mlserver_onnx.py"
 
 
 def _p(values: list[float], q: float) -> float:
@@ -342,7 +354,104 @@ def start_child(kind: str, model_path: Path) -> tuple[subprocess.Popen[bytes], i
     raise RuntimeError(f"{kind} server did not start")
 
 
-def http_comparison(model_path: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float, what: str) -> None:
+    import httpx
+
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited during start-up (exit {proc.returncode})")
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} was not ready within {timeout_s:.0f} s")
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a child started in its own session, with everything it spawned."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def mlserver_version(venv: Path) -> str | None:
+    """The MLServer version installed in the peer venv, or None when there is no usable one."""
+    python, cli = venv / "bin" / "python", venv / "bin" / "mlserver"
+    if not (python.exists() and cli.exists()):
+        return None
+    done = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('mlserver'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def start_mlserver(venv: Path, model_path: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """MLServer from the peer venv serving ``model_path`` as model ``m`` with the ONNX custom runtime.
+
+    The model repository (runtime module, settings, model) is written under ``workdir``; HTTP, gRPC and
+    metrics listen on free ports on 127.0.0.1. The child runs in its own session (killed as a group)."""
+    from sre_core.http_server import free_port
+
+    repo = workdir / "mlserver-repo"
+    (repo / "m").mkdir(parents=True)
+    shutil.copyfile(MLSERVER_RUNTIME, repo / "_mlserver_onnx.py")
+    shutil.copyfile(model_path, repo / "m" / "model.onnx")
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    settings = {
+        "host": "127.0.0.1",
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "metrics_port": metrics_port,
+        "parallel_workers": 0,  # inference in the server process, as ours
+        "metrics_endpoint": None,
+        "debug": False,  # no access log
+    }
+    (repo / "settings.json").write_text(json.dumps(settings))
+    (repo / "m" / "model-settings.json").write_text(
+        json.dumps(
+            {"name": "m", "implementation": "_mlserver_onnx.OnnxModel", "parameters": {"uri": "./model.onnx"}}
+        )
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("MLSERVER")
+    }
+    env["VIRTUAL_ENV"] = str(venv)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    log = (workdir / "mlserver.log").open("wb")
+    proc = subprocess.Popen(
+        [str(venv / "bin" / "mlserver"), "start", str(repo)],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        _wait_ready(proc, http_port, 120, "MLServer")
+    except BaseException as e:
+        _stop_group(proc)
+        tail = (workdir / "mlserver.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{e}; its log ends:\n{tail}") from e
+    return proc, http_port
+
+
+def http_comparison(model_path: Path, seconds: float, concurrency: int, peer_venv: Path) -> dict[str, Any]:
     x = np.random.default_rng(1).normal(size=(1, N_FEATURES)).astype(np.float32)
     body = json.dumps(
         {
@@ -372,25 +481,46 @@ def http_comparison(model_path: Path, seconds: float, concurrency: int) -> dict[
         "seconds_each": seconds,
         "payload": "JSON, 1 x 32 FP32",
     }
-    procs = {kind: start_child(kind, model_path) for kind in ("peer", "ours", "ours-offload")}
+    version = mlserver_version(peer_venv)
+    out["peer"] = f"mlserver {version}" if version else "starlette-standin"
+    procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     try:
+        if version:
+            procs["peer"] = start_mlserver(peer_venv, model_path, workdir)
+        for kind in ("ours", "ours-offload") if version else ("peer", "ours", "ours-offload"):
+            procs[kind] = start_child(kind, model_path)
         targets = {
             "peer": (procs["peer"][1], _http_request(body)),
             "ours": (procs["ours"][1], _http_request(body)),
             "ours_binary_tensors": (procs["ours"][1], binary),
             "ours_always_offloaded": (procs["ours-offload"][1], _http_request(body)),
         }
-        out |= load_interleaved(targets, seconds, concurrency, rounds=max(4, round(seconds * 2)))
+        out["load"] = load_interleaved(targets, seconds, concurrency, rounds=max(4, round(seconds * 2)))
     finally:
-        for proc, _port in procs.values():
-            proc.kill()
-            proc.wait(10)
-    out["throughput_ratio"] = round(out["ours"]["throughput_rps"] / out["peer"]["throughput_rps"], 3)
-    out["p99_ratio"] = round(out["ours"]["p99_ms"] / out["peer"]["p99_ms"], 3)
-    out["in_process_cost"] = asgi_cost(model_path, body)
-    out["peer_note"] = (
-        "plain starlette/uvicorn v2 endpoint; MLServer/kserve need a dependency the project lacks"
-    )
+        for kind, (proc, _port) in procs.items():
+            if kind == "peer" and version:
+                _stop_group(proc)
+            else:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    load = out["load"]
+    out["peer_throughput_ratio"] = round(load["ours"]["throughput_rps"] / load["peer"]["throughput_rps"], 3)
+    out["peer_p99_ratio"] = round(load["ours"]["p99_ms"] / load["peer"]["p99_ms"], 3)
+    out["goal"] = "peer_throughput_ratio > 1, peer_p99_ratio < 1"
+    # In-process handler cost: always against the stand-in (MLServer lives in another venv).
+    out["in_process_cost_vs_standin"] = asgi_cost(model_path, body)
+    if version:
+        out["peer_note"] = (
+            f"MLServer {version} from {peer_venv}, custom runtime benchmarks/_mlserver_onnx.py "
+            "(onnxruntime, 1 thread, NumpyCodec), parallel_workers 0, same JSON request and client"
+        )
+    else:
+        out["peer_note"] = (
+            "plain starlette/uvicorn v2 endpoint standing in for MLServer: no MLServer venv at "
+            f"{peer_venv}; `make bench` builds it (benchmarks/mlserver-requirements.txt)"
+        )
     return out
 
 
@@ -548,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-blocks", type=int, default=60)
     ap.add_argument("--mttr-iterations", type=int, default=50)
     ap.add_argument("--flips", type=int, default=2)
+    ap.add_argument(
+        "--peer-venv",
+        type=Path,
+        default=PEER_VENV,
+        help="venv holding MLServer (default: .venv-bench, built by `make bench`)",
+    )
     ap.add_argument("--child", choices=["ours", "ours-offload", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -566,7 +702,12 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
         }
         res["router_overhead"] = router_overhead(blob, args.overhead_blocks, 100)
-        res["http"] = http_comparison(model_path, args.http_seconds, args.concurrency)
+        res["http"] = http_comparison(
+            model_path, args.http_seconds, args.concurrency, args.peer_venv.absolute()
+        )
+        res["peer"] = res["http"]["peer"]
+        res["peer_throughput_ratio"] = res["http"]["peer_throughput_ratio"]
+        res["peer_p99_ratio"] = res["http"]["peer_p99_ratio"]
         res["mttr"] = mttr(blob, model_path, args.mttr_iterations)
         res["flip"] = flip_loss(blob, args.flips, 4)
     res["elapsed_s"] = round(time.perf_counter() - started, 1)
