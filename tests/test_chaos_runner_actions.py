@@ -28,6 +28,7 @@ from deployment.sample_models import linear_classifier
 from deployment.slots import SlotManager
 from sre_core.audit import AuditLog
 from sre_core.clock import FakeClock, SystemClock
+from sre_core.http_server import free_port
 from sre_core.paths import StatePaths
 from tests.deploy_helpers import make_artifact
 
@@ -238,17 +239,11 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_kill_and_restart_serving_worker(state: StatePaths, tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     pid_file = state.run / "serving.pid"
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, str(script), str(pid_file), str(port)]
     first = subprocess.Popen(argv)
     url = f"http://127.0.0.1:{port}"
