@@ -30,12 +30,18 @@ $(UV):
 install: .venv/.installed ## Create .venv with every dependency (idempotent)
 
 # The HTML report tests render pages in headless Chromium (Debian's package).
-system-deps: ## Install Chromium for the report tests (Debian/Ubuntu, as root)
+system-deps: ## Install Chromium (report tests) and PostgreSQL (hub store tests) (Debian/Ubuntu, as root)
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing Chromium (report tests render HTML headless)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "error: /usr/bin/chromium is missing: install Debian's chromium package" >&2; exit 1; fi; \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing PostgreSQL (hub store tests run a private server)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "error: PostgreSQL is missing: install Debian's postgresql package" >&2; exit 1; fi; \
 	fi
 
 demo: .venv/.installed ## Run the main job on embedded defaults (local hub, local model, DuckDB)
