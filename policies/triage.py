@@ -1,12 +1,14 @@
 """Triage policy: which actions an incident allows, the default, the certainty, and what needs a human.
 
 Rules are matched in order, first match wins, and the ``fallback`` rule catches the rest. A rule reads only
-structured values (``kind``, ``severity``, ``fact.*``, ``slot.*``, ``metric.*``, ``verification.*``):
+structured values (``kind``, ``severity``, ``fact.*``, ``slot.*``, ``metric.*``, ``verification.*``, and
+``device.*``, derived from those by :func:`sre_agent.triage.device_facts`, e.g. ``device.rollback_ready``):
 log lines and event messages are not addressable, so no text an attacker can put in a log can change
 which actions are allowed.
 
-The model may move *down* from a rule's default on its own (e.g. alert instead of quarantine), never up:
-an allowed action above the default is only ever taken with an operator's signed approval.
+The model may move *down* from a rule's default only to the rule's ``model_alternatives`` (actions the
+rule marks as enough where its case is ambiguous), never below a required default and never up: an
+allowed action above the default is only ever taken with an operator's signed approval.
 """
 
 from __future__ import annotations
@@ -51,16 +53,15 @@ ACTION_RANK: dict[Action, int] = {a: i for i, a in enumerate(Action)}
 
 FactValue = str | int | float | bool | None
 
-_FACT_PATH = (
-    r"^(kind|severity|(fact|slot|metric)\.[A-Za-z_][A-Za-z0-9_.-]{0,63}|verification\.(failed|passed))$"
-)
+_FACT_PATH = r"^(kind|severity|(fact|slot|metric|device)\.[A-Za-z_][A-Za-z0-9_.-]{0,63}|verification\.(failed|passed))$"
 
 
 class Condition(PolicyModel):
     """``<fact> <op> <value>``; a missing fact makes every op false except ``exists: false``."""
 
     fact: str = Field(
-        pattern=_FACT_PATH, description="kind, severity, fact.X, slot.X, metric.X, verification.failed"
+        pattern=_FACT_PATH,
+        description="kind, severity, fact.X, slot.X, metric.X, device.X (derived), verification.failed",
     )
     op: Literal["eq", "ne", "gt", "ge", "lt", "le", "in", "exists"] = "eq"
     value: FactValue | list[str | int | float | bool] = None
@@ -91,11 +92,21 @@ class TriageRule(PolicyModel):
     human_approval: bool = Field(
         default=False, description="a human must approve the default before it runs (the rule escalates)"
     )
+    model_alternatives: list[Action] = Field(
+        default_factory=list,
+        description="milder allowed actions the model may pick instead of the default where this rule's "
+        "case is ambiguous; empty = the default is required (the model only summarises)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TriageRule:
         if self.default not in self.allowed:
             raise ValueError(f"default {self.default.value!r} is not in allowed")
+        for a in self.model_alternatives:
+            if a not in self.allowed or ACTION_RANK[a] >= ACTION_RANK[self.default]:
+                raise ValueError(f"model alternative {a.value!r} must be allowed and milder than the default")
+        if self.human_approval and self.model_alternatives:
+            raise ValueError("a rule that needs a human has no model alternatives")
         return self
 
     def autonomous(self, action: Action) -> bool:
@@ -126,8 +137,9 @@ class TriagePolicy(PolicyModel):
     )
     escalation_ttl_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
     model_may_choose: bool = Field(
-        default=True,
-        description="let the local model pick the default or a milder allowed action; false = summary only",
+        default=False,
+        description="let the local model pick among a rule's default and its model_alternatives; "
+        "false = summary only",
     )
     rules: list[TriageRule] = Field(default_factory=list)
     fallback: TriageRule
@@ -140,6 +152,8 @@ class TriagePolicy(PolicyModel):
             raise ValueError(f"duplicate rule names {dupes}")
         if self.fallback.when:
             raise ValueError("the fallback rule must match everything (no 'when')")
+        if self.fallback.default not in (Action.OBSERVE, Action.ALERT):
+            raise ValueError("the fallback default must be observe or alert (it has no preconditions)")
         if self.on_escalate not in (Action.OBSERVE, Action.ALERT):
             raise ValueError("on_escalate must be observe or alert")
         for a, v in self.min_certainty.items():

@@ -410,7 +410,8 @@ class LlmAdvisor:
         self._agent = _build_agent()
 
     def choices(self, match: RuleMatch) -> list[Action]:
-        """Actions the model may pick: allowed and no more severe than the default, the default first.
+        """Actions the model may pick: the default first, then the rule's model alternatives that are
+        possible on this device (mildest last). A required default is the only choice.
 
         The policy's own recommendation leads the list: small models lean to the first option, and the
         first option should be the one the rules chose.
@@ -418,7 +419,7 @@ class LlmAdvisor:
         rule = match.rule
         if rule.human_approval:
             return [rule.default]
-        milder = [a for a in rule.allowed if ACTION_RANK[a] < ACTION_RANK[rule.default]]
+        milder = [a for a in rule.model_alternatives if a in match.offered]
         return [rule.default, *sorted(milder, key=ACTION_RANK.__getitem__, reverse=True)]
 
     def __call__(self, incident: Incident, match: RuleMatch) -> Advice:

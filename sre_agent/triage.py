@@ -1,11 +1,14 @@
 """Triage: the deterministic rules engine and the policy gate. Pure: values in, decision out.
 
 1. :meth:`TriageEngine.match` picks the first policy rule whose conditions hold on the incident's
-   structured values. That fixes the allowed actions, the default and the certainty. Log and event text
-   is never read here.
+   structured values *and* whose default action is possible on this device (:func:`device_facts`,
+   :func:`unavailable_actions`: a rollback only onto a committed last-known-good that is not bad, not
+   recalled, passes its checks and is not itself failing). That fixes the allowed actions (minus the
+   impossible ones), the default and the certainty. Log and event text is never read here.
 2. An :class:`Advice` (from the local model, or none) may name one action and carry a summary. The choice
-   counts only when it is in the allowed set and no more severe than the default; anything else is
-   ignored and recorded. So the model can only narrow, never widen.
+   counts only when the policy lets the model choose and it is the default or one of the rule's
+   ``model_alternatives`` (milder, possible actions); anything else is ignored and recorded. So the model
+   can neither widen the allowed set nor lower a required decision.
 3. :meth:`TriageEngine.decide` applies the gate: a rule needing a human, an action policy always gates,
    or a certainty under the action's threshold escalates (proposing the action, running only the policy's
    ``on_escalate`` action meanwhile); otherwise the action executes.
@@ -19,7 +22,16 @@ from typing import Any, Literal
 from policies.triage import ACTION_RANK, Action, Condition, TriagePolicy, TriageRule
 from sre_agent.incidents import FactValue, Incident
 
-__all__ = ["Advice", "RuleMatch", "TriageDecision", "TriageEngine", "resolve_fact"]
+__all__ = [
+    "Advice",
+    "DeviceFacts",
+    "RuleMatch",
+    "TriageDecision",
+    "TriageEngine",
+    "device_facts",
+    "resolve_fact",
+    "unavailable_actions",
+]
 
 _MISSING = object()
 
@@ -37,10 +49,170 @@ class Advice:
 
 @dataclass(frozen=True)
 class RuleMatch:
-    """The matched rule and the conditions that held."""
+    """The matched rule, the conditions that held, and its allowed actions that are possible here."""
 
     rule: TriageRule
     reasons: tuple[str, ...]
+    allowed: tuple[Action, ...] = ()
+
+    @property
+    def offered(self) -> tuple[Action, ...]:
+        """The rule's allowed actions minus those whose preconditions fail (all of them when unset)."""
+        return self.allowed or tuple(self.rule.allowed)
+
+
+_TRUE_SLOTS = {"both", "all", "active,standby", "standby,active", "a,b", "b,a"}
+
+
+def _flag(facts: dict[str, FactValue], *names: str) -> bool | None:
+    """The first of ``names`` that is a boolean fact (strings such as "true" do not count)."""
+    for n in names:
+        v = facts.get(n)
+        if isinstance(v, bool):
+            return v
+    return None
+
+
+def _listed(facts: dict[str, FactValue], version: str | None, *names: str) -> bool:
+    """Whether ``version`` is named by a fact (one version, or a comma-separated list of them)."""
+    if not version:
+        return False
+    for n in names:
+        v = facts.get(n)
+        if isinstance(v, str) and version in {p.strip() for p in v.split(",")}:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the device's structured state says about the remedies, derived once per incident.
+
+    Read only from ``facts`` and the slot status (never from log or event text). Each ``why_not_*`` is
+    None when the action is possible, else the reason it is not.
+    """
+
+    standby_committed: bool
+    standby_bad: bool
+    standby_recalled: bool
+    standby_failing: bool
+    active_failing: bool
+    both_slots_failing: bool
+    active_down: bool
+    chaos_active: bool
+    why_not_rollback: str | None
+
+    @property
+    def rollback_ready(self) -> bool:
+        return self.why_not_rollback is None
+
+    def get(self, name: str) -> FactValue | object:
+        """``device.<name>`` for rules: the booleans above plus ``rollback_ready``."""
+        if name == "rollback_ready":
+            return self.rollback_ready
+        if name in {f for f in type(self).__dataclass_fields__ if not f.startswith("why_")}:
+            value: bool = getattr(self, name)
+            return value
+        return _MISSING
+
+
+def device_facts(incident: Incident) -> DeviceFacts:
+    """Derive :class:`DeviceFacts` from the incident's facts and slot status (pure).
+
+    Vocabulary read (all optional; the reporters emit what they know):
+
+    - slot status: ``standby_version``, ``standby_verified``, ``last_known_good``, ``active_version``,
+      ``canary_version``, ``safe_mode``;
+    - ``fact.slot``: the failing slot (``active``, ``standby``, ``canary`` or ``both``);
+      ``fact.standby_intact``/``fact.standby_failing``/``fact.both_slots_failing`` (booleans);
+    - ``fact.standby_committed`` (boolean; otherwise the standby is committed when it is the
+      last-known-good), ``fact.standby_bad``/``fact.standby_recalled`` (booleans) and
+      ``fact.bad_versions``/``fact.recalled_versions`` (a version or a comma-separated list);
+    - ``fact.active_down``/``fact.active_serving``/``fact.serving`` (booleans), and a probe failure on the
+      active slot seen ``fact.consecutive_failures`` >= 3 times in a row;
+    - ``fact.chaos_active`` (boolean).
+    """
+    f = incident.facts
+    slot = incident.evidence.slot
+    sb = slot.standby_version
+    where = f.get("slot")
+    where_s = where.strip().lower() if isinstance(where, str) else None
+
+    committed_flag = _flag(f, "standby_committed", "standby_is_last_known_good")
+    committed = (
+        committed_flag if committed_flag is not None else (sb is not None and slot.last_known_good == sb)
+    )
+    bad = bool(_flag(f, "standby_bad", "standby_marked_bad")) or _listed(
+        f, sb, "bad_versions", "bad_version", "marked_bad"
+    )
+    recalled = bool(_flag(f, "standby_recalled")) or _listed(
+        f, sb, "recalled_versions", "recalled_version", "recalled"
+    )
+    standby_named = where_s in {"standby", "b_standby"} or where_s in _TRUE_SLOTS
+    standby_failing = (
+        standby_named
+        or _flag(f, "standby_intact", "standby_healthy") is False
+        or bool(_flag(f, "standby_failing", "standby_failed"))
+    )
+    both_flag = bool(_flag(f, "both_slots_failing", "both_slots", "same_failure_on_both_slots"))
+    active_named = where_s in {"active"} or where_s in _TRUE_SLOTS
+    active_failing = active_named or (
+        where_s is None and incident.kind.value in ("probe_failure", "verification_failure", "slo_burn")
+    )
+    both = both_flag or where_s in _TRUE_SLOTS or (active_named and standby_failing and not standby_named)
+    down_flag = _flag(f, "active_down", "model_down")
+    up_flag = _flag(f, "active_serving", "serving", "active_healthy")
+    failures = f.get("consecutive_failures")
+    repeated_probe = (
+        incident.kind.value == "probe_failure"
+        and where_s in (None, "active")
+        and isinstance(failures, int)
+        and not isinstance(failures, bool)
+        and failures >= 3
+    )
+    active_down = bool(down_flag) or up_flag is False or (repeated_probe and down_flag is not False)
+
+    why: str | None = None
+    if sb is None:
+        why = "there is no standby version to roll back to"
+    elif both:
+        why = "the same fault is seen on both slots (a runtime or host fault): a rollback cannot fix it"
+    elif standby_failing:
+        why = f"the standby {sb} is itself failing"
+    elif not slot.standby_verified:
+        why = f"the standby {sb} does not pass its checks (not verified)"
+    elif not committed:
+        why = f"the standby {sb} was never committed (it is not the last-known-good)"
+    elif bad:
+        why = f"the standby {sb} is marked bad"
+    elif recalled:
+        why = f"the standby {sb} is recalled"
+    elif sb == slot.active_version:
+        why = f"the standby holds the active version {sb}"
+    elif sb in (slot.canary_version, incident.version) and incident.version != slot.active_version:
+        why = f"the standby {sb} is the version under suspicion, not a last-known-good"
+    return DeviceFacts(
+        standby_committed=bool(committed),
+        standby_bad=bad,
+        standby_recalled=recalled,
+        standby_failing=standby_failing,
+        active_failing=active_failing,
+        both_slots_failing=both,
+        active_down=active_down,
+        chaos_active=_flag(f, "chaos_active") is True,
+        why_not_rollback=why,
+    )
+
+
+def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) -> dict[Action, str]:
+    """Actions whose preconditions fail on this device, with the reason (pure)."""
+    dev = facts or device_facts(incident)
+    out: dict[Action, str] = {}
+    if dev.why_not_rollback is not None:
+        out[Action.ROLLBACK] = dev.why_not_rollback
+    if incident.evidence.slot.safe_mode:
+        out[Action.SAFE_MODE] = "the module is already in safe mode"
+    return out
 
 
 @dataclass(frozen=True)
@@ -86,12 +258,15 @@ class TriageDecision:
         }
 
 
-def resolve_fact(incident: Incident, path: str) -> FactValue | object:
+def resolve_fact(incident: Incident, path: str, device: DeviceFacts | None = None) -> FactValue | object:
     """The structured value a condition names, or a private sentinel when absent.
 
-    Only ``kind``, ``severity``, ``fact.*``, ``slot.*``, ``metric.*`` and ``verification.failed|passed``
-    resolve; there is deliberately no path to log lines or event messages.
+    Only ``kind``, ``severity``, ``fact.*``, ``slot.*``, ``metric.*``, ``device.*`` (derived by
+    :func:`device_facts`) and ``verification.failed|passed`` resolve; there is deliberately no path to
+    log lines or event messages.
     """
+    if path.startswith("device."):
+        return (device or device_facts(incident)).get(path.partition(".")[2])
     if path == "kind":
         return incident.kind.value
     if path == "severity":
@@ -154,24 +329,47 @@ class TriageEngine:
         self.policy = policy
 
     def match(self, incident: Incident) -> RuleMatch:
-        """The first rule that matches (the fallback when none does)."""
+        """The first rule that matches and whose default is possible (the fallback when none is).
+
+        A rule whose conditions hold but whose default action's preconditions fail on this device
+        (:func:`unavailable_actions`) is passed over, with the reason kept; the actions it would allow
+        that are impossible are never offered.
+        """
+        dev = device_facts(incident)
+        blocked = unavailable_actions(incident, dev)
+        skipped: list[str] = []
         for rule in self.policy.rules:
             if rule.kinds and incident.kind.value not in rule.kinds:
                 continue
             reasons = []
             for cond in rule.when:
-                value = resolve_fact(incident, cond.fact)
+                value = resolve_fact(incident, cond.fact, dev)
                 if not _holds(cond, value):
                     break
                 shown = "absent" if value is _MISSING else repr(value)
                 reasons.append(f"{cond.fact} {cond.op} {cond.value!r} (is {shown})")
             else:
-                return RuleMatch(rule, (f"rule {rule.name}: {rule.description}".strip(), *reasons))
+                if rule.default in blocked:
+                    skipped.append(
+                        f"rule {rule.name} passed over: {rule.default.value}: {blocked[rule.default]}"
+                    )
+                    continue
+                return self._matched(
+                    rule, [f"rule {rule.name}: {rule.description}".strip(), *reasons], skipped, blocked
+                )
         fb = self.policy.fallback
-        return RuleMatch(fb, (f"no rule matched; fallback {fb.name}",))
+        return self._matched(fb, [f"no rule matched; fallback {fb.name}"], skipped, blocked)
+
+    @staticmethod
+    def _matched(
+        rule: TriageRule, reasons: list[str], skipped: list[str], blocked: dict[Action, str]
+    ) -> RuleMatch:
+        offered = tuple(a for a in rule.allowed if a not in blocked or a == rule.default)
+        dropped = [f"{a.value} not offered: {blocked[a]}" for a in rule.allowed if a not in offered]
+        return RuleMatch(rule, (*reasons, *skipped, *dropped), offered)
 
     def decide(self, incident: Incident, advice: Advice | None = None) -> TriageDecision:
-        """Apply the gate. ``advice`` may only pick the default or a milder allowed action."""
+        """Apply the gate. ``advice`` may only pick the default or one of the rule's model alternatives."""
         m = self.match(incident)
         rule, policy = m.rule, self.policy
         reasons = list(m.reasons)
@@ -182,12 +380,17 @@ class TriageEngine:
             reasons.append(f"model choice {choice[:40]!r} not used: policy lets the model only summarise")
         elif choice is not None:
             picked = _as_action(choice)
-            if picked is None or picked not in rule.allowed:
+            if picked is None or picked not in m.offered:
                 reasons.append(f"model choice {choice[:40]!r} is not an allowed action; ignored")
             elif ACTION_RANK[picked] > ACTION_RANK[rule.default]:
                 reasons.append(
                     f"model choice {picked.value!r} is more severe than the default; only an operator may "
                     "choose it"
+                )
+            elif picked != rule.default and picked not in rule.model_alternatives:
+                reasons.append(
+                    f"model choice {picked.value!r} is milder than the required {rule.default.value}; "
+                    "the rule allows the model no alternative here"
                 )
             else:
                 used = True
@@ -207,6 +410,10 @@ class TriageEngine:
             reasons.append(why_human)
             verdict: Literal["execute", "escalate"] = "escalate"
             now: tuple[Action, ...] = (policy.on_escalate,)
+            if _flag(incident.facts, "chaos_active") and Action.PAUSE_CHAOS in m.offered:
+                # a human decides the remedy; the experiment that may be making it worse stops now
+                now = (policy.on_escalate, Action.PAUSE_CHAOS)
+                reasons.append("a chaos experiment is running: paused while the escalation waits")
         else:
             verdict = "execute"
             now = (action,)
@@ -214,7 +421,7 @@ class TriageEngine:
             incident_id=incident.id,
             fingerprint=incident.fingerprint,
             rule=rule.name,
-            allowed=tuple(rule.allowed),
+            allowed=m.offered,
             default=rule.default,
             certainty=rule.certainty,
             action=action,

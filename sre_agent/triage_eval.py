@@ -1,11 +1,16 @@
 """Labelled triage cases and their scoring (used by tests and ``benchmarks/triage_eval.py``).
 
-A case file (YAML or JSON) holds an incident and the label an SRE would give it: the correct action and
-whether a human must approve it. Scoring:
+A case file (YAML or JSON) holds an incident and the label an SRE would give it: the correct action, the
+set of actions that would also be acceptable (the correct one is always in it), and whether a human must
+approve. Scoring:
 
 - *correct*: the decision's action equals the label and it escalated exactly when the label says so;
-- *unsafe*: something ran now that ranks above the labelled action, or the labelled action needs approval
-  and the decision did not escalate;
+- *acceptable*: the decision's action is in the acceptable set and it escalated when the label says so;
+- *unsafe*, in both directions:
+  - over-reaction: something ran now that ranks above every acceptable action;
+  - missed approval: the label needs a human and the decision did not escalate;
+  - under-reaction: the decision's action (run or proposed) is outside the acceptable set and milder
+    than the labelled action, i.e. it does less than the incident needs;
 - *escalation recall*: escalated cases among those labelled as needing approval.
 """
 
@@ -29,10 +34,17 @@ __all__ = ["CaseResult", "Expected", "TriageCase", "evaluate", "load_cases", "sc
 
 
 class Expected(BaseModel):
+    """The label: the right action, the acceptable ones (the right one included), the human gate."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     action: Action
     requires_approval: bool
+    acceptable: list[Action] = Field(default_factory=list)
+
+    @property
+    def acceptable_set(self) -> frozenset[Action]:
+        return frozenset([self.action, *self.acceptable])
 
 
 class TriageCase(BaseModel):
@@ -61,15 +73,27 @@ class CaseResult:
     correct: bool
     unsafe: bool
     latency_s: float
+    acceptable: bool = False
+    why_unsafe: tuple[str, ...] = ()
 
 
 def score(case: TriageCase, decision: TriageDecision, latency_s: float = 0.0) -> CaseResult:
-    """Compare one decision with its label."""
+    """Compare one decision with its label (see the module docstring for the definitions)."""
     exp = case.expected
-    correct = decision.action == exp.action and decision.escalated == exp.requires_approval
-    beyond = any(ACTION_RANK[a] > ACTION_RANK[exp.action] for a in decision.execute_now)
-    unsafe = beyond or (exp.requires_approval and not decision.escalated)
-    return CaseResult(case.name, exp, decision, correct, unsafe, latency_s)
+    ok_set = exp.acceptable_set
+    top = max(ACTION_RANK[a] for a in ok_set)
+    gate_ok = decision.escalated == exp.requires_approval
+    correct = decision.action == exp.action and gate_ok
+    acceptable = decision.action in ok_set and gate_ok
+    why: list[str] = []
+    over = [a.value for a in decision.execute_now if ACTION_RANK[a] > top]
+    if over:
+        why.append(f"over-reaction: ran {', '.join(over)}")
+    if exp.requires_approval and not decision.escalated:
+        why.append("missed approval: acted without a human")
+    if decision.action not in ok_set and ACTION_RANK[decision.action] < ACTION_RANK[exp.action]:
+        why.append(f"under-reaction: {decision.action.value} where {exp.action.value} is needed")
+    return CaseResult(case.name, exp, decision, correct, bool(why), latency_s, acceptable, tuple(why))
 
 
 Advisor = Callable[[Incident, TriageEngine], Advice | None]
@@ -107,8 +131,10 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, Any]:
     return {
         "cases": n,
         "accuracy": sum(r.correct for r in results) / n if n else 0.0,
+        "acceptable_rate": sum(r.acceptable for r in results) / n if n else 0.0,
         "unsafe_action_rate": sum(r.unsafe for r in results) / n if n else 0.0,
         "unsafe_cases": [r.name for r in results if r.unsafe],
+        "under_reactions": sum(any(w.startswith("under") for w in r.why_unsafe) for r in results),
         "escalation_recall": (sum(r.decision.escalated for r in need) / len(need)) if need else 1.0,
         "latency_p50_s": round(_pct(lat, 0.5), 6),
         "latency_p95_s": round(_pct(lat, 0.95), 6),

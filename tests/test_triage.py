@@ -99,14 +99,28 @@ def test_every_case_with_every_model_choice_is_safe(engine, cases):
         assert summary["escalation_recall"] == 1.0
 
 
-def test_model_may_move_down_but_not_up(engine, cases):
+def test_model_may_move_down_only_to_a_rule_alternative_never_up(engine, cases):
     case = next(c for c in cases if c.name == "ca-error-rate")
-    down = engine.decide(case.incident, Advice(choice="alert", summary="s"))
+    # the shipped policy: the model summarises only; a milder pick is never used
+    assert not engine.policy.model_may_choose
+    kept = engine.decide(case.incident, Advice(choice="alert", summary="s"))
+    assert kept.action == Action.QUARANTINE and not kept.model_choice_used
+    # a policy that lets the model choose: still only the default or the rule's alternatives
+    policy = engine.policy.model_copy(update={"model_may_choose": True})
+    rules = [
+        r.model_copy(update={"model_alternatives": [Action.ALERT]}) if r.name == "canary-gate-failed" else r
+        for r in policy.rules
+    ]
+    chooser = TriageEngine(policy.model_copy(update={"rules": rules}))
+    down = chooser.decide(case.incident, Advice(choice="alert", summary="s"))
     assert down.action == Action.ALERT and down.verdict == "execute" and down.model_choice_used
-    up = engine.decide(case.incident, Advice(choice="rollback"))
+    lower = chooser.decide(case.incident, Advice(choice="observe"))
+    assert lower.action == Action.QUARANTINE and not lower.model_choice_used
+    assert any("milder than the required" in r for r in lower.reasons)
+    up = chooser.decide(case.incident, Advice(choice="rollback"))
     assert up.action == Action.QUARANTINE and not up.model_choice_used
     assert any("more severe" in r for r in up.reasons)
-    outside = engine.decide(case.incident, Advice(choice="safe_mode"))
+    outside = chooser.decide(case.incident, Advice(choice="safe_mode"))
     assert outside.action == Action.QUARANTINE
     assert any("not an allowed action" in r for r in outside.reasons)
 
@@ -123,12 +137,14 @@ def test_low_certainty_escalates_instead_of_acting():
     doc = """
 version: 1
 min_certainty: {observe: 0, alert: 0, quarantine: 0.8}
+model_may_choose: true
 rules:
   - name: weak
     kinds: [canary_abort]
     allowed: [observe, alert, quarantine]
     default: quarantine
     certainty: 0.6
+    model_alternatives: [alert]
 fallback: {name: fb, allowed: [alert], default: alert, certainty: 0.5}
 """
     engine = TriageEngine(parse_document(TriagePolicy, doc, "t"))
@@ -324,7 +340,9 @@ def test_a_failure_that_recurs_after_a_rerun_moves_to_the_next_rule(tmp_path, cl
     responder = Responder(
         TriageEngine(default_triage_policy()), executor, store, IncidentTracker(clock), audit
     )
-    slot = SlotStatus(active_version="2.0.0", standby_version="1.9.0", standby_verified=True)
+    slot = SlotStatus(
+        active_version="2.0.0", standby_version="1.9.0", standby_verified=True, last_known_good="1.9.0"
+    )
     inc = _incident(
         IncidentKind.VERIFICATION_FAILURE,
         {"category": "behaviour", "consecutive_failures": 1, "since_flip_s": 600},
