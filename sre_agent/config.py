@@ -1,4 +1,9 @@
-"""Agent configuration: a TOML file plus ``SRE_AGENT_*`` environment variables (env wins).
+"""Agent configuration: provisioning, a TOML file and ``SRE_AGENT_*`` environment variables (env wins).
+
+Precedence, lowest first: defaults, what ``sre-agent init`` wrote to ``<state>/device.json`` (hub URL,
+channel), the TOML file, the environment, command-line flags. Every reader of a setting goes through
+:func:`load_settings`, so provisioning and configuration cannot disagree; :func:`load_effective` also says
+where each value came from. An unknown ``SRE_AGENT_*`` variable is an error naming the closest valid one.
 
 Nested keys use ``__`` in the environment: ``SRE_AGENT_SERVING__PORT=8001`` sets ``[serving] port``.
 The file is ``--config FILE``, else ``$SRE_AGENT_CONFIG``, else ``<state>/agent.toml`` when present.
@@ -7,9 +12,11 @@ A validation error names the key, the bad value, and the expected form.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -28,11 +36,15 @@ from sre_core.errors import ConfigError
 __all__ = [
     "AgentSettings",
     "ChaosSettings",
+    "EffectiveSettings",
     "HubSettings",
     "LlmSettings",
     "ServingSettings",
     "UplinkSettings",
+    "env_names",
+    "load_effective",
     "load_settings",
+    "provisioning_values",
 ]
 
 ENV_PREFIX = "SRE_AGENT_"
@@ -111,18 +123,173 @@ class AgentSettings(BaseSettings):
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
 
 
-def _describe(err: Mapping[str, Any], toml_file: Path | None) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+# Where a value can come from, lowest precedence first.
+SOURCES = ("default", "provisioning", "file", "env", "flag")
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every settable key of ``model`` as a path (sections recurse)."""
+    out: list[tuple[str, ...]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_leaf_paths(ann, (*prefix, name)))
+        else:
+            out.append((*prefix, name))
+    return out
+
+
+def env_names() -> list[str]:
+    """Every ``SRE_AGENT_*`` variable the agent reads (sections may also be given whole, as JSON)."""
+    leaves = _leaf_paths(AgentSettings)
+    sections = sorted({p[0] for p in leaves if len(p) > 1})
+    names = [ENV_PREFIX + "__".join(p).upper() for p in leaves]
+    return [f"{ENV_PREFIX}CONFIG", *names, *(ENV_PREFIX + s.upper() for s in sections)]
+
+
+def _check_env_names(scoped: Mapping[str, str]) -> None:
+    """Unknown ``SRE_AGENT_*`` variables are errors: a misspelt one must not be ignored silently."""
+    import difflib
+
+    valid = set(env_names())
+    unknown = sorted(k for k in scoped if k.upper() not in valid)
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), sorted(valid), n=1, cutoff=0.6)
+        hint = f"; did you mean ${close[0]}?" if close else ""
+        problems.append(f"unknown environment variable ${name}{hint}")
+    raise ConfigError(
+        "load configuration",
+        "; ".join(problems),
+        "rename or unset it; `sre-agent config show` lists every key, and each key K.L is $SRE_AGENT_K__L",
+    )
+
+
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        cur = out
+        for part in path[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[path[-1]] = value
+    return out
+
+
+def _flatten(obj: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def provisioning_values(state_dir: Path) -> dict[str, Any]:
+    """The settings that provisioning (``sre-agent init``) wrote to ``<state>/device.json``."""
+    device_file = Path(state_dir) / "device.json"
+    try:
+        raw = device_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"read provisioning {device_file}", str(exc), "check the state directory") from exc
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"read provisioning {device_file}", f"not valid JSON: {exc}", "run `sre-agent init` again"
+        ) from exc
+    hub: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if data.get("hub"):
+            hub["url"] = data["hub"]
+        if data.get("channel"):
+            hub["channel"] = data["channel"]
+    return {"hub": hub} if hub else {}
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """The raw values each source contributed (nested dicts), used to say where a value came from."""
+
+    provisioning: Mapping[str, Any]
+    file: Mapping[str, Any]
+    env: Mapping[str, Any]
+    flag: Mapping[str, Any]
+    toml_file: Path | None
+    device_file: Path
+
+    def source_of(self, path: tuple[str, ...]) -> str:
+        """The highest-precedence source that set ``path`` (or a section above it)."""
+        for name, layer in (
+            ("flag", self.flag),
+            ("env", self.env),
+            ("file", self.file),
+            ("provisioning", self.provisioning),
+        ):
+            cur: Any = layer
+            for part in path:
+                if not isinstance(cur, Mapping) or part not in cur:
+                    cur = _MISSING
+                    break
+                cur = cur[part]
+                if not isinstance(cur, Mapping):
+                    break
+            if cur is not _MISSING:
+                return name
+        return "default"
+
+    def where(self, path: tuple[str, ...]) -> str:
+        """Where to fix ``path``, in words."""
+        source = self.source_of(path)
+        if source == "env":
+            return "$" + ENV_PREFIX + "__".join(path).upper()
+        if source == "file":
+            return str(self.toml_file)
+        if source == "provisioning":
+            return f"{self.device_file} (written by `sre-agent init`)"
+        if source == "flag":
+            return "the command line"
+        return "the default"
+
+
+_MISSING = object()
+
+
+def _describe(err: Mapping[str, Any], layers: _Layers) -> str:
+    path = tuple(str(p) for p in err["loc"])
+    loc = ".".join(path)
     value = err.get("input")
     expected = err["msg"]
     ctx = err.get("ctx") or {}
     if "expected" in ctx:
         expected += f" ({ctx['expected']})"
-    env_name = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
-    where = f"{toml_file} or ${env_name}" if toml_file else f"${env_name}"
+    where = layers.where(path)
     if err["type"] == "extra_forbidden":
-        return f"unknown key '{loc}' (set in {where}); check its spelling"
+        import difflib
+
+        keys = [".".join(p) for p in _leaf_paths(AgentSettings)]
+        close = difflib.get_close_matches(loc, keys, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else "; check its spelling"
+        return f"unknown key '{loc}' (set in {where}){hint}"
     return f"key '{loc}' has value {value!r}: expected {expected} (set in {where})"
+
+
+@dataclass(frozen=True)
+class EffectiveSettings:
+    """Settings and where each value came from: default, provisioning, file, env or flag."""
+
+    settings: AgentSettings
+    sources: dict[str, str]
+    config_file: Path | None
+
+    def rows(self) -> list[tuple[str, Any, str]]:
+        """``(key, value, source)`` for every key, in model order."""
+        flat = _flatten(json.loads(self.settings.model_dump_json()))
+        return [(".".join(k), v, self.sources.get(".".join(k), "default")) for k, v in flat.items()]
 
 
 def load_settings(
@@ -131,7 +298,10 @@ def load_settings(
     state_dir: Path | None = None,
     **overrides: Any,
 ) -> AgentSettings:
-    """Build settings from file + environment (+ explicit overrides, highest precedence).
+    """Build settings from provisioning + file + environment (+ explicit overrides, highest precedence).
+
+    Precedence, lowest first: defaults, ``<state>/device.json`` (written by ``sre-agent init``), the TOML
+    file, ``SRE_AGENT_*`` variables, explicit overrides.
 
     Args:
         config_file: TOML file; default ``$SRE_AGENT_CONFIG`` or ``<state>/agent.toml`` if it exists.
@@ -140,27 +310,56 @@ def load_settings(
         overrides: explicit values (e.g. from CLI flags).
 
     Raises:
-        ConfigError: a key has a bad value, is unknown, or the file is not valid TOML.
+        ConfigError: a key has a bad value, is unknown (in the file or as an ``SRE_AGENT_*`` variable), or
+            the file is not valid TOML.
     """
+    return load_effective(config_file, env, state_dir, **overrides).settings
+
+
+def load_effective(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    state_dir: Path | None = None,
+    **overrides: Any,
+) -> EffectiveSettings:
+    """Like :func:`load_settings`, and say where every value came from."""
     environ = dict(os.environ if env is None else env)
+    scoped = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
+    _check_env_names(scoped)
+    scoped.pop(f"{ENV_PREFIX}CONFIG", None)
     if config_file is None and environ.get(f"{ENV_PREFIX}CONFIG"):
         config_file = Path(environ[f"{ENV_PREFIX}CONFIG"])
     if config_file is None and state_dir is not None and (Path(state_dir) / "agent.toml").exists():
         config_file = Path(state_dir) / "agent.toml"
+    file_values: dict[str, Any] = {}
     if config_file is not None:
-        if not Path(config_file).exists():
-            raise ConfigError(f"read config {config_file}", "the file does not exist", "check the path")
         try:
-            tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+            text = Path(config_file).read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"read config {config_file}", "the file does not exist", "check the path"
+            ) from exc
+        except OSError as exc:
+            raise ConfigError(f"read config {config_file}", str(exc), "check the path") from exc
+        try:
+            file_values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(
                 f"read config {config_file}", f"not valid TOML: {exc}", "fix the syntax"
             ) from exc
     if state_dir is not None:
         overrides["state_dir"] = state_dir
-    # Only our own variables reach pydantic-settings (and not the file pointer itself).
-    scoped = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != f"{ENV_PREFIX}CONFIG"}
+    # The state directory decides where provisioning lives: flag, then env, then file, then default.
+    root = Path(
+        overrides.get("state_dir")
+        or scoped.get(f"{ENV_PREFIX}STATE_DIR")
+        or file_values.get("state_dir")
+        or DEFAULT_STATE
+    )
+    provisioned = provisioning_values(root)
     toml_file = Path(config_file) if config_file else None
+    env_layer = _nest({tuple(k[len(ENV_PREFIX) :].lower().split("__")): v for k, v in scoped.items()})
+    layers = _Layers(provisioned, file_values, env_layer, dict(overrides), toml_file, root / "device.json")
 
     class _MappingEnv(EnvSettingsSource):
         """Reads the injected mapping instead of the process environment."""
@@ -184,15 +383,20 @@ def load_settings(
             sources: list[PydanticBaseSettingsSource] = [init_settings, _MappingEnv(settings_cls)]
             if toml_file is not None:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            if provisioned:
+                sources.append(InitSettingsSource(settings_cls, init_kwargs=provisioned))
             return tuple(sources)
 
     try:
         loaded = _Loaded(**overrides)
     except ValidationError as exc:
-        problems = [_describe(e, toml_file) for e in exc.errors()]
+        problems = [_describe(e, layers) for e in exc.errors()]
         raise ConfigError(
             "load configuration",
             "; ".join(problems),
-            "correct the value; `sre-agent config show` prints the effective settings",
+            "correct the value; `sre-agent config show` prints the effective settings and their sources",
         ) from exc
-    return AgentSettings.model_validate(loaded.model_dump())
+    settings = AgentSettings.model_validate(loaded.model_dump())
+    flat = _flatten(json.loads(settings.model_dump_json()))
+    sources = {".".join(k): layers.source_of(k) for k in flat}
+    return EffectiveSettings(settings, sources, toml_file)

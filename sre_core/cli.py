@@ -1,19 +1,83 @@
-"""Running a typer app with the project's exit-code contract: 0 ok, 1 failure, 2 bad usage or input."""
+"""Running a typer app with the project's exit-code contract: 0 ok, 1 failure, 2 bad usage or input.
+
+Terminal habits every command gets from here: ``-h``/``--help`` and ``--version`` on the root, ``--wide``
+anywhere on the command line (tables never cut values), full-width tables whenever stdout is not a
+terminal (pipes, files, ``| grep``), and :func:`show_value` so no Python ``None`` reaches text output.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 import typer
 
 from sre_core.errors import SreError
 
-__all__ = ["JsonOpt", "emit_json", "err_console", "out_console", "run_app"]
+__all__ = [
+    "CONTEXT_SETTINGS",
+    "JsonOpt",
+    "PortOpt",
+    "click_command",
+    "emit_json",
+    "err_console",
+    "install_root_options",
+    "out_console",
+    "package_version",
+    "run_app",
+    "show_value",
+    "table",
+    "walk_commands",
+    "wide_output",
+]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")]
+PortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on (1-65535).")]
+
+# click settings for both command lines: -h works like --help on every command.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+# Width of a console that must not cut values (not a terminal, or --wide).
+WIDE_COLUMNS = 10_000
+
+# Set by run_app for the duration of one invocation when --wide was given.
+_WIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("sre_cli_wide", default=False)
+
+
+def package_version() -> str:
+    """The installed distribution's version (``0+unknown`` from a bare checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sre-agent")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def install_root_options(app: typer.Typer, prog_name: str, version: Callable[[], str]) -> None:
+    """Give ``app`` a root callback with ``--version`` and ``--wide`` (shown in ``-h``)."""
+
+    def _print_version(value: bool) -> None:
+        if value:
+            print(f"{prog_name} {version()}")
+            raise typer.Exit(0)
+
+    # Defaults (not Annotated) so the callback is bound now, not looked up by name at parse time.
+    @app.callback()
+    def _root(
+        show_version: bool = typer.Option(
+            False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+        wide: bool = typer.Option(
+            False,
+            "--wide",
+            help="Never cut table cells (automatic when stdout is not a terminal); works after any command.",
+        ),
+    ) -> None:
+        """Root options shared by every command."""
 
 
 def run_app(app: Any, prog_name: str, argv: Sequence[str] | None = None) -> int:
@@ -23,8 +87,47 @@ def run_app(app: Any, prog_name: str, argv: Sequence[str] | None = None) -> int:
     ``--json`` was given) and returns its exit code.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    wide = "--wide" in args
+    if wide:  # accepted after any command: strip it here, the root callback only documents it
+        args = [a for a in args if a != "--wide"]
+    token = _WIDE.set(wide)
     try:
-        rv = app(args=args, prog_name=prog_name, standalone_mode=False)
+        return _invoke(app, prog_name, args)
+    finally:
+        _WIDE.reset(token)
+
+
+def walk_commands(cmd: Any, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+    """Every command of a click group tree as ``(path, command)``, the root included."""
+    yield path, cmd
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from walk_commands(sub, (*path, name))
+
+
+def click_command(app: Any) -> Any:
+    """The click command tree of a typer app, with help polished: flags show no ``<bool>`` type."""
+    cmd = typer.main.get_command(app) if isinstance(app, typer.Typer) else app
+    for _, c in walk_commands(cmd):
+        for p in c.params:
+            if getattr(p, "is_flag", False) and getattr(p, "metavar", None) is None:
+                p.metavar = ""
+        c.get_help_option = _flag_help_option(c.get_help_option)
+    return cmd
+
+
+def _flag_help_option(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def get_help_option(ctx: Any) -> Any:
+        opt = original(ctx)
+        if opt is not None and opt.metavar is None:
+            opt.metavar = ""
+        return opt
+
+    return get_help_option
+
+
+def _invoke(app: Any, prog_name: str, args: list[str]) -> int:
+    try:
+        rv = click_command(app).main(args=args, prog_name=prog_name, standalone_mode=False)
     except typer.Exit as exc:
         return int(getattr(exc, "exit_code", 0))
     except typer.Abort:
@@ -49,7 +152,17 @@ def run_app(app: Any, prog_name: str, argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # Disk full, permission denied, a file where a directory should be: a failure, stated plainly.
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        fix = ""
+        if isinstance(exc, PermissionError):
+            fix = " (what to do: run as the account that owns the state directory, or fix its permissions)"
+        elif exc.errno == 28:  # ENOSPC
+            fix = " (what to do: free space on that filesystem)"
+        elif exc.errno == 30:  # EROFS
+            fix = " (what to do: point --state at a writable filesystem)"
+        if "--json" in args:
+            print(json.dumps({"error": type(exc).__name__, "what": f"{exc.strerror or exc}{where}"}))
+        else:
+            print(f"error: {exc.strerror or exc}{where}{fix}", file=sys.stderr)
         return 1
     return rv if isinstance(rv, int) else 0
 
@@ -60,11 +173,41 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def wide_output() -> bool:
+    """Whether tables must show full values: ``--wide`` was given or stdout is not a terminal."""
+    return _WIDE.get() or not sys.stdout.isatty()
+
+
 def out_console() -> Any:
-    """A rich console on stdout."""
+    """A rich console on stdout; wide (nothing cut, nothing wrapped) when piped or with ``--wide``."""
     from rich.console import Console
 
+    if wide_output():
+        return Console(width=WIDE_COLUMNS, soft_wrap=True)
     return Console()
+
+
+def table(title: str | None, columns: Iterable[str], **kwargs: Any) -> Any:
+    """A rich table whose cells wrap (fold) instead of being cut with an ellipsis on a narrow terminal."""
+    from rich.table import Table
+
+    t = Table(title=title, **kwargs)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    return t
+
+
+def show_value(value: Any) -> str:
+    """A value as text for people: ``-`` for none, ``yes``/``no`` for booleans, lists comma-joined."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(show_value(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
 
 
 def err_console() -> Any:

@@ -40,7 +40,7 @@ def test_error_names_key_value_and_expected_form(tmp_path: Path) -> None:
     assert "serving.port" in msg
     assert "70000" in msg
     assert "less than or equal to 65535" in msg
-    assert "SRE_AGENT_SERVING__PORT" in msg
+    assert str(cfg) in msg  # the file set it: the file is blamed (not the environment)
 
 
 def test_env_error_is_precise() -> None:

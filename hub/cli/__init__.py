@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import typer
 
-from sre_core.cli import run_app
+from sre_core.cli import CONTEXT_SETTINGS, install_root_options, package_version, run_app
 
 __all__ = ["TOPICS", "build_app", "main"]
 
@@ -41,11 +41,9 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
         rich_markup_mode="rich",
+        context_settings=CONTEXT_SETTINGS,
     )
-
-    @app.callback()
-    def _root() -> None:
-        """Keeps the app a group even while it has a single command."""
+    install_root_options(app, "sre-hub", package_version)
 
     for name in TOPICS:
         importlib.import_module(name).register(app)

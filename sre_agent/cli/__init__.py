@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import typer
 
-from sre_core.cli import run_app
+from sre_core.cli import CONTEXT_SETTINGS, install_root_options, package_version, run_app
 
 __all__ = ["TOPICS", "build_app", "main"]
 
@@ -26,6 +26,7 @@ TOPICS = [
     "sre_agent.cli.telemetry",
     "sre_agent.cli.escalations",
     "sre_agent.cli.report",
+    "sre_agent.cli.policy",
 ]
 
 HELP = (
@@ -45,11 +46,9 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
         rich_markup_mode="rich",
+        context_settings=CONTEXT_SETTINGS,
     )
-
-    @app.callback()
-    def _root() -> None:
-        """Keeps the app a group even while it has a single command."""
+    install_root_options(app, "sre-agent", package_version)
 
     for name in TOPICS:
         importlib.import_module(name).register(app)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sre_agent.config import AgentSettings, load_settings
+from sre_agent.config import AgentSettings, EffectiveSettings, load_effective, load_settings
 from sre_core.cli import JsonOpt, emit_json, err_console, out_console
 from sre_core.paths import StatePaths
 
@@ -15,6 +15,7 @@ __all__ = [
     "ConfigOpt",
     "JsonOpt",
     "StateOpt",
+    "effective_for",
     "emit_json",
     "err_console",
     "out_console",
@@ -39,6 +40,11 @@ ConfigOpt = Annotated[
 def settings_for(state: Path | None, config: Path | None = None) -> AgentSettings:
     """Effective settings for a command given its --state/--config flags."""
     return load_settings(config_file=config, state_dir=state)
+
+
+def effective_for(state: Path | None, config: Path | None = None) -> EffectiveSettings:
+    """Effective settings and the source of each value, for `config show`."""
+    return load_effective(config_file=config, state_dir=state)
 
 
 def state_paths(state: Path | None, config: Path | None = None) -> StatePaths:

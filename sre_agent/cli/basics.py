@@ -10,8 +10,18 @@ from typing import Annotated
 
 import typer
 
-from sre_agent.cli._common import ConfigOpt, JsonOpt, StateOpt, emit_json, out_console, settings_for
+from sre_agent.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    StateOpt,
+    effective_for,
+    emit_json,
+    err_console,
+    out_console,
+    settings_for,
+)
 from sre_agent.provision import provision
+from sre_core.cli import show_value
 from sre_core.paths import StatePaths
 
 __all__ = ["register"]
@@ -39,27 +49,24 @@ def register(app: typer.Typer) -> None:
 
     @config_app.command("show")
     def config_show(state: StateOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-        """Print the effective settings after merging the TOML file and SRE_AGENT_* variables."""
-        settings = settings_for(state, config)
-        data = json.loads(settings.model_dump_json())
+        """Print every effective setting and where it came from (default, provisioning, file, env).
+
+        Precedence, lowest first: defaults, what `sre-agent init` wrote (<state>/device.json), the TOML
+        file, SRE_AGENT_* variables.
+        """
+        eff = effective_for(state, config)
         if json_out:
+            data = json.loads(eff.settings.model_dump_json())
+            data["sources"] = eff.sources
             emit_json(data)
             return
-        from rich.table import Table
+        from sre_core.cli import table
 
-        table = Table(title="effective configuration", show_lines=False)
-        table.add_column("key")
-        table.add_column("value")
-
-        def walk(prefix: str, obj: object) -> None:
-            if isinstance(obj, dict):
-                for k, v in obj.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                table.add_row(prefix, json.dumps(obj))
-
-        walk("", data)
-        out_console().print(table)
+        title = "effective configuration" + (f" (file {eff.config_file})" if eff.config_file else "")
+        t = table(title, ["key", "value", "source"])
+        for key, value, source in eff.rows():
+            t.add_row(key, show_value(value), source)
+        out_console().print(t)
 
     @config_app.command("validate")
     def config_validate(state: StateOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
@@ -83,12 +90,14 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--safe-module", help="Factory safe module MODULE=FILE (repeatable)."),
         ] = None,
+        config: ConfigOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Provision a device: state layout, identity key pair (0600), pinned trust anchor, safe modules.
 
         Idempotent: running it again keeps the existing identity.
         """
+        _check_hub_values(hub, channel)
         result = provision(
             StatePaths(state),
             root=root,
@@ -97,8 +106,9 @@ def register(app: typer.Typer) -> None:
             device_id=device_id,
             safe_modules=safe_module or [],
         )
+        notes = _overridden(state, config, hub, channel)
         if json_out:
-            emit_json(result)
+            emit_json({**result, "notes": notes})
             return
         con = out_console()
         verb = "created" if result["identity_created"] else "kept"
@@ -107,3 +117,40 @@ def register(app: typer.Typer) -> None:
             con.print(f"pinned trust anchor root.json sha256={result['root_sha256']}")
         for m in result.get("safe_modules", []):
             con.print(f"safe module {m['module']} sha256={m['sha256']}")
+        if hub is not None:
+            con.print(f"hub {hub} (channel {channel or 'unchanged'}) recorded in device.json")
+        for n in notes:
+            err_console().print(f"[yellow]note:[/yellow] {n}")
+
+
+def _check_hub_values(hub: str | None, channel: str | None) -> None:
+    """Refuse values provisioning would write but configuration cannot load (before anything is written)."""
+    from pydantic import ValidationError
+
+    from sre_agent.config import HubSettings
+    from sre_core.errors import InputError
+
+    values = {k: v for k, v in (("url", hub), ("channel", channel)) if v is not None}
+    try:
+        HubSettings.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--hub" if err["loc"][0] == "url" else "--channel"
+        raise InputError(
+            f"init {flag} {err.get('input')!r}", err["msg"], "use lower-case letters, digits, '.', '_', '-'"
+        ) from exc
+
+
+def _overridden(state: Path, config: Path | None, hub: str | None, channel: str | None) -> list[str]:
+    """Where the file or environment overrides what `init` just recorded, say so."""
+    eff = effective_for(state, config)
+    notes = []
+    for key, given in (("hub.url", hub), ("hub.channel", channel)):
+        source = eff.sources.get(key, "default")
+        if given is not None and source not in ("provisioning", "default"):
+            value = getattr(eff.settings.hub, key.split(".")[1])
+            notes.append(
+                f"{key} stays {value!r}: the {source} sets it, and it takes precedence over what init "
+                f"recorded ({given!r}); `sre-agent config show` lists every source"
+            )
+    return notes

@@ -27,7 +27,6 @@ from sre_agent.cli._common import (
     out_console,
     settings_for,
 )
-from sre_agent.provision import read_device_file
 from sre_core.errors import InputError, SreError
 from sre_core.paths import StatePaths
 
@@ -98,9 +97,8 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_for(state, config)
         paths = StatePaths(settings.state_dir)
-        device = read_device_file(paths)
-        src = source or device.get("hub") or settings.hub.url
-        ch = channel or device.get("channel") or settings.hub.channel
+        src = source or settings.hub.url  # settings include what `init` provisioned
+        ch = channel or settings.hub.channel
         if not src:
             raise InputError(
                 "pull", "no hub or bundle is configured", "pass --from URL_OR_DIR or run sre-agent init --hub"

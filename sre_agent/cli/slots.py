@@ -182,12 +182,10 @@ def _print_canaries(con: Any, canaries: list[dict[str, Any]]) -> None:
 def _source(paths: StatePaths, src: str | None, channel: str | None, config: Path | None) -> Any:
     """The production source: the TUF puller (held state when offline or refused)."""
     from deployment.pull import Puller, PullError, load_held
-    from sre_agent.provision import read_device_file
 
     settings = settings_for(paths.root, config)
-    device = read_device_file(paths)
-    where = src or device.get("hub") or settings.hub.url
-    ch = channel or device.get("channel") or settings.hub.channel
+    where = src or settings.hub.url  # settings include what `init` provisioned
+    ch = channel or settings.hub.channel
 
     def pull() -> Any:
         if not where:
