@@ -74,6 +74,25 @@ def keygen(out_dir: Path, operator: str, force: bool = False) -> OperatorKeyFile
     return OperatorKeyFiles(key_path, pub, entry.model_dump(exclude_none=True))
 
 
+_FINISHED = {"executed": "executed", "failed": "failed", "reject": "rejected", "expire": "expired"}
+
+
+def _finished(doc: dict[str, Any]) -> str | None:
+    """Why an escalation can no longer be decided (executed, failed, rejected, expired), or None.
+
+    Read from its status and its history (the copy that reached the hub furthest along), so a copy whose
+    status field was reset still shows the execution in its history.
+    """
+    status = str(doc.get("status") or "")
+    if status in _FINISHED.values():
+        return status
+    for h in doc.get("history") or []:
+        event = str(h.get("event", "")) if isinstance(h, dict) else ""
+        if event in _FINISHED:
+            return _FINISHED[event]
+    return None
+
+
 def _progress(doc: dict[str, Any]) -> int:
     return len(doc.get("history") or [])
 
@@ -184,9 +203,17 @@ class HubEscalations:
         roster: OperatorRoster = load_roster(roster_path)
         now = self.clock.now()
         content = doc["content"]
-        if datetime.fromisoformat(str(content["expires_at"])) <= now:
+        finished = _finished(doc)
+        if finished is None and datetime.fromisoformat(str(content["expires_at"])) <= now:
+            finished = "expired"
+        if finished is not None:
+            self.audit.append(
+                "escalation.sign_refused", actor=operator, id=esc_id, decision=decision, why=finished
+            )
             raise InputError(
-                f"{decision} {esc_id}", "the escalation has expired", "wait for the device to re-triage"
+                f"{decision} {esc_id}",
+                f"the escalation is {finished}; nothing is signed for it",
+                "a new incident on the device opens a new escalation",
             )
         approval = sign_approval(
             load_operator_key(key_path),
@@ -204,6 +231,7 @@ class HubEscalations:
             escalation_id=esc_id,
             escalation_hash=doc["content_hash"],
             allowed=[str(a) for a in content["allowed"]],
+            proposed=str(content["proposed_action"]),
             roster=roster,
             now=now,
         )

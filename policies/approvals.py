@@ -206,16 +206,22 @@ def verify_approval(
     escalation_id: str,
     escalation_hash: str,
     allowed: Sequence[str],
+    proposed: str,
     roster: OperatorRoster,
     now: datetime,
 ) -> OperatorEntry:
     """Check every property an approval must have before anything acts on it.
 
+    An approval may name the proposed action or a milder allowed one, never a more severe one: an
+    operator who wants more than the agent proposed must get the incident re-triaged (or act through the
+    operator commands, which are audited as the operator's own action).
+
     Returns the operator's roster entry.
 
     Raises:
         ApprovalError: unknown operator or key, bad signature, another escalation or content,
-            expired or not yet valid, lifetime over policy, or an action not allowed / not permitted.
+            expired or not yet valid, lifetime over policy, or an action not allowed, more severe than
+            the proposed one, or not permitted to this operator.
     """
     what = f"verify approval of {escalation_id} by {approval.operator}"
 
@@ -254,9 +260,25 @@ def verify_approval(
             raise refuse(
                 f"action {approval.action!r} is not allowed for this escalation", "pick an allowed one"
             )
+        if _severity(approval.action) > _severity(proposed):
+            raise refuse(
+                f"action {approval.action!r} is more severe than the proposed {proposed!r}; an approval "
+                "may name the proposed action or a milder one",
+                f"approve {proposed!r} or a milder allowed action, or have the incident re-triaged",
+            )
         if entry.may_approve is not None and approval.action not in entry.may_approve:
             raise refuse(f"operator may not approve {approval.action!r}", "ask an operator who may")
     return entry
+
+
+def _severity(action: str | None) -> int:
+    """Rank of an action (unknown names rank above every known one, so they are never "milder")."""
+    from policies.triage import ACTION_RANK, Action
+
+    try:
+        return ACTION_RANK[Action(str(action))]
+    except ValueError:
+        return len(ACTION_RANK)
 
 
 def generate_operator_key() -> Ed25519PrivateKey:

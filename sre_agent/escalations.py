@@ -14,8 +14,12 @@ Lifecycle, as one table (:data:`TRANSITIONS`)::
     open --expire---> expired
 
 Storage: one JSON file per escalation under ``<state>/escalations/`` (atomic writes, a lock file for
-transitions). Every write is also offered to the telemetry sink as a row of the ``escalations`` table
-(the DuckDB store and its uplink, where wired), and every step is audited.
+transitions). The status field is a convenience copy: "executed once" and "decided once" are enforced by
+the hash-chained audit trail (:meth:`EscalationStore.ledger`), where the start of every execution is
+recorded before the action runs; an escalation the trail records as started, executed, failed, rejected
+or expired is refused whatever its file says, and a broken chain blocks every approval and execution.
+Every write is also offered to the telemetry sink as a row of the ``escalations`` table (the DuckDB store
+and its uplink, where wired), and every step is audited.
 """
 
 from __future__ import annotations
@@ -55,6 +59,16 @@ __all__ = [
 ]
 
 MAX_ESCALATIONS = 5_000
+_DECISIVE = frozenset(
+    {
+        "escalation.execution_started",
+        "escalation.executed",
+        "escalation.failed",
+        "escalation.reject",
+        "escalation.expire",
+    }
+)
+"""Audit events after which an escalation is never decided or executed again."""
 
 
 class EscalationStatus(StrEnum):
@@ -332,16 +346,65 @@ class EscalationStore:
         )
         return updated
 
+    # -- the execution ledger: the hash-chained audit trail, not the status field ------------------
+    def ledger(self) -> dict[str, tuple[str, int]]:
+        """Escalation id -> (the last decisive event, its audit seq), read from the verified audit trail.
+
+        Decisive events: the start of an execution (written before the action runs), its result, a
+        rejection and an expiry. The status field in an escalation file is a convenience copy; whether an
+        escalation may still be decided or executed is answered here.
+
+        Raises:
+            SreError: the audit trail's chain is broken (edited or truncated in the middle): nothing is
+                approved or executed until it is repaired.
+        """
+        _, broken = self.audit.verify()
+        if broken is not None and not broken.reason.startswith("torn final line"):
+            raise SreError(
+                "check the escalation ledger",
+                f"the audit trail is broken at line {broken.line}: {broken.reason}",
+                "treat the device as tampered; no escalation is approved or executed until it is repaired",
+            )
+        out: dict[str, tuple[str, int]] = {}
+        for rec in self.audit.records():
+            if rec.event in _DECISIVE and isinstance(rec.data.get("id"), str):
+                out[str(rec.data["id"])] = (rec.event, rec.seq)
+        return out
+
+    def _refuse_if_finished(self, esc: Escalation, what: str, actor: str) -> None:
+        """Raise (and audit) when the ledger says ``esc`` was already executed, rejected or expired."""
+        seen = self.ledger().get(esc.id)
+        if seen is None:
+            return
+        event, seq = seen
+        self.audit.append(
+            "escalation.replay_refused",
+            actor=actor,
+            id=esc.id,
+            status_field=esc.status.value,
+            ledger=event,
+            seq=seq,
+            what=what,
+        )
+        raise InputError(
+            f"{what} {esc.id}",
+            f"the audit trail records {event} for it (seq {seq}); it cannot be decided or executed again "
+            f"(its file says {esc.status.value})",
+            "a new incident gets a new escalation; compare the file with the copy uploaded to the hub",
+        )
+
     def decide(self, approval: Approval, roster: OperatorRoster) -> Escalation:
         """Apply a signed approval or rejection after verifying it.
 
         Raises:
             ApprovalError: forged, expired, unknown operator, bound to other content, action not
-                allowed. The refusal is audited and nothing changes.
-            InputError: the escalation is unknown or no longer open.
+                allowed or more severe than the proposed one. The refusal is audited and nothing changes.
+            InputError: the escalation is unknown, no longer open, or the audit trail records it as
+                executed, rejected or expired (whatever its status field says; audited).
         """
         with self._locked():
             esc = self.get(approval.escalation_id)
+            self._refuse_if_finished(esc, approval.decision, approval.operator)
             now = self.clock.now()
             try:
                 verify_approval(
@@ -349,6 +412,7 @@ class EscalationStore:
                     escalation_id=esc.id,
                     escalation_hash=esc.content_hash,
                     allowed=esc.allowed,
+                    proposed=esc.proposed_action,
                     roster=roster,
                     now=now,
                 )
@@ -425,6 +489,7 @@ class EscalationStore:
                         escalation_id=esc.id,
                         escalation_hash=esc.content_hash,
                         allowed=esc.allowed,
+                        proposed=esc.proposed_action,
                         roster=roster,
                         now=now,
                     )
@@ -434,6 +499,32 @@ class EscalationStore:
                     done.append((self._transition(esc, E.EXPIRE, "agent", f"not executed: {why}"), None))
                     continue
                 action = Action(str(approval.action))
+                seen = self.ledger().get(esc.id)
+                if seen is not None:
+                    # the file says "approved" but the trail says otherwise: the status field was edited
+                    # (or the agent stopped mid-action). Never act twice; restore the recorded outcome.
+                    event, seq = seen
+                    self.audit.append(
+                        "escalation.replay_refused",
+                        id=esc.id,
+                        status_field=esc.status.value,
+                        ledger=event,
+                        seq=seq,
+                        what="execute",
+                    )
+                    restored = E.EXECUTED if event == "escalation.executed" else E.FAILED
+                    why = f"not executed again: the audit trail records {event} (seq {seq})"
+                    done.append((self._transition(esc, restored, "agent", why), None))
+                    continue
+                # persisted before acting: a crash after this line never leads to a second execution
+                self.audit.append(
+                    "escalation.execution_started",
+                    id=esc.id,
+                    action=action.value,
+                    operator=approval.operator,
+                    content_hash=esc.content_hash,
+                    approval_signature=approval.signature,
+                )
                 result = executor.execute(action, esc.incident(), actor=approval.operator)
                 event = E.EXECUTED if result.ok else E.FAILED
                 updated = self._transition(

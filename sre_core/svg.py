@@ -31,7 +31,10 @@ MAX_POINTS = 2000
 
 
 def _e(s: object) -> str:
-    return html.escape(str(s), quote=True)
+    # every text in a report may come from a device: controls and bidi overrides are shown, not obeyed
+    from sre_core.textsafe import neutralise
+
+    return html.escape(neutralise(s), quote=True)
 
 
 def _fmt(v: float) -> str:

@@ -193,3 +193,88 @@ def test_triage_explain_dry_runs_the_policy(run_cli, tmp_path):
     bad.write_text("kind: not-a-kind\n")
     r = run_cli("sre-agent", "triage", "explain", str(bad))
     assert r.returncode == 2 and "read incident" in r.stderr
+
+
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\u202esafe_mode\u202c \x9b31m\u2066x\u2069\u200b"
+RAW = ["\x1b", "\x07", "\u202e", "\u202c", "\x9b", "\u2066", "\u2069", "\u200b"]
+
+
+def _hostile_escalation(state) -> str:
+    clock = SystemClock()
+    store = EscalationStore(
+        escalations_dir(state), AuditLog(state.audit_log, clock), clock, device_id="dev-7"
+    )
+    base = CASES["pf-active-nolkg"].incident
+    inc = base.model_copy(
+        update={
+            "module": "hostile",
+            "title": "probe failed " + HOSTILE,
+            "opened_at": clock.now(),
+            "evidence": base.evidence.model_copy(update={"logs": ["log " + HOSTILE], "events": []}),
+        }
+    )
+    return store.create(inc, TriageEngine(default_triage_policy()).decide(inc)).id
+
+
+def test_escalation_text_is_neutralised_in_both_clis_and_reports(setup, state, run_cli, tmp_path):
+    """Terminal escapes and bidi controls in a title or log line never reach an operator's terminal."""
+    esc_id = _hostile_escalation(state)
+    outputs = []
+    for args in (["show", esc_id], ["list"]):
+        r = run_cli("sre-agent", "escalations", *args, "--state", str(state.root))
+        assert r.returncode == 0, r.stderr
+        outputs.append(r.stdout)
+    assert "\\x1b" in outputs[0] and "\\u202e" in outputs[0]  # shown, visibly
+    repo = tmp_path / "hub"
+    (repo / "policies").mkdir(parents=True)
+    for args in (["show", esc_id], ["list"]):
+        r = run_cli(
+            "sre-hub", "escalations", *args, "--repo", str(repo), "--from", str(escalations_dir(state))
+        )
+        assert r.returncode == 0, r.stderr
+        outputs.append(r.stdout)
+    assert "\\u202e" in outputs[2]
+    from sre_core.svg import html_table  # every HTML report's cells go through it
+
+    outputs.append(html_table(("what",), [(HOSTILE,)]))
+    for out in outputs:
+        for ch in RAW:
+            assert ch not in out, (repr(ch), out[:300])
+
+
+def test_hub_refuses_to_sign_for_an_executed_or_expired_escalation(setup, state, run_cli, tmp_path):
+    keys, a, b = setup
+    repo = tmp_path / "hub"
+    (repo / "policies").mkdir(parents=True)
+    (repo / "policies" / "operators.yaml").write_text((state.policies / "operators.yaml").read_text())
+    src = tmp_path / "copied"
+    src.mkdir()
+    # what a device uploads after it executed a (different) approval: history says executed
+    doc = json.loads((escalations_dir(state) / f"{a}.json").read_text())
+    doc["status"] = "executed"
+    doc["history"].append({"ts": doc["content"]["created_at"], "event": "executed", "actor": "agent"})
+    (src / f"{a}.json").write_text(json.dumps(doc))
+    # an expired one
+    doc_b = json.loads((escalations_dir(state) / f"{b}.json").read_text())
+    doc_b["status"] = "expired"
+    doc_b["history"].append({"ts": doc_b["content"]["created_at"], "event": "expire", "actor": "agent"})
+    (src / f"{b}.json").write_text(json.dumps(doc_b))
+    for esc_id, word in ((a, "executed"), (b, "expired")):
+        r = run_cli(
+            "sre-hub",
+            "escalations",
+            "approve",
+            esc_id,
+            "--repo",
+            str(repo),
+            "--from",
+            str(src),
+            "--key",
+            str(keys / "alice.key.pem"),
+            "--operator",
+            "alice",
+        )
+        assert r.returncode == 2 and f"is {word}" in r.stderr, r.stderr
+    assert not list((repo / "escalations" / "approvals").glob("*.json"))
+    hub_audit = [x.event for x in AuditLog(repo / "escalations" / "audit.jsonl").records()]
+    assert hub_audit == ["escalation.sign_refused", "escalation.sign_refused"]

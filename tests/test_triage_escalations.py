@@ -332,3 +332,81 @@ def test_finished_escalations_are_pruned_open_ones_kept(world, tmp_path):
     assert world.store.prune(timedelta(days=7)) == [world.esc.id]
     assert [e.id for e in world.store.select()] == [still_open.id]
     assert "escalation.pruned" in world.events()
+
+
+def _mild_escalation(world):
+    """An escalation that proposes alert while safe_mode is among its allowed actions (a host fault)."""
+    inc = world.incident.model_copy(
+        update={"id": "inc-host", "module": "detector", "facts": {"slot": "both", "consecutive_failures": 2}}
+    )
+    decision = TriageEngine(default_triage_policy()).decide(inc)
+    assert decision.escalated and decision.action == Action.ALERT and Action.SAFE_MODE in decision.allowed
+    return world.store.create(inc, decision)
+
+
+def test_an_approval_more_severe_than_proposed_is_refused_and_audited(world):
+    esc = _mild_escalation(world)
+    with pytest.raises(ApprovalError, match="more severe than the proposed 'alert'") as ei:
+        world.store.decide(world.sign(esc=esc, action="safe_mode"), world.roster)
+    assert "approve 'alert' or a milder" in ei.value.message
+    assert world.store.get(esc.id).status == EscalationStatus.OPEN
+    refused = [r for r in world.audit.records() if r.event == "escalation.approval_refused"]
+    assert refused and refused[-1].data["id"] == esc.id and "more severe" in refused[-1].data["why"]
+    # planted into the file after a valid approval of the proposed action, it is refused at execution too
+    world.store.decide(world.sign(esc=esc, action="alert"), world.roster)
+    assert (
+        world.store.execute_approved(world.executor, world.roster)[0][0].status == EscalationStatus.EXECUTED
+    )
+    assert world.ran == [("alert", "inc-host")]
+
+
+def test_a_milder_allowed_action_may_be_approved(world):
+    world.store.decide(world.sign(action="rerun_verification"), world.roster)
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert [e.status for e, _ in done] == [EscalationStatus.EXECUTED]
+    assert world.ran == [("rerun", world.incident.id)]
+
+
+def _edit_status(world, esc_id: str, status: str) -> None:
+    path = world.store.directory / f"{esc_id}.json"
+    doc = json.loads(path.read_text())
+    doc["status"] = status
+    path.write_text(json.dumps(doc))
+
+
+def test_executed_escalation_is_not_replayed_after_its_status_is_edited(world):
+    world.store.decide(world.sign(), world.roster)
+    world.store.execute_approved(world.executor, world.roster)
+    assert world.ran == [("safe_mode", world.incident.id)]
+    # an attacker (or a restored backup) sets the file back to "approved": the ledger says executed
+    _edit_status(world, world.esc.id, "approved")
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert world.ran == [("safe_mode", world.incident.id)]
+    assert [e.status for e, _ in done] == [EscalationStatus.EXECUTED]
+    assert "escalation.replay_refused" in world.events()
+    # set back to "open", a fresh valid approval is refused too (re-approval of an executed escalation)
+    _edit_status(world, world.esc.id, "open")
+    with pytest.raises(InputError, match=r"audit trail records escalation\.executed"):
+        world.store.decide(world.sign(), world.roster)
+    assert world.store.execute_approved(world.executor, world.roster) == []
+    assert world.ran == [("safe_mode", world.incident.id)]
+    assert world.audit.verify()[1] is None
+
+
+def test_an_execution_interrupted_after_it_started_is_never_repeated(world):
+    world.store.decide(world.sign(), world.roster)
+    # the agent wrote its intent and stopped before recording the result (kill -9 mid-action)
+    world.audit.append("escalation.execution_started", id=world.esc.id, action="safe_mode")
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert world.ran == [] and [e.status for e, _ in done] == [EscalationStatus.FAILED]
+
+
+def test_a_broken_audit_chain_blocks_approvals_and_execution(world):
+    world.store.decide(world.sign(), world.roster)
+    lines = world.audit.path.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["actor"] = "someone-else"
+    world.audit.path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(SreError, match="audit trail is broken"):
+        world.store.execute_approved(world.executor, world.roster)
+    assert world.ran == []

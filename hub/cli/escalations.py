@@ -44,6 +44,12 @@ def _hub(repo: Path) -> Any:
 
 
 def _row(doc: dict[str, Any]) -> dict[str, str]:
+    from sre_core.textsafe import neutralise_tree
+
+    return dict(neutralise_tree(_raw_row(doc)))
+
+
+def _raw_row(doc: dict[str, Any]) -> dict[str, str]:
     c = doc["content"]
     inc = c["incident"]
     return {
@@ -102,19 +108,23 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json(doc)
             return
+        from sre_core.textsafe import neutralise_tree
+
+        # device-supplied text (titles, logs, summaries) is shown with controls and bidi neutralised
+        doc = neutralise_tree(doc)
         c = doc["content"]
         con = out_console()
-        con.print(f"[bold]{doc['id']}[/bold] on {doc.get('device_id')}  status {doc.get('status')}")
+        con.print(f"{doc['id']} on {doc.get('device_id')}  status {doc.get('status')}", markup=False)
         con.print(f"what: {c['what']}", markup=False)
         con.print(f"proposed: {c['proposed_action']}  allowed: {', '.join(c['allowed'])}", markup=False)
-        con.print(f"expires {c['expires_at']}  content hash {doc['content_hash']}")
+        con.print(f"expires {c['expires_at']}  content hash {doc['content_hash']}", markup=False)
         for reason in c["why"]:
             con.print(f"  - {reason}", markup=False)
         con.print(f"summary: {c['llm_summary']}", markup=False)
         con.print(f"device state: {json.dumps(c['device_state'])}", markup=False)
         con.print(f"incident: {json.dumps(c['incident'], indent=1)}", markup=False)
         for name in doc.get("hub_decisions", []):
-            con.print(f"signed here: {name}")
+            con.print(f"signed here: {name}", markup=False)
 
     def _decide(
         decision: Literal["approve", "reject"],

@@ -50,6 +50,12 @@ def _roster(paths: Any) -> Any:
 
 
 def _summary_row(esc: Any) -> dict[str, Any]:
+    from sre_core.textsafe import neutralise_tree
+
+    return dict(neutralise_tree(_raw_row(esc)))
+
+
+def _raw_row(esc: Any) -> dict[str, Any]:
     inc = esc.content["incident"]
     return {
         "id": esc.id,
@@ -127,9 +133,11 @@ def _register_triage(app: typer.Typer) -> None:
         verb = "escalate, proposing" if d.escalated else "execute"
         now = ", ".join(a.value for a in d.execute_now)
         con.print(f"verdict: [bold]{verb} {d.action.value}[/bold]; runs now: {now}")
+        from sre_core.textsafe import neutralise
+
         for r in d.reasons:
-            con.print(f"  - {r}", markup=False)
-        con.print(f"summary: {d.summary}", markup=False)
+            con.print(f"  - {neutralise(r)}", markup=False)
+        con.print(f"summary: {neutralise(d.summary)}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -186,12 +194,17 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json(json.loads(esc.model_dump_json()))
             return
-        c = esc.content
+        from sre_core.textsafe import neutralise, neutralise_tree
+
+        # everything below may carry text from logs, titles or the model: shown, never obeyed
+        c = neutralise_tree(esc.content)
         con = out_console()
         con.print(f"[bold]{esc.id}[/bold]  status [bold]{esc.status.value}[/bold]  hash {esc.content_hash}")
         con.print(f"what: {c['what']}", markup=False)
-        con.print(f"proposed: [bold]{c['proposed_action']}[/bold]  allowed: {', '.join(c['allowed'])}")
-        con.print(f"created {c['created_at']}  expires {c['expires_at']}  device {c['device_id']}")
+        con.print(f"proposed: {c['proposed_action']}  allowed: {', '.join(c['allowed'])}", markup=False)
+        con.print(
+            f"created {c['created_at']}  expires {c['expires_at']}  device {c['device_id']}", markup=False
+        )
         con.print("why:")
         for reason in c["why"]:
             con.print(f"  - {reason}", markup=False)
@@ -212,7 +225,7 @@ def register(app: typer.Typer) -> None:
         for line in ev["logs"]:
             con.print(f"log (untrusted): {line!r}", markup=False)
         for h in esc.history:
-            con.print(f"  {h.ts.isoformat()} {h.event} by {h.actor} {h.detail}", markup=False)
+            con.print(neutralise(f"  {h.ts.isoformat()} {h.event} by {h.actor} {h.detail}"), markup=False)
 
     def _decide(
         decision: str,
