@@ -1,16 +1,17 @@
-"""The hub's fleet data: enrolled devices, the telemetry lake, reported/attested state, the review queue.
+"""The hub's fleet data: enrolled devices, replay nonces, landed batches, reported/attested state, the
+review queue (all in the hub's relational store, :mod:`hub.store`) and the telemetry lake
+(:mod:`hub.lake`, a local directory or object storage).
 
-Layout under ``<repo>/fleet/`` (the fleet dir)::
+Ingest is contained: a batch lands only when its table is in the shared registry
+(:mod:`sre_core.telemetry_schema`) and its columns are exactly that table's (plus ``device_id``), every
+row belongs to the signing device, it has between 1 and :data:`MAX_BATCH_ROWS` rows, its declared
+uncompressed size is at most :data:`MAX_UNCOMPRESSED_BYTES` (checked from the Parquet footer before any
+page is decompressed), and record bodies are JSON objects (escalations: a verifiable document shape).
+Each row lands in the partition of its own UTC day.
 
-    devices.json                       enrolled devices: id -> key, enrolled_at, revoked_at
-    lake/table=<t>/date=<d>/<id>.parquet   landed batches (Hive layout: DuckDB here, Trino/Spark/ClickHouse
-                                       on object storage read the same tree)
-    receipts/<id>.json                 one per landed batch: the idempotency record
-    state/<device>.json                reported state: last seen, batches, rows, latest verified attestation
-    review/<id>.json                   device feedback waiting for an operator; never applied to policy
-
-Every file is written atomically; landing writes the Parquet file before its receipt, so a crash in
-between only means the same bytes are written again on the device's retry.
+Landing writes the lake files first (named by batch id, so a retry overwrites the same names) and then,
+in one transaction, the receipt, the device's counters and any review item: a crash in between only
+means the device's retry writes the same bytes again.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import hashlib
 import io
 import json
 import re
-import threading
+import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +31,36 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import delete, func, select, update
 
-from sre_core.atomic import atomic_write_bytes, atomic_write_json
+from hub.lake import Lake
+from hub.store import HubStore, open_store, store_config
+from hub.store._schema import device_state, devices, nonces, receipts, review_queue
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError, SreError
-from sre_core.signing import DEVICE_STATE_PREDICATE, INTOTO_STATEMENT, SignatureRefused, dsse_verify
+from sre_core.signing import (
+    DEVICE_STATE_PREDICATE,
+    INTOTO_STATEMENT,
+    NonceCache,
+    SignatureRefused,
+    dsse_verify,
+)
+from sre_core.telemetry_schema import RECORD_TABLES, TABLES
 
 __all__ = [
     "ATTESTATION_PREDICATE",
+    "MAX_BATCH_ROWS",
+    "MAX_UNCOMPRESSED_BYTES",
     "DeviceRecord",
     "FleetDB",
     "LandResult",
+    "SharedNonces",
 ]
 
 ATTESTATION_PREDICATE = DEVICE_STATE_PREDICATE
+MAX_BATCH_ROWS = 1_000_000
+MAX_UNCOMPRESSED_BYTES = 256 * 1024 * 1024
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _BATCH_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -95,57 +109,160 @@ def _load_ed25519(pem: str) -> Ed25519PublicKey:
     return key
 
 
-class FleetDB:
-    """Registry and lake under one fleet directory. Thread-safe within a process.
+class SharedNonces(NonceCache):
+    """Replay protection shared by every replica: nonces live in the database for twice the window.
 
-    Args:
-        fleet_dir: e.g. ``<repo>/fleet``.
-        clock: time for enrolment/revocation stamps and reported state.
+    Bounded by time, not by count: rows older than ``2 * window_s`` are deleted (at most once per
+    ``window_s / 10`` per process), and a request that old is refused as stale before its nonce is read.
     """
 
-    def __init__(self, fleet_dir: Path, clock: Clock | None = None) -> None:
+    def __init__(self, store: HubStore, window_s: float = 300.0) -> None:
+        super().__init__(window_s)
+        self.store = store
+        self._pruned = 0.0
+
+    def check_and_add(self, key_id: str, nonce: str, created: int, now: float) -> bool:
+        if len(nonce) > 128:
+            return False
+        with self.store.tx() as conn:
+            if now - self._pruned > self.window_s / 10:
+                conn.execute(delete(nonces).where(nonces.c.created < int(now - 2 * self.window_s)))
+                self._pruned = now
+            res = conn.execute(
+                self.store.insert(nonces)
+                .values(key_id=key_id, nonce=nonce, created=created)
+                .on_conflict_do_nothing()
+            )
+            return bool(res.rowcount == 1)
+
+
+def _refuse(what: str, why: str, fix: str = "upgrade the agent") -> InputError:
+    return InputError(what, why, fix)
+
+
+def _json_object(text: Any) -> dict[str, Any] | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def escalation_document(body: Any) -> dict[str, Any] | None:
+    """The escalation document inside an ``escalations`` row body, or None when it is not one."""
+    outer = _json_object(body)
+    doc = _json_object(outer.get("document")) if outer else None
+    if doc is None:
+        return None
+    content = doc.get("content")
+    if not (isinstance(doc.get("id"), str) and isinstance(doc.get("content_hash"), str)):
+        return None
+    if not isinstance(content, dict) or not isinstance(content.get("incident"), dict):
+        return None
+    need = ("created_at", "proposed_action", "what", "expires_at")
+    if not all(isinstance(content.get(k), str) for k in need) or not isinstance(content.get("allowed"), list):
+        return None
+    return doc
+
+
+def validate_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, pa.Table]:
+    """The registry table name and the rows of a sealed batch, or a refusal.
+
+    Raises:
+        InputError: not Parquet, unknown table, columns or types not the registry's, rows of another
+            device, no rows, too many rows or too large once decompressed, malformed record bodies.
+    """
+    what = f"land batch {batch_id[:16]} from {device_id}"
+    try:
+        pf = pq.ParquetFile(io.BytesIO(payload))
+        md = pf.metadata
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _refuse(what, f"not a Parquet file ({exc})", "re-seal the batch") from exc
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (md.metadata or {}).items()}
+    table = meta.get("sre.table", "")
+    spec = TABLES.get(table)
+    if spec is None:
+        raise _refuse(what, f"unknown table {table[:64]!r} (not in the telemetry registry)")
+    if meta.get("sre.device") != device_id:
+        raise _refuse(what, "the batch names another device", "a device uploads only its own data")
+    if md.num_rows < 1:
+        raise _refuse(what, "the batch has no rows", "seal batches with at least one row")
+    if md.num_rows > MAX_BATCH_ROWS:
+        raise _refuse(what, f"{md.num_rows} rows (limit {MAX_BATCH_ROWS})", "seal smaller batches")
+    size = sum(
+        md.row_group(i).column(j).total_uncompressed_size
+        for i in range(md.num_row_groups)
+        for j in range(md.num_columns)
+    )
+    if size > MAX_UNCOMPRESSED_BYTES:
+        raise _refuse(what, f"{size} bytes uncompressed (limit {MAX_UNCOMPRESSED_BYTES})", "seal smaller")
+    expected = pa.schema([*spec.full_schema, pa.field("device_id", pa.string())])
+    got = pf.schema_arrow
+    if sorted(got.names) != sorted(expected.names) or any(
+        not got.field(f.name).type.equals(f.type) for f in expected
+    ):
+        raise _refuse(what, f"columns are not those of table {table!r}: {got.names}")
+    try:
+        tbl = pf.read().select(expected.names).cast(expected)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _refuse(what, f"unreadable rows ({exc})", "re-seal the batch") from exc
+    if tbl.num_rows != md.num_rows:
+        raise _refuse(what, "row count does not match the footer", "re-seal the batch")
+    if tbl.column("ts").null_count:
+        raise _refuse(what, "rows without a timestamp")
+    if pc.unique(tbl.column("device_id")).to_pylist() != [device_id]:
+        raise _refuse(what, "rows of another device inside", "a device uploads only its own data")
+    if table in RECORD_TABLES:
+        bodies = tbl.column("body").to_pylist()
+        check = escalation_document if table == "escalations" else _json_object
+        bad = sum(1 for b in bodies if check(b) is None)
+        if bad:
+            raise _refuse(what, f"{bad} {table} row(s) whose body is not a valid record")
+    return table, tbl
+
+
+class FleetDB:
+    """Registry, nonces, receipts and state in the hub store; batches in the lake.
+
+    Args:
+        fleet_dir: ``<repo>/fleet`` (the store and lake locations come from ``<repo>/hub.toml``).
+        clock: time for enrolment/revocation stamps and reported state.
+        store: an open store to share (default: the repository's configured one).
+        lake: the lake to land into (default: the repository's configured one).
+    """
+
+    def __init__(
+        self,
+        fleet_dir: Path,
+        clock: Clock | None = None,
+        store: HubStore | None = None,
+        lake: Lake | None = None,
+    ) -> None:
         self.root = Path(fleet_dir)
         self.clock = clock or SystemClock()
-        self._lock = threading.RLock()
-        self._devices: dict[str, DeviceRecord] = {}
-        self._mtime: float | None = None
+        conf = store_config(self.root.parent)
+        self.store = store or open_store(conf.database_url)
+        self.lake = lake or Lake(conf.lake_url)
 
     # ---- devices ---------------------------------------------------------------------------------
 
-    @property
-    def devices_file(self) -> Path:
-        return self.root / "devices.json"
-
-    @property
-    def lake(self) -> Path:
-        return self.root / "lake"
-
-    def _reload(self) -> None:
-        """Pick up enrolments/revocations made by another process (the CLI) since the last read."""
-        try:
-            mtime = self.devices_file.stat().st_mtime_ns
-        except FileNotFoundError:
-            self._devices, self._mtime = {}, None
-            return
-        if mtime == self._mtime:
-            return
-        doc = json.loads(self.devices_file.read_text())
-        self._devices = {
-            d: DeviceRecord(d, v["key_pem"], v["enrolled_at"], v.get("revoked_at")) for d, v in doc.items()
-        }
-        self._mtime = mtime
-
-    def _save(self) -> None:
-        atomic_write_json(self.devices_file, {d: r.to_dict() for d, r in sorted(self._devices.items())})
-        self._mtime = None
+    @staticmethod
+    def _rec(row: Any) -> DeviceRecord:
+        return DeviceRecord(row.device_id, row.key_pem, row.enrolled_at, row.revoked_at)
 
     def devices(self) -> list[DeviceRecord]:
-        with self._lock:
-            self._reload()
-            return sorted(self._devices.values(), key=lambda r: r.device_id)
+        with self.store.tx() as conn:
+            return [self._rec(r) for r in conn.execute(select(devices).order_by(devices.c.device_id))]
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        with self.store.tx() as conn:
+            row = conn.execute(select(devices).where(devices.c.device_id == device_id)).first()
+        return self._rec(row) if row is not None else None
 
     def enroll(self, device_id: str, key_pem: str) -> DeviceRecord:
-        """Enroll a device key (idempotent for the same key).
+        """Enroll a device key (idempotent for the same key); one transaction.
 
         Raises:
             InputError: bad id or key; the id is enrolled with another key; the id was revoked.
@@ -155,44 +272,42 @@ class FleetDB:
                 f"enroll device {device_id!r}", "not a valid device id", "use letters, digits, . _ -"
             )
         _load_ed25519(key_pem)
-        with self._lock:
-            self._reload()
-            old = self._devices.get(device_id)
-            if old is not None:
-                if old.revoked:
-                    raise InputError(
-                        f"enroll device {device_id}",
-                        f"it was revoked at {old.revoked_at}",
-                        "provision the device again with a new identity (a new id)",
-                    )
-                if old.key_pem.strip() != key_pem.strip():
-                    raise InputError(
-                        f"enroll device {device_id}",
-                        "it is already enrolled with a different key",
-                        f"revoke it first (sre-hub devices revoke {device_id}) and re-provision",
-                    )
-                return old
-            rec = DeviceRecord(device_id, key_pem.strip() + "\n", self.clock.now().isoformat(), None)
-            self._devices[device_id] = rec
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._save()
-            return rec
+        pem = key_pem.strip() + "\n"
+        with self.store.tx() as conn:
+            conn.execute(
+                self.store.insert(devices)
+                .values(device_id=device_id, key_pem=pem, enrolled_at=self.clock.now().isoformat())
+                .on_conflict_do_nothing()
+            )
+            rec = self._rec(conn.execute(select(devices).where(devices.c.device_id == device_id)).one())
+        if rec.revoked:
+            raise InputError(
+                f"enroll device {device_id}",
+                f"it was revoked at {rec.revoked_at}",
+                "provision the device again with a new identity (a new id)",
+            )
+        if rec.key_pem.strip() != pem.strip():
+            raise InputError(
+                f"enroll device {device_id}",
+                "it is already enrolled with a different key",
+                f"revoke it first (sre-hub devices revoke {device_id}) and re-provision",
+            )
+        return rec
 
     def revoke(self, device_id: str) -> DeviceRecord:
-        """Refuse ``device_id`` from now on. Raises InputError when it is not enrolled."""
-        with self._lock:
-            self._reload()
-            old = self._devices.get(device_id)
-            if old is None:
-                raise InputError(
-                    f"revoke device {device_id}", "no such enrolled device", "see sre-hub devices list"
-                )
-            if old.revoked:
-                return old
-            rec = DeviceRecord(device_id, old.key_pem, old.enrolled_at, self.clock.now().isoformat())
-            self._devices[device_id] = rec
-            self._save()
-            return rec
+        """Refuse ``device_id`` from now on (one transaction). Raises InputError when it is not enrolled."""
+        with self.store.tx() as conn:
+            conn.execute(
+                update(devices)
+                .where(devices.c.device_id == device_id, devices.c.revoked_at.is_(None))
+                .values(revoked_at=self.clock.now().isoformat())
+            )
+            row = conn.execute(select(devices).where(devices.c.device_id == device_id)).first()
+        if row is None:
+            raise InputError(
+                f"revoke device {device_id}", "no such enrolled device", "see sre-hub devices list"
+            )
+        return self._rec(row)
 
     def resolve_key(self, device_id: str) -> Ed25519PublicKey:
         """The enrolled key of ``device_id``.
@@ -200,102 +315,124 @@ class FleetDB:
         Raises:
             SignatureRefused: unknown-device or revoked.
         """
-        with self._lock:
-            self._reload()
-            rec = self._devices.get(device_id)
+        rec = self.device(device_id) if _ID_RE.match(device_id) else None
         if rec is None:
-            raise SignatureRefused("unknown-device", f"{device_id!r} is not enrolled")
+            raise SignatureRefused("unknown-device", f"{device_id[:128]!r} is not enrolled")
         if rec.revoked:
             raise SignatureRefused("revoked", f"{device_id} was revoked at {rec.revoked_at}")
         return _load_ed25519(rec.key_pem)
 
+    def nonces(self, window_s: float = 300.0) -> SharedNonces:
+        """The replay cache shared through the database."""
+        return SharedNonces(self.store, window_s)
+
     # ---- batches ---------------------------------------------------------------------------------
+
+    def _receipt(self, batch_id: str) -> LandResult | None:
+        with self.store.tx() as conn:
+            r = conn.execute(select(receipts).where(receipts.c.batch_id == batch_id)).first()
+        return None if r is None else LandResult("duplicate", batch_id, r.table_name, int(r.rows), r.path)
 
     def land_batch(self, device_id: str, batch_id: str, payload: bytes) -> LandResult:
         """Validate and land one sealed batch (idempotent by batch id).
 
         Raises:
-            InputError: the id does not match the content, or the content is not a batch of this device.
+            InputError: the id does not match the content, or the content is refused (see the module).
         """
         what = f"land batch {batch_id[:16]} from {device_id}"
         if not _BATCH_RE.match(batch_id) or hashlib.sha256(payload).hexdigest()[:40] != batch_id:
             raise InputError(what, "the batch id is not the sha256 of its content", "re-seal the batch")
-        receipt = self.root / "receipts" / f"{batch_id}.json"
-        with self._lock:
-            if receipt.exists():
-                r = json.loads(receipt.read_text())
-                return LandResult("duplicate", batch_id, r["table"], int(r["rows"]), r["path"])
-        try:
-            tbl = pq.read_table(io.BytesIO(payload))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(what, f"not a Parquet file ({exc})", "re-seal the batch") from exc
-        meta = {k.decode(): v.decode() for k, v in (tbl.schema.metadata or {}).items()}
-        table = meta.get("sre.table", "")
-        if not _TABLE_RE.match(table):
-            raise InputError(what, f"bad table name {table!r}", "upgrade the agent")
-        if meta.get("sre.device") != device_id or "device_id" not in tbl.column_names:
-            raise InputError(what, "the batch names another device", "a device uploads only its own data")
-        devs = pc.unique(tbl.column("device_id")).to_pylist()
-        if devs and devs != [device_id]:
-            raise InputError(what, "rows of another device inside", "a device uploads only its own data")
-        date = "unknown"
-        if "ts" in tbl.column_names and tbl.num_rows:
-            lo = pc.min(tbl.column("ts")).as_py()
-            if isinstance(lo, datetime):
-                date = lo.date().isoformat()
-        rel = Path("lake") / f"table={table}" / f"date={date}" / f"{batch_id}.parquet"
-        with self._lock:
-            if receipt.exists():
-                r = json.loads(receipt.read_text())
-                return LandResult("duplicate", batch_id, r["table"], int(r["rows"]), r["path"])
-            atomic_write_bytes(self.root / rel, payload)
-            if table == "feedback":
-                self._queue_review(device_id, batch_id, tbl)
-            atomic_write_json(
-                receipt,
-                {
-                    "batch_id": batch_id,
-                    "device_id": device_id,
-                    "table": table,
-                    "rows": tbl.num_rows,
-                    "path": str(rel),
-                    "received": self.clock.now().isoformat(),
-                },
-            )
-            self._touch_state(device_id, table, tbl.num_rows)
-        return LandResult("stored", batch_id, table, tbl.num_rows, str(rel))
+        dup = self._receipt(batch_id)
+        if dup is not None:
+            return dup
+        table, tbl = validate_batch(device_id, batch_id, payload)
+        paths = self.lake.write(table, batch_id, tbl)
+        now = self.clock.now().isoformat()
+        with self.store.tx() as conn:
+            arrival = conn.execute(select(func.coalesce(func.max(receipts.c.arrival), 0))).scalar_one()
+            res = conn.execute(
+                self.store.insert(receipts)
+                .values(
+                    batch_id=batch_id, device_id=device_id, table_name=table, rows=tbl.num_rows,
+                    path=",".join(paths), received=now, arrival=int(arrival) + 1,
+                )
+                .on_conflict_do_nothing()
+            )  # fmt: skip
+            if res.rowcount == 1:
+                self._touch_state(conn, device_id, table, tbl.num_rows, now)
+                if table == "feedback":
+                    items = [json.loads(b) for b in tbl.column("body").to_pylist()]
+                    conn.execute(
+                        self.store.insert(review_queue)
+                        .values(batch_id=batch_id, device_id=device_id, status="pending",
+                                items_json=json.dumps(items))
+                        .on_conflict_do_nothing()
+                    )  # fmt: skip
+                return LandResult("stored", batch_id, table, tbl.num_rows, ",".join(paths))
+        found = self._receipt(batch_id)  # landed concurrently by another request or replica
+        if found is None:
+            raise SreError(what, "the receipt vanished while landing", "retry the upload")
+        return found
 
-    def _queue_review(self, device_id: str, batch_id: str, tbl: pa.Table) -> None:
-        items = [json.loads(b) for b in tbl.column("body").to_pylist()] if "body" in tbl.column_names else []
-        atomic_write_json(
-            self.root / "review" / f"{batch_id}.json",
-            {"device_id": device_id, "batch_id": batch_id, "status": "pending", "items": items},
+    def _touch_state(self, conn: Any, device_id: str, table: str, rows: int, now: str) -> None:
+        conn.execute(
+            self.store.insert(device_state)
+            .values(device_id=device_id, batches=0, rows_json="{}")
+            .on_conflict_do_nothing()
         )
+        st = conn.execute(
+            select(device_state).where(device_state.c.device_id == device_id).with_for_update()
+        ).one()
+        per = json.loads(st.rows_json)
+        per[table] = int(per.get(table, 0)) + rows
+        conn.execute(
+            update(device_state)
+            .where(device_state.c.device_id == device_id)
+            .values(
+                last_seen=now, batches=device_state.c.batches + 1, rows_json=json.dumps(per, sort_keys=True)
+            )
+        )
+
+    def receipts(self, limit: int = 100_000) -> list[dict[str, Any]]:
+        """Landed batches in arrival order (the idempotency records)."""
+        with self.store.tx() as conn:
+            rows = conn.execute(
+                select(receipts).order_by(receipts.c.arrival, receipts.c.received).limit(limit)
+            )
+            return [
+                {"batch_id": r.batch_id, "device_id": r.device_id, "table": r.table_name, "rows": int(r.rows),
+                 "path": r.path, "received": r.received}
+                for r in rows
+            ]  # fmt: skip
 
     def review_queue(self) -> list[dict[str, Any]]:
         """Device feedback waiting for an operator (never applied automatically)."""
-        d = self.root / "review"
-        return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+        with self.store.tx() as conn:
+            rows = conn.execute(select(review_queue).order_by(review_queue.c.batch_id)).all()
+        return [
+            {
+                "device_id": r.device_id,
+                "batch_id": r.batch_id,
+                "status": r.status,
+                "items": json.loads(r.items_json),
+            }
+            for r in rows
+        ]
 
     # ---- reported / attested state ---------------------------------------------------------------
 
-    def _state_path(self, device_id: str) -> Path:
-        return self.root / "state" / f"{device_id}.json"
-
     def state(self, device_id: str) -> dict[str, Any]:
         """Reported state of a device ({} when it never reported)."""
-        p = self._state_path(device_id)
-        return dict(json.loads(p.read_text())) if p.exists() else {}
-
-    def _touch_state(self, device_id: str, table: str, rows: int) -> None:
-        st = self.state(device_id)
-        st["device_id"] = device_id
-        st["last_seen"] = self.clock.now().isoformat()
-        st["batches"] = int(st.get("batches", 0)) + 1
-        per = dict(st.get("rows", {}))
-        per[table] = int(per.get(table, 0)) + rows
-        st["rows"] = per
-        atomic_write_json(self._state_path(device_id), st)
+        with self.store.tx() as conn:
+            r = conn.execute(select(device_state).where(device_state.c.device_id == device_id)).first()
+        if r is None:
+            return {}
+        out: dict[str, Any] = {"device_id": device_id}
+        if r.last_seen is not None:
+            out.update(last_seen=r.last_seen, batches=int(r.batches), rows=json.loads(r.rows_json))
+        if r.attested_json is not None:
+            out.update(attested=json.loads(r.attested_json), attested_received=r.attested_received)
+        return out
 
     def land_attestation(self, device_id: str, envelope: bytes) -> dict[str, Any]:
         """Verify a device-state attestation (DSSE, in-toto) and keep it as the device's attested state.
@@ -314,6 +451,7 @@ class FleetDB:
                 stmt["_type"] == INTOTO_STATEMENT
                 and stmt["predicateType"] == ATTESTATION_PREDICATE
                 and subject["name"] == device_id
+                and isinstance(predicate, dict)
             )
             digest = hashlib.sha256(
                 json.dumps(predicate, sort_keys=True, separators=(",", ":")).encode()
@@ -322,34 +460,34 @@ class FleetDB:
             raise SignatureRefused("malformed", f"not a device-state statement ({exc})") from exc
         if not ok or subject.get("digest", {}).get("sha256") != digest:
             raise SignatureRefused("malformed", "statement type, subject or digest does not match")
-        with self._lock:
-            st = self.state(device_id)
-            prev = st.get("attested") or {}
-            if str(predicate.get("time", "")) >= str(prev.get("time", "")):
-                st["device_id"] = device_id
-                st["attested"] = predicate
-                st["attested_received"] = self.clock.now().isoformat()
-                atomic_write_json(self._state_path(device_id), st)
+        t = str(predicate.get("time", ""))[:64]
+        with self.store.tx() as conn:
+            conn.execute(
+                self.store.insert(device_state)
+                .values(device_id=device_id, batches=0, rows_json="{}")
+                .on_conflict_do_nothing()
+            )
+            st = conn.execute(
+                select(device_state).where(device_state.c.device_id == device_id).with_for_update()
+            ).one()
+            if t >= (st.attested_time or ""):
+                conn.execute(
+                    update(device_state)
+                    .where(device_state.c.device_id == device_id)
+                    .values(attested_json=json.dumps(predicate), attested_time=t,
+                            attested_received=self.clock.now().isoformat())
+                )  # fmt: skip
         return dict(predicate)
 
     # ---- queries ---------------------------------------------------------------------------------
 
     def tables(self) -> list[str]:
-        if not self.lake.is_dir():
-            return []
-        return sorted(p.name.split("=", 1)[1] for p in self.lake.glob("table=*") if p.is_dir())
+        """Lake tables that are in the registry (anything else is never queried)."""
+        return [t for t in self.lake.tables() if t in TABLES]
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB with one view per lake table (Hive partitions ``table``, ``date``)."""
-        con = duckdb.connect()
-        con.execute("SET TimeZone = 'UTC'")
-        for t in self.tables():
-            glob = str(self.lake / f"table={t}" / "*" / "*.parquet").replace("'", "''")
-            con.execute(
-                f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true, "  # noqa: S608
-                "union_by_name = true)"
-            )
-        return con
+        """An in-memory DuckDB with one view per lake table (Hive partition ``date``)."""
+        return self.lake.connect()
 
     def query(self, sql: str) -> pa.Table:
         """Run SQL over the lake. Raises InputError on a bad query."""
@@ -362,6 +500,12 @@ class FleetDB:
             ) from exc
         finally:
             con.close()
+
+    def compact(self, max_files: int = 1) -> dict[str, Any]:
+        """Merge small lake files (see :meth:`hub.lake.Lake.compact`)."""
+        t0 = time.monotonic()
+        out = self.lake.compact(max_files)
+        return {**out, "seconds": round(time.monotonic() - t0, 3)}
 
 
 def require_fleet_dir(fleet_dir: Path) -> Path:

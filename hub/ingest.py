@@ -1,17 +1,26 @@
 """Hub ingest: the HTTP routes devices upload sealed batches and attestations to.
 
 Every request must carry an RFC 9421 signature by an enrolled, unrevoked device key, with a fresh
-``created`` and an unused nonce (:mod:`sre_core.signing`). Refusals: 401 (unsigned, malformed, forged,
-stale, replayed, unknown device), 403 (revoked), 400 (content that is not a batch of that device),
-413 (too large). Batches are idempotent by id: a second upload of the same id answers 200 "duplicate".
+``created`` and an unused nonce (:mod:`sre_core.signing`); nonces are shared by every replica through
+the hub database. Nothing is buffered before it is authenticated: the declared ``Content-Length`` is
+checked against the limit and the signature over the headers (which covers ``Content-Digest``) is
+verified first; only then is the body read, bounded by the declared length, and matched against the
+signed digest. Refusals: 401 (unsigned, malformed, forged, stale, replayed, unknown device), 403
+(revoked), 400 (content that is not a batch of that device, see :mod:`hub.fleetdb`), 411 (no length),
+413 (too large), 415 (content-encoded bodies). Batches are idempotent by id: a second upload of the
+same id answers 200 "duplicate".
 
 Plug into the hub app with ``build_hub_app(repo, extra_routes=ingest_routes(repo / "fleet"))``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -21,7 +30,7 @@ from starlette.routing import Route
 from hub.fleetdb import FleetDB
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
-from sre_core.signing import NonceCache, SignatureRefused, verify_request
+from sre_core.signing import SignatureRefused, verify_request
 
 __all__ = ["ATTEST_PATH", "BATCH_PATH", "MAX_BODY_BYTES", "ingest_routes"]
 
@@ -35,18 +44,60 @@ class _TooLargeError(Exception):
     pass
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+class _NoLengthError(Exception):
+    pass
+
+
+class _EncodedError(Exception):
+    pass
+
+
+_DIGESTS: dict[str, Callable[[bytes], Any]] = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
+
+
+def declared_length(headers: Any, limit: int) -> int:
+    """The body length a request declares. Raises _NoLengthError / _TooLargeError."""
+    declared = str(headers.get("content-length") or "")
+    if not declared.isdigit():
+        raise _NoLengthError()
+    if int(declared) > limit:
         raise _TooLargeError()
+    return int(declared)
+
+
+async def read_declared(request: Request, length: int) -> bytes:
+    """Read exactly the declared body; more than declared is refused as too large."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
+        if size > length:
             raise _TooLargeError()
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def check_digest(content_digest: str | None, body: bytes) -> None:
+    """Match the body against the (signed) ``Content-Digest`` header (RFC 9530).
+
+    Raises:
+        SignatureRefused: forged (no known algorithm, or a digest that does not match the body).
+    """
+    matched = False
+    for item in (content_digest or "").split(","):
+        alg, _, value = item.strip().partition("=")
+        fn = _DIGESTS.get(alg.strip().lower())
+        if fn is None:
+            continue
+        try:
+            want = base64.b64decode(value.strip().strip(":"), validate=True)
+        except ValueError:
+            raise SignatureRefused("malformed", "Content-Digest is not base64") from None
+        if fn(body).digest() != want:
+            raise SignatureRefused("forged", "the body does not match the signed Content-Digest")
+        matched = True
+    if not matched:
+        raise SignatureRefused("forged", "no sha-256/sha-512 Content-Digest covers the body")
 
 
 def _refused(exc: SignatureRefused) -> JSONResponse:
@@ -66,34 +117,43 @@ def ingest_routes(
     Args:
         fleet_dir: where devices.json and the lake live (normally ``<repo>/fleet``).
         clock: the hub clock for signature freshness.
-        window_s: allowed skew of ``created``; nonces are remembered this long.
+        window_s: allowed skew of ``created``; nonces are remembered (in the database) twice this long.
         fleet: an existing FleetDB to share (default: one over ``fleet_dir``).
     """
     clk = clock or SystemClock()
     db = fleet or FleetDB(fleet_dir, clk)
-    nonces = NonceCache(window_s)
+    nonces = db.nonces(window_s)
 
-    async def _verified(request: Request, body: bytes) -> str:
+    async def _authenticated_body(request: Request, limit: int) -> tuple[str, bytes]:
+        """Verify the signed headers, then read and digest-check the body (see the module docstring)."""
+        if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            raise _EncodedError()
+        length = declared_length(request.headers, limit)
         vr = await run_in_threadpool(
             verify_request,
             request.method,
             str(request.url),
             [(k, v) for k, v in request.headers.items()],
-            body,
+            cast(bytes, None),  # headers only: the body is not read yet
             db.resolve_key,
             clk.now().timestamp(),
             nonces,
         )
-        return vr.key_id
+        body = await read_declared(request, length)
+        check_digest(request.headers.get("content-digest"), body)
+        return vr.key_id, body
 
     async def batch(request: Request) -> JSONResponse:
         batch_id = request.path_params["batch_id"]
         try:
-            body = await _read_body(request, max_body_bytes)
-            device = await _verified(request, body)
+            device, body = await _authenticated_body(request, max_body_bytes)
             res = await run_in_threadpool(db.land_batch, device, batch_id, body)
         except _TooLargeError:
             return JSONResponse({"error": "batch too large", "limit": max_body_bytes}, status_code=413)
+        except _NoLengthError:
+            return JSONResponse({"error": "send Content-Length"}, status_code=411)
+        except _EncodedError:
+            return JSONResponse({"error": "content-encoded bodies are not accepted"}, status_code=415)
         except SignatureRefused as exc:
             _log.warning("refused batch %s: %s", batch_id[:16], exc)
             return _refused(exc)
@@ -105,11 +165,14 @@ def ingest_routes(
 
     async def attestation(request: Request) -> JSONResponse:
         try:
-            body = await _read_body(request, 1024 * 1024)
-            device = await _verified(request, body)
+            device, body = await _authenticated_body(request, 1024 * 1024)
             predicate = await run_in_threadpool(db.land_attestation, device, body)
         except _TooLargeError:
             return JSONResponse({"error": "attestation too large"}, status_code=413)
+        except _NoLengthError:
+            return JSONResponse({"error": "send Content-Length"}, status_code=411)
+        except _EncodedError:
+            return JSONResponse({"error": "content-encoded bodies are not accepted"}, status_code=415)
         except SignatureRefused as exc:
             _log.warning("refused attestation: %s", exc)
             return _refused(exc)

@@ -116,7 +116,7 @@ def test_hub_refuses_unsigned_forged_replayed_stale_unknown_and_revoked(tmp_path
     # Nothing but the one good request landed.
     fleet = FleetDB(tmp_path / "fleet")
     if kind == "batch":
-        assert len(list((tmp_path / "fleet" / "receipts").glob("*.json"))) == 1
+        assert len(fleet.receipts()) == 1
     else:
         assert fleet.state(ident.device_id)["attested"]["policy_version"] == "telemetry@1"
 
@@ -139,7 +139,7 @@ def test_uplink_ships_attestation_first_and_feedback_lands_in_review_queue(tmp_p
     store = Store(paths.telemetry_db, small_policy(), SystemClock(), ident.device_id)
     w = TelemetryWriter(store, enforce=False)
     w.write_table("metrics", metric_columns(int(time.time() * 1e6), 5, 4))
-    w.record("escalations", {"what": "chaos refused", "why": "targets the active slot"})
+    w.record("triage_decisions", {"what": "chaos refused", "why": "targets the active slot"})
     w.record("feedback", {"suggested_gate": "latency_p99 < 50ms", "from": "chaos run 7"})
     w.flush()
     from sre_agent.attestation import queue_attestation
@@ -151,10 +151,8 @@ def test_uplink_ships_attestation_first_and_feedback_lands_in_review_queue(tmp_p
         report = up.flush()
         up.close()
         assert report.refused is None and report.pending_after == 0
-        kinds = [
-            json.loads(p.read_text())["table"] for p in sorted((tmp_path / "fleet" / "receipts").glob("*"))
-        ]
-        assert sorted(kinds) == ["escalations", "feedback", "metrics"]
+        kinds = [r["table"] for r in hub.fleet.receipts()]
+        assert sorted(kinds) == ["feedback", "metrics", "triage_decisions"]
         st = hub.fleet.state(ident.device_id)
         assert st["attested"]["modules"]["clf"]["version"] == "2.0"
         queue = hub.fleet.review_queue()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -112,10 +111,7 @@ def test_retry_after_is_honoured_and_priority_order_kept(tmp_path: Path) -> None
     assert report.failures == 2 and report.pending_after == 0
     # The policy alone would have waited at most 1 + 2 s; the hub asked for 90 s twice.
     assert clock.monotonic() - t0 >= 180
-    receipts = sorted(
-        (p.stat().st_mtime_ns, p.read_text()) for p in (tmp_path / "fleet" / "receipts").glob("*.json")
-    )
-    tables = [json.loads(t)["table"] for _, t in receipts]
+    tables = [r["table"] for r in fleet.receipts()]  # in arrival order
     assert tables[0] == "escalations"
     assert tables.index("logs") > tables.index("metrics")
     store.close()
@@ -199,13 +195,12 @@ def test_kill_9_during_sealing_and_upload_loses_and_duplicates_nothing(tmp_path:
 
     with running_hub(tmp_path / "fleet") as hub:
         hub.fleet.enroll(ident.device_id, ident.public_pem)
-        receipts = tmp_path / "fleet" / "receipts"
         # kill -9 while uploading: as soon as the hub has stored k more batches.
         for k in (2, 7, 12):
             proc = _child(paths.root, hub.url, "upload")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and proc.poll() is None:
-                if receipts.is_dir() and len(list(receipts.iterdir())) >= k:
+                if len(hub.fleet.receipts()) >= k:
                     os.kill(proc.pid, signal.SIGKILL)
                     break
                 time.sleep(0.002)
