@@ -303,6 +303,18 @@ def _serving_pid(state: Path) -> int:
         raise ChaosActionError(f"no serving worker pid in {pid_file}: {exc}") from exc
 
 
+def _refuse_agent(pid: int) -> None:
+    """Never signal the agent: in the daemon, ``run/serving.pid`` is the agent's own pid."""
+    import psutil
+
+    agent = os.environ.get("SRE_CHAOS_AGENT_PID")
+    mine = {os.getpid()}
+    with contextlib.suppress(psutil.Error):
+        mine |= {p.pid for p in psutil.Process().parents()}
+    if pid in mine or (agent is not None and agent.isdigit() and pid == int(agent)) or pid <= 1:
+        raise ChaosActionError(f"pid {pid} is the agent (or its ancestor); chaos never signals the agent")
+
+
 def kill_serving_worker(sig: str = "SIGKILL", configuration: Configuration = None) -> dict[str, Any]:
     """Kill the serving worker (pid from ``<state>/run/serving.pid``) with ``sig``.
 
@@ -312,6 +324,7 @@ def kill_serving_worker(sig: str = "SIGKILL", configuration: Configuration = Non
         raise ChaosActionError(f"sig must be SIGKILL, SIGTERM or SIGINT, not {sig!r}")
     state = _state(configuration)
     pid = _serving_pid(state)
+    _refuse_agent(pid)
     restart = _setting(configuration, "serving_restart")
     argv = json.loads(restart) if restart else None
     reg = _registry(configuration)
@@ -474,7 +487,13 @@ def fill_disk(
     reserve = _bounded("reserve_mb", reserve_mb, 0, 1e9) * MB
     cap = _bounded("max_mb", max_mb, 0, 1e7) * MB
     state = _state(configuration)
-    ballast = Path(path) if path else chaos_dir(state) / "fill.bin"
+    ballast = chaos_dir(state) / "fill.bin"
+    if path:
+        # a path from the experiment only names a file under the chaos directory, never elsewhere
+        candidate = (chaos_dir(state) / Path(path).name).resolve()
+        if candidate.parent != chaos_dir(state).resolve() or not Path(path).name:
+            raise ChaosActionError(f"path {path!r} is not a file name under {chaos_dir(state)}")
+        ballast = candidate
     ballast.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(ballast.parent).free
     size = int(min(cap, max(0.0, free - reserve)))

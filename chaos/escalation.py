@@ -180,7 +180,9 @@ def build_escalation(
         estimated_duration_s=report.estimated_duration_s if report else None,
         budget_s=policy.max_experiment_s,
         approve_with=(
-            f"an operator-signed approval naming experiment hash {h}"
+            f"an operator signs an approval of experiment hash {h} (`sre-agent chaos approve FILE "
+            "--key KEY --operator ID --out APPROVAL.json`), then `sre-agent chaos run FILE --approve "
+            "APPROVAL.json`; never-approvable findings stay blocking"
             if h
             else "fix the document; it is invalid"
         ),

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chaos.approval import roster_for
 from chaos.devicestate import read_device_state
 from chaos.escalation import EscalationPacket, build_escalation
 from chaos.loader import Experiment, ExperimentError, load_experiment
-from chaos.preflight import DeviceState, Preflight, PreflightResult
+from chaos.preflight import DeviceState, Finding, Preflight, PreflightResult
+from policies.approvals import Approval
 from policies.chaos import ChaosPolicy, default_chaos_policy
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
@@ -25,7 +27,7 @@ from sre_core.clock import Clock, SystemClock
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
-__all__ = ["ChaosOutcome", "default_budget", "escalations_dir", "guarded_run"]
+__all__ = ["ChaosOutcome", "approval_findings", "default_budget", "escalations_dir", "guarded_run"]
 
 
 def escalations_dir(paths: StatePaths) -> Path:
@@ -66,6 +68,24 @@ class ChaosOutcome:
         return out
 
 
+def approval_findings(
+    approval: Approval | None, exp: Experiment, paths: StatePaths, clock: Clock
+) -> tuple[str | None, list[Finding]]:
+    """The approved hash when ``approval`` verifies now, else a finding saying why it does not count."""
+    if approval is None:
+        return None, []
+    from chaos.approval import verify_chaos_approval
+    from sre_core.errors import InputError
+
+    try:
+        roster = roster_for(paths)
+        operator = verify_chaos_approval(approval, experiment_hash=exp.hash, roster=roster, now=clock.now())
+    except InputError as exc:
+        return None, [Finding("approval-invalid", "", f"the approval does not count: {exc.why.strip()}")]
+    del operator
+    return exp.hash, []
+
+
 def _packet_name(result: PreflightResult, source: str) -> str:
     if result.experiment_hash:
         return result.experiment_hash.split(":")[-1][:16]
@@ -79,7 +99,7 @@ def guarded_run(
     policy: ChaosPolicy | None = None,
     clock: Clock | None = None,
     device: DeviceState | None = None,
-    approved_hash: str | None = None,
+    approval: Approval | None = None,
     budget_s: float | None = None,
     toxiproxy_url: str | None = None,
     serving_url: str | None = None,
@@ -97,7 +117,8 @@ def guarded_run(
         policy: the chaos policy (default: the shipped one).
         clock: time source (the allowed window, packet timestamps).
         device: a device snapshot; default: read now from ``paths``.
-        approved_hash: an operator approval of this exact content (see :meth:`Preflight.check`).
+        approval: an operator's signed approval; verified here against the device's operator roster
+            (:func:`chaos.approval.verify_chaos_approval`) before pre-flight may count it.
         budget_s: hard wall-clock budget; default :func:`default_budget`.
         toxiproxy_url, serving_url, model: passed to the runner (None: embedded fault proxy; no
             serving guardrail).
@@ -124,7 +145,8 @@ def guarded_run(
         except ExperimentError as exc:
             result = pf.reject(exc)
     if exp is not None:
-        result = pf.check(exp, snapshot, approved_hash)
+        approved, extra = approval_findings(approval, exp, paths, clock)
+        result = pf.check(exp, snapshot, approved, extra)
     rules = sorted({f.rule for f in result.findings})
     audit.append(
         "chaos.preflight",

@@ -25,6 +25,7 @@ ever used to remove a finding.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chaos.catalogue import Catalogue, activity_key
 from chaos.loader import Experiment, ExperimentError, iter_activities, load_experiment, parse_experiment
+from chaos.resolve import Unresolved, resolve_document
 from policies.chaos import ActivitySpec, ChaosPolicy, default_chaos_policy
 
 __all__ = [
@@ -64,6 +66,8 @@ _RISKS = ("low", "medium", "high", "critical")
 _VAR = re.compile(r"\$\{([^}]+)\}")
 _SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish", "busybox", "env", "python", "python3", "perl")
 _AGENT_MARKERS = ("sre-agent", "sre_agent")
+_STRICT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NAME_ARGS = ("proxy", "proxy_name", "for_proxy", "toxic_name", "module")
 _HOST_KEYS = ("toxiproxy_host", "host", "hub_host")
 
 
@@ -114,6 +118,9 @@ class ActivityInfo:
     link: str | None = None
     module: str | None = None
     background: bool = False
+    impact: str = ""
+    amount: float | None = 0.0
+    """How much of its impact it uses (cpu worker-s, disk MB, clock |offset| s, flips, share-s)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +140,8 @@ class ActivityInfo:
             "link": self.link,
             "module": self.module,
             "background": self.background,
+            "impact": self.impact,
+            "amount": self.amount,
         }
 
 
@@ -238,17 +247,13 @@ def _worst(findings: Iterable[Finding]) -> Verdict:
 def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer with hundreds of digits: larger than any bound
+        return math.inf if value > 0 else -math.inf
 
 
-class _Unresolved:
-    """Marker for a value that only exists at run time (env, secrets, dynamic configuration)."""
-
-    def __init__(self, expr: str) -> None:
-        self.expr = expr
-
-    def __repr__(self) -> str:
-        return f"<run-time {self.expr}>"
+_Unresolved = Unresolved
 
 
 # --- the static stage -------------------------------------------------------------------------------
@@ -263,7 +268,7 @@ class _Static:
         self.doc = doc
         self.findings: list[Finding] = []
         self.activities: list[ActivityInfo] = []
-        self.config = self._static_config()
+        self.res = resolve_document(doc)
         self.by_name: dict[str, Mapping[str, Any]] = {}
         self.by_path: dict[str, Any] = {}
         for path, act in iter_activities(doc):
@@ -276,34 +281,9 @@ class _Static:
     ) -> None:
         self.findings.append(Finding(rule, path, message, activity, verdict))
 
-    def _static_config(self) -> dict[str, Any]:
-        """Configuration values known before run time; env, secrets and probes stay unresolved."""
-        out: dict[str, Any] = {}
-        conf = self.doc.get("configuration") or {}
-        for k, v in conf.items():
-            if isinstance(v, dict) and "type" in v:
-                out[k] = _Unresolved(f"configuration.{k} ({v.get('type')})")
-            else:
-                out[k] = v
-        return out
-
     def resolve(self, value: Any) -> Any:
-        """Substitute ``${name}`` from static configuration (recursively); unknown names stay unresolved."""
-        if isinstance(value, str):
-            whole = _VAR.fullmatch(value)
-            if whole:
-                return self.config.get(whole.group(1), _Unresolved(value))
-            missing = [
-                m for m in _VAR.findall(value) if not isinstance(self.config.get(m), str | int | float)
-            ]
-            if missing:
-                return _Unresolved(value)
-            return _VAR.sub(lambda m: str(self.config[m.group(1)]), value)
-        if isinstance(value, dict):
-            return {k: self.resolve(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.resolve(v) for v in value]
-        return value
+        """``value`` as chaoslib will pass it (its substitution over configuration and secrets)."""
+        return self.res.substitute(value)
 
     # -- per activity ---------------------------------------------------------------------------------
 
@@ -318,13 +298,17 @@ class _Static:
             )
         self._endpoints()
         self._secrets()
+        self._device_settings()
         rollback_keys = self._rollback_keys()
         for path, act in iter_activities(doc):
             phase = _phase(path)
             self._activity(path, phase, act, rollback_keys)
         self._controls(doc.get("controls"), "controls")
+        if isinstance(ssh, dict):
+            self._controls(ssh.get("controls"), "steady-state-hypothesis.controls")
         declared = self._declarations()
         self._durations(declared)
+        self._totals()
         targets = sorted({t for a in self.activities for t in a.targets} | set(declared.get("targets", ())))
         standby = self._standby_modules(declared)
         if "agent" in declared.get("targets", ()):
@@ -350,7 +334,7 @@ class _Static:
                 continue
             host: str | None = None
             if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
-                host = urlsplit(self.resolve(value) if "${" in value else value).hostname or ""
+                host = urlsplit(value).hostname or ""
             elif key in _HOST_KEYS and isinstance(value, str):
                 host = urlsplit("//" + value).hostname or value  # "host" or "host:port"
             if host is not None and not self._loopback(host):
@@ -361,17 +345,22 @@ class _Static:
                 )
 
     def _secrets(self) -> None:
-        """chaoslib fetches ``vault`` (or any non-env) secrets over the network before the run."""
-        for scope, entries in (self.doc.get("secrets") or {}).items():
-            if not isinstance(entries, dict):
-                continue
-            for key, value in entries.items():
-                if isinstance(value, dict) and value.get("type") not in (None, "env"):
-                    self.add(
-                        "external-secrets",
-                        f"secrets.{scope}.{key}",
-                        f"a {value.get('type')!r} secret is fetched from outside the device",
-                    )
+        """Secrets chaoslib fetches from outside the device, or cannot resolve predictably."""
+        for where, kind in self.res.external:
+            self.add("external-secrets", where, f"a {kind!r} secret is fetched from outside the device")
+        for where, why in self.res.problems:
+            self.add("unresolved-value", where, why)
+
+    def _device_settings(self) -> None:
+        """Configuration keys that only the device sets (what the runner executes, where faults go)."""
+        for key in sorted(self.res.device_keys_set):
+            self.add(
+                "device-setting",
+                f"configuration.{key}",
+                f"{key!r} is a device setting (from the device's configuration, never the experiment's); "
+                "remove it from the experiment",
+                verdict="reject",
+            )
 
     def _rollback_keys(self) -> set[str]:
         keys: set[str] = set()
@@ -503,18 +492,20 @@ class _Static:
             duration = self._bounded(
                 path, name, spec.duration_arg, v, spec.max_duration_s, "s", duration=True
             )
+        share: float | None = None
         if spec.toxicity_arg:
             v = arg(spec.toxicity_arg)
             if v is not None:
-                t = self._bounded(path, name, spec.toxicity_arg, v, spec.max_toxicity, "")
+                t = share = self._bounded(path, name, spec.toxicity_arg, v, spec.max_toxicity, "")
                 if t is not None and not 0 <= t <= 1:
                     self.add(
                         "invalid-value", path, f"{spec.toxicity_arg}={t} is not within 0..1", name, "reject"
                     )
+        size: float | None = None
         if spec.size_arg:
             v = arg(spec.size_arg)
             if v is not None:
-                self._bounded(path, name, spec.size_arg, v, spec.max_size, spec.size_unit)
+                size = self._bounded(path, name, spec.size_arg, v, spec.max_size, spec.size_unit)
         if spec.reserve_arg:
             v = arg(spec.reserve_arg)
             reserve = _num(v)
@@ -544,6 +535,18 @@ class _Static:
                 continue
             if isinstance(host, _Unresolved) or not self._loopback(str(host)):
                 self.add("non-loopback-argument", path, f"{a}={host!r} is not a loopback address", name)
+        for a in sorted({*_NAME_ARGS, spec.link_arg or "", spec.module_arg or ""} - {""}):
+            v = args.get(a)
+            if v is not None and not isinstance(v, Unresolved) and not _STRICT_NAME.fullmatch(str(v)):
+                # the receiving API unquotes percent-escapes and resolves dot segments (and slot paths
+                # join the name): a name is judged only when it cannot mean anything but itself
+                self.add(
+                    "invalid-name",
+                    path,
+                    f"{a}={v!r}: names must match {_STRICT_NAME.pattern} (the API would decode it)",
+                    name,
+                    "reject",
+                )
         link: str | None = None
         if spec.link_arg or spec.link_default:
             raw_link = args.get(spec.link_arg) if spec.link_arg else None
@@ -578,10 +581,7 @@ class _Static:
         targets = tuple(spec.targets)
         if "active" in spec.targets and module is None:
             module = "*"
-        cuts = spec.cuts_link
-        if cuts and spec.type_arg:
-            t = args.get(spec.type_arg)
-            cuts = isinstance(t, _Unresolved) or t is None or str(t) in spec.cut_types
+        cuts = self._cuts(spec, args, arg)
         own_time = self._timeout(act, prov)
         if spec.blocking and duration is not None:
             own_time = max(own_time, duration)
@@ -601,8 +601,55 @@ class _Static:
             fault_s=duration if spec.self_restoring else (None if spec.state_changing else 0.0),
             link=(link if cuts else None),
             module=module,
+            impact=spec.impact,
+            amount=_amount_of(spec.impact, size, duration, share),
             background=bool(act.get("background")),
         )
+
+    def _cuts(self, spec: ActivitySpec, args: Mapping[str, Any], arg: Any) -> bool:
+        """Whether the action stops traffic on its link: by its nature, or by its toxic's values."""
+        if spec.cuts_link and not spec.type_arg:
+            return True
+        ttype: Any = spec.toxic_type
+        if spec.type_arg:
+            ttype = args.get(spec.type_arg)
+        if ttype is None:
+            return spec.cuts_link
+        attrs: dict[str, Any] = {}
+        if spec.attributes_arg:
+            given = args.get(spec.attributes_arg)
+            if isinstance(given, Unresolved):
+                return True
+            if isinstance(given, Mapping):
+                attrs.update(given)
+            elif given is not None:
+                return True  # not a mapping: what the API makes of it is unknown
+        for attr, name in spec.attr_args.items():
+            v = arg(name)
+            if v is not None:
+                attrs[attr] = v
+        return _toxic_stops_traffic(ttype, attrs, spec.cut_types, self.policy)
+
+    def _totals(self) -> None:
+        """Effects add up over the experiment (method and rollbacks): one bound per impact."""
+        totals: dict[str, float] = {}
+        first: dict[str, ActivityInfo] = {}
+        for a in self.activities:
+            if a.phase not in ("method", "rollbacks") or not a.impact or a.amount is None:
+                continue
+            totals[a.impact] = totals.get(a.impact, 0.0) + a.amount
+            first.setdefault(a.impact, a)
+        for impact, total in sorted(totals.items()):
+            limit = self.policy.max_total.get(impact)  # type: ignore[call-overload]
+            if limit is not None and total > limit:
+                a = first[impact]
+                self.add(
+                    "over-limit",
+                    a.path,
+                    f"the experiment's {impact} effects add up to {total:g}, over the policy total of "
+                    f"{limit:g}",
+                    a.name,
+                )
 
     def _bounded(
         self,
@@ -725,6 +772,14 @@ class _Static:
                     f"control module {module!r} is not allowed by policy",
                     str(ctl.get("name", "")) if isinstance(ctl, dict) else "",
                 )
+            elif isinstance(prov, dict) and prov.get("arguments"):
+                # the allowed control takes its files and limits from the runner, not the document
+                self.add(
+                    "control-arguments",
+                    f"{path}[{i}].provider.arguments",
+                    f"arguments to control {module!r} come from the document; the runner sets them",
+                    str(ctl.get("name", "")) if isinstance(ctl, dict) else "",
+                )
 
     # -- author declarations (raise only) -----------------------------------------------------------
 
@@ -829,6 +884,7 @@ class _Static:
             acc = None if (acc is None or s_i is None) else acc + s_i
         rb_spans = [self._span(r) for r in rollbacks]
         updated: dict[str, ActivityInfo] = {}
+        cut_total: dict[str, float | None] = {}
         for i, a in enumerate(method):
             if not a.state_changing:
                 continue
@@ -848,18 +904,29 @@ class _Static:
                 fault = a.fault_s
             updated[a.path] = _replace(a, fault_s=fault)
             if a.link is not None and (a.link in self.policy.management_links or a.link == "<run-time>"):
-                if fault is None:
+                # cuts add up per link: two 40 s cuts are an 80 s outage of the management link
+                prev = cut_total.get(a.link, 0.0)
+                cut_total[a.link] = None if (prev is None or fault is None) else prev + fault
+                total = cut_total[a.link]
+                if total is None:
                     self.add(
                         "management-cut", a.path, "cuts the management link for an unbounded time", a.name
                     )
-                elif fault > self.policy.max_management_cut_s:
+                elif total > self.policy.max_management_cut_s:
                     self.add(
                         "management-cut",
                         a.path,
-                        f"cuts the management link {a.link!r} for up to {fault:g}s; policy allows "
-                        f"{self.policy.max_management_cut_s:g}s",
+                        f"cuts the management link {a.link!r} for up to {total:g}s in all; policy "
+                        f"allows {self.policy.max_management_cut_s:g}s",
                         a.name,
                     )
+        for r in rollbacks:
+            if (
+                r.link is not None
+                and r.state_changing
+                and (r.link in self.policy.management_links or r.link == "<run-time>")
+            ):
+                self.add("management-cut", r.path, "cuts the management link during the rollbacks", r.name)
         self.activities = [updated.get(a.path, a) for a in self.activities]
 
     def _span(self, a: ActivityInfo) -> float | None:
@@ -893,6 +960,19 @@ class _Static:
         return total
 
 
+def _amount_of(impact: str, size: float | None, duration: float | None, share: float | None) -> float | None:
+    """The quantity of ``impact`` one activity uses (None: not known, other findings say why)."""
+    if impact == "cpu":
+        return None if size is None or duration is None else abs(size) * duration
+    if impact in ("disk", "clock"):
+        return None if size is None else abs(size)
+    if impact in ("slots", "serving"):
+        return 1.0
+    if impact == "input":
+        return None if duration is None else (1.0 if share is None else share) * duration
+    return 0.0
+
+
 def _phase(path: str) -> str:
     if path.startswith("configuration"):
         return "configuration"
@@ -901,6 +981,29 @@ def _phase(path: str) -> str:
     if path.startswith("steady-state-hypothesis"):
         return "hypothesis"
     return path.split("[", 1)[0]
+
+
+def _toxic_stops_traffic(
+    ttype: Any, attrs: Mapping[str, Any], cut_types: Sequence[str], policy: ChaosPolicy
+) -> bool:
+    """A toxic judged by its effect: one that black-holes, resets, caps at nothing or stalls is a cut."""
+    if isinstance(ttype, Unresolved) or not isinstance(ttype, str):
+        return True
+    if ttype in cut_types or ttype in ("timeout", "reset_peer", "limit_data"):
+        return True
+
+    def val(key: str, default: float) -> float:
+        v = attrs.get(key, default)
+        n = _num(v)
+        return math.inf if n is None else n  # unknown or not a number: assume the worst
+
+    if ttype == "latency":
+        return val("latency", 0.0) + abs(val("jitter", 0.0)) >= policy.cut_latency_ms
+    if ttype == "bandwidth":
+        return val("rate", 0.0) <= policy.cut_rate_kbps
+    if ttype == "slicer":
+        return val("delay", 0.0) / 1000.0 >= policy.cut_latency_ms
+    return ttype != "slow_close"  # slow_close only delays the close; an unknown type: assume a cut
 
 
 def _shown(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -1001,25 +1104,32 @@ class Preflight:
         return out
 
     def check(
-        self, experiment: Experiment, device: DeviceState | None = None, approved_hash: str | None = None
+        self,
+        experiment: Experiment,
+        device: DeviceState | None = None,
+        approved_hash: str | None = None,
+        extra: Sequence[Finding] = (),
     ) -> PreflightResult:
         """Static then (when ``device`` is given) dynamic pre-flight; the verdict with its reasons.
 
         Args:
             experiment: a loaded (structurally valid) experiment.
             device: the device snapshot; None judges the document alone.
-            approved_hash: the content hash an operator approved. When it equals the experiment's
-                hash, the *static* escalations are sanctioned; the device's state still decides (safe
-                mode, a canary, no verified standby, headroom, the window), and nothing sanctions a
-                reject. A different hash is itself a finding (``approval-mismatch``).
+            approved_hash: the content hash of a *verified* operator approval (the caller checks the
+                signature, see :func:`chaos.approval.verify_chaos_approval`). When it equals the
+                experiment's hash, the *static* escalations are sanctioned except the policy's
+                ``never_approvable`` rules (the agent, programs, device settings); the device's state
+                still decides (safe mode, a canary, no verified standby, headroom, the window), and
+                nothing sanctions a reject. A different hash is itself a finding (``approval-mismatch``).
         """
         report = self.static(experiment)
-        findings = list(report.findings)
+        findings = list(report.findings) + list(extra)
         sanctioned: list[Finding] = []
         if approved_hash is not None:
             if approved_hash == experiment.hash:
-                sanctioned = [f for f in findings if f.verdict == "escalate"]
-                findings = [f for f in findings if f.verdict != "escalate"]
+                never = set(self.policy.never_approvable)
+                sanctioned = [f for f in findings if f.verdict == "escalate" and f.rule not in never]
+                findings = [f for f in findings if f.verdict != "escalate" or f.rule in never]
             else:
                 findings.append(
                     Finding(

@@ -55,8 +55,10 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from chaos.faults import CleanupReport, chaos_dir
+from chaos.resolve import DEVICE_KEYS
 from chaos.watchdog import cleanup as _cleanup_faults
 from chaos.watchdog import read_lease, recover_stale_lease
 from policies.chaos import Guardrails
@@ -218,12 +220,33 @@ def judge(
         return Verdict.ABORTED, ["the run aborted (an activity failed hard)"]
     if status == "failed":
         return Verdict.ABORTED, ["the steady-state hypothesis was not met before the method"]
+    failed = _failed_actions(journal)
+    if failed:
+        # a fault that did not inject proves nothing: the run is an error, never "passed"
+        return Verdict.ERROR, [f"{what} failed: {why}" for what, why in failed]
     if journal.get("deviated"):
         failing = [p for p, _ in _deviating_probes(journal)]
         return Verdict.DEVIATED, [f"steady state deviated after the method: {', '.join(failing) or '?'}"]
     if status == "completed":
         return Verdict.PASSED, []
     return Verdict.ERROR, [f"unexpected journal status {status!r}"]
+
+
+def _failed_actions(journal: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(section name, error)`` for every action (method or rollback) whose run did not succeed."""
+    out: list[tuple[str, str]] = []
+    for section in ("run", "rollbacks"):
+        for run in journal.get(section) or []:
+            if not isinstance(run, Mapping):
+                continue
+            act = run.get("activity") or {}
+            if act.get("type") != "action" or run.get("status") == "succeeded":
+                continue
+            exc = run.get("exception") or []
+            why = str(exc[-1]).strip() if isinstance(exc, list) and exc else str(run.get("status"))
+            kind = "rollback" if section == "rollbacks" else "fault"
+            out.append((f"{kind} {act.get('name', '?')!r}", why[:300]))
+    return out
 
 
 def _deviating_probes(journal: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -466,8 +489,14 @@ def _run_locked(
         fp = FaultProxyServer()
         toxiproxy_url = fp.start()
 
-    cfg = {**dict(doc.get("configuration") or {}), **dict(configuration or {})}
+    # Device settings (what runs, where faults go, which link is which) come from the device, never
+    # from the document: pre-flight rejects a document that sets one, and the runner drops them too.
+    cfg = {k: v for k, v in dict(doc.get("configuration") or {}).items() if k not in DEVICE_KEYS}
+    cfg.update(dict(configuration or {}))
     cfg.update({"state_dir": str(paths.root), "toxiproxy_url": toxiproxy_url})
+    api = urlsplit(toxiproxy_url)
+    if api.hostname and api.port:  # chaostoolkit-toxiproxy reads host and port, not a URL
+        cfg.update({"toxiproxy_host": api.hostname, "toxiproxy_port": api.port})
     if serving_url:
         cfg["serving_url"] = serving_url  # the device's own server, not one the author names
     doc_run = {**doc, "configuration": cfg}
@@ -524,6 +553,7 @@ def _run_locked(
         "SRE_CHAOS_STATE_DIR": str(paths.root),
         "SRE_CHAOS_TOXIPROXY_URL": toxiproxy_url,
         "SRE_CHAOS_AUDIT_LOG": str(run_dir / "audit.jsonl"),
+        "SRE_CHAOS_AGENT_PID": str(os.getpid()),
         "PYTHONUNBUFFERED": "1",
     }
     if serving_url:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -62,6 +63,11 @@ class ToxiproxyConflictError(ToxiproxyHTTPError):
 
 class ToxiproxyServerError(ToxiproxyHTTPError):
     """5xx: the server failed (e.g. could not listen)."""
+
+
+def _seg(name: str) -> str:
+    """A name as one URL path segment, verbatim: the API unquotes segments, so quote everything."""
+    return quote(str(name), safe="")
 
 
 def _error_for(method: str, url: str, resp: httpx.Response) -> ToxiproxyHTTPError:
@@ -148,7 +154,7 @@ class ToxiproxyClient:
 
     def get_proxy(self, name: str) -> dict[str, Any]:
         """One proxy (raises ToxiproxyNotFoundError)."""
-        return dict(self._call("GET", f"/proxies/{name}"))
+        return dict(self._call("GET", f"/proxies/{_seg(name)}"))
 
     def create_proxy(
         self, name: str, upstream: str, listen: str = "127.0.0.1:0", enabled: bool = True
@@ -170,12 +176,12 @@ class ToxiproxyClient:
 
     def update_proxy(self, name: str, **fields: Any) -> dict[str, Any]:
         """Change ``enabled``, ``listen`` or ``upstream``."""
-        return dict(self._call("POST", f"/proxies/{name}", fields))
+        return dict(self._call("POST", f"/proxies/{_seg(name)}", fields))
 
     def delete_proxy(self, name: str, missing_ok: bool = False) -> None:
         """Delete a proxy (its connections drop)."""
         try:
-            self._call("DELETE", f"/proxies/{name}")
+            self._call("DELETE", f"/proxies/{_seg(name)}")
         except ToxiproxyNotFoundError:
             if not missing_ok:
                 raise
@@ -184,7 +190,7 @@ class ToxiproxyClient:
 
     def toxics(self, proxy: str) -> list[dict[str, Any]]:
         """The toxics of a proxy."""
-        return list(self._call("GET", f"/proxies/{proxy}/toxics") or [])
+        return list(self._call("GET", f"/proxies/{_seg(proxy)}/toxics") or [])
 
     def add_toxic(
         self,
@@ -203,10 +209,10 @@ class ToxiproxyClient:
             "toxicity": toxicity,
             "attributes": dict(attributes or {}),
         }
-        return dict(self._call("POST", f"/proxies/{proxy}/toxics", body))
+        return dict(self._call("POST", f"/proxies/{_seg(proxy)}/toxics", body))
 
     def get_toxic(self, proxy: str, toxic: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/proxies/{proxy}/toxics/{toxic}"))
+        return dict(self._call("GET", f"/proxies/{_seg(proxy)}/toxics/{_seg(toxic)}"))
 
     def update_toxic(
         self, proxy: str, toxic: str, attributes: dict[str, Any], toxicity: float | None = None
@@ -214,11 +220,11 @@ class ToxiproxyClient:
         body: dict[str, Any] = {"attributes": attributes}
         if toxicity is not None:
             body["toxicity"] = toxicity
-        return dict(self._call("POST", f"/proxies/{proxy}/toxics/{toxic}", body))
+        return dict(self._call("POST", f"/proxies/{_seg(proxy)}/toxics/{_seg(toxic)}", body))
 
     def remove_toxic(self, proxy: str, toxic: str, missing_ok: bool = False) -> None:
         try:
-            self._call("DELETE", f"/proxies/{proxy}/toxics/{toxic}")
+            self._call("DELETE", f"/proxies/{_seg(proxy)}/toxics/{_seg(toxic)}")
         except ToxiproxyNotFoundError:
             if not missing_ok:
                 raise

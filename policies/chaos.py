@@ -30,9 +30,14 @@ __all__ = [
 
 Target = Literal["uplink", "input", "standby", "canary", "active", "agent", "disk", "cpu", "clock"]
 TARGETS: tuple[str, ...] = ("uplink", "input", "standby", "canary", "active", "agent", "disk", "cpu", "clock")
+Impact = Literal["link", "cpu", "disk", "slots", "serving", "clock", "input", "none"]
+IMPACTS: tuple[str, ...] = ("link", "cpu", "disk", "slots", "serving", "clock", "input", "none")
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _KEY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+_MAX_TOTAL: dict[Impact, float] = {"cpu": 1200, "disk": 4096, "clock": 86400, "slots": 4, "input": 300}
 
 
 class ActivitySpec(PolicyModel):
@@ -65,6 +70,12 @@ class ActivitySpec(PolicyModel):
     module_arg: str | None = Field(default=None, description="argument naming the module (slot pair)")
     type_arg: str | None = Field(default=None, description="argument naming the fault type")
     cut_types: tuple[str, ...] = Field(default=(), description="with type_arg: the types that cut the link")
+    impact: Impact = Field(default="none", description="what on the device the action changes")
+    toxic_type: str | None = Field(default=None, description="the Toxiproxy toxic type it adds (fixed)")
+    attributes_arg: str | None = Field(default=None, description="argument holding the toxic's attributes")
+    attr_args: dict[str, str] = Field(
+        default_factory=dict, description="toxic attribute -> the argument that carries it"
+    )
     blocking: bool = Field(default=False, description="the call lasts its duration (holds, then restores)")
     defaults: dict[str, float] = Field(
         default_factory=dict, description="the function's defaults for bounded arguments left out"
@@ -84,6 +95,8 @@ class ActivitySpec(PolicyModel):
             raise ValueError("size_arg needs max_size")
         if self.self_restoring and not self.duration_arg:
             raise ValueError("a self_restoring activity needs a duration_arg")
+        if self.state_changing and not self.restores and self.impact == "none":
+            raise ValueError("a state-changing action must declare its impact")
         return self
 
 
@@ -156,6 +169,21 @@ class ChaosPolicy(PolicyModel):
     max_experiment_s: float = Field(default=900.0, gt=0, description="hard wall-clock budget")
     default_activity_s: float = Field(default=10.0, gt=0, description="allowance without a timeout")
     loopback_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
+    cut_latency_ms: float = Field(
+        default=5000.0, gt=0, description="a latency (plus jitter) this long stops traffic: judged as a cut"
+    )
+    cut_rate_kbps: float = Field(
+        default=1.0, ge=0, description="a bandwidth at or below this stops traffic: judged as a cut"
+    )
+    max_total: dict[Impact, float] = Field(
+        default_factory=lambda: dict(_MAX_TOTAL),
+        description="bound on the sum over an experiment (method and rollbacks) per impact: cpu in "
+        "worker-seconds, disk in MB, clock in |offset| seconds, slots in flips, input in share-seconds",
+    )
+    never_approvable: tuple[str, ...] = Field(
+        default=("agent-target", "process-provider", "shell-string", "device-setting"),
+        description="findings that stay blocking whatever an operator approves",
+    )
 
     @field_validator("activities")
     @classmethod

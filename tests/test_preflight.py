@@ -688,16 +688,20 @@ def test_windows_from_yaml_accept_unquoted_times() -> None:
 
 def test_configuration_and_secrets_that_reach_off_the_device() -> None:
     doc = safe_doc()
-    doc["configuration"] = {"toxiproxy_url": "http://127.0.0.1:8474", "toxiproxy_host": "localhost"}
+    doc["configuration"] = {"metrics_url": "http://127.0.0.1:8474", "host": "localhost"}
     assert check(doc).verdict == "run"
-    doc["configuration"] = {"toxiproxy_url": "http://toxiproxy.corp:8474"}
+    doc["configuration"] = {"metrics_url": "http://toxiproxy.corp:8474"}
     res = check(doc)
-    assert rules(res) == {"http-non-loopback"} and res.findings[0].path == "configuration.toxiproxy_url"
-    doc["configuration"] = {"toxiproxy_host": "10.1.2.3"}
+    assert rules(res) == {"http-non-loopback"} and res.findings[0].path == "configuration.metrics_url"
+    doc["configuration"] = {"hub_host": "10.1.2.3"}
     assert rules(check(doc)) == {"http-non-loopback"}
+    # where faults go is the device's setting, never the experiment's
+    doc["configuration"] = {"toxiproxy_url": "http://127.0.0.1:8474"}
+    res = check(doc)
+    assert rules(res) == {"device-setting"} and res.verdict == "reject"
     doc = safe_doc()
     doc["secrets"] = {"hub": {"token": {"type": "env", "key": "HUB_TOKEN"}, "plain": "x"}}
-    assert check(doc).verdict == "run"
+    assert check(doc).verdict == "run"  # declared, never used by an activity
     doc["secrets"]["hub"]["vaulted"] = {"type": "vault", "path": "secret/hub"}
     res = check(doc)
     assert rules(res) == {"external-secrets"} and res.findings[0].path == "secrets.hub.vaulted"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,8 +118,6 @@ def test_escalated_experiment_executes_nothing(run_cli, state: StatePaths, tmp_p
             "title": "latency plus a program",
             "description": "escalated: a process provider and no rollback",
             "configuration": {
-                "state_dir": str(state.root),
-                "toxiproxy_url": server.url,
                 "stamp": {
                     "type": "probe",
                     "name": "stamp",
@@ -187,6 +186,7 @@ def test_escalated_experiment_executes_nothing(run_cli, state: StatePaths, tmp_p
             timeout=120,
             check=False,
             cwd=tmp_path,
+            env={**os.environ, "SRE_CHAOS_STATE_DIR": str(state.root), "SRE_CHAOS_TOXIPROXY_URL": server.url},
         )
         assert marker.exists(), plain.stdout + plain.stderr
         assert config_marker.exists()  # chaoslib runs dynamic configuration probes while loading
@@ -258,42 +258,40 @@ def test_run_verdict_runs_guarded_and_leaves_no_fault(run_cli, state: StatePaths
     assert not (state.root / "run" / "chaos" / "input_noise.json").exists()
 
 
-def test_preflight_with_an_operator_approval(run_cli, state: StatePaths, tmp_path: Path) -> None:
+def test_preflight_with_a_signed_operator_approval(run_cli, state: StatePaths, tmp_path: Path) -> None:
+    """`chaos approve` signs with a key of the escalations' roster; a bare hash is no approval."""
+    from policies.approvals import generate_operator_key, private_key_pem, public_key_b64
+
+    key = generate_operator_key()
+    key_file = tmp_path / "alice.pem"
+    key_file.write_bytes(private_key_pem(key))
+    key_file.chmod(0o600)
+    roster = {"version": 1, "operators": [{"id": "alice", "public_key": public_key_b64(key.public_key())}]}
+    (state.root / "policies").mkdir(exist_ok=True)
+    (state.root / "policies" / "operators.yaml").write_text(yaml.safe_dump(roster))
     policy = str(_relaxed_policy(tmp_path))
     exp = EXAMPLES / "uplink-blackout-5min.yaml"
-    first = run_cli(
-        "sre-agent", "chaos", "preflight", str(exp), "--state", str(state.root), "--policy", policy, "--json"
-    )
+    base = ("sre-agent", "chaos", "preflight", str(exp), "--state", str(state.root), "--policy", policy)
+    first = run_cli(*base, "--json")
     assert first.returncode == 10
-    digest = json.loads(first.stdout)["experiment_hash"]
-    ok = run_cli(
-        "sre-agent",
-        "chaos",
-        "preflight",
-        str(exp),
-        "--state",
-        str(state.root),
-        "--policy",
-        policy,
-        "--approve",
-        digest,
-        "--json",
-    )
+    approval = tmp_path / "approval.json"
+    signed = run_cli(
+        "sre-agent", "chaos", "approve", str(exp), "--key", str(key_file), "--operator", "alice",
+        "--out", str(approval), "--ttl", "600", "--json",
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    ok = run_cli(*base, "--approve", str(approval), "--json")
     assert ok.returncode == 0, ok.stdout
     body = json.loads(ok.stdout)
     assert [f["rule"] for f in body["sanctioned"]] == ["management-cut"]
-    stale = run_cli(
-        "sre-agent",
-        "chaos",
-        "preflight",
-        str(exp),
-        "--state",
-        str(state.root),
-        "--policy",
-        policy,
-        "--approve",
-        "sha256:" + "0" * 64,
-        "--json",
-    )
+    # a forged approval (the content hash edited after signing) does not count
+    forged = json.loads(approval.read_text())
+    forged["reason"] = "edited"
+    bad = tmp_path / "forged.json"
+    bad.write_text(json.dumps(forged))
+    stale = run_cli(*base, "--approve", str(bad), "--json")
     assert stale.returncode == 10
-    assert "approval-mismatch" in {f["rule"] for f in json.loads(stale.stdout)["findings"]}
+    assert "approval-invalid" in {f["rule"] for f in json.loads(stale.stdout)["findings"]}
+    # the bare hash on the command line is not an approval any more
+    bare = run_cli(*base, "--approve", json.loads(first.stdout)["experiment_hash"], "--json")
+    assert bare.returncode == 2

@@ -25,11 +25,12 @@ PolicyOpt = Annotated[
     typer.Option("--policy", help="Chaos policy YAML (default: <state>/policies/chaos.yaml, else shipped)."),
 ]
 ApproveOpt = Annotated[
-    str | None,
+    Path | None,
     typer.Option(
         "--approve",
-        help="Operator approval at the device: the experiment's content hash (sha256:...). Sanctions its "
-        "static escalations for this exact content only; device state still decides.",
+        help="A signed operator approval file (`sre-agent chaos approve`), verified against "
+        "<state>/policies/operators.yaml. Sanctions the static escalations of this exact content until "
+        "it expires, except the never-approvable rules; device state still decides.",
     ),
 ]
 FileArg = Annotated[Path, typer.Argument(help="Experiment file (.json, .yaml, .yml).", show_default=False)]
@@ -61,6 +62,12 @@ def _audit(state_root: Path, event: str, **data: Any) -> None:
     from sre_core.audit import AuditLog
 
     AuditLog(state_root / "audit.jsonl").append(event, actor="cli", **data)
+
+
+def _read_approval(path: Path) -> Any:
+    from chaos.approval import read_approval
+
+    return read_approval(path)
 
 
 def _print_result(res: Any, json_out: bool) -> None:
@@ -219,7 +226,13 @@ def register(app: typer.Typer) -> None:
         pol = _policy(policy, paths.root)
         clock = SystemClock()
         device = None if static_only else read_device_state(paths, clock)
-        exp, res = preflight_file(file, pol, device, approve)
+        exp, res = preflight_file(file, pol, device)
+        if exp is not None and approve is not None:
+            from chaos.pipeline import approval_findings
+            from chaos.preflight import Preflight
+
+            approved, extra = approval_findings(_read_approval(approve), exp, paths, clock)
+            res = Preflight(pol).check(exp, device, approved, extra)
         _audit(
             paths.root,
             "chaos.preflight",
@@ -236,6 +249,44 @@ def register(app: typer.Typer) -> None:
         if pkt is not None and pkt.plan and not json_out:
             _print_plan(pkt)
         raise typer.Exit(res.exit_code)
+
+    @chaos_app.command("approve")
+    def approve_(
+        file: FileArg,
+        key: Annotated[Path, typer.Option("--key", help="The operator's Ed25519 private key (PEM, 0600).")],
+        operator: Annotated[str, typer.Option("--operator", help="The operator id in operators.yaml.")],
+        out: Annotated[Path, typer.Option("--out", help="Where to write the signed approval (JSON).")],
+        ttl_s: Annotated[int, typer.Option("--ttl", min=60, help="Lifetime in seconds.")] = 3600,
+        reason: Annotated[str, typer.Option("--reason", help="Why it may run.")] = "",
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Sign an approval to run exactly this experiment content (the device verifies it, and expiry)."""
+        from datetime import timedelta
+
+        from chaos.approval import sign_chaos_approval
+        from chaos.loader import load_experiment
+        from policies.approvals import load_operator_key
+        from sre_core.atomic import atomic_write_bytes
+        from sre_core.clock import SystemClock
+
+        exp = load_experiment(file)
+        approval = sign_chaos_approval(
+            load_operator_key(key),
+            operator=operator,
+            experiment_hash=exp.hash,
+            now=SystemClock().now(),
+            ttl=timedelta(seconds=ttl_s),
+            reason=reason,
+        )
+        atomic_write_bytes(out, approval.model_dump_json().encode("utf-8"))
+        if json_out:
+            emit_json(
+                {"approval": str(out), "experiment_hash": exp.hash, "expires_at": str(approval.expires_at)}
+            )
+        else:
+            out_console().print(
+                f"approved {exp.hash} until {approval.expires_at.isoformat()}: {out}", highlight=False
+            )
 
     @chaos_app.command("run")
     def run(
@@ -273,7 +324,7 @@ def register(app: typer.Typer) -> None:
             file,
             paths,
             policy=_policy(policy, paths.root),
-            approved_hash=approve,
+            approval=_read_approval(approve) if approve is not None else None,
             budget_s=budget_s,
             toxiproxy_url=settings.chaos.toxiproxy_url,
             serving_url=serving_url,
