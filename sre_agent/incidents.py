@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
@@ -31,6 +31,7 @@ __all__ = [
     "FactValue",
     "Incident",
     "IncidentKind",
+    "IncidentSignal",
     "IncidentTracker",
     "Severity",
     "SlotStatus",
@@ -38,6 +39,7 @@ __all__ = [
     "VerificationEvidence",
     "check_category",
     "incident_from_event",
+    "incident_from_signal",
 ]
 
 MAX_LOG_LINE = 500
@@ -148,57 +150,244 @@ class Incident(_Model):
         return data
 
 
+_DEFAULT_FINGERPRINT_KEYS: dict[IncidentKind, tuple[str, ...]] = {
+    IncidentKind.VERIFICATION_FAILURE: ("check", "slot"),
+    IncidentKind.SLO_BURN: ("slo",),
+    IncidentKind.CHAOS_DEVIATION: ("experiment",),
+    IncidentKind.PROBE_FAILURE: ("slot",),
+    IncidentKind.CANARY_ABORT: (),
+}
+"""Facts that tell two incidents of one kind/module/version apart (the check and slot, the SLO...)."""
+
+_SOURCE_KINDS = {
+    "canary": IncidentKind.CANARY_ABORT,
+    "probe": IncidentKind.PROBE_FAILURE,
+    "slo": IncidentKind.SLO_BURN,
+    "chaos": IncidentKind.CHAOS_DEVIATION,
+    "verification": IncidentKind.VERIFICATION_FAILURE,
+}
+
+
+@dataclass(frozen=True)
+class IncidentSignal:
+    """What a producer (canary, probe, verification, SLO, chaos, a job) hands the responder: one typed
+    value, built once at the producer (or once from a telemetry event by :meth:`from_event`).
+
+    ``facts`` are the structured values rules read; ``evidence`` is untrusted context; ``resolve_key``
+    names what a later "resolved" signal of the same producer closes (e.g. ``verification:integrity.slots``).
+    """
+
+    kind: IncidentKind
+    message: str
+    module: str = "device"
+    severity: str = "warning"
+    source: str = ""
+    version: str | None = None
+    facts: dict[str, FactValue] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    measurements: dict[str, float] = field(default_factory=dict)
+    resolve_key: str = ""
+    ts: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        """The resolve key (a default from kind, module and the distinguishing facts)."""
+        if self.resolve_key:
+            return self.resolve_key
+        parts = [str(self.facts.get(k)) for k in _DEFAULT_FINGERPRINT_KEYS[self.kind] if k in self.facts]
+        return ":".join([self.kind.value, self.module, *parts])
+
+    def with_facts(self, **facts: FactValue) -> IncidentSignal:
+        """A copy with ``facts`` added (existing values are kept)."""
+        return replace(self, facts={**facts, **self.facts})
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The telemetry event's ``attrs`` (what :meth:`from_event` reads back)."""
+        return {
+            "source": self.source,
+            "incident_kind": self.kind.value,
+            "modules": [self.module],
+            "version": self.version,
+            "facts": dict(self.facts),
+            "evidence": self.evidence,
+            "measurements": dict(self.measurements),
+            "dedup_key": self.resolve_key or self.key,
+        }
+
+    @classmethod
+    def from_event(
+        cls, message: str, severity: str, attrs: dict[str, Any], ts: datetime | None = None
+    ) -> IncidentSignal | None:
+        """The signal an ``incident`` telemetry event carries (components that only report through the
+        telemetry sink: the canary, the verification runner); None when it names no incident kind."""
+        raw_kind = str(attrs.get("incident_kind") or "")
+        kind: IncidentKind | None
+        try:
+            kind = IncidentKind(raw_kind) if raw_kind else _SOURCE_KINDS.get(str(attrs.get("source", "")))
+        except ValueError:
+            kind = None
+        if kind is None:
+            return None
+        facts: dict[str, FactValue] = {
+            str(k)[:64]: v for k, v in dict(attrs.get("facts") or {}).items() if _fact(v)
+        }
+        modules = [str(m) for m in attrs.get("modules") or []]
+        if not modules and attrs.get("module"):
+            modules = [str(attrs["module"])]
+        module = (modules[0] if modules else "device")[:100] or "device"
+        check = str(attrs.get("check") or facts.get("check") or "")
+        if kind == IncidentKind.VERIFICATION_FAILURE and check:
+            facts["check"] = check
+            facts["category"] = check_category(check)
+            # the runner raises on the first failure of a streak; recurrences are counted by the responder
+            facts.setdefault("consecutive_failures", 1)
+        _normalise_facts(kind, attrs, facts, modules)
+        version = attrs.get("version") or facts.get("version")
+        if kind == IncidentKind.CANARY_ABORT and version is not None:
+            facts.setdefault("version", str(version))
+        evidence = attrs.get("evidence")
+        measurements = {
+            str(k): float(v)
+            for k, v in dict(attrs.get("measurements") or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        sev = {"error": "critical", "critical": "critical", "warning": "warning"}.get(severity, "info")
+        return cls(
+            kind=kind,
+            message=message,
+            module=module,
+            severity=sev,
+            source=str(attrs.get("source") or ""),
+            version=str(version) if version is not None else None,
+            facts=facts,
+            evidence=dict(evidence)
+            if isinstance(evidence, dict)
+            else ({"raw": evidence} if evidence else {}),
+            measurements=measurements,
+            resolve_key=str(attrs.get("dedup_key") or ""),
+            ts=ts,
+        )
+
+
 TrackVerdict = Literal["new", "duplicate", "suppressed"]
 
 
 @dataclass
-class _Entry:
+class TrackedIncident:
+    """The responder's record of one problem (one fingerprint) while it is open and after it closed."""
+
+    fingerprint: str
     incident_id: str
     opened_at: datetime
     last_seen: datetime
+    kind: str = ""
+    module: str = ""
+    version: str | None = None
+    title: str = ""
+    key: str = ""
     count: int = 1
+    actions: list[str] = field(default_factory=list)
+    """Actions that ran and succeeded for this incident, in order."""
+    failed: list[str] = field(default_factory=list)
+    """Actions that were tried and failed."""
+    acting: str | None = None
+    """The action being carried out now (persisted before acting: a crash mid-action is seen on restart)."""
+    escalation: str | None = None
     closed_at: datetime | None = None
+    closed_why: str = ""
+
+    @property
+    def open(self) -> bool:
+        return self.closed_at is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("opened_at", "last_seen", "closed_at"):
+            d[k] = d[k].isoformat() if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrackedIncident:
+        data = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("opened_at", "last_seen", "closed_at"):
+            if data.get(k) is not None:
+                data[k] = datetime.fromisoformat(str(data[k]))
+        return cls(**data)
 
 
 @dataclass
 class IncidentTracker:
-    """Dedup and cooldown by fingerprint (pure apart from the injected clock).
+    """Dedup, follow-through and cooldown by fingerprint (pure apart from the injected clock).
+
+    An incident stays open until the code that resolves it calls :meth:`close` (the check passes again,
+    the SLO is met, an escalation is answered, the action that ends it succeeded). The same fingerprint
+    while open is a duplicate (the responder decides whether that means a failed remedy); a fingerprint
+    closed less than ``cooldown`` ago is suppressed, so a flapping check does not raise a storm.
 
     Args:
         clock: time source.
         cooldown: after an incident closes, the same fingerprint is suppressed this long.
-        reopen_after: an open incident not seen for this long is closed automatically.
+        reopen_after: when set, an open incident not seen for this long closes by itself (None: never).
         max_entries: bound on tracked fingerprints (oldest closed ones are forgotten first).
     """
 
     clock: Clock
     cooldown: timedelta = timedelta(minutes=30)
-    reopen_after: timedelta = timedelta(hours=6)
+    reopen_after: timedelta | None = None
     max_entries: int = 10_000
-    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _entries: dict[str, TrackedIncident] = field(default_factory=dict)
 
-    def observe(self, incident: Incident) -> TrackVerdict:
+    def observe(self, incident: Incident, key: str = "") -> TrackVerdict:
         """Record a sighting. ``new`` means triage it; otherwise it is only counted."""
         now = self.clock.now()
         fp = incident.fingerprint
         entry = self._entries.get(fp)
-        if entry is not None and entry.closed_at is None and now - entry.last_seen > self.reopen_after:
-            entry.closed_at = entry.last_seen
+        if (
+            entry is not None
+            and entry.open
+            and self.reopen_after is not None
+            and now - entry.last_seen > self.reopen_after
+        ):
+            entry.closed_at, entry.closed_why = entry.last_seen, "not seen again"
         if entry is None or (entry.closed_at is not None and now - entry.closed_at >= self.cooldown):
-            self._entries[fp] = _Entry(incident.id, now, now)
+            self._entries[fp] = TrackedIncident(
+                fingerprint=fp,
+                incident_id=incident.id,
+                opened_at=now,
+                last_seen=now,
+                kind=incident.kind.value,
+                module=incident.module,
+                version=incident.version,
+                title=incident.title,
+                key=key,
+            )
             self._prune()
             return "new"
         entry.last_seen = now
         entry.count += 1
         return "duplicate" if entry.closed_at is None else "suppressed"
 
-    def close(self, fingerprint: str) -> bool:
+    def get(self, fingerprint: str) -> TrackedIncident | None:
+        return self._entries.get(fingerprint)
+
+    def close(self, fingerprint: str, why: str = "") -> bool:
         """Mark the incident with this fingerprint resolved; the cooldown starts now."""
         entry = self._entries.get(fingerprint)
         if entry is None or entry.closed_at is not None:
             return False
         entry.closed_at = self.clock.now()
+        entry.closed_why = why[:300]
+        entry.acting = None
         return True
+
+    def close_key(self, key: str, why: str = "") -> list[str]:
+        """Close every open incident raised under the resolve ``key``; the fingerprints closed."""
+        fps = [fp for fp, e in self._entries.items() if e.open and key and e.key == key]
+        return [fp for fp in fps if self.close(fp, why)]
+
+    def for_escalation(self, escalation_id: str) -> list[str]:
+        """Open fingerprints waiting on this escalation."""
+        return [fp for fp, e in self._entries.items() if e.open and e.escalation == escalation_id]
 
     def count(self, fingerprint: str) -> int:
         """How many sightings the current (or last) incident with this fingerprint had."""
@@ -207,6 +396,23 @@ class IncidentTracker:
 
     def open_fingerprints(self) -> list[str]:
         return [fp for fp, e in self._entries.items() if e.closed_at is None]
+
+    def open_incidents(self) -> list[TrackedIncident]:
+        return [e for e in self._entries.values() if e.closed_at is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": 1, "incidents": [e.to_dict() for e in self._entries.values()]}
+
+    def load_dict(self, data: dict[str, Any]) -> None:
+        """Replace the entries with a stored :meth:`to_dict` document (unknown entries are skipped)."""
+        entries: dict[str, TrackedIncident] = {}
+        for raw in data.get("incidents") or []:
+            try:
+                e = TrackedIncident.from_dict(raw)
+            except (TypeError, ValueError, KeyError):
+                continue
+            entries[e.fingerprint] = e
+        self._entries = entries
 
     def _prune(self) -> None:
         if len(self._entries) <= self.max_entries:
@@ -252,7 +458,9 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
-def _normalise_facts(kind: IncidentKind, attrs: dict[str, Any], facts: dict[str, FactValue]) -> None:
+def _normalise_facts(
+    kind: IncidentKind, attrs: dict[str, Any], facts: dict[str, FactValue], modules: list[str]
+) -> None:
     """Derive the facts the triage rules name from what each reporter sends."""
     if kind == IncidentKind.CANARY_ABORT and "gate" not in facts:
         # the serving plane sends its gate verdicts: the first failed gate and its sample count
@@ -263,7 +471,6 @@ def _normalise_facts(kind: IncidentKind, attrs: dict[str, Any], facts: dict[str,
             if n is not None:
                 facts["samples"] = int(n)
     evidence = attrs.get("evidence")
-    modules = [str(m) for m in attrs.get("modules") or []]
     if facts.get("check") == "integrity.slots" and isinstance(evidence, dict) and modules:
         # which of the module's slots failed to re-hash: the rules roll back only onto an intact standby
         roles = {r: evidence.get(f"{modules[0]}/{r}") for r in ("active", "standby")}
@@ -290,53 +497,45 @@ def incident_from_event(
     slot: SlotStatus | None = None,
     logs: list[str] | None = None,
 ) -> Incident | None:
-    """Turn an ``incident`` telemetry event (``attrs["incident_kind"]``, ``facts``, ``modules``...) into an
-    :class:`Incident`; None when the event names no known incident kind.
+    """Turn an ``incident`` telemetry event into an :class:`Incident` (through :class:`IncidentSignal`);
+    None when the event names no known incident kind."""
+    sig = IncidentSignal.from_event(message, severity, attrs, ts)
+    return incident_from_signal(sig, slot=slot, logs=logs) if sig is not None else None
 
-    The event's message and evidence become untrusted evidence text; only ``attrs["facts"]`` (scalars)
-    become facts. The verification check's category is normalised with :func:`check_category`.
+
+def incident_from_signal(
+    sig: IncidentSignal, *, slot: SlotStatus | None = None, logs: list[str] | None = None
+) -> Incident:
+    """The :class:`Incident` a signal raises, with the module's slot status read by the caller.
+
+    The signal's message and evidence become untrusted evidence text; only its facts (scalars) are facts.
     """
-    try:
-        kind = IncidentKind(str(attrs.get("incident_kind", "")))
-    except ValueError:
-        return None
-    facts: dict[str, FactValue] = {
-        str(k)[:64]: v for k, v in dict(attrs.get("facts") or {}).items() if _fact(v)
-    }
-    check = str(attrs.get("check") or facts.get("check") or "")
-    if kind == IncidentKind.VERIFICATION_FAILURE and check:
-        facts["check"] = check
-        facts["category"] = check_category(check)
-        # the runner raises on the first failure of a streak; recurrences are counted by the responder
-        facts.setdefault("consecutive_failures", 1)
-    _normalise_facts(kind, attrs, facts)
-    modules = [str(m) for m in attrs.get("modules") or []]
-    module = modules[0] if modules else "device"
-    key = str(attrs.get("dedup_key") or f"{kind.value}:{module}:{check}")
+    ts = sig.ts or datetime.now().astimezone()
+    facts = dict(sig.facts)
+    check = str(facts.get("check") or "")
     verification = []
-    if kind == IncidentKind.VERIFICATION_FAILURE and check:
-        verification.append(VerificationEvidence(check=check, passed=False, detail=message[:MAX_LOG_LINE]))
-    raw_evidence = attrs.get("evidence")
+    if sig.kind == IncidentKind.VERIFICATION_FAILURE and check:
+        verification.append(
+            VerificationEvidence(check=check, passed=False, detail=sig.message[:MAX_LOG_LINE])
+        )
     lines = list(logs or [])
-    if raw_evidence:
-        lines.append(json.dumps(raw_evidence, default=str, sort_keys=True)[:MAX_LOG_LINE])
-    metrics = {
-        str(k): float(v)
-        for k, v in dict(attrs.get("measurements") or {}).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    sev = severity if severity in {s.value for s in Severity} else Severity.WARNING.value
-    digest = hashlib.sha256(f"{key}|{ts.isoformat()}".encode()).hexdigest()[:16]
-    version = attrs.get("version") or facts.get("version") or (slot.active_version if slot else None)
+    if sig.evidence:
+        lines.append(json.dumps(sig.evidence, default=str, sort_keys=True)[:MAX_LOG_LINE])
+    sev = sig.severity if sig.severity in {s.value for s in Severity} else Severity.WARNING.value
+    digest = hashlib.sha256(f"{sig.key}|{ts.isoformat()}".encode()).hexdigest()[:16]
+    version = sig.version or (slot.active_version if slot else None)
+    keys = tuple(k for k in _DEFAULT_FINGERPRINT_KEYS[sig.kind] if k in facts)
     return Incident(
         id=f"inc-{digest}",
-        kind=kind,
-        module=module[:100] or "device",
+        kind=sig.kind,
+        module=sig.module[:100] or "device",
         version=str(version)[:100] if version is not None else None,
         severity=Severity(sev),
         opened_at=ts,
-        title=message[:200],
+        title=sig.message[:200],
         facts=facts,
-        evidence=Evidence(metrics=metrics, logs=lines, slot=slot or SlotStatus(), verification=verification),
-        fingerprint_keys=("check",) if check else (),
+        evidence=Evidence(
+            metrics=dict(sig.measurements), logs=lines, slot=slot or SlotStatus(), verification=verification
+        ),
+        fingerprint_keys=keys,
     )

@@ -8,6 +8,7 @@ decision (telemetry table ``triage_decisions``).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -17,20 +18,37 @@ from pathlib import Path
 from typing import Any
 
 from policies.base import load_document
-from policies.triage import Action, TriagePolicy, default_triage_policy
+from policies.triage import ACTION_RANK, Action, TriagePolicy, default_triage_policy
 from sre_agent.actions import ActionExecutor, ActionHandler, ActionResult
 from sre_agent.config import AgentSettings, LlmSettings
 from sre_agent.escalations import Escalation, EscalationStatus, EscalationStore
-from sre_agent.incidents import Incident, IncidentTracker, TrackVerdict
+from sre_agent.incidents import Incident, IncidentKind, IncidentTracker, TrackVerdict
 from sre_agent.triage import Advice, RuleMatch, TriageDecision, TriageEngine
+from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock
+from sre_core.errors import SreError
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
-__all__ = ["Advisor", "LazyLlmAdvisor", "Outcome", "Responder", "build_responder", "load_triage_policy"]
+__all__ = [
+    "CLOSED_BY_REMEDY",
+    "REMEDIES",
+    "Advisor",
+    "LazyLlmAdvisor",
+    "Outcome",
+    "Responder",
+    "build_responder",
+    "incidents_file",
+    "load_triage_policy",
+]
 
-MAX_TRACKED = 10_000
+REMEDIES = frozenset(
+    {Action.RERUN_VERIFICATION, Action.PAUSE_CHAOS, Action.QUARANTINE, Action.ROLLBACK, Action.SAFE_MODE}
+)
+"""Actions that change something: a repeat after one of them ran means it did not help."""
+CLOSED_BY_REMEDY = frozenset({IncidentKind.CANARY_ABORT, IncidentKind.PROBE_FAILURE})
+"""Incident kinds no producer reports recovery for: the remedy that blocks the version closes them."""
 
 Advisor = Callable[[Incident, RuleMatch], Advice]
 """Given the incident and the matched rule, say which allowed action and why. May raise; may be slow."""
@@ -59,6 +77,7 @@ class Responder:
         audit: the audit trail.
         advisor: the local model (None = rules only).
         telemetry: sink for decision rows.
+        store_path: where the tracked incidents persist (None: memory only).
     """
 
     def __init__(
@@ -70,6 +89,7 @@ class Responder:
         audit: AuditLog,
         advisor: Advisor | None = None,
         telemetry: TelemetrySink | None = None,
+        store_path: Path | None = None,
     ) -> None:
         self.engine = engine
         self.executor = executor
@@ -78,7 +98,8 @@ class Responder:
         self.audit = audit
         self.advisor = advisor
         self.telemetry = telemetry or NullSink()
-        self._last_action: dict[str, Action | None] = {}
+        self.store_path = store_path
+        self.load()
 
     def advise(self, incident: Incident) -> Advice | None:
         """Ask the advisor; an exception becomes an Advice with no choice (the rule default stands)."""
@@ -95,43 +116,228 @@ class Responder:
                 latency_s=time.perf_counter() - t0,
             )
 
-    def handle(self, incident: Incident) -> Outcome:
-        """Triage one incident sighting.
+    def handle(self, incident: Incident, key: str = "") -> Outcome:
+        """Triage one incident sighting and follow it through.
 
-        Duplicates and cooled-down repeats are only counted, with one exception: when the last action
-        for the problem was to re-run verification (a "try again first" action) and it recurs, it is
-        triaged again with ``consecutive_failures`` set to the number of sightings, so a persistent
-        failure moves on to the next rule instead of being re-run forever.
+        - A new fingerprint is triaged; what the gate allows runs now. A failed action raises an alert
+          and moves on to the next allowed action (or escalates to an operator).
+        - A repeat while the incident is open is only counted when nothing was done yet or an operator
+          has it; after a remedy ran (rollback, quarantine, ...) the repeat means the remedy failed, and
+          the incident moves on to the next allowed action or to an operator. A repeat after a re-run of
+          verification is triaged again with ``consecutive_failures`` = sightings.
+        - A repeat within the cooldown after it closed is suppressed.
+
+        ``key`` is the resolve key: a later :meth:`resolve` with it closes the incident.
         """
         fp = incident.fingerprint
-        tracked = self.tracker.observe(incident)
-        if tracked != "new":
-            if tracked == "duplicate" and self._last_action.get(fp) == Action.RERUN_VERIFICATION:
+        tracked = self.tracker.observe(incident, key=key)
+        if tracked == "new":
+            self.audit.append(
+                "incident.opened",
+                id=incident.id,
+                kind=incident.kind.value,
+                module=incident.module,
+                version=incident.version,
+                fingerprint=fp,
+                facts=dict(incident.facts),
+            )
+            out = self._triage(incident, tracked)
+            self._save()
+            return out
+        entry = self.tracker.get(fp)
+        if tracked == "duplicate" and entry is not None:
+            if entry.escalation is not None and self._escalation_pending(entry.escalation):
+                return self._counted(incident, tracked, "an operator has it")
+            last = Action(entry.actions[-1]) if entry.actions else None
+            if last == Action.RERUN_VERIFICATION:
                 seen = self.tracker.count(fp)
                 facts = {**incident.facts, "consecutive_failures": seen}
-                self.audit.append("incident.recurred", id=incident.id, fingerprint=fp, sightings=seen)
-                return self._triage(incident.model_copy(update={"facts": facts}), tracked)
-            return Outcome(incident.id, tracked, notes=(f"{tracked}; fingerprint {fp}",))
-        self.audit.append(
-            "incident.opened",
-            id=incident.id,
-            kind=incident.kind.value,
-            module=incident.module,
-            version=incident.version,
-            fingerprint=fp,
+                self.audit.append("incident.recurred", id=entry.incident_id, fingerprint=fp, sightings=seen)
+                out = self._triage(incident.model_copy(update={"facts": facts}), tracked)
+                self._save()
+                return out
+            if last is not None and last in REMEDIES:
+                self.audit.append(
+                    "incident.remedy_failed",
+                    id=entry.incident_id,
+                    fingerprint=fp,
+                    action=last.value,
+                    sightings=entry.count,
+                )
+                recurring = incident.model_copy(
+                    update={"facts": {**incident.facts, "consecutive_failures": entry.count}}
+                )
+                out = self._follow_up(recurring, tracked, f"it recurred after {last.value}")
+                self._save()
+                return out
+        self._save()
+        return self._counted(incident, tracked, "")
+
+    def _counted(self, incident: Incident, tracked: TrackVerdict, why: str) -> Outcome:
+        fp = incident.fingerprint
+        return Outcome(
+            incident.id, tracked, notes=(f"{tracked}; fingerprint {fp}{'; ' + why if why else ''}",)
         )
-        return self._triage(incident, tracked)
+
+    def _escalation_pending(self, esc_id: str) -> bool:
+        try:
+            return self.escalations.get(esc_id).status in (EscalationStatus.OPEN, EscalationStatus.APPROVED)
+        except Exception:
+            return False
+
+    def resolve(self, key: str, why: str) -> list[str]:
+        """The producer says the problem under ``key`` is gone: close its open incidents (audited)."""
+        closed = self.tracker.close_key(key, why)
+        for fp in closed:
+            entry = self.tracker.get(fp)
+            self.audit.append(
+                "incident.closed", id=entry.incident_id if entry else "", fingerprint=fp, why=why[:300]
+            )
+        if closed:
+            self._save()
+        return closed
+
+    def close(self, incident: Incident, why: str) -> bool:
+        """Close one incident by its fingerprint (audited)."""
+        if not self.tracker.close(incident.fingerprint, why):
+            return False
+        self.audit.append("incident.closed", id=incident.id, fingerprint=incident.fingerprint, why=why[:300])
+        self._save()
+        return True
+
+    def _run(self, incident: Incident, actions: tuple[Action, ...]) -> tuple[ActionResult, ...]:
+        """Run actions, persisting which one is in flight first (a crash mid-action is seen on restart)."""
+        results = []
+        entry = self.tracker.get(incident.fingerprint)
+        for a in actions:
+            if entry is not None:
+                entry.acting = a.value
+                self._save()
+            r = self.executor.execute(a, incident)
+            results.append(r)
+            if entry is not None:
+                entry.acting = None
+                (entry.actions if r.ok else entry.failed).append(a.value)
+        return tuple(results)
 
     def _triage(self, incident: Incident, tracked: TrackVerdict) -> Outcome:
         decision = self.engine.decide(incident, self.advise(incident))
         self.audit.append("triage.decision", **decision.to_dict())
         self.telemetry.record("triage_decisions", decision.to_dict())
-        results = tuple(self.executor.execute(a, incident) for a in decision.execute_now)
-        escalation = self.escalations.create(incident, decision) if decision.escalated else None
-        if len(self._last_action) >= MAX_TRACKED:
-            self._last_action.pop(next(iter(self._last_action)))
-        self._last_action[incident.fingerprint] = decision.execute_now[0] if decision.execute_now else None
+        results = self._run(incident, decision.execute_now)
+        escalation = self._escalate(incident, decision) if decision.escalated else None
+        failed = [r for r in results if not r.ok]
+        if failed:
+            more = self._follow_up(incident, tracked, f"{failed[0].action.value} failed: {failed[0].detail}")
+            return Outcome(
+                incident.id,
+                tracked,
+                decision,
+                results + more.results,
+                more.escalation or escalation,
+                notes=more.notes,
+            )
+        self._closed_by_action(incident, results)
         return Outcome(incident.id, tracked, decision, results, escalation)
+
+    def _closed_by_action(self, incident: Incident, results: tuple[ActionResult, ...]) -> None:
+        """Kinds whose producer never reports recovery (the canary and the probes already stopped the
+        version) are resolved by the remedy that blocks it."""
+        if incident.kind in CLOSED_BY_REMEDY and any(r.ok and r.action in REMEDIES for r in results):
+            done = next(r for r in results if r.ok and r.action in REMEDIES)
+            self.close(incident, f"{done.action.value}: {done.detail}")
+
+    def _escalate(self, incident: Incident, decision: TriageDecision) -> Escalation:
+        esc = self.escalations.create(incident, decision)
+        entry = self.tracker.get(incident.fingerprint)
+        if entry is not None:
+            entry.escalation = esc.id
+        return esc
+
+    def _follow_up(self, incident: Incident, tracked: TrackVerdict, why: str) -> Outcome:
+        """The remedy did not work: alert, then the next allowed action the gate lets run unattended, or
+        an escalation proposing it (or, with nothing left to try, an escalation to look at it)."""
+        entry = self.tracker.get(incident.fingerprint)
+        tried = {Action(a) for a in [*(entry.actions if entry else []), *(entry.failed if entry else [])]}
+        alert = self.executor.execute(Action.ALERT, incident)
+        rule = self.engine.match(incident).rule
+        policy = self.engine.policy
+        floor = max((ACTION_RANK[a] for a in tried), default=ACTION_RANK[Action.ALERT])
+        nxt = next(
+            (
+                a
+                for a in sorted(rule.allowed, key=ACTION_RANK.__getitem__)
+                if a in REMEDIES and a not in tried and ACTION_RANK[a] > floor
+            ),
+            None,
+        )
+        unattended = (
+            nxt is not None
+            and not rule.human_approval
+            and nxt not in policy.always_approve
+            and rule.certainty >= policy.threshold(nxt)
+        )
+        reasons = (f"follow-up: {why}"[:300], f"rule {rule.name} allows {[a.value for a in rule.allowed]}")
+        decision = TriageDecision(
+            incident_id=incident.id,
+            fingerprint=incident.fingerprint,
+            rule=rule.name,
+            allowed=tuple(rule.allowed),
+            default=rule.default,
+            certainty=rule.certainty,
+            action=nxt or Action.ALERT,
+            verdict="execute" if unattended else "escalate",
+            execute_now=(nxt,) if unattended and nxt is not None else (),
+            reasons=reasons,
+            summary=f"{incident.title or incident.kind.value} ({incident.module}): {why}"[:500],
+        )
+        self.audit.append("triage.follow_up", **decision.to_dict())
+        self.telemetry.record("triage_decisions", decision.to_dict())
+        if unattended and nxt is not None:
+            results = self._run(incident, (nxt,))
+            if not results[0].ok:
+                more = self._follow_up(incident, tracked, f"{nxt.value} failed: {results[0].detail}")
+                return Outcome(
+                    incident.id,
+                    tracked,
+                    decision,
+                    (alert, *results, *more.results),
+                    more.escalation,
+                    more.notes,
+                )
+            self._closed_by_action(incident, results)
+            return Outcome(incident.id, tracked, decision, (alert, *results), None, (why,))
+        esc = self._escalate(incident, decision)
+        return Outcome(incident.id, tracked, decision, (alert,), esc, (why,))
+
+    def _save(self) -> None:
+        if self.store_path is not None:
+            atomic_write_json(self.store_path, self.tracker.to_dict())
+
+    def load(self) -> None:
+        """Read the tracked incidents back (after a restart: an incident in flight is still open, and a
+        remedy that already ran is not run again for the same sighting)."""
+        if self.store_path is None:
+            return
+        try:
+            data = json.loads(self.store_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            self.audit.append("incident.store_unreadable", path=str(self.store_path))
+            return
+        self.tracker.load_dict(data)
+        for e in self.tracker.open_incidents():
+            if e.acting is not None:  # the daemon died in the middle of this action
+                self.audit.append(
+                    "incident.interrupted_action",
+                    id=e.incident_id,
+                    fingerprint=e.fingerprint,
+                    action=e.acting,
+                )
+                e.failed.append(e.acting)
+                e.acting = None
+        self._save()
 
     def process_escalations(self, roster_path: Path) -> list[tuple[Escalation, ActionResult | None]]:
         """The daemon's periodic escalation job: expire what is due, then carry out approved escalations
@@ -146,8 +352,48 @@ class Responder:
         except InputError as exc:
             if self.escalations.select(EscalationStatus.APPROVED):
                 self.audit.append("escalation.execution_blocked", why=exc.why[:300])
+            self._sweep_answered()
             return []
-        return self.escalations.execute_approved(self.executor, roster)
+        done = self.escalations.execute_approved(self.executor, roster)
+        for esc, result in done:
+            if result is not None and not result.ok:
+                inc = esc.incident()
+                self.executor.execute(Action.ALERT, inc)
+        self._sweep_answered()
+        return done
+
+    def _sweep_answered(self) -> None:
+        """Close incidents whose escalation was answered (executed, rejected, expired); a failed approved
+        action leaves the incident open with no escalation, so its next sighting is triaged again."""
+        changed = False
+        for entry in self.tracker.open_incidents():
+            if entry.escalation is None:
+                continue
+            try:
+                esc = self.escalations.get(entry.escalation)
+            except SreError as exc:  # pruned or unreadable: keep the incident open, say why
+                self.audit.append("incident.escalation_unreadable", id=entry.incident_id, why=str(exc)[:200])
+                continue
+            if esc.status in (EscalationStatus.OPEN, EscalationStatus.APPROVED):
+                continue
+            if esc.status == EscalationStatus.FAILED:
+                entry.failed.append(str((esc.result or {}).get("action") or esc.proposed_action))
+                entry.escalation = None
+                changed = True
+                continue
+            why = f"escalation {esc.id} {esc.status.value}"
+            if esc.status == EscalationStatus.EXECUTED:
+                entry.actions.append(str((esc.result or {}).get("action") or esc.proposed_action))
+            self.tracker.close(entry.fingerprint, why)
+            self.audit.append("incident.closed", id=entry.incident_id, fingerprint=entry.fingerprint, why=why)
+            changed = True
+        if changed:
+            self._save()
+
+
+def incidents_file(paths: StatePaths) -> Path:
+    """``<state>/incidents.json``: the responder's tracked incidents (what `sre-agent status` shows)."""
+    return paths.root / "incidents.json"
 
 
 def load_triage_policy(policies_dir: Path) -> TriagePolicy:
@@ -218,4 +464,5 @@ def build_responder(
         audit,
         advisor=LazyLlmAdvisor(settings.llm) if settings.llm.enabled else None,
         telemetry=telemetry,
+        store_path=incidents_file(paths),
     )

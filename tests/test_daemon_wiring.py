@@ -224,7 +224,7 @@ def test_integrity_incident_rolls_back_through_the_daemon_handlers(tmp_path: Pat
     from deployment.reconcile import Reconciler
     from deployment.sample_models import linear_classifier
     from deployment.slots import SlotManager
-    from sre_agent.wiring import _handlers
+    from sre_agent.handlers import DaemonHandlers
     from tests.deploy_helpers import StaticSource, make_artifact
 
     paths = StatePaths(tmp_path / "dev")
@@ -242,7 +242,7 @@ def test_integrity_incident_rolls_back_through_the_daemon_handlers(tmp_path: Pat
 
     sink = MemorySink()
     settings = _settings(paths.root)
-    handlers = _handlers(paths, clock, audit, sink, {"plane": None})
+    handlers = DaemonHandlers(paths, clock, audit, sink, lambda: slots).table()
     svc = ResponderService(
         paths,
         clock,

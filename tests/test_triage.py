@@ -267,7 +267,8 @@ def test_responder_acts_escalates_dedups_and_audits(tmp_path, clock, cases):
     assert ran == ["rollback:inc-pf-active-lkg"] and out.results[0].ok
 
     again = responder.handle(by["pf-active-lkg"].incident)
-    assert again.tracked == "duplicate" and again.decision is None and len(ran) == 1
+    # the rollback resolved the probe failure (closed by its remedy): a repeat in the cooldown is counted
+    assert again.tracked == "suppressed" and again.decision is None and len(ran) == 1
 
     # same kind, module and version is the same problem: use another module for a distinct incident
     nolkg = by["pf-active-nolkg"].incident.model_copy(update={"module": "detector"})
@@ -354,7 +355,12 @@ def test_a_failure_that_recurs_after_a_rerun_moves_to_the_next_rule(tmp_path, cl
     second = responder.handle(inc.model_copy(update={"id": "inc-2"}))
     assert second.tracked == "duplicate" and second.decision is not None
     assert second.decision.rule == "verification-behaviour-after-flip" and ran == ["rerun", "rollback"]
-    # after the rollback, more sightings are only counted
+    # a sighting after the rollback means the rollback did not help: alert, and the next allowed action
+    # (safe mode, which always needs an operator) is escalated; later sightings are counted meanwhile
     third = responder.handle(inc.model_copy(update={"id": "inc-3"}))
-    assert third.decision is None and ran == ["rerun", "rollback"]
+    assert third.decision is not None and third.decision.verdict == "escalate"
+    assert third.decision.action == Action.SAFE_MODE and third.escalation is not None
+    assert [r.action for r in third.results] == [Action.ALERT] and ran == ["rerun", "rollback"]
+    fourth = responder.handle(inc.model_copy(update={"id": "inc-4"}))
+    assert fourth.decision is None and ran == ["rerun", "rollback"]
     assert [r.event for r in audit.records()].count("incident.recurred") == 1

@@ -58,7 +58,8 @@ def test_digest_counts_the_window_and_falls_back_to_the_template(tmp_path, clock
     f = d.figures
     assert f.incidents_total == 3
     assert f.incidents_by_kind == {"canary_abort": 1, "probe_failure": 2}
-    assert f.actions_taken == {"alert": 1, "rollback": 1} and f.actions_failed == 1
+    # the failed quarantine is followed through: an alert, then the next allowed action (rollback)
+    assert f.actions_taken == {"alert": 2, "rollback": 2} and f.actions_failed == 1
     assert f.escalations_raised == 1 and f.escalations_open == 1
     assert f.verification_runs == 2 and f.verification_failures == 1
     assert f.safe_mode_modules == ["detector"]

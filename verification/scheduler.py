@@ -165,6 +165,10 @@ class VerificationScheduler:
         except Exception:
             _log.debug("job %s was already gone", name)
 
+    def run_now(self, name: str) -> CheckResult | None:
+        """Run one scheduled check now, outside its schedule (a triage re-run); None when not scheduled."""
+        return self._run(name)
+
     def _run(self, name: str) -> CheckResult | None:
         with self._lock:
             item = self._planned.get(name)
