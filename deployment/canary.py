@@ -15,20 +15,26 @@ regressions stop within the first few requests; pass looks start at ``min_sample
 is never a pass. Intervals are exact (Clopper-Pearson for rates, order statistics for quantiles), so the
 test holds for any traffic volume.
 
-- error rate: fail when ``LCB(canary) - UCB(incumbent) > max_error_rate_increase``; pass when
-  ``UCB(canary) - LCB(incumbent) <= max_error_rate_increase``.
-- latency (p95 ratio): with ``L``/``U`` the incumbent's p95 confidence bounds, pass when the share of
-  canary requests slower than ``ratio * L`` is confidently below 5 % (then ``p95_c <= ratio * p95_i``);
-  fail when the share slower than ``ratio * U`` is confidently above 5 %. Mind the threshold for tiny
-  models: a canary at 1 % runs on colder caches than the incumbent, which alone measured a p95 ratio
-  of 1.3-1.5 for identical ~10 us models on a loaded 2-core machine (negligible at milliseconds).
+- error rate: the canary may err at most ``(1 + error_rate_relative) * p_incumbent +
+  max_error_rate_increase`` (a relative margin with a small absolute floor, so a 0.5 % version next to a
+  0 % incumbent fails): fail when ``LCB(canary) > (1 + rel) * UCB(incumbent) + floor``; pass when
+  ``UCB(canary) <= (1 + rel) * LCB(incumbent) + floor``. Routed and mirrored runs count; pinned ones not.
+- latency, *paired*: each mirrored request runs on both versions back to back (alternating order) and
+  gives one ratio ``t_canary / t_incumbent`` (see ``deployment.router``): same input, same batch size,
+  same instant, so cache warmth and load hit both sides alike and no normalisation guesswork is needed.
+  A sign test on the median ratio: fail when the share of pairs with ratio above
+  ``max_p95_latency_ratio`` is confidently above 1/2, pass when it is confidently below 1/2. A tail guard
+  (fail only) compares the p95 of the paired per-row latencies with the same ratio, using exact
+  order-statistic bounds: an identical model has the same paired distribution as the incumbent, so the
+  guard fires for it with probability below ``alpha``. Without mirroring there is no paired evidence
+  and the gate is skipped (reported as such): an unpaired comparison of a 1 % canary with the 99 %
+  incumbent measures cache warmth, not the model (docs/canary.md has the measurements).
 - divergence: over mirrored requests, the share of rows whose top-1 class differs (classifiers) or whose
   relative error exceeds ``relative_tolerance`` (regressors): pass when its UCB ``<= max_divergence``,
   fail when its LCB exceeds it. Without mirroring the gate is skipped (reported as such).
 
-Without mirroring, a 100 % step gives the incumbent no requests; it is then judged against what the
-incumbent did since the canary began, which is not concurrent evidence (load may have changed since):
-keep ``mirror_share`` above 0 where latency matters.
+Without mirroring, a 100 % step gives the incumbent no requests; the error gate then judges against what
+the incumbent did since the canary began.
 
 A step that reaches ``max_duration_s`` without a verdict ends the canary as *inconclusive*: the weight
 goes to 0 but the version is not marked bad (nothing was shown to be wrong with it).
@@ -38,14 +44,14 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from scipy import stats
 
 from deployment.manifest import CanarySpec, CanaryStep
-from deployment.router import LatencyHistogram, Snapshot, VersionStats
+from deployment.router import LatencyHistogram, PairStats, Snapshot, VersionStats
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -62,6 +68,7 @@ __all__ = [
     "judge_divergence",
     "judge_error_rate",
     "judge_latency",
+    "judge_tail_latency",
     "look_alpha",
     "quantile_rank_bounds",
     "transition",
@@ -196,31 +203,76 @@ def judge_error_rate(
     max_increase: float,
     a_fail: float | None,
     a_pass: float | None,
+    *,
+    relative: float = 0.0,
 ) -> GateResult:
-    """Error-rate gate at the given look budgets (None: no look of that side now)."""
+    """Error-rate gate at the given look budgets (None: no look of that side now).
+
+    The canary may err at most ``(1 + relative) * p_incumbent + max_increase``.
+    """
     xc, nc, xi, ni = canary.errors, canary.requests, incumbent.errors, incumbent.requests
     detail = {"canary_rate": xc / nc if nc else math.nan, "incumbent_rate": xi / ni if ni else math.nan}
+    scale = 1.0 + relative
     if a_fail is not None:
         lo_c, _ = clopper_pearson(xc, nc, a_fail / 2)
         _, hi_i = clopper_pearson(xi, ni, a_fail / 2)
-        if lo_c - hi_i > max_increase:
-            return GateResult("error_rate", "fail", nc, {**detail, "excess_lcb": lo_c - hi_i})
+        if lo_c > scale * hi_i + max_increase:
+            return GateResult("error_rate", "fail", nc, {**detail, "excess_lcb": lo_c - scale * hi_i})
     if a_pass is not None:
         _, hi_c = clopper_pearson(xc, nc, a_pass / 2)
         lo_i, _ = clopper_pearson(xi, ni, a_pass / 2)
-        if hi_c - lo_i <= max_increase:
-            return GateResult("error_rate", "pass", nc, {**detail, "excess_ucb": hi_c - lo_i})
+        if hi_c <= scale * lo_i + max_increase:
+            return GateResult("error_rate", "pass", nc, {**detail, "excess_ucb": hi_c - scale * lo_i})
     return GateResult("error_rate", "inconclusive", nc, detail)
 
 
 def judge_latency(
+    paired: PairStats,
+    max_ratio: float,
+    a_fail: float | None,
+    a_pass: float | None,
+    *,
+    tail: bool = True,
+) -> GateResult:
+    """Paired latency gate: a sign test on the median per-request ratio, plus a fail-only tail guard
+    on the p95 of the paired per-row latencies (see the module docstring)."""
+    n = paired.n
+    detail = {
+        "ratio_p50": paired.ratio.quantile(0.5),
+        "ratio_p95": paired.ratio.quantile(0.95),
+        "canary_p95_s": paired.canary.quantile(LATENCY_QUANTILE),
+        "incumbent_p95_s": paired.incumbent.quantile(LATENCY_QUANTILE),
+    }
+    if a_fail is not None:
+        slower = paired.ratio.count_above(max_ratio, certainly=True)
+        lo, _ = clopper_pearson(slower, n, a_fail / 2)
+        if lo > 0.5:
+            return GateResult("latency", "fail", n, {**detail, "slower_share_lcb": lo})
+        if tail:
+            guard = judge_tail_latency(paired.canary, paired.incumbent, max_ratio, a_fail / 2, None)
+            if guard.verdict == "fail":
+                return GateResult("latency", "fail", n, {**detail, **guard.detail, "tail": 1.0})
+    if a_pass is not None:
+        slower = paired.ratio.count_above(max_ratio, certainly=False)
+        _, hi = clopper_pearson(slower, n, a_pass / 2)
+        if hi < 0.5:
+            return GateResult("latency", "pass", n, {**detail, "slower_share_ucb": hi})
+    return GateResult("latency", "inconclusive", n, detail)
+
+
+def judge_tail_latency(
     canary: LatencyHistogram,
     incumbent: LatencyHistogram,
     max_ratio: float,
     a_fail: float | None,
     a_pass: float | None,
 ) -> GateResult:
-    """p95 latency-ratio gate (see the module docstring for the rule)."""
+    """p95 latency-ratio test of two histograms (exact order-statistic bounds on the incumbent's p95).
+
+    With ``L``/``U`` the incumbent's p95 bounds: pass when the share of canary samples slower than
+    ``ratio * L`` is confidently below 5 %; fail when the share slower than ``ratio * U`` is confidently
+    above 5 %. Fair only when both histograms come from comparable runs (the paired ones do).
+    """
     q = LATENCY_QUANTILE
     nc, ni = canary.n, incumbent.n
     detail = {"canary_p95_s": canary.quantile(q), "incumbent_p95_s": incumbent.quantile(q)}
@@ -284,8 +336,12 @@ class CanaryConfig:
     steps: tuple[StepConfig, ...] = tuple(StepConfig(w / 100) for w in DEFAULT_STEPS)
     soak_s: float = 60.0
     mirror_share: float = 0.1
-    max_error_rate_increase: float = 0.01
+    max_error_rate_increase: float = 0.002
+    error_rate_relative: float = 0.5
     max_p95_latency_ratio: float = 1.5
+    latency_tail_guard: bool = False
+    warmup_pairs: int = 20
+    allow_pin: bool = False
     divergence: Literal["top1", "relative_error"] = "top1"
     max_divergence: float = 0.05
     relative_tolerance: float = 0.05
@@ -301,13 +357,20 @@ class CanaryConfig:
             raise ValueError("canary step weights must increase within (0, 1]")
         if not 0 < self.alpha < 0.5 or self.first_look < 1 or self.look_growth <= 1:
             raise ValueError("alpha must be in (0, 0.5), first_look >= 1, look_growth > 1")
+        if self.error_rate_relative < 0 or self.max_p95_latency_ratio < 1 or self.warmup_pairs < 0:
+            raise ValueError("error_rate_relative >= 0, max_p95_latency_ratio >= 1, warmup_pairs >= 0")
 
     @classmethod
     def from_spec(
-        cls, spec: CanarySpec | None, policy_steps: Sequence[float] | None = None, **overrides: Any
+        cls,
+        spec: CanarySpec | None,
+        policy_steps: Sequence[float] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> CanaryConfig:
         """Steps from the manifest when it has them, else the policy's percentages, else the default;
-        gate settings from the manifest (its defaults when absent); ``overrides`` last."""
+        gate settings the manifest sets explicitly, else ``defaults`` (the policy's canary section),
+        else the built-in ones; ``overrides`` last."""
         spec = spec or CanarySpec()
         if spec.steps:
             steps = tuple(_step(s) for s in spec.steps)
@@ -317,15 +380,10 @@ class CanaryConfig:
                 StepConfig(p / 100, template.min_samples, template.max_duration_s)
                 for p in (policy_steps or DEFAULT_STEPS)
             )
-        base = cls(
-            steps=steps,
-            soak_s=spec.soak_s,
-            mirror_share=spec.mirror_share,
-            max_error_rate_increase=spec.max_error_rate_increase,
-            max_p95_latency_ratio=spec.max_p95_latency_ratio,
-            divergence=spec.divergence,
-            max_divergence=spec.max_divergence,
-        )
+        fields: tuple[str, ...] = ("soak_s", "mirror_share", "max_error_rate_increase")
+        fields = (*fields, "max_p95_latency_ratio", "divergence", "max_divergence")
+        explicit = {f: getattr(spec, f) for f in fields if f in spec.model_fields_set}
+        base = cls(steps=steps, **{**dict(defaults or {}), **explicit})
         return replace(base, **overrides) if overrides else base
 
 
@@ -466,9 +524,15 @@ class CanaryController:
 
         results = []
         af, ap = budgets("error_rate", can.requests)
-        results.append(judge_error_rate(can, inc, c.max_error_rate_increase, af, ap))
-        af, ap = budgets("latency", can.latency.n)
-        results.append(judge_latency(can.latency, inc.latency, c.max_p95_latency_ratio, af, ap))
+        results.append(
+            judge_error_rate(can, inc, c.max_error_rate_increase, af, ap, relative=c.error_rate_relative)
+        )
+        if c.mirror_share > 0:
+            paired = delta.paired_stats(self.candidate)
+            af, ap = budgets("latency", paired.n)
+            results.append(judge_latency(paired, c.max_p95_latency_ratio, af, ap, tail=c.latency_tail_guard))
+        else:
+            results.append(GateResult("latency", "skipped", 0, {}))
         if c.mirror_share > 0:
             af, ap = budgets("divergence", pairs)
             results.append(judge_divergence(pairs, diverged, c.max_divergence, af, ap))

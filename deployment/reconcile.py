@@ -474,7 +474,19 @@ class Reconciler:
         before = self.slots.status(module)
         previous = before.active.version if before.active else None
         if before.phase is Phase.CANARY:
-            return ModuleOutcome(module, "canary", art.version, previous, "canary in progress")
+            # A newer desired version pre-empts a running canary (the driver cancels it cleanly).
+            preempt = getattr(self.canary, "preempt", None)
+            if preempt is None or not preempt(module, art.version):
+                return ModuleOutcome(module, "canary", art.version, previous, "canary in progress")
+            if self.slots.status(module).phase is Phase.CANARY:
+                return ModuleOutcome(module, "canary", art.version, previous, "canary in progress")
+        hold = getattr(self.canary, "hold_reason", None)  # inconclusive canaries: backoff, then a cap
+        held = hold(module, art.version) if hold is not None and art.manifest.mode == "managed" else None
+        if held:
+            return ModuleOutcome(module, "blocked", art.version, previous, held)
+        refused = self._refusal(art, previous)
+        if refused is not None:
+            return refused
         try:
             standby = self.slots.install(art)
         except SlotError as exc:

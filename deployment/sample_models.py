@@ -10,7 +10,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["erroring_classifier", "linear_classifier", "linear_regressor", "slow_classifier"]
+__all__ = [
+    "doubled_classifier",
+    "erroring_classifier",
+    "linear_classifier",
+    "linear_regressor",
+    "slow_classifier",
+]
 
 OPSET = 17
 
@@ -133,15 +139,23 @@ def slow_classifier(
     extra_size: int = 256,
     input_name: str = "input",
     output_name: str = "probabilities",
+    hidden_size: int = 64,
 ) -> bytes:
     """The :func:`linear_classifier` of ``seed`` (same outputs) doing ``extra_layers`` of wasted work.
 
     A chain of MatMul+Relu layers runs on the input and its mean is added to the logits times zero, so
     the predictions equal the base model's while every request costs more: a pure latency regression.
+    ``extra_layers=hidden_layers, extra_size=hidden_size`` repeats the base model's work: about 2x.
     """
     base = onnx.load_from_string(
         linear_classifier(
-            n_features, n_classes, seed, hidden_layers, input_name=input_name, output_name="_probs"
+            n_features,
+            n_classes,
+            seed,
+            hidden_layers,
+            hidden_size,
+            input_name=input_name,
+            output_name="_probs",
         )
     )
     graph = base.graph
@@ -164,5 +178,63 @@ def slow_classifier(
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_classes])])
     graph.name = f"slow_classifier_s{seed}"
+    onnx.checker.check_model(base)
+    return bytes(base.SerializeToString())
+
+
+def doubled_classifier(
+    n_features: int = 16,
+    n_classes: int = 4,
+    seed: int = 0,
+    hidden_layers: int = 0,
+    hidden_size: int = 64,
+    input_name: str = "input",
+    output_name: str = "probabilities",
+    copies: int = 1,
+) -> bytes:
+    """The :func:`linear_classifier` of ``seed`` plus ``copies`` full copies of its work.
+
+    Each copy has the base model's operators and weight shapes; the copies' outputs are added times
+    zero, so the predictions equal the base model's while every request does ``1 + copies`` times the
+    graph work (a tiny model's fixed per-call cost does not grow, so it needs more copies for 2x).
+    """
+    base = onnx.load_from_string(
+        linear_classifier(
+            n_features, n_classes, seed, hidden_layers, hidden_size, input_name, output_name="_probs"
+        )
+    )
+    graph = base.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), "_zero"))
+    total = "_probs"
+    for k in range(copies):
+        twin = onnx.load_from_string(
+            linear_classifier(
+                n_features, n_classes, seed + 1 + k, hidden_layers, hidden_size, input_name, "_twin"
+            )
+        )
+        pre = f"_t{k}_"
+        for init in twin.graph.initializer:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(init)
+            copy.name = pre + init.name
+            graph.initializer.append(copy)
+        for node in twin.graph.node:
+            copy_node = onnx.NodeProto()
+            copy_node.CopyFrom(node)
+            copy_node.name = pre + node.name if node.name else ""
+            copy_node.input[:] = [n if n == input_name else pre + n for n in node.input]
+            copy_node.output[:] = [pre + n for n in node.output]
+            graph.node.append(copy_node)
+        graph.node.extend(
+            [
+                helper.make_node("Mul", [pre + "_twin", "_zero"], [pre + "nothing"]),
+                helper.make_node("Add", [total, pre + "nothing"], [pre + "sum"]),
+            ]
+        )
+        total = pre + "sum"
+    graph.node.append(helper.make_node("Identity", [total], [output_name]))
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_classes])])
+    graph.name = f"doubled_classifier_s{seed}"
     onnx.checker.check_model(base)
     return bytes(base.SerializeToString())

@@ -14,7 +14,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,8 +24,9 @@ import numpy as np
 from deployment.canary import RESUME, CanaryConfig, CanaryController, Decision, Phase
 from deployment.manifest import ModuleManifest
 from deployment.router import Router
-from deployment.sessions import ModelSession, SessionOptions, load_session
+from deployment.sessions import ModelSession, SessionOptions, estimate_resident_bytes, load_session
 from deployment.slots import SlotManager, SlotView
+from policies.deployment import CanaryPolicy
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
@@ -33,14 +35,21 @@ from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = [
+    "AdmissionError",
+    "Attempts",
     "CanaryRun",
     "CanarySlots",
     "ManagedServing",
     "ModelRepository",
+    "TelemetryFlusher",
     "canary_progress",
     "progress_path",
     "resume_progress",
 ]
+
+
+class AdmissionError(SreError):
+    """A candidate would not fit the memory budget next to the models already loaded."""
 
 
 class CanarySlots(Protocol):
@@ -141,6 +150,69 @@ class ModelRepository:
     def names(self) -> list[str]:
         return sorted(self._routers)
 
+    def resident_bytes(self, skip_standby: bool = False) -> int:
+        """Estimated resident size of every loaded session (active, canary, standby)."""
+        with self._lock:
+            routers = list(self._routers.values())
+        total = 0
+        for router in routers:
+            r = router.routing
+            for sess in (r.active, r.canary, None if skip_standby else r.standby):
+                if sess is not None:
+                    total += sess.resident_bytes
+        return total
+
+    def flush_telemetry(self) -> None:
+        """Write every model's per-version counts, errors and latency since the previous flush."""
+        with self._lock:
+            routers = list(self._routers.values())
+        for router in routers:
+            router.flush()
+
+
+class TelemetryFlusher:
+    """Flushes a repository's serving telemetry every ``interval_s``, canary or not, in one thread.
+
+    Args:
+        repository: the served models.
+        interval_s: seconds between flushes (> 0).
+    """
+
+    def __init__(self, repository: ModelRepository, interval_s: float = 10.0) -> None:
+        if not interval_s > 0:
+            raise ValueError("the telemetry flush interval must be > 0 seconds")
+        self.repository = repository
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.flushes = 0
+        self.failures = 0
+
+    def start(self) -> TelemetryFlusher:
+        if self._thread is not None:
+            raise RuntimeError("the telemetry flusher is already started")
+        self._thread = threading.Thread(target=self._loop, name="serving-telemetry", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush_once()
+
+    def flush_once(self) -> None:
+        try:
+            self.repository.flush_telemetry()
+            self.flushes += 1
+        except Exception:  # a sink failure must not stop serving; the next interval retries
+            self.failures += 1
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread, then flush what is left (bounded wait)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.flush_once()
+
 
 @dataclass
 class CanaryRun:
@@ -168,11 +240,11 @@ class CanaryRun:
     slots: CanarySlots | None = None
     progress_file: Path | None = None
     actor: str = "canary"
+    stop_reason: str = "stopped"
 
     def __post_init__(self) -> None:
         incumbent = self.router.routing.active.version
         self.controller = CanaryController(self.config, self.candidate.version, incumbent)
-        self._telemetry_mark = self.router.snapshot()
         self.last: Decision | None = None
 
     @property
@@ -182,11 +254,13 @@ class CanaryRun:
     def start(self) -> Decision:
         """Load the candidate next to the incumbent and open step 1."""
         c = self.config
+        self.router.warmup_pairs = c.warmup_pairs
         self.router.start_canary(
             self.candidate,
             mirror_share=c.mirror_share,
             divergence=c.divergence,
             relative_tolerance=c.relative_tolerance,
+            allow_pin=c.allow_pin,
         )
         decision = self.controller.start(self.router.snapshot(), self.clock.monotonic())
         self._act(decision)
@@ -224,7 +298,7 @@ class CanaryRun:
             if self.controller.final:
                 break
             if stop is not None and stop.is_set():
-                self.cancel("stopped")
+                self.cancel(self.stop_reason)
                 break
             self.clock.sleep(interval_s)
             self.tick()
@@ -244,7 +318,7 @@ class CanaryRun:
             self._record("canary.step", d)
         elif d.action == "flip":
             self._flip(d)
-        self._telemetry_mark = self.router.flush_telemetry(self._telemetry_mark)
+        self.router.flush()
         self._publish()
 
     def _abort(self, d: Decision) -> None:
@@ -325,6 +399,21 @@ def _finite(o: Any) -> Any:
     return o
 
 
+@dataclass
+class Attempts:
+    """Inconclusive canaries of one module's version so far, and when the next may start."""
+
+    version: str
+    attempts: int = 0
+    retry_after: str = ""  # ISO time; empty: now
+    gave_up: str = ""  # why no further attempt is made (reported once)
+
+
+def attempts_path(paths: StatePaths) -> Path:
+    """Where inconclusive canary attempts are kept across restarts (``<state>/run/canary-attempts.json``)."""
+    return paths.run / "canary-attempts.json"
+
+
 class ManagedServing:
     """The canary driver reconcile hands a managed model to, and the repository the server reads.
 
@@ -337,6 +426,7 @@ class ManagedServing:
         policy_steps: canary step percentages from the deployment policy (manifest steps win).
         overrides: CanaryConfig fields to force (tests use small ``min_samples``).
         interval_s: seconds between canary evaluations.
+        policy: the deployment policy's canary section (gate defaults, attempts, memory budget).
     """
 
     def __init__(
@@ -351,6 +441,7 @@ class ManagedServing:
         policy_steps: Sequence[float] | None = None,
         overrides: dict[str, Any] | None = None,
         interval_s: float = 1.0,
+        policy: CanaryPolicy | None = None,
     ) -> None:
         self.paths = paths
         self.repository = repository
@@ -362,9 +453,21 @@ class ManagedServing:
         self.policy_steps = policy_steps
         self.overrides = overrides or {}
         self.interval_s = interval_s
+        self.policy = policy or CanaryPolicy()
         self.runs: dict[str, CanaryRun] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._stops: dict[str, threading.Event] = {}
         self._stop = threading.Event()
+        self._attempts_lock = threading.Lock()
+
+    def _gate_defaults(self) -> dict[str, Any]:
+        p = self.policy
+        return {
+            "max_error_rate_increase": p.max_error_rate_increase,
+            "error_rate_relative": p.error_rate_relative,
+            "max_p95_latency_ratio": p.max_p95_latency_ratio,
+            "allow_pin": p.allow_pin_to_canary,
+        }
 
     def load(self, module: str, artifact: Path, manifest: ModuleManifest) -> ModelSession:
         """Load an artifact into a session (providers from the manifest, CPU fallback)."""
@@ -376,11 +479,31 @@ class ManagedServing:
         """Serve a version directly (start-up, file-less first install, rollback to a loaded version)."""
         return self.repository.add(self.load(module, artifact, manifest))
 
+    def admit(self, module: str, artifact: Path) -> None:
+        """Memory admission: refuse a candidate whose estimated resident size would exceed the budget.
+
+        Raises:
+            AdmissionError: over the policy's ``memory_budget_mb`` (0: no check).
+        """
+        budget = self.policy.memory_budget_mb << 20
+        if budget <= 0:
+            return
+        need = estimate_resident_bytes(artifact)
+        held = self.repository.resident_bytes(skip_standby=self.policy.unload_standby)
+        if held + need > budget:
+            raise AdmissionError(
+                f"load canary candidate of {module}",
+                f"estimated {need >> 20} MiB on top of {held >> 20} MiB of loaded models exceeds the "
+                f"{budget >> 20} MiB budget",
+                "raise canary.memory_budget_mb, enable canary.unload_standby, or publish a smaller model",
+            )
+
     def prepare(self, module: str, artifact: Path, manifest: ModuleManifest) -> CanaryRun:
         """Load the candidate and set up its canary against the version served now.
 
         Raises:
-            SreError: nothing is served under ``module`` yet (there is no incumbent to judge against).
+            SreError: nothing is served under ``module`` yet (there is no incumbent to judge against),
+                or the candidate is over the memory budget (:class:`AdmissionError`).
         """
         router = self.repository.get(module)
         if router is None:
@@ -389,8 +512,13 @@ class ManagedServing:
                 "no version of this model is being served, so there is no incumbent to compare with",
                 "serve the active version first (sre-agent serve loads it from the slots)",
             )
+        self.admit(module, artifact)
+        if self.policy.unload_standby:
+            router.drop_standby()
         candidate = self.load(module, artifact, manifest)
-        config = CanaryConfig.from_spec(manifest.canary, self.policy_steps, **self.overrides)
+        config = CanaryConfig.from_spec(
+            manifest.canary, self.policy_steps, self._gate_defaults(), **self.overrides
+        )
         run = CanaryRun(
             module=module,
             router=router,
@@ -411,21 +539,36 @@ class ManagedServing:
 
     # -- the reconcile seam (deployment.reconcile.CanaryDriver) ------------------------------------
     def start(self, module: str, standby: SlotView, slots: CanarySlots) -> None:
-        """Take over a verified standby in phase ``canary``; the canary runs in a background thread.
+        """Take over a verified standby in phase ``canary``; loading and the canary run in a background
+        thread, so a long load blocks neither reconcile nor serving.
 
-        A candidate that does not load is aborted (marked bad) at once. The first version of a model
-        (nothing served to compare with) is promoted directly: the probes and golden checks judge it.
+        A candidate that does not load is aborted (marked bad); one over the memory budget is aborted
+        (not marked bad) with an incident and not retried. The first version of a model (nothing served
+        to compare with) is promoted directly: the probes and golden checks judge it.
         """
-        manifest = standby.manifest
         self.slots = slots
         if self.repository.get(module) is None:
             self._first_version(module, standby, slots)
             return
+        stop = self._stops[module] = threading.Event()
+        if self._stop.is_set():
+            stop.set()
+        thread = threading.Thread(
+            target=self._background, args=(module, standby, slots, stop), name=f"canary-{module}", daemon=True
+        )
+        self._threads[module] = thread
+        thread.start()
+
+    def _background(self, module: str, standby: SlotView, slots: CanarySlots, stop: threading.Event) -> None:
+        manifest = standby.manifest
         try:
             run = self.prepare(module, standby.artifact_path, manifest)
-        except (SreError, ValueError) as exc:  # does not load, or its canary settings are unusable
+        except (SreError, ValueError) as exc:  # does not load, over budget, or unusable settings
             why = exc.message if isinstance(exc, SreError) else str(exc)
-            slots.abort_canary(module, f"candidate refused: {why}", actor="canary", mark_bad=True)
+            over = isinstance(exc, AdmissionError)
+            slots.abort_canary(module, f"candidate refused: {why}", actor="canary", mark_bad=not over)
+            if over:
+                self._give_up(module, manifest.version, f"refused by memory admission: {why}")
             self.sink.event(
                 "incident",
                 f"canary of {module} {manifest.version} refused: {why}",
@@ -433,11 +576,113 @@ class ManagedServing:
                 attrs={"source": "canary", "module": module, "version": manifest.version},
             )
             return
-        thread = threading.Thread(
-            target=run.run, args=(self.interval_s, self._stop), name=f"canary-{module}", daemon=True
+        phase = run.run(self.interval_s, stop)
+        self._after(module, manifest.version, phase)
+
+    def _after(self, module: str, version: str, phase: Phase) -> None:
+        """Bookkeeping of attempts: an inconclusive canary backs off (doubling), up to max_attempts."""
+        if phase is not Phase.INCONCLUSIVE:
+            if phase is not Phase.CANCELLED:
+                self._forget(module)
+            return
+        p = self.policy
+        with self._attempts_lock:
+            book = self._load_attempts()
+            rec = book.get(module)
+            if rec is None or rec.version != version:
+                rec = Attempts(version)
+            rec.attempts += 1
+            wait = p.retry_backoff_s * 2 ** (rec.attempts - 1)
+            rec.retry_after = (self.clock.now() + timedelta(seconds=wait)).isoformat()
+            book[module] = rec
+            self._save_attempts(book)
+        if rec.attempts >= p.max_attempts:
+            self._give_up(module, version, f"{rec.attempts} canaries ended inconclusive")
+        elif self.audit is not None:
+            self.audit.append(
+                "canary.retry_scheduled", actor="canary", module=module, version=version,
+                attempts=rec.attempts, retry_after=rec.retry_after,
+            )  # fmt: skip
+
+    def _give_up(self, module: str, version: str, why: str) -> None:
+        with self._attempts_lock:
+            book = self._load_attempts()
+            rec = book.get(module)
+            if rec is None or rec.version != version:
+                rec = Attempts(version, attempts=self.policy.max_attempts)
+            rec.gave_up = why
+            book[module] = rec
+            self._save_attempts(book)
+        if self.audit is not None:
+            self.audit.append("canary.gave_up", actor="canary", module=module, version=version, why=why)
+        self.sink.event(
+            "incident",
+            f"canary of {module} {version} not retried: {why}; a newer release or an operator decides",
+            severity="warning",
+            attrs={"source": "canary", "module": module, "version": version, "why": why},
         )
-        self._threads[module] = thread
-        thread.start()
+
+    def _forget(self, module: str) -> None:
+        with self._attempts_lock:
+            book = self._load_attempts()
+            if book.pop(module, None) is not None:
+                self._save_attempts(book)
+
+    def _load_attempts(self) -> dict[str, Attempts]:
+        try:
+            raw = json.loads(attempts_path(self.paths).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        out = {}
+        if isinstance(raw, dict):
+            for module, rec in raw.items():
+                if isinstance(rec, dict) and isinstance(rec.get("version"), str):
+                    out[module] = Attempts(
+                        rec["version"],
+                        int(rec.get("attempts", 0)),
+                        str(rec.get("retry_after", "")),
+                        str(rec.get("gave_up", "")),
+                    )
+        return out
+
+    def _save_attempts(self, book: dict[str, Attempts]) -> None:
+        path = attempts_path(self.paths)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {m: asdict(a) for m, a in book.items()})
+
+    def hold_reason(self, module: str, version: str) -> str | None:
+        """Why a canary of ``module`` ``version`` must not start now (None: it may).
+
+        Reconcile asks before installing: a version whose canaries ended inconclusive waits out its
+        backoff, and after ``max_attempts`` is left alone (reported) until a newer version arrives.
+        """
+        with self._attempts_lock:
+            rec = self._load_attempts().get(module)
+        if rec is None or rec.version != version:
+            return None
+        if rec.gave_up:
+            return f"not retried: {rec.gave_up}"
+        if rec.retry_after and self.clock.now() < datetime.fromisoformat(rec.retry_after):
+            return f"backing off after {rec.attempts} inconclusive canary(s) until {rec.retry_after}"
+        return None
+
+    def preempt(self, module: str, version: str) -> bool:
+        """A newer desired ``version`` arrived while a canary of ``module`` runs: cancel that canary
+        (weight 0 at once, not marked bad) and wait for it to end. True when none runs any more."""
+        run = self.runs.get(module)
+        if not self.busy(module):
+            return True
+        if run is not None and run.candidate.version == version:
+            return False  # the desired version is the one being canaried
+        if run is not None:
+            run.stop_reason = f"pre-empted by desired version {version}"
+        stop = self._stops.get(module)
+        if stop is not None:
+            stop.set()
+        thread = self._threads.get(module)
+        if thread is not None:
+            thread.join(self.interval_s * 3 + 10)
+        return not self.busy(module)
 
     def _first_version(self, module: str, standby: SlotView, slots: CanarySlots) -> None:
         manifest = standby.manifest
@@ -507,5 +752,7 @@ class ManagedServing:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel every running canary at its next tick and wait for them (bounded)."""
         self._stop.set()
+        for event in list(self._stops.values()):
+            event.set()
         for thread in list(self._threads.values()):
             thread.join(timeout_s)

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from policies.base import PolicyModel, load_default, load_document
 
 __all__ = [
+    "CanaryPolicy",
     "DeploymentPolicy",
     "ExtractLimits",
     "FlappingRule",
@@ -73,6 +74,35 @@ class ExtractLimits(PolicyModel):
     max_ratio: float = Field(default=200.0, gt=1, description="extracted bytes / archive bytes")
 
 
+class CanaryPolicy(PolicyModel):
+    """Gate defaults and attempt bounds for on-device canaries (a manifest's explicit values win)."""
+
+    max_error_rate_increase: float = Field(
+        default=0.002, ge=0, le=1, description="absolute floor of the error margin (0.002 = 0.2 points)"
+    )
+    error_rate_relative: float = Field(
+        default=0.5, ge=0, le=10, description="the canary may err (1 + this) x the incumbent's rate + floor"
+    )
+    max_p95_latency_ratio: float = Field(
+        default=1.5, ge=1, description="limit on the median paired per-request latency ratio"
+    )
+    allow_pin_to_canary: bool = Field(
+        default=False, description="requests may pin the canary version (answered, never evidence)"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="inconclusive canaries of one version before it is reported"
+    )
+    retry_backoff_s: float = Field(
+        default=300.0, ge=0, description="wait before retrying an inconclusive canary (doubles per try)"
+    )
+    memory_budget_mb: int = Field(
+        default=0, ge=0, description="resident size allowed for all loaded model sessions (0: no check)"
+    )
+    unload_standby: bool = Field(
+        default=False, description="free the last-known-good session after a flip; reload it on rollback"
+    )
+
+
 class DeploymentPolicy(PolicyModel):
     """Bounds for installing, probing and rolling back modules."""
 
@@ -81,6 +111,7 @@ class DeploymentPolicy(PolicyModel):
     extract: ExtractLimits = Field(default_factory=ExtractLimits)
     min_free_disk_mb: int = Field(default=64, ge=0, description="headroom kept free after an install")
     canary_steps: list[float] = Field(default_factory=lambda: [1.0, 5.0, 25.0, 50.0, 100.0])
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
     max_resumes: int = Field(
         default=3, ge=1, le=100, description="interrupted attempts at one version before it is marked bad"
     )
