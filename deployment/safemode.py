@@ -141,7 +141,12 @@ def decide(
         return SafeVerdict("stay")
     if expired or desired is None or trust is not TrustStatus.FRESH:
         return SafeVerdict("stay")
-    newer = state.serial_at_entry is None or desired.serial > state.serial_at_entry
+    if state.serial_at_entry is None:
+        # Entered with no desired state held: an operator's safe mode holds until `safe-mode exit`;
+        # flapping leaves on the first fresh desired state.
+        newer = state.reason != "operator"
+    else:
+        newer = desired.serial > state.serial_at_entry
     if state.reason == "expired":
         renewed = newer or desired.expires.isoformat() != state.expires_at_entry
         if renewed:

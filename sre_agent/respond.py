@@ -149,6 +149,7 @@ class Responder:
             if entry.escalation is not None and self._escalation_pending(entry.escalation):
                 return self._counted(incident, tracked, "an operator has it")
             last = Action(entry.actions[-1]) if entry.actions else None
+            tried = [Action(a) for a in [*entry.actions, *entry.failed]]
             if last == Action.RERUN_VERIFICATION:
                 seen = self.tracker.count(fp)
                 facts = {**incident.facts, "consecutive_failures": seen}
@@ -156,7 +157,9 @@ class Responder:
                 out = self._triage(incident.model_copy(update={"facts": facts}), tracked)
                 self._save()
                 return out
-            if last is not None and last in REMEDIES:
+            remedies = [a for a in tried if a in REMEDIES]
+            if remedies:  # a remedy ran (or was cut short by a crash) and the problem is still there
+                last = remedies[-1]
                 self.audit.append(
                     "incident.remedy_failed",
                     id=entry.incident_id,

@@ -1,0 +1,273 @@
+"""Follow-through in the daemon's responder, with the daemon's real handlers on real slots.
+
+How each promise could break, and the test that catches it:
+- the model picks a milder action that cannot help ("quarantine" a version that serves): the corrupted
+  version keeps serving -> the active version must be rolled back to the verified last-known-good and
+  marked bad, whatever the advisor chose;
+- an action fails and nothing else happens -> an alert and an escalation must follow;
+- two different SLO breaches (checks, experiments, slots) share a fingerprint and the second is dropped;
+- an incident is never closed by the code that resolves it;
+- an operator-approved safe mode is left on the next reconcile because no serial was recorded at entry;
+- the daemon dies mid-action and the action runs again after the restart (a second rollback would flip
+  back onto the corrupted version).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from deployment.reconcile import Reconciler
+from deployment.safemode import read_safe_mode
+from deployment.sample_models import linear_classifier
+from deployment.slots import SlotManager
+from policies.triage import Action, default_triage_policy
+from sre_agent.actions import ActionExecutor
+from sre_agent.config import AgentSettings
+from sre_agent.escalations import EscalationStatus, EscalationStore, escalations_dir
+from sre_agent.handlers import DaemonHandlers
+from sre_agent.incidents import IncidentKind, IncidentSignal, IncidentTracker, incident_from_event
+from sre_agent.provision import provision
+from sre_agent.respond import Responder, build_responder, incidents_file
+from sre_agent.services.responder import IncidentTee, ResponderService
+from sre_agent.triage import Advice, TriageEngine
+from sre_core.audit import AuditLog
+from sre_core.clock import FakeClock
+from sre_core.paths import StatePaths
+from sre_core.telemetry import MemorySink
+from tests.deploy_helpers import StaticSource, make_artifact
+
+
+def _device(tmp_path: Path) -> tuple[StatePaths, FakeClock, AuditLog, StaticSource, Reconciler]:
+    """A device that installed clf 1.0, then promoted 2.0 (1.0 is the verified last-known-good)."""
+    paths = StatePaths(tmp_path / "dev")
+    provision(paths)
+    clock = FakeClock()
+    audit = AuditLog(paths.audit_log, clock)
+    cas = tmp_path / "cas"
+    src = StaticSource(clock, [make_artifact(cas, "clf", "1.0", linear_classifier(seed=1))])
+    rec = Reconciler(paths, src, clock, audit=audit)
+    rec.run_once()
+    src.set([make_artifact(cas, "clf", "2.0", linear_classifier(seed=2))], serial=2)
+    rec.run_once()
+    assert SlotManager(paths, audit, clock).status("clf").active.version == "2.0"  # type: ignore[union-attr]
+    return paths, clock, audit, src, rec
+
+
+def _corrupt_active(paths: StatePaths, audit: AuditLog, clock: FakeClock) -> None:
+    view = SlotManager(paths, audit, clock).status("clf").active
+    assert view is not None
+    raw = bytearray(view.artifact_path.read_bytes())
+    raw[100:116] = b"\xff" * 16  # 16 bytes overwritten in the active model
+    view.artifact_path.write_bytes(bytes(raw))
+
+
+def _integrity_event(tee: IncidentTee, active_ok: bool, standby_ok: bool) -> None:
+    """The event the verification runner emits for a failed integrity.slots run."""
+    tee.event(
+        "incident",
+        "verification check integrity.slots fail: corrupted slot(s): clf/active",
+        severity="critical",
+        attrs={
+            "source": "verification",
+            "incident_kind": "verification_failure",
+            "check": "integrity.slots",
+            "modules": ["clf"],
+            "facts": {"check": "integrity.slots", "status": "fail", "category": "integrity", "corrupted": 1},
+            "dedup_key": "verification:integrity.slots",
+            "evidence": {"clf/active": {"ok": active_ok}, "clf/standby": {"ok": standby_ok}},
+        },
+    )
+
+
+def _wait(svc: ResponderService) -> None:
+    assert svc.drain(30), "the responder did not finish"
+
+
+def test_corrupted_active_after_promotion_rolls_back_to_lkg_even_when_the_model_picks_quarantine(
+    tmp_path: Path,
+) -> None:
+    paths, clock, audit, _src, _rec = _device(tmp_path)
+    _corrupt_active(paths, audit, clock)
+    sink = MemorySink()
+    slots = SlotManager(paths, audit, clock)
+    handlers = DaemonHandlers(paths, clock, audit, sink, lambda: slots).table()
+
+    def picks_quarantine(_inc: object, _m: object) -> Advice:  # the local model's (milder) choice
+        return Advice(choice="quarantine", summary="block the bad version")
+
+    def factory() -> Responder:
+        store = EscalationStore(escalations_dir(paths), audit, clock)
+        return Responder(
+            TriageEngine(default_triage_policy()),
+            ActionExecutor(handlers, audit=audit, telemetry=sink),
+            store,
+            IncidentTracker(clock),
+            audit,
+            advisor=picks_quarantine,
+            telemetry=sink,
+            store_path=incidents_file(paths),
+        )
+
+    svc = ResponderService(paths, clock, factory, lambda: slots)
+    tee = IncidentTee(lambda: sink, svc.submit, svc.resolved)
+    svc.start()
+    try:
+        _integrity_event(tee, active_ok=False, standby_ok=True)
+        _wait(svc)
+        st = SlotManager(paths, audit, clock).status("clf")
+        assert st.active is not None and st.active.version == "1.0"  # the last-known-good serves
+        assert any(b["version"] == "2.0" for b in st.bad.values())  # the corrupted version is marked bad
+        acts = [r.data for r in audit.records() if r.event == "triage.action"]
+        assert acts and all(a["ok"] for a in acts), acts
+        # the incident stays open until the check passes again, then the runner's resolution closes it
+        assert svc.responder is not None and len(svc.responder.tracker.open_incidents()) == 1
+        tee.event(
+            "incident_resolved",
+            "verification check integrity.slots passes again",
+            attrs={
+                "source": "verification",
+                "check": "integrity.slots",
+                "dedup_key": "verification:integrity.slots",
+            },
+        )
+        _wait(svc)
+        assert svc.responder.tracker.open_incidents() == []
+        assert any(r.event == "incident.closed" for r in audit.records())
+    finally:
+        svc.stop()
+
+
+def test_a_failed_action_raises_an_alert_and_an_escalation(tmp_path: Path) -> None:
+    paths, clock, audit, _src, _rec = _device(tmp_path)
+    sink = MemorySink()
+    settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
+    slots = SlotManager(paths, audit, clock)
+
+    def broken_rollback(_inc: object) -> str:
+        raise RuntimeError("the slot lock is held by a stuck install")
+
+    svc = ResponderService(
+        paths,
+        clock,
+        lambda: build_responder(
+            paths,
+            settings,
+            clock=clock,
+            audit=audit,
+            handlers={Action.ROLLBACK: broken_rollback},
+            telemetry=sink,
+        ),
+        lambda: slots,
+    )
+    tee = IncidentTee(lambda: sink, svc.submit, svc.resolved)
+    svc.start()
+    try:
+        _integrity_event(tee, active_ok=False, standby_ok=True)
+        _wait(svc)
+    finally:
+        svc.stop()
+    acts = [(r.data["action"], r.data["ok"]) for r in audit.records() if r.event == "triage.action"]
+    assert ("rollback", False) in acts and ("alert", True) in acts
+    assert any(e[0] == "incident.alert" for e in sink.events)
+    (esc,) = EscalationStore(escalations_dir(paths), audit, clock).select(EscalationStatus.OPEN)
+    assert esc.proposed_action == "safe_mode"  # the next allowed action; safe mode always needs a human
+
+
+def test_fingerprints_tell_slos_experiments_checks_and_slots_apart() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def fp(kind: str, facts: dict[str, object], source: str) -> str:
+        attrs = {"source": source, "incident_kind": kind, "modules": ["clf"], "facts": facts}
+        inc = incident_from_event("x", "warning", attrs, now)
+        assert inc is not None
+        return inc.fingerprint
+
+    assert fp("slo_burn", {"slo": "sync.since_last_ack_s"}, "slo") != fp(
+        "slo_burn", {"slo": "policy.age_s"}, "slo"
+    )
+    chaos_a = fp("chaos_deviation", {"experiment": "a.yaml"}, "chaos")
+    assert chaos_a != fp("chaos_deviation", {"experiment": "b.yaml"}, "chaos")
+    slots_a = fp("verification_failure", {"check": "integrity.slots", "slot": "active"}, "verification")
+    assert slots_a != fp(
+        "verification_failure", {"check": "integrity.slots", "slot": "standby"}, "verification"
+    )
+    # the same SLO breach again is the same problem
+    assert fp("slo_burn", {"slo": "policy.age_s", "value": 1.0}, "slo") == fp(
+        "slo_burn", {"slo": "policy.age_s", "value": 2.0}, "slo"
+    )
+
+
+def test_operator_safe_mode_holds_across_reconciles_until_exit_or_a_newer_serial(tmp_path: Path) -> None:
+    paths, clock, audit, src, rec = _device(tmp_path)
+    slots = SlotManager(paths, audit, clock)
+    handlers = DaemonHandlers(paths, clock, audit, MemorySink(), lambda: slots)
+    inc = incident_from_event(
+        "probes keep failing",
+        "critical",
+        {"source": "probe", "incident_kind": "probe_failure", "modules": ["clf"]},
+        clock.now(),
+    )
+    assert inc is not None
+    handlers.safe_mode(inc)  # an approved escalation executes the daemon's safe-mode handler
+    assert read_safe_mode(paths).serial_at_entry == 2
+    for _ in range(3):
+        clock.advance(timedelta(seconds=30))
+        rec.run_once()
+        assert read_safe_mode(paths).active, "safe mode was left by a reconcile with the same serial"
+    src.set(list(src.arts.values()), serial=3)  # a signed desired state with a higher serial
+    rec.run_once()
+    assert not read_safe_mode(paths).active
+
+
+def test_an_action_interrupted_by_a_crash_is_not_run_again_after_restart(tmp_path: Path) -> None:
+    paths, clock, audit, _src, _rec = _device(tmp_path)
+    slots = SlotManager(paths, audit, clock)
+    ran: list[str] = []
+    settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
+
+    def rollback(_inc: object) -> str:
+        ran.append("rollback")
+        return "rolled back"
+
+    def make() -> Responder:
+        return build_responder(
+            paths, settings, clock=clock, audit=audit, handlers={Action.ROLLBACK: rollback}
+        )
+
+    sig = IncidentSignal(
+        IncidentKind.VERIFICATION_FAILURE,
+        "integrity.slots fail",
+        module="clf",
+        severity="critical",
+        facts={"check": "integrity.slots", "category": "integrity", "slot": "active", "standby_intact": True},
+        resolve_key="verification:integrity.slots",
+        ts=clock.now(),
+    )
+    svc = ResponderService(paths, clock, make, lambda: slots)
+    svc.start()
+    svc.handle(sig)
+    svc.stop()
+    assert ran == ["rollback"]
+    # Simulate a kill -9 in the middle of the next action: the record says an action was in flight.
+    import json
+
+    doc = json.loads(incidents_file(paths).read_text())
+    doc["incidents"][0]["acting"] = "rollback"
+    doc["incidents"][0]["actions"] = []
+    incidents_file(paths).write_text(json.dumps(doc))
+    again = ResponderService(paths, clock, make, lambda: slots)
+    again.start()
+    try:
+        (entry,) = again.responder.tracker.open_incidents()  # type: ignore[union-attr]
+        assert entry.acting is None and entry.failed == ["rollback"]
+        assert any(r.event == "incident.interrupted_action" for r in audit.records())
+        clock.advance(timedelta(seconds=5))
+        again.handle(sig)  # the check fails again after restart: the same open incident, not a new one
+    finally:
+        again.stop()
+    assert ran == ["rollback"]  # never rolled back twice (a second flip would serve the corrupted bytes)
+    assert [r.event for r in audit.records()].count("incident.opened") == 1
+    # the problem outlived the interrupted remedy: an operator is asked (safe mode is the next step)
+    (esc,) = EscalationStore(escalations_dir(paths), audit, clock).select(EscalationStatus.OPEN)
+    assert esc.proposed_action == "safe_mode"
