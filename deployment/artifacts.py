@@ -46,7 +46,11 @@ class VerifiedArtifact:
 
 @dataclass(frozen=True)
 class PullResult:
-    """Outcome of one pull: the verified desired state (if any) and its verified artifacts."""
+    """Outcome of one pull: the verified desired state (if any) and its verified artifacts.
+
+    ``refused`` is set (to what was refused and why) when the pull was refused or failed and this is the
+    held state the device keeps enforcing instead (see ``Puller.pull_or_held``).
+    """
 
     trust: TrustStatus
     online: bool
@@ -54,3 +58,4 @@ class PullResult:
     desired: DesiredState | None = None
     artifacts: dict[str, VerifiedArtifact] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    refused: str | None = None

@@ -3,7 +3,9 @@
 Public API::
 
     FetchConfig(connect_timeout_s=5, read_timeout_s=20, max_stalled_attempts=5, max_attempts=10_000,
-                min_rate_bytes_s=8192, base_deadline_s=120)   a transfer may take base + length / min rate
+                min_rate_bytes_s=8192, base_deadline_s=120, metadata_deadline_s=60, pull_deadline_s=3600)
+        an artifact transfer may take base + length / min rate; a metadata read metadata_deadline_s;
+        everything a fetcher does together pull_deadline_s from its creation (one fetcher per pull)
     HttpFetcher(config=None, client=None, clock=None)      a tuf FetcherInterface over httpx
     DirectoryFetcher(base_dir, config=None, clock=None)      a tuf FetcherInterface over a bundle directory
     make_fetcher(source, config=None, clock=None) -> HttpFetcher | DirectoryFetcher
@@ -15,6 +17,12 @@ Public API::
 that sends more (an endless or oversized artifact) fails with ``DownloadLengthMismatchError``. When
 the connection drops, it resumes with ``Range: bytes=<have>-`` and ``If-Range: <etag>``; a 200 answer
 (the file changed) restarts from zero. Attempts that make no progress are bounded.
+
+Deadlines are wall-clock and independent of chunk size: every read is checked as bytes arrive, and a
+watchdog shuts the socket down when the deadline passes while a read is blocked (a server that trickles
+a byte a second, or sends headers and then nothing, cannot hold a pull). A passed deadline raises
+``SlowRetrievalError`` (a ``DownloadError``: the caller treats the pull as offline). The watchdog runs in
+real time (it bounds real sockets); the checks between reads use the injected clock.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 import ssl
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -60,6 +71,8 @@ class FetchConfig:
     max_backoff_s: float = 2.0
     min_rate_bytes_s: float = 8 * 1024
     base_deadline_s: float = 120.0
+    metadata_deadline_s: float = 60.0
+    pull_deadline_s: float = 3600.0
 
     def deadline_s(self, length: int) -> float:
         """Wall-clock budget for one transfer of ``length`` bytes (a trickling server cannot hold us)."""
@@ -72,6 +85,8 @@ class FetchConfig:
             raise ValueError("attempt bounds must be >= 1")
         if self.min_rate_bytes_s <= 0 or self.base_deadline_s <= 0:
             raise ValueError("rate and deadline must be positive")
+        if self.metadata_deadline_s <= 0 or self.pull_deadline_s <= 0:
+            raise ValueError("deadlines must be positive")
 
 
 @dataclass
@@ -100,9 +115,20 @@ class _Resumable:
 
     config: FetchConfig
     clock: Clock
+    pull_deadline: float  # monotonic time by which everything this fetcher does must be done
 
-    def _open(self, url: str, offset: int, validator: str | None) -> _RangeAnswer:
+    def _open(self, url: str, offset: int, validator: str | None, deadline: float) -> _RangeAnswer:
         raise NotImplementedError
+
+    def _deadline_fired(self) -> bool:
+        """True when a watchdog cut the last request at its deadline."""
+        return False
+
+    def _slow(self, url: str, have: int, length: int) -> exceptions.SlowRetrievalError:
+        return exceptions.SlowRetrievalError(
+            f"{url}: {have} of {length} bytes when the deadline passed (below the minimum rate, or the "
+            f"pull ran past {self.config.pull_deadline_s:g} s)"
+        )
 
     def _transient(self, exc: Exception) -> bool:
         return isinstance(exc, OSError)
@@ -138,14 +164,16 @@ class _Resumable:
             progress(have)
         stalled = 0
         last_error: Exception | None = None
-        deadline = self.clock.monotonic() + self.config.deadline_s(length)
+        deadline = min(self.clock.monotonic() + self.config.deadline_s(length), self.pull_deadline)
         for _attempt in range(self.config.max_attempts):
             if have == length:
                 return stats
+            if self.clock.monotonic() > deadline:
+                raise self._slow(url, have, length)
             before = have
             try:
-                answer = self._open(url, have, stats.etag if have else None)
-            except exceptions.DownloadHTTPError:
+                answer = self._open(url, have, stats.etag if have else None, deadline)
+            except (exceptions.DownloadHTTPError, exceptions.SlowRetrievalError):
                 raise
             except (exceptions.DownloadError, httpx.TransportError, OSError) as exc:
                 last_error = exc
@@ -177,10 +205,7 @@ class _Resumable:
                                 if progress:
                                     progress(len(chunk))
                                 if self.clock.monotonic() > deadline:
-                                    raise exceptions.SlowRetrievalError(
-                                        f"{url}: {have} of {length} bytes after "
-                                        f"{self.config.deadline_s(length):.0f} s (below the minimum rate)"
-                                    )
+                                    raise self._slow(url, have, length)
                         finally:
                             fh.flush()
                             os.fsync(fh.fileno())
@@ -192,6 +217,8 @@ class _Resumable:
                     answer.close()
             if have == length:
                 return stats
+            if self.clock.monotonic() > deadline or self._deadline_fired():
+                raise self._slow(url, have, length)
             if have > before:
                 stalled = 0
                 continue
@@ -203,6 +230,52 @@ class _Resumable:
             f"download of {url} stopped at {have} of {length} bytes after {stats.requests} requests"
             f" ({last_error or 'no progress'})"
         )
+
+
+class _Watchdog:
+    """Shuts the fetcher's socket down when a deadline passes while a read is blocked on it.
+
+    httpx bounds each socket read (``read_timeout_s``), not a whole exchange: a server that sends one
+    byte per read timeout never trips it. ``shutdown`` wakes a blocked ``recv`` in another thread (a
+    ``close`` would not), so the read returns at the deadline and the fetcher raises.
+    """
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.fired = False
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore trace hook: remember the socket of each new connection."""
+        if event == "connection.connect_tcp.complete":
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._lock:
+                    self.sock = sock
+
+    def arm(self, seconds: float) -> None:
+        self.disarm()
+        with self._lock:
+            self.fired = False
+            self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 @functools.cache
@@ -228,28 +301,69 @@ class HttpFetcher(_Resumable, FetcherInterface):
             pool=self.config.connect_timeout_s,
         )
         self._own = client is None
+        # One connection at a time: the socket the watchdog remembers is the one every request uses.
         self.client = client or httpx.Client(
-            timeout=timeout, follow_redirects=False, trust_env=False, verify=_ssl_context()
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            verify=_ssl_context(),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
         self.requests = 0
+        self.pull_deadline = self.clock.monotonic() + self.config.pull_deadline_s
+        self._watchdog = _Watchdog()
 
     def close(self) -> None:
+        self._watchdog.disarm()
         if self._own:
             self.client.close()
 
-    def _send(self, url: str, headers: dict[str, str]) -> httpx.Response:
+    def _deadline_fired(self) -> bool:
+        return self._watchdog.fired
+
+    def _send(self, url: str, headers: dict[str, str], deadline: float) -> httpx.Response:
+        """Start a GET that must be over by ``deadline`` (monotonic); the watchdog is armed until the
+        response is closed."""
         self.requests += 1
+        remaining = deadline - self.clock.monotonic()
+        if remaining <= 0:
+            raise exceptions.SlowRetrievalError(f"GET {url}: the pull deadline passed before the request")
+        timeout = httpx.Timeout(
+            min(self.config.read_timeout_s, remaining),
+            connect=min(self.config.connect_timeout_s, remaining),
+            pool=min(self.config.connect_timeout_s, remaining),
+        )
+        request = self.client.build_request(
+            "GET", url, headers=headers, timeout=timeout, extensions={"trace": self._watchdog.trace}
+        )
+        self._watchdog.arm(remaining)
         try:
-            return self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+            return self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
+            self._watchdog.disarm()
+            if self._watchdog.fired or (
+                isinstance(exc, httpx.TimeoutException) and remaining < (self.config.read_timeout_s)
+            ):
+                raise exceptions.SlowRetrievalError(f"GET {url}: no answer by the deadline ({exc})") from exc
             raise exceptions.DownloadError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+
+    def _closer(self, resp: httpx.Response) -> Callable[[], None]:
+        def close() -> None:
+            self._watchdog.disarm()
+            resp.close()
+
+        return close
 
     def download_bytes(self, url: str, max_length: int) -> bytes:
         """Metadata download with bounded retries when the link drops mid-transfer."""
         for attempt in range(self.config.max_stalled_attempts):
             try:
                 return super().download_bytes(url, max_length)
-            except (exceptions.DownloadHTTPError, exceptions.DownloadLengthMismatchError):
+            except (
+                exceptions.DownloadHTTPError,
+                exceptions.DownloadLengthMismatchError,
+                exceptions.SlowRetrievalError,
+            ):
                 raise
             except exceptions.DownloadError:
                 if attempt + 1 >= self.config.max_stalled_attempts:
@@ -258,47 +372,51 @@ class HttpFetcher(_Resumable, FetcherInterface):
         raise exceptions.DownloadError(f"GET {url}: no attempts left")  # pragma: no cover
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        resp = self._send(url, {})
+        deadline = min(self.clock.monotonic() + self.config.metadata_deadline_s, self.pull_deadline)
+        resp = self._send(url, {}, deadline)
         if resp.status_code != 200:
-            resp.close()
+            self._closer(resp)()
             raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
-        return self._chunks(resp, url)
+        return self._chunks(resp, url, deadline)
 
-    def _chunks(self, resp: httpx.Response, url: str) -> Iterator[bytes]:
-        deadline = self.clock.monotonic() + self.config.base_deadline_s
+    def _chunks(self, resp: httpx.Response, url: str, deadline: float) -> Iterator[bytes]:
+        # iter_raw() without a chunk size yields every network read: the deadline is checked as bytes
+        # arrive, not once per 256 KiB (which a byte-a-second server never completes).
+        close = self._closer(resp)
         try:
-            for chunk in resp.iter_raw(CHUNK):
+            for chunk in resp.iter_raw():
+                if self.clock.monotonic() > deadline or self._watchdog.fired:
+                    raise exceptions.SlowRetrievalError(f"GET {url}: not complete by its deadline")
                 yield chunk
-                if self.clock.monotonic() > deadline:
-                    raise exceptions.SlowRetrievalError(
-                        f"GET {url}: slower than {self.config.base_deadline_s} s"
-                    )
         except httpx.HTTPError as exc:
+            if self._watchdog.fired:
+                raise exceptions.SlowRetrievalError(f"GET {url}: not complete by its deadline") from exc
             raise exceptions.DownloadError(f"GET {url} interrupted: {exc}") from exc
         finally:
-            resp.close()
+            close()
 
-    def _open(self, url: str, offset: int, validator: str | None) -> _RangeAnswer:
+    def _open(self, url: str, offset: int, validator: str | None, deadline: float) -> _RangeAnswer:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
             if validator:
                 headers["If-Range"] = validator
-        resp = self._send(url, headers)
+        resp = self._send(url, headers, deadline)
+        close = self._closer(resp)
         etag = resp.headers.get("etag")
         if resp.status_code == 206:
             start = _content_range_start(resp.headers.get("content-range", ""))
             if start != offset:
-                resp.close()
+                close()
                 raise exceptions.DownloadError(f"GET {url}: Content-Range starts at {start}, asked {offset}")
         elif resp.status_code == 200:
             start = 0
         else:
-            resp.close()
+            close()
             raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
         if etag is not None and etag.startswith("W/"):
             etag = None  # a weak validator must not be used with If-Range
-        return _RangeAnswer(start, etag, resp.iter_raw(), resp.close)  # unbuffered: a drop loses nothing
+        return _RangeAnswer(start, etag, resp.iter_raw(), close)  # unbuffered: a drop loses nothing
 
 
 def _content_range_start(value: str) -> int:
@@ -320,6 +438,7 @@ class DirectoryFetcher(_Resumable, FetcherInterface):
         self.config = config or FetchConfig()
         self.clock = clock or SystemClock()
         self.requests = 0
+        self.pull_deadline = self.clock.monotonic() + self.config.pull_deadline_s
 
     def close(self) -> None:
         """Nothing to release."""
@@ -346,7 +465,7 @@ class DirectoryFetcher(_Resumable, FetcherInterface):
             while chunk := fh.read(CHUNK):
                 yield chunk
 
-    def _open(self, url: str, offset: int, validator: str | None) -> _RangeAnswer:
+    def _open(self, url: str, offset: int, validator: str | None, deadline: float) -> _RangeAnswer:
         self.requests += 1
         path = self._path(url)
         st = path.stat()

@@ -8,7 +8,10 @@
 - ``file``: a readiness file the application writes after the swap; it must exist and be at least as
   new as the ``current`` link (filesystem time against filesystem time, so no clock is mixed in).
 
-Each probe waits its initial delay, then tries up to ``attempts`` times, ``interval_s`` apart. Delays
+Each probe waits its initial delay, then tries up to ``attempts`` times, ``interval_s`` apart. The
+worst case of every probe (delay + attempts x timeout + the intervals between them, :func:`worst_case_s`)
+counts against the policy's ``max_total_s``, and at most ``max_probes`` probes run: a manifest over
+either cap is refused by :meth:`ProbeRunner.check_allowed` before anything is installed. Delays
 go through the injected clock (a fake clock makes a month pass in a second); the per-attempt timeouts
 of exec and http are real time, since they bound real processes and sockets.
 """
@@ -31,7 +34,14 @@ from policies.deployment import ProbePolicy
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
 
-__all__ = ["ProbeContext", "ProbeRefusedError", "ProbeReport", "ProbeResult", "ProbeRunner"]
+__all__ = [
+    "ProbeContext",
+    "ProbeRefusedError",
+    "ProbeReport",
+    "ProbeResult",
+    "ProbeRunner",
+    "worst_case_s",
+]
 
 Outcome = Literal["passed", "failed", "timeout", "error"]
 _KILL_GRACE_S = 5.0
@@ -85,6 +95,11 @@ class ProbeReport:
         return next((r for r in self.results if not r.ok), None)
 
 
+def worst_case_s(spec: ProbeSpec) -> float:
+    """The longest one probe can hold an unjudged version: delay, every attempt timing out, intervals."""
+    return spec.initial_delay_s + spec.attempts * spec.timeout_s + (spec.attempts - 1) * spec.interval_s
+
+
 def _target(spec: ProbeSpec) -> str:
     if spec.kind == "exec":
         return " ".join(spec.argv or [])
@@ -106,7 +121,22 @@ class ProbeRunner:
         self.clock = clock or SystemClock()
 
     def check_allowed(self, specs: list[ProbeSpec]) -> None:
-        """Raise :class:`ProbeRefusedError` for the first probe policy does not allow."""
+        """Raise :class:`ProbeRefusedError` when the probes exceed the caps of the policy (count, total
+        worst-case time) or for the first probe policy does not allow. Pure: nothing runs."""
+        if len(specs) > self.policy.max_probes:
+            raise ProbeRefusedError(
+                f"accept {len(specs)} probes",
+                f"the deployment policy allows at most {self.policy.max_probes} probes per module",
+                "declare fewer probes, or raise probes.max_probes in the deployment policy",
+            )
+        total = sum(worst_case_s(spec) for spec in specs)
+        if total > self.policy.max_total_s:
+            raise ProbeRefusedError(
+                f"accept probes taking up to {total:g} s",
+                f"delays, attempts x timeouts and intervals add up to more than probes.max_total_s "
+                f"({self.policy.max_total_s:g} s): an unjudged version would serve that long",
+                "shorten the probes' delays, intervals or attempts, or raise probes.max_total_s",
+            )
         for spec in specs:
             if spec.kind == "exec":
                 exe = (spec.argv or [""])[0]

@@ -5,19 +5,27 @@ Public API::
     Puller(paths, source, channel, clock=None, policy=None, fetch_config=None, audit=None, progress=None,
            telemetry=None)   metrics pull.seconds/bytes/requests/resumes/restarts; events pull.refused/failed
         .pull() -> PullResult              raises PullError (with .held, the last verified state)
+        .pull_or_held() -> PullResult      never raises PullError: the held state with ``refused`` set
     load_held(paths, clock, verify=False) -> PullResult    offline: what the device holds and trusts
     PullError(SreError): .refused (a security check failed) / transfer failure, .held (a PullResult)
     ProgressFactory = Callable[[str, int], Callable[[int], None]]   (target name, total) -> advance(n)
 
 Flow (``pull``): trusted now = max(system clock, newest signed time) -> python-tuf ``Updater.refresh``
 with that reference time (root -> timestamp -> snapshot -> targets: signatures, thresholds, expiry,
-rollback and freeze protection) -> ``<channel>/desired-state.json`` through the channel's delegated role
--> checks on the desired state (channel, serial never goes back, expiry) -> per module: a safe target
+rollback and freeze protection; a timestamp whose signing time lies beyond the device clock plus
+``max_signed_time_ahead_s`` is refused before it is persisted) -> ``<channel>/desired-state.json``
+through the channel's delegated role -> the pure verifier
+(:func:`deployment.desired_verifier.verify_desired_state`: channel, serial never goes back, bounded
+signing time) -> per module: a safe target
 path, a signed target with a manifest that names the module and version, optional cosign/DSSE second
 signatures against keys pinned in the trust policy (checked against the signed digest before any byte
 is downloaded), a resumable download into ``<state>/cas/partial`` capped at the signed length, then
 length + sha256 verification and an atomic rename into the CAS. Only when everything verified is the
 held record (``<state>/trust/held.json``) replaced, atomically. Every refusal writes an audit record.
+
+Every read has a wall-clock deadline (metadata: ``metadata_deadline_s``; artifacts: from their length
+and ``min_rate_bytes_s``) and the whole pull has ``pull_deadline_s``: a mirror that trickles a byte a
+second ends the pull as *offline*, so expiry and safe mode still happen on time.
 
 Offline (the hub cannot be reached): keep what is held and say so; python-tuf has no offline mode, so
 the trust status of held state is our logic: fresh while the held timestamp metadata is unexpired by
@@ -28,12 +36,13 @@ that into safe mode).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +53,18 @@ from tuf.ngclient import Updater, UpdaterConfig
 
 from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
 from deployment.cas import ContentStore, HashMismatchError
+from deployment.desired_verifier import (
+    DesiredStateError,
+    FutureIssuedError,
+    HeldFacts,
+    verify_desired_state,
+)
 from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
 from deployment.manifest import DesiredState, ModuleManifest, manifest_from_custom
 from deployment.rollout import effective_desired
 from deployment.signatures import SignatureError, cosign_verify, verify_attestation
-from deployment.trusted_time import TrustedTime
+from deployment.trusted_time import FutureSignedTimeError, TrustedTime
+from deployment.tuf_adapter import DurableUpdater, set_reference_time
 from policies.trust import TrustPolicy, load_trust_policy
 from sre_core.atomic import atomic_write_bytes, atomic_write_json
 from sre_core.audit import AuditLog
@@ -174,11 +190,21 @@ def load_held(paths: StatePaths, clock: Clock | None = None, verify: bool = Fals
     )
 
 
-class _DurableUpdater(Updater):
-    """python-tuf persists metadata with a rename but no fsync; on flash we need both."""
+class _FutureTimestampError(exceptions.RepositoryError):
+    """A verified timestamp's signing time is beyond the admissible bound (refused before persisting)."""
 
-    def _persist_file(self, filename: str, data: bytes) -> None:
-        atomic_write_bytes(Path(filename), data)
+
+def signing_time(timestamp_bytes: bytes) -> datetime | None:
+    """The hub's signing time (``x-sre-issued``) in timestamp metadata bytes (None when absent)."""
+    ts = Metadata[Timestamp].from_bytes(timestamp_bytes).signed
+    issued = ts.unrecognized_fields.get(ISSUED_FIELD)
+    if not isinstance(issued, str):
+        return None
+    try:
+        when = datetime.fromisoformat(issued)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
 
 
 @contextlib.contextmanager
@@ -219,7 +245,11 @@ class Puller:
             connect_timeout_s=self.policy.connect_timeout_s,
             read_timeout_s=self.policy.read_timeout_s,
             max_stalled_attempts=self.policy.max_stalled_attempts,
+            metadata_deadline_s=self.policy.metadata_deadline_s,
+            min_rate_bytes_s=self.policy.min_rate_bytes_s,
+            pull_deadline_s=self.policy.pull_deadline_s,
         )
+        self.tolerance = timedelta(seconds=self.policy.max_signed_time_ahead_s)
         self.audit = audit or AuditLog(paths.audit_log, self.clock)
         self.progress = progress
         self.telemetry: TelemetrySink = telemetry or NullSink()
@@ -229,9 +259,11 @@ class Puller:
         self._anchor = ""
 
     # ----- outcomes ------------------------------------------------------------------------------
-    def _refuse(self, what: str, why: str, fix: str, refused: bool = True) -> PullError:
+    def _refuse(
+        self, what: str, why: str, fix: str, refused: bool = True, event: str | None = None
+    ) -> PullError:
         self.audit.append(
-            "pull.refused" if refused else "pull.failed",
+            event or ("pull.refused" if refused else "pull.failed"),
             source=self.source,
             channel=self.channel,
             what=what,
@@ -258,6 +290,15 @@ class Puller:
         )
 
     # ----- the pull ------------------------------------------------------------------------------
+    def pull_or_held(self) -> PullResult:
+        """:meth:`pull`, but a refused or failed pull returns the held state with ``refused`` set
+        (already audited), so a reconcile pass keeps enforcing it and reports the refusal."""
+        try:
+            return self.pull()
+        except PullError as exc:
+            kind = "refused" if exc.refused else "failed"
+            return dataclasses.replace(exc.held, refused=f"pull {kind}: {exc.message}")
+
     def pull(self) -> PullResult:
         """Refresh, fetch and verify. Returns the new state, or the held one when offline.
 
@@ -297,11 +338,30 @@ class Puller:
                 for key in ("bytes", "requests", "resumes", "restarts"):
                     self.telemetry.metric(f"pull.{key}", float(self.stats[key]), labels)
 
+    def _admit(self, trusted: TrustedTime) -> Callable[[str, bytes], None]:
+        """Refuse a verified timestamp signed beyond the bound *before* python-tuf persists it."""
+        limit = trusted.bound(self.tolerance)
+
+        def admit(filename: str, data: bytes) -> None:
+            if filename != "timestamp.json":
+                return
+            when = signing_time(data)
+            if when is not None and when > limit:
+                raise _FutureTimestampError(
+                    f"the timestamp was signed at {when.isoformat()}, beyond the device clock plus the "
+                    f"tolerance ({limit.isoformat()}); it is not persisted and trusted time is unchanged"
+                )
+
+        return admit
+
     def _updater(self, trusted: TrustedTime) -> Updater:
         meta_url, _ = base_urls(self.source)
+        if self._fetcher is None:
+            raise RuntimeError("_updater called outside pull()")
         self.paths.tuf.mkdir(parents=True, exist_ok=True)
         config = UpdaterConfig(targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024)
         updater: Updater | None = None
+        admit = self._admit(trusted)
         pinned = self.paths.root_json.read_bytes()
         anchor = self.paths.tuf / "anchor.sha256"
         pinned_sha = hashlib.sha256(pinned).hexdigest()
@@ -315,26 +375,10 @@ class Puller:
             # The cached root may be newer than the pinned one (rotation); if it is unreadable, start again
             # from the pinned anchor and walk the root chain.
             with contextlib.suppress(exceptions.RepositoryError, OSError, ValueError):
-                updater = _DurableUpdater(
-                    str(self.paths.tuf),
-                    meta_url,
-                    None,
-                    None,
-                    fetcher=self._fetcher,
-                    config=config,
-                    bootstrap=None,
-                )
+                updater = DurableUpdater(str(self.paths.tuf), meta_url, self._fetcher, config, None, admit)
         if updater is None:
             try:
-                updater = _DurableUpdater(
-                    str(self.paths.tuf),
-                    meta_url,
-                    None,
-                    None,
-                    fetcher=self._fetcher,
-                    config=config,
-                    bootstrap=pinned,
-                )
+                updater = DurableUpdater(str(self.paths.tuf), meta_url, self._fetcher, config, pinned, admit)
             except exceptions.RepositoryError as exc:
                 raise self._refuse(
                     f"load the pinned trust anchor {self.paths.root_json}",
@@ -343,7 +387,7 @@ class Puller:
                 ) from exc
         # python-tuf checks expiry against its own datetime.now(); use trusted time instead so a clock
         # wound back cannot make expired metadata look valid (and tests can drive time).
-        updater._trusted_set.reference_time = trusted.now()
+        set_reference_time(updater, trusted.now())
         return updater
 
     def _tuf(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -354,6 +398,15 @@ class Puller:
             raise self._refuse(what, f"oversized metadata: {exc}", "report the hub operators") from exc
         except exceptions.DownloadError:
             raise
+        except _FutureTimestampError as exc:
+            raise self._refuse(
+                what,
+                str(exc),
+                "nothing was installed; the hub's online timestamp key signed a time in the future (a wrong "
+                "hub clock or a stolen key): the hub must re-sign with a correct clock or rotate the key; "
+                "the device recovers on its own at the next good release",
+                event="pull.future_time_refused",
+            ) from exc
         except exceptions.RepositoryError as exc:
             raise self._refuse(
                 what,
@@ -371,11 +424,14 @@ class Puller:
             self._tuf(f"refresh signed metadata from {self.source}", updater.refresh)
         except exceptions.DownloadError as exc:
             return self._offline(f"cannot refresh metadata from {self.source} ({exc})")
-        ts = Metadata[Timestamp].from_bytes((self.paths.tuf / "timestamp.json").read_bytes()).signed
-        issued = ts.unrecognized_fields.get(ISSUED_FIELD)
-        if isinstance(issued, str):
-            with contextlib.suppress(ValueError):
-                trusted.observe(datetime.fromisoformat(issued), "timestamp")
+        ts_bytes = (self.paths.tuf / "timestamp.json").read_bytes()
+        ts = Metadata[Timestamp].from_bytes(ts_bytes).signed
+        issued = signing_time(ts_bytes)
+        if issued is not None:
+            try:
+                trusted.admit(issued, "timestamp", self.tolerance)
+            except FutureSignedTimeError as exc:  # cached before this bound existed: refuse it too
+                raise self._refuse(exc.what, exc.why, exc.fix, event="pull.future_time_refused") from exc
         ds_target = f"{self.channel}/{DESIRED_STATE}"
         try:
             info = self._tuf(f"look up {ds_target}", lambda: updater.get_targetinfo(ds_target))
@@ -442,33 +498,22 @@ class Puller:
     def _desired_state(
         self, info: TargetFile, held: dict[str, Any] | None, trusted: TrustedTime
     ) -> tuple[DesiredState, str]:
-        what = f"desired state {info.path}"
         path = self._download(info, self.policy.max_desired_state_bytes)
-        try:
-            desired = DesiredState.model_validate_json(path.read_bytes())
-        except ValidationError as exc:
-            raise self._refuse(
-                what, f"signed but malformed: {exc.errors()[0]['msg']}", "report the hub"
-            ) from exc
         sha = info.hashes["sha256"]
-        if desired.channel != self.channel:
-            raise self._refuse(
-                what, f"it is for channel {desired.channel}, not {self.channel}", "report the hub"
+        try:
+            desired = verify_desired_state(
+                path.read_bytes(),
+                sha,
+                self.channel,
+                self._anchor,
+                HeldFacts.from_record(held),
+                trusted.bound(self.tolerance),
             )
-        # Serials only compare within one channel under one trust anchor (re-provisioning starts afresh).
-        if held is not None and held.get("channel") == self.channel and held.get("anchor") == self._anchor:
-            if desired.serial < int(held["serial"]):
-                raise self._refuse(
-                    what,
-                    f"serial {desired.serial} is older than the held serial {held['serial']} (rollback)",
-                    "nothing was installed; the source replays an old desired state: report it",
-                )
-            if desired.serial == int(held["serial"]) and sha != held.get("desired_sha256"):
-                raise self._refuse(
-                    what,
-                    f"serial {desired.serial} is held with different content (replayed serial)",
-                    "report the hub: each release must increase the serial",
-                )
+        except DesiredStateError as exc:
+            future = isinstance(exc, FutureIssuedError)
+            raise self._refuse(
+                exc.what, exc.why, exc.fix, event="pull.future_time_refused" if future else None
+            ) from exc
         trusted.observe(desired.issued, "desired-state")
         return desired, sha
 

@@ -1,15 +1,20 @@
 """Reconcile: bring each module from what is installed to what the signed desired state asks for.
 
 One pass (:meth:`Reconciler.run_once`): resolve interrupted work (first pass only) -> pull through the
-injected ``source`` (the TUF puller in production) -> decide safe mode by trusted time -> plan per
-module, gated by constraints (:class:`Planner`, pure) -> for each planned module: install into the
-standby, then either hand the standby to a :class:`CanaryDriver` (managed serving) or, in file mode,
-flip ``current`` and let the probes judge: commit, or roll back at once and mark the version bad ->
-record the outcome (audit, telemetry, ``<state>/reconcile.json``).
+injected ``source`` (the TUF puller in production) -> decide safe mode by trusted time -> mark recalled
+versions (never a rollback target again) -> plan per module, gated by constraints (:class:`Planner`,
+pure) -> for each planned module: every check that can refuse the release (probe allowlist, probe count
+and time budget, a canary driver for a managed model) runs *before* the standby is written, so a
+refused release never destroys the last-known-good -> install into the standby, then either hand the
+standby to a :class:`CanaryDriver` (managed serving) or, in file mode, flip ``current`` and let the
+probes judge: commit, or roll back at once and mark the version bad -> record the outcome (audit,
+telemetry, ``<state>/reconcile.json``). A refused pull (``PullResult.refused``) is reported and makes
+the pass not ``ok``.
 
 Managed mode seam: a :class:`CanaryDriver` gets the verified standby after
 :meth:`deployment.slots.SlotManager.begin_canary`; it later calls ``promote_canary`` or
-``abort_canary`` on the slot manager. Without a driver, managed modules are swapped like file mode.
+``abort_canary`` on the slot manager. Without a driver a managed model is never committed: the pass
+reports ``needs_canary`` (run the daemon or ``sre-agent serve``, which canary it).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
 from deployment.lifecycle import Phase
 from deployment.manifest import Constraints, DesiredState, version_key
 from deployment.probes import ProbeContext, ProbeRefusedError, ProbeRunner
-from deployment.rollout import RolloutLedger
+from deployment.rollout import RolloutLedger, recalls_of
 from deployment.safemode import SafeMode, decide
 from deployment.slots import ModuleStatus, SlotError, SlotManager, SlotView
 from policies.deployment import DeploymentPolicy
@@ -265,7 +270,16 @@ class ModuleOutcome:
 
     module: str
     result: Literal[
-        "committed", "rolled_back", "canary", "noop", "blocked", "refused", "missing", "failed", "safe_mode"
+        "committed",
+        "rolled_back",
+        "canary",
+        "noop",
+        "blocked",
+        "refused",
+        "missing",
+        "failed",
+        "safe_mode",
+        "needs_canary",
     ]
     version: str | None = None
     previous: str | None = None
@@ -296,10 +310,12 @@ class ReconcileReport:
     safe_mode_changed: str | None = None
     recovered: dict[str, str] = field(default_factory=dict)
     outcomes: list[ModuleOutcome] = field(default_factory=list)
+    pull_refused: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not any(o.result in {"failed", "rolled_back", "refused"} for o in self.outcomes)
+        bad = {"failed", "rolled_back", "refused", "needs_canary"}
+        return self.pull_refused is None and not any(o.result in bad for o in self.outcomes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -312,6 +328,7 @@ class ReconcileReport:
             "safe_mode_changed": self.safe_mode_changed,
             "recovered": self.recovered,
             "outcomes": [o.to_dict() for o in self.outcomes],
+            "pull_refused": self.pull_refused,
             "ok": self.ok,
         }
 
@@ -389,6 +406,7 @@ class Reconciler:
             serial=desired.serial if desired else None,
             safe_mode=False,
             recovered={m: d for m, d in recovered.items() if d != "nothing pending"},
+            pull_refused=pull.refused,
         )
         # Safe mode is judged by trusted time before anything is installed.
         verdict = decide(self.safe.state(), pull.trust, desired, pull.trusted_now, self.policy.flapping)
@@ -405,6 +423,7 @@ class Reconciler:
             for m in self.slots.modules():
                 report.outcomes.append(ModuleOutcome(m, "safe_mode", reason=str(state.reason)))
         elif desired is not None:
+            self._mark_recalled(desired)
             self._apply(desired, pull, report)
         self._record(report, pull, last)
         return report
@@ -430,8 +449,20 @@ class Reconciler:
             "reconcile.pulled", trust=pull.trust.value, online=pull.online,
             serial=pull.desired.serial if pull.desired else None,
             artifacts={m: {"version": a.version, "sha256": a.sha256} for m, a in pull.artifacts.items()},
+            refused=pull.refused,
         )  # fmt: skip
         return pull
+
+    def _mark_recalled(self, desired: DesiredState) -> None:
+        """Installed slots holding a withdrawn version are marked bad: never served or rolled back to."""
+        known = set(self.slots.modules())
+        for rc in recalls_of(desired):
+            if rc.module in known:
+                self.slots.mark_recalled(rc.module, rc.withdrawn, f"recalled ({rc.id}): {rc.reason}"[:200])
+
+    def _recall_target(self, desired: DesiredState, art: VerifiedArtifact) -> bool:
+        """True when ``art`` is what a recall moves this module to."""
+        return any(rc.module == art.module and rc.to_version == art.version for rc in recalls_of(desired))
 
     def _apply(self, desired: DesiredState, pull: PullResult, report: ReconcileReport) -> None:
         installed = {m: self.slots.status(m) for m in set(desired.modules) | set(self.slots.modules())}
@@ -450,7 +481,7 @@ class Reconciler:
                 if unmet:
                     item = PlanItem(item.module, "blocked", item.version, item.sha256, unmet)
                 else:
-                    report.outcomes.append(self._install(art))
+                    report.outcomes.append(self._install(art, self._recall_target(desired, art)))
                     continue
             if item.action == "refused":
                 self.audit.append("reconcile.refused", module=item.module, version=item.version,
@@ -469,7 +500,25 @@ class Reconciler:
                 return f"needs {dep} >= {minimum} (active: {have or 'none'})"
         return ""
 
-    def _install(self, art: VerifiedArtifact) -> ModuleOutcome:
+    def _refusal(self, art: VerifiedArtifact, previous: str | None) -> ModuleOutcome | None:
+        """Every check that can refuse this release without touching a slot (None: all passed)."""
+        manifest = art.manifest
+        try:
+            self.probes.check_allowed(manifest.probes)
+        except ProbeRefusedError as exc:
+            self.audit.append("probe.refused", module=art.module, version=art.version, why=exc.message)
+            return ModuleOutcome(art.module, "refused", art.version, previous, exc.message)
+        if manifest.mode == "managed" and self.canary is None:
+            why = (
+                "a managed model is committed only with canary evidence, and no canary driver runs here: "
+                "start the daemon (sre-agent run) or sre-agent serve, which canary it against the "
+                "incumbent; nothing was installed"
+            )
+            self.audit.append("reconcile.needs_canary", module=art.module, version=art.version, why=why)
+            return ModuleOutcome(art.module, "needs_canary", art.version, previous, why)
+        return None
+
+    def _install(self, art: VerifiedArtifact, recall_target: bool = False) -> ModuleOutcome:
         module = art.module
         before = self.slots.status(module)
         previous = before.active.version if before.active else None
@@ -499,11 +548,6 @@ class Reconciler:
             except SlotError as exc:
                 return ModuleOutcome(module, "failed", art.version, previous, exc.message)
             return ModuleOutcome(module, "canary", art.version, previous, "handed to the canary driver")
-        try:
-            self.probes.check_allowed(manifest.probes)
-        except ProbeRefusedError as exc:
-            self.audit.append("probe.refused", module=module, version=art.version, why=exc.message)
-            return ModuleOutcome(module, "refused", art.version, previous, exc.message)
         status = self.slots.flip(module)
         swapped_ns = status.current_link.lstat().st_mtime_ns
         ctx = ProbeContext(module, art.version, standby.artifact_path, standby.path, swapped_ns)
@@ -511,7 +555,11 @@ class Reconciler:
         results = [r.to_dict() for r in probe_report.results]
         if probe_report.ok:
             self.audit.append("probe.completed", module=module, version=art.version, ok=True, results=results)
-            self.slots.commit(module, evidence={"probes": len(results)})
+            self.slots.commit(
+                module,
+                evidence={"probes": len(results), "recall_target": recall_target},
+                as_last_known_good=recall_target,
+            )
             self.telemetry.event(
                 "deployment", f"{module} {art.version} committed", attrs={"previous": previous}
             )

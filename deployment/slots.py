@@ -584,15 +584,27 @@ class SlotManager:
         )  # fmt: skip
 
     def commit(
-        self, module: str, actor: str = "agent", evidence: dict[str, Any] | None = None
+        self,
+        module: str,
+        actor: str = "agent",
+        evidence: dict[str, Any] | None = None,
+        as_last_known_good: bool = False,
     ) -> ModuleStatus:
-        """Probes passed: keep the new version; the old one becomes last-known-good standby."""
+        """Probes passed: keep the new version; the old one becomes last-known-good standby.
+
+        A previous version marked bad (or recalled) never becomes last-known-good. With
+        ``as_last_known_good`` (a recall's target) the committed version itself is recorded as the
+        last-known-good: there is nothing older to go back to.
+        """
         with self._locked(module):
             st = self._load(module)
             st.phase = self._step(st, Event.PROBES_PASSED)
             prev = (st.op or {}).get("from")
             prev_rec = st.slots.get(str(prev)) if prev else None
-            if prev_rec is not None and prev_rec.sha256 not in st.bad:
+            rec = st.slots.get(st.active) if st.active else None
+            if as_last_known_good and rec is not None:
+                st.last_known_good = {"version": rec.version, "sha256": rec.sha256, "slot": str(st.active)}
+            elif prev_rec is not None and prev_rec.sha256 not in st.bad:
                 st.last_known_good = {
                     "version": prev_rec.version,
                     "sha256": prev_rec.sha256,
@@ -600,7 +612,6 @@ class SlotManager:
                 }
             else:
                 st.last_known_good = None
-            rec = st.slots.get(st.active) if st.active else None
             if rec is not None:
                 st.interrupted.pop(rec.sha256, None)
             st.op = None
@@ -772,6 +783,29 @@ class SlotManager:
         self.audit.append(
             "slot.marked_bad", actor=actor, module=module, sha256=sha256, version=version, reason=reason
         )
+
+    def mark_recalled(self, module: str, versions: list[str], reason: str, actor: str = "agent") -> list[str]:
+        """Mark every installed slot holding one of ``versions`` bad (a fleet recall withdrew them), and
+        drop a last-known-good that names one: a recalled version is never a rollback target.
+
+        Returns the versions newly marked (empty, and nothing written, when all were already).
+        """
+        withdrawn = set(versions)
+        with self._locked(module):
+            st = self._load(module)
+            marked: list[str] = []
+            for rec in st.slots.values():
+                if rec is not None and rec.version in withdrawn and rec.sha256 not in st.bad:
+                    st.bad[rec.sha256] = {"version": rec.version, "reason": reason, "at": self._now()}
+                    marked.append(rec.version)
+            lkg = st.last_known_good or {}
+            if lkg.get("sha256") in st.bad:
+                st.last_known_good = None
+            if not marked and lkg == (st.last_known_good or {}):
+                return []
+            self._save(st)
+        self.audit.append("slot.recalled", actor=actor, module=module, versions=sorted(marked), reason=reason)
+        return marked
 
     def clear_bad(self, module: str, sha256: str | None = None, actor: str = "operator") -> list[str]:
         """Forget one bad digest (or all when ``sha256`` is None). Returns the digests cleared."""

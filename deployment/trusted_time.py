@@ -7,7 +7,11 @@ Public API::
         .observe(signed_time, source) -> datetime   raise the mark (persisted atomically) and return now()
         .checkpoint() -> datetime    also ratchet the mark up to the system clock (persisted)
         .clock_behind() -> bool      the system clock is behind the mark (RTC reset or wound back)
+        .admit(signed_time, source, tolerance) -> datetime   observe() a signed time, refusing one
+                                     beyond :func:`signed_time_bound` (raises FutureSignedTimeError)
         .high_water -> datetime | None
+    signed_time_bound(system_now, high_water, tolerance) -> datetime   pure: the latest admissible time
+    FutureSignedTimeError(SreError)  a signed time is too far ahead of the device clock (refused)
 
 The mark lives in ``<state>/clock.json`` and only moves forward, so winding the system clock back (a bad
 RTC, an attacker) revives no expired desired state or metadata. Signed times come from the hub: the
@@ -15,6 +19,11 @@ timestamp role's signing time and the desired state's ``issued``. Every expiry d
 checkpoints the system clock into the mark (at most one write per ``checkpoint_granularity``), so a
 state seen expired stays expired when the clock is later wound back. The cost: a system clock that once
 jumped far ahead keeps trusted time there until an operator removes ``clock.json``.
+
+Signed times are bounded: a hub's online timestamp key (or a channel key) signs whatever time it likes,
+so a signed time may raise the mark only up to the device clock plus a policy tolerance
+(:func:`signed_time_bound`); beyond it the time is refused (and the pull with it), never admitted. A
+stolen online key can then withhold updates, not poison the fleet's clocks into safe mode.
 """
 
 from __future__ import annotations
@@ -27,7 +36,24 @@ from sre_core.atomic import atomic_write_json
 from sre_core.clock import Clock
 from sre_core.errors import SreError
 
-__all__ = ["TrustedTime"]
+__all__ = ["FutureSignedTimeError", "TrustedTime", "signed_time_bound"]
+
+
+class FutureSignedTimeError(SreError):
+    """A signed time lies beyond the device clock plus the tolerance: it is refused, not admitted."""
+
+
+def signed_time_bound(system_now: datetime, high_water: datetime | None, tolerance: timedelta) -> datetime:
+    """The latest signed time a device may admit. Pure.
+
+    Normally the system clock plus ``tolerance``. When the system clock is behind the high-water mark by
+    more than the tolerance, the clock is known wrong (an RTC reset, a clock wound back: a signed time
+    admitted under this rule is never that far ahead), so the mark plus the tolerance bounds instead:
+    trusted time then catches up by at most one tolerance per admitted time, never by decades at once.
+    """
+    if high_water is not None and high_water - system_now > tolerance:
+        return high_water + tolerance
+    return system_now + tolerance
 
 
 class TrustedTime:
@@ -103,6 +129,30 @@ class TrustedTime:
         if self._high is None or signed_time > self._high:
             self._write(signed_time, source)
         return self.now()
+
+    def bound(self, tolerance: timedelta) -> datetime:
+        """The latest signed time :meth:`admit` accepts now (see :func:`signed_time_bound`)."""
+        return signed_time_bound(self.clock.now(), self._high, tolerance)
+
+    def admit(self, signed_time: datetime, source: str, tolerance: timedelta) -> datetime:
+        """:meth:`observe` a signed time unless it lies beyond :meth:`bound`. Returns :meth:`now`.
+
+        Raises:
+            FutureSignedTimeError: the signed time is too far ahead; the mark is unchanged.
+        """
+        if signed_time.tzinfo is None:
+            raise ValueError("signed_time must be timezone-aware")
+        limit = self.bound(tolerance)
+        if signed_time > limit:
+            raise FutureSignedTimeError(
+                f"accept the {source} signing time {signed_time.isoformat()}",
+                f"it is beyond the device clock plus the tolerance ({limit.isoformat()}); a signing key or "
+                "the hub's clock is wrong",
+                "nothing was installed and trusted time is unchanged; the hub must re-sign with a correct "
+                "clock (rotate the key if it was stolen); raise trust.yaml max_signed_time_ahead_s only "
+                "if this device's clock is known to lag",
+            )
+        return self.observe(signed_time, source)
 
     def _write(self, when: datetime, source: str) -> None:
         if self._high is None or when > self._high:

@@ -35,7 +35,13 @@ class ProbePolicy(PolicyModel):
         description="hosts an http probe may GET (probes judge local applications)",
     )
     max_output_bytes: int = Field(default=4096, ge=0, le=1 << 20)
-    max_total_s: float = Field(default=900.0, gt=0, description="cap on one module's probe run, all probes")
+    max_total_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="cap on one module's probe run, all probes, counting initial delays, every attempt's "
+        "timeout and the intervals between attempts (a manifest over it is refused before install)",
+    )
+    max_probes: int = Field(default=16, ge=0, le=256, description="probes one manifest may declare")
 
     @field_validator("exec_allowlist")
     @classmethod

@@ -39,6 +39,24 @@ class TrustPolicy(PolicyModel):
     max_stalled_attempts: int = Field(
         default=5, ge=1, le=100, description="consecutive download attempts without progress before giving up"
     )
+    metadata_deadline_s: float = Field(
+        default=60.0, gt=0, le=3600, description="wall-clock limit on one metadata read, however it trickles"
+    )
+    min_rate_bytes_s: float = Field(
+        default=8192.0, gt=0, description="an artifact read may take 30 s + its length at this rate"
+    )
+    pull_deadline_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86400,
+        description="wall-clock limit on one whole pull; past it the pull counts as offline (it resumes)",
+    )
+    max_signed_time_ahead_s: float = Field(
+        default=86400.0,
+        ge=60,
+        le=30 * 86400,
+        description="a signed time (timestamp, desired state) further ahead of the device clock is refused",
+    )
 
 
 def load_trust_policy(policies_dir: Path | None = None) -> TrustPolicy:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -45,12 +45,17 @@ class HubEnv:
         return self.server.url
 
     def artifact(
-        self, version: str, size: int = 64 * 1024, module: str = "clf", channel: str = "stable"
+        self,
+        version: str,
+        size: int = 64 * 1024,
+        module: str = "clf",
+        channel: str = "stable",
+        mode: Literal["managed", "file"] = "managed",
     ) -> str:
         """Publish ``size`` random bytes as module ``version`` and release it; returns the target path."""
         f = self.tmp / f"{module}-{version}.onnx"
         f.write_bytes(os.urandom(size))
-        pub = self.repo.publish(channel, f, ModuleManifest(name=module, version=version))
+        pub = self.repo.publish(channel, f, ModuleManifest(name=module, version=version, mode=mode))
         self.repo.release(channel, module, version)
         return pub.target
 

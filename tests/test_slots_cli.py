@@ -103,8 +103,16 @@ def test_reconcile_once_pulls_from_a_real_hub(tmp_path: Path, run_cli) -> None: 
     provision(paths, root=repo.metadata_dir / "1.root.json", hub=server.url, channel="stable", clock=clock)
     env = HubEnv(tmp_path, clock, repo, server, paths)
     try:
-        env.artifact("1.0.0")
+        # A managed model is never committed without a canary: with no daemon, the pass refuses it
+        # (exit 1, a clear reason) and installs nothing.
+        env.artifact("0.9.0")
         s = str(env.paths.root)
+        r = run_cli("sre-agent", "reconcile", "--state", s, "--once", "--json")
+        assert r.returncode == 1, r.stderr
+        (o,) = json.loads(r.stdout)["outcomes"]
+        assert o["result"] == "needs_canary" and "sre-agent run" in o["reason"]
+        assert not (env.paths.module("clf") / "a").exists() and not (env.paths.module("clf") / "b").exists()
+        env.artifact("1.0.0", mode="file")
         r = run_cli("sre-agent", "reconcile", "--state", s, "--once", "--json")
         assert r.returncode == 0, r.stderr
         data = json.loads(r.stdout)

@@ -75,6 +75,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
         "last_sync": last.get("last_sync"),
         "last_reconcile": last.get("last_run"),
         "last_outcomes": {o["module"]: o["result"] for o in (last.get("report") or {}).get("outcomes", [])},
+        "last_pull_refused": (last.get("report") or {}).get("pull_refused"),
         "canaries": canary_progress(paths),
         "daemon": _daemon_status(paths),
     }
@@ -102,6 +103,7 @@ def _short(d: str | None) -> str:
 
 
 def _print_status(data: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     con = out_console()
@@ -117,6 +119,8 @@ def _print_status(data: dict[str, Any]) -> None:
     else:
         con.print("safe mode: [green]off[/green]")
     con.print(f"last sync {data['last_sync'] or 'never'}, last reconcile {data['last_reconcile'] or 'never'}")
+    if data.get("last_pull_refused"):
+        con.print(f"[bold red]last pull refused[/bold red]: {escape(str(data['last_pull_refused']))}")
     d = data.get("daemon")
     if d:
         failing = sorted(k for k, j in d["jobs"].items() if j.get("consecutive_failures"))
@@ -181,7 +185,7 @@ def _print_canaries(con: Any, canaries: list[dict[str, Any]]) -> None:
 
 def _source(paths: StatePaths, src: str | None, channel: str | None, config: Path | None) -> Any:
     """The production source: the TUF puller (held state when offline or refused)."""
-    from deployment.pull import Puller, PullError, load_held
+    from deployment.pull import Puller, load_held
 
     settings = settings_for(paths.root, config)
     where = src or settings.hub.url  # settings include what `init` provisioned
@@ -190,10 +194,8 @@ def _source(paths: StatePaths, src: str | None, channel: str | None, config: Pat
     def pull() -> Any:
         if not where:
             return load_held(paths)
-        try:
-            return Puller(paths, where, ch).pull()
-        except PullError as exc:
-            return exc.held  # refused or failed: keep enforcing what is held (already audited)
+        # Refused or failed: keep enforcing what is held (already audited); the pass reports it.
+        return Puller(paths, where, ch).pull_or_held()
 
     return pull
 
@@ -257,6 +259,8 @@ def register(app: typer.Typer) -> None:
             con = out_console()
             where = "online" if data["online"] else "offline"
             con.print(f"trust {data['trust']} ({where}), serial {data['serial']}")
+            if data.get("pull_refused"):
+                con.print(Text(f"pull refused, holding what was verified before: {data['pull_refused']}"))
             if data["safe_mode_changed"]:
                 con.print(f"[bold]safe mode {data['safe_mode_changed']}[/bold]")
             if data["safe_mode"]:
