@@ -53,7 +53,10 @@ ACTION_RANK: dict[Action, int] = {a: i for i, a in enumerate(Action)}
 
 FactValue = str | int | float | bool | None
 
-_FACT_PATH = r"^(kind|severity|(fact|slot|metric|device)\.[A-Za-z_][A-Za-z0-9_.-]{0,63}|verification\.(failed|passed))$"
+_FACT_PATH = (
+    r"^(kind|severity|(fact|slot|metric|device)\.[A-Za-z_][A-Za-z0-9_.-]{0,63}"
+    r"|verification\.(failed|passed))$"
+)
 
 
 class Condition(PolicyModel):

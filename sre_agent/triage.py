@@ -124,13 +124,14 @@ def device_facts(incident: Incident) -> DeviceFacts:
     - slot status: ``standby_version``, ``standby_verified``, ``last_known_good``, ``active_version``,
       ``canary_version``, ``safe_mode``;
     - ``fact.slot``: the failing slot (``active``, ``standby``, ``canary`` or ``both``);
-      ``fact.standby_intact``/``fact.standby_failing``/``fact.both_slots_failing`` (booleans);
+      ``fact.standby_intact``/``fact.standby_passes`` (false: the standby fails too),
+      ``fact.standby_failing``/``fact.both_slots_failing`` (booleans);
     - ``fact.standby_committed`` (boolean; otherwise the standby is committed when it is the
       last-known-good), ``fact.standby_bad``/``fact.standby_recalled`` (booleans) and
       ``fact.bad_versions``/``fact.recalled_versions`` (a version or a comma-separated list);
     - ``fact.active_down``/``fact.active_serving``/``fact.serving`` (booleans), and a probe failure on the
-      active slot seen ``fact.consecutive_failures`` >= 3 times in a row;
-    - ``fact.chaos_active`` (boolean).
+      active slot seen ``fact.consecutive_failures`` >= 3 times in a row while no experiment runs;
+    - ``fact.chaos_active`` (boolean; false makes ``pause_chaos`` impossible).
     """
     f = incident.facts
     slot = incident.evidence.slot
@@ -151,7 +152,7 @@ def device_facts(incident: Incident) -> DeviceFacts:
     standby_named = where_s in {"standby", "b_standby"} or where_s in _TRUE_SLOTS
     standby_failing = (
         standby_named
-        or _flag(f, "standby_intact", "standby_healthy") is False
+        or _flag(f, "standby_intact", "standby_healthy", "standby_passes") is False
         or bool(_flag(f, "standby_failing", "standby_failed"))
     )
     both_flag = bool(_flag(f, "both_slots_failing", "both_slots", "same_failure_on_both_slots"))
@@ -170,7 +171,14 @@ def device_facts(incident: Incident) -> DeviceFacts:
         and not isinstance(failures, bool)
         and failures >= 3
     )
-    active_down = bool(down_flag) or up_flag is False or (repeated_probe and down_flag is not False)
+    chaos = _flag(f, "chaos_active")
+    # Probes failing again and again mean "down", unless an experiment is injecting faults right now: then
+    # they may be its effect, and only an explicit "not serving" from the producer says the model is down.
+    active_down = (
+        bool(down_flag)
+        or up_flag is False
+        or (repeated_probe and down_flag is not False and chaos is not True)
+    )
 
     why: str | None = None
     if sb is None:
@@ -199,7 +207,7 @@ def device_facts(incident: Incident) -> DeviceFacts:
         active_failing=active_failing,
         both_slots_failing=both,
         active_down=active_down,
-        chaos_active=_flag(f, "chaos_active") is True,
+        chaos_active=chaos is True,
         why_not_rollback=why,
     )
 
@@ -212,6 +220,8 @@ def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) ->
         out[Action.ROLLBACK] = dev.why_not_rollback
     if incident.evidence.slot.safe_mode:
         out[Action.SAFE_MODE] = "the module is already in safe mode"
+    if _flag(incident.facts, "chaos_active") is False:
+        out[Action.PAUSE_CHAOS] = "no chaos experiment is running"
     return out
 
 

@@ -117,8 +117,9 @@ def test_model_may_move_down_only_to_a_rule_alternative_never_up(engine, cases):
     lower = chooser.decide(case.incident, Advice(choice="observe"))
     assert lower.action == Action.QUARANTINE and not lower.model_choice_used
     assert any("milder than the required" in r for r in lower.reasons)
-    up = chooser.decide(case.incident, Advice(choice="rollback"))
-    assert up.action == Action.QUARANTINE and not up.model_choice_used
+    transient = next(c for c in cases if c.name == "pf-active-transient").incident
+    up = chooser.decide(transient, Advice(choice="rollback"))
+    assert up.action == Action.RERUN_VERIFICATION and not up.model_choice_used
     assert any("more severe" in r for r in up.reasons)
     outside = chooser.decide(case.incident, Advice(choice="safe_mode"))
     assert outside.action == Action.QUARANTINE
@@ -354,7 +355,7 @@ def test_a_failure_that_recurs_after_a_rerun_moves_to_the_next_rule(tmp_path, cl
     clock.advance(3600)
     second = responder.handle(inc.model_copy(update={"id": "inc-2"}))
     assert second.tracked == "duplicate" and second.decision is not None
-    assert second.decision.rule == "verification-behaviour-after-flip" and ran == ["rerun", "rollback"]
+    assert second.decision.rule == "verification-behaviour-with-lkg" and ran == ["rerun", "rollback"]
     # a sighting after the rollback means the rollback did not help: alert, and the next allowed action
     # (safe mode, which always needs an operator) is escalated; later sightings are counted meanwhile
     third = responder.handle(inc.model_copy(update={"id": "inc-3"}))

@@ -58,9 +58,11 @@ def test_digest_counts_the_window_and_falls_back_to_the_template(tmp_path, clock
     f = d.figures
     assert f.incidents_total == 3
     assert f.incidents_by_kind == {"canary_abort": 1, "probe_failure": 2}
-    # the failed quarantine is followed through: an alert, then the next allowed action (rollback)
-    assert f.actions_taken == {"alert": 2, "rollback": 2} and f.actions_failed == 1
-    assert f.escalations_raised == 1 and f.escalations_open == 1
+    # the failed quarantine is followed through with an alert (a canary abort offers no rollback: the
+    # incumbent still serves)
+    assert f.actions_taken == {"alert": 2, "rollback": 1} and f.actions_failed == 1
+    # ... and escalated to a human, as is the safe-mode proposal for the detector
+    assert f.escalations_raised == 2 and f.escalations_open == 2
     assert f.verification_runs == 2 and f.verification_failures == 1
     assert f.safe_mode_modules == ["detector"]
     assert d.summary_source == "template" and "TimeoutError" in (d.summary_error or "")
@@ -158,7 +160,9 @@ def test_incidents_from_canary_slo_and_probe_reporters_get_the_facts_rules_need(
 
 def test_slot_integrity_incidents_roll_back_only_onto_an_intact_standby(clock):
     engine = TriageEngine(default_triage_policy())
-    slot = SlotStatus(active_version="2.0.0", standby_version="1.9.0", standby_verified=True)
+    slot = SlotStatus(
+        active_version="2.0.0", standby_version="1.9.0", standby_verified=True, last_known_good="1.9.0"
+    )
 
     def incident(active_ok: bool, standby_ok: bool):
         return incident_from_event(
@@ -182,5 +186,6 @@ def test_slot_integrity_incidents_roll_back_only_onto_an_intact_standby(clock):
     assert active.action == Action.ROLLBACK and active.verdict == "execute"
     standby = engine.decide(incident(True, False))
     assert standby.action == Action.ALERT and standby.verdict == "execute"
+    # both slots corrupt: a storage/host fault, no rollback; an operator is told
     both = engine.decide(incident(False, False))
-    assert both.action == Action.SAFE_MODE and both.verdict == "escalate"
+    assert both.rule == "host-fault" and both.action == Action.ALERT and Action.ROLLBACK not in both.allowed

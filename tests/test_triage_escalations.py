@@ -335,29 +335,39 @@ def test_finished_escalations_are_pruned_open_ones_kept(world, tmp_path):
 
 
 def _mild_escalation(world):
-    """An escalation that proposes alert while safe_mode is among its allowed actions (a host fault)."""
-    inc = world.incident.model_copy(
-        update={"id": "inc-host", "module": "detector", "facts": {"slot": "both", "consecutive_failures": 2}}
-    )
+    """An escalation that proposes a rollback while safe_mode is among its allowed actions."""
+    case = {c.name: c for c in load_cases(CASES)}["cd-persisted-lkg"]
+    inc = case.incident.model_copy(update={"id": "inc-host", "module": "detector"})
     decision = TriageEngine(default_triage_policy()).decide(inc)
-    assert decision.escalated and decision.action == Action.ALERT and Action.SAFE_MODE in decision.allowed
+    assert decision.escalated and decision.action == Action.ROLLBACK and Action.SAFE_MODE in decision.allowed
     return world.store.create(inc, decision)
 
 
 def test_an_approval_more_severe_than_proposed_is_refused_and_audited(world):
     esc = _mild_escalation(world)
-    with pytest.raises(ApprovalError, match="more severe than the proposed 'alert'") as ei:
+    with pytest.raises(ApprovalError, match="more severe than the proposed 'rollback'") as ei:
         world.store.decide(world.sign(esc=esc, action="safe_mode"), world.roster)
-    assert "approve 'alert' or a milder" in ei.value.message
+    assert "approve 'rollback' or a milder" in ei.value.message
     assert world.store.get(esc.id).status == EscalationStatus.OPEN
     refused = [r for r in world.audit.records() if r.event == "escalation.approval_refused"]
     assert refused and refused[-1].data["id"] == esc.id and "more severe" in refused[-1].data["why"]
-    # planted into the file after a valid approval of the proposed action, it is refused at execution too
-    world.store.decide(world.sign(esc=esc, action="alert"), world.roster)
-    assert (
-        world.store.execute_approved(world.executor, world.roster)[0][0].status == EscalationStatus.EXECUTED
+    # a validly signed but more severe approval planted straight into the file is refused at execution too
+    path = world.store.directory / f"{esc.id}.json"
+    doc = json.loads(path.read_text())
+    planted = world.sign(esc=esc, action="safe_mode")
+    path.write_text(
+        json.dumps({**doc, "status": "approved", "approval": json.loads(planted.model_dump_json())})
     )
-    assert world.ran == [("alert", "inc-host")]
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert [e.status for e, _ in done] == [EscalationStatus.EXPIRED] and world.ran == []
+    assert any(r.event == "escalation.execution_refused" for r in world.audit.records())
+
+
+def test_an_approval_of_the_proposed_action_on_the_milder_escalation_runs(world):
+    esc = _mild_escalation(world)
+    world.store.decide(world.sign(esc=esc, action="alert"), world.roster)
+    done = world.store.execute_approved(world.executor, world.roster)
+    assert [e.status for e, _ in done] == [EscalationStatus.EXECUTED] and world.ran == [("alert", "inc-host")]
 
 
 def test_a_milder_allowed_action_may_be_approved(world):

@@ -72,12 +72,21 @@ def test_configured_model_path_must_exist(tmp_path):
         LocalModel(bogus, n_threads=1)
 
 
+def _with_alternatives(rule: str, *alts: Action) -> TriageEngine:
+    """The shipped policy, with the model allowed to choose and ``alts`` as ``rule``'s alternatives."""
+    policy = default_triage_policy()
+    rules = [
+        r.model_copy(update={"model_alternatives": list(alts)}) if r.name == rule else r for r in policy.rules
+    ]
+    return TriageEngine(policy.model_copy(update={"rules": rules, "model_may_choose": True}))
+
+
 def test_agent_reads_tools_then_answers_within_the_allowed_choices():
     case = CASES["ca-injection-few-samples"]
-    engine = TriageEngine(default_triage_policy())
+    engine = _with_alternatives("canary-gate-few-samples", Action.OBSERVE)
     model, advisor = _advisor(['{"choice": 1, "summary": "few samples, tell people"}'])
     advice = advisor(case.incident, engine.match(case.incident))
-    # rule canary-gate-few-samples: default alert; milder: observe. Index 1 is observe.
+    # rule canary-gate-few-samples: default alert; its alternative: observe. Index 1 is observe.
     assert advice.choice == "observe" and advice.summary == "few samples, tell people"
     ((messages, schema),) = model.calls
     assert schema["properties"]["choice"]["enum"] == [0, 1]

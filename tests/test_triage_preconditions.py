@@ -108,20 +108,34 @@ def test_never_a_rollback_onto_an_unsound_target(engine, name, target):
 def test_a_fault_on_both_slots_is_a_host_incident_for_a_human(engine, facts):
     d = engine.decide(_inc(IncidentKind.PROBE_FAILURE, facts))
     assert device_facts(_inc(IncidentKind.PROBE_FAILURE, facts)).both_slots_failing
-    assert d.rule.startswith("host-fault") and d.escalated and Action.ROLLBACK not in d.allowed
+    assert d.rule.startswith("host-fault") and Action.ROLLBACK not in d.allowed
+    # an operator is told (alert), or asked for safe mode when nothing serves at all
+    assert (d.action, d.escalated) in ((Action.ALERT, False), (Action.SAFE_MODE, True))
+    down = engine.decide(_inc(IncidentKind.PROBE_FAILURE, {**facts, "active_serving": False}))
+    assert down.rule == "host-fault-model-down" and down.action == Action.SAFE_MODE and down.escalated
 
 
-def test_both_slots_failing_integrity_escalates_safe_mode(engine):
-    inc = _inc(
-        IncidentKind.VERIFICATION_FAILURE,
+@pytest.mark.parametrize(
+    "facts",
+    [
         {"category": "integrity", "slot": "active", "standby_intact": False},
-    )
-    d = engine.decide(inc)
-    assert d.action == Action.SAFE_MODE and d.escalated and Action.ROLLBACK not in d.allowed
+        {"category": "behaviour", "slot": "active", "standby_passes": False, "consecutive_failures": 3},
+        {"category": "behaviour", "slot": "both", "consecutive_failures": 3},
+    ],
+)
+def test_both_slots_failing_a_check_is_never_rolled_back(engine, facts):
+    d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts))
+    assert d.rule == "host-fault" and d.action == Action.ALERT and Action.ROLLBACK not in d.allowed
 
 
-def test_active_model_down_outranks_chaos_when_nothing_to_roll_back_to(engine):
-    facts = {"slot": "active", "consecutive_failures": 6, "chaos_active": True}
+def test_active_model_down_outranks_chaos(engine):
+    facts = {"slot": "active", "consecutive_failures": 6, "chaos_active": True, "active_serving": False}
+    # a sound last-known-good: roll back (the model being down outranks chaos bookkeeping)
+    assert engine.decide(_inc(IncidentKind.PROBE_FAILURE, facts)).action == Action.ROLLBACK
+    # probes failing under chaos without "not serving" may be the experiment's effect: stop it first
+    quiet = {k: v for k, v in facts.items() if k != "active_serving"}
+    assert engine.decide(_inc(IncidentKind.PROBE_FAILURE, quiet)).action == Action.PAUSE_CHAOS
+    # nothing to roll back to: safe mode for an operator, never only a chaos pause
     d = engine.decide(_inc(IncidentKind.PROBE_FAILURE, facts, {**LKG, "last_known_good": None}))
     assert d.action == Action.SAFE_MODE and d.escalated
     # the experiment is stopped at once while the operator decides
