@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sre_core.clock import Clock
 
 __all__ = [
+    "FACT_PRODUCERS",
     "MAX_LOG_LINE",
     "Evidence",
     "EvidenceEvent",
@@ -269,6 +270,38 @@ class IncidentSignal:
         )
 
 
+FACT_PRODUCERS: dict[str, str] = {
+    "check": "verification.runner:Runner._incident",
+    "status": "verification.runner:Runner._incident",
+    "category": "sre_agent.incidents:IncidentSignal.from_event",
+    "consecutive_failures": "sre_agent.incidents:IncidentSignal.from_event",
+    "slot": "sre_agent.incidents:_normalise_facts",
+    "standby_intact": "sre_agent.incidents:_normalise_facts",
+    "standby_failing": "sre_agent.incidents:_normalise_facts",
+    "both_slots_failing": "sre_agent.incidents:_normalise_facts",
+    "gate": "sre_agent.incidents:_normalise_facts",
+    "samples": "sre_agent.incidents:_normalise_facts",
+    "burn_rate": "sre_agent.jobs:SloJob.__call__",
+    "slo": "sre_agent.jobs:SloJob.__call__",
+    "versions": "sre_agent.jobs:SloJob.__call__",
+    "rolled_back": "sre_agent.jobs:PullReconcileJob.__call__",
+    "version": "sre_agent.jobs:PullReconcileJob.__call__",
+    "experiment": "sre_agent.services.chaos:ChaosSchedule._raise",
+    "persisted_after_cleanup": "sre_agent.services.chaos:ChaosSchedule._raise",
+    "recovered": "sre_agent.services.chaos:ChaosSchedule._raise",
+    "chaos_active": "sre_agent.services.responder:ResponderService._enrich",
+    "active_serving": "sre_agent.services.responder:ResponderService._enrich",
+    "active_down": "sre_agent.services.responder:ResponderService._enrich",
+    "since_flip_s": "sre_agent.services.responder:slot_facts",
+    "standby_committed": "sre_agent.services.responder:slot_facts",
+    "standby_bad": "sre_agent.services.responder:slot_facts",
+    "standby_recalled": "sre_agent.services.responder:slot_facts",
+    "bad_versions": "sre_agent.services.responder:slot_facts",
+    "recalled_versions": "sre_agent.services.responder:slot_facts",
+}
+"""Fact name -> the production code that emits it (``module:qualname``). Every fact a triage rule or the
+triage engine reads must be here; tests check that each producer exists and names its fact."""
+
 TrackVerdict = Literal["new", "duplicate", "suppressed"]
 
 
@@ -481,6 +514,8 @@ def _normalise_facts(
             facts["slot"] = "standby"
         if isinstance(ok.get("standby"), bool):
             facts["standby_intact"] = ok["standby"]
+            facts["standby_failing"] = not ok["standby"]
+            facts["both_slots_failing"] = ok.get("active") is False and not ok["standby"]
     if kind == IncidentKind.SLO_BURN and "burn_rate" not in facts:
         # drift SLOs are "at most" objectives: the burn rate is the value over its objective
         value, target = _number(facts.get("value")), _number(facts.get("target"))

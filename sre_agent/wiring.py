@@ -192,7 +192,11 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
             device_id=identity.device_id,
         )
 
-    responder = ResponderService(paths, clock, make_responder, slots, sink=base_sink)
+    def serving(module: str) -> bool | None:
+        served = handlers.plane
+        return None if served is None else served.repository.get(module) is not None
+
+    responder = ResponderService(paths, clock, make_responder, slots, sink=base_sink, serving=serving)
     sink: TelemetrySink = IncidentTee(lambda: tel.sink, responder.submit, responder.resolved)
 
     plane: ServingPlane | None = None

@@ -118,6 +118,8 @@ def test_corrupted_active_after_promotion_rolls_back_to_lkg_even_when_the_model_
         st = SlotManager(paths, audit, clock).status("clf")
         assert st.active is not None and st.active.version == "1.0"  # the last-known-good serves
         assert any(b["version"] == "2.0" for b in st.bad.values())  # the corrupted version is marked bad
+        (opened,) = [r.data for r in audit.records() if r.event == "incident.opened"]
+        assert opened["facts"]["since_flip_s"] >= 0 and opened["facts"]["standby_committed"] is True
         acts = [r.data for r in audit.records() if r.event == "triage.action"]
         assert acts and all(a["ok"] for a in acts), acts
         # the incident stays open until the check passes again, then the runner's resolution closes it

@@ -20,16 +20,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sre_agent.incidents import IncidentSignal, SlotStatus, incident_from_signal
+from sre_agent.incidents import FactValue, IncidentSignal, SlotStatus, incident_from_signal
 from sre_core.clock import Clock
 from sre_core.paths import StatePaths
 from sre_core.telemetry import TelemetrySink
 
 if TYPE_CHECKING:
-    from deployment.slots import SlotManager
+    from deployment.slots import ModuleStatus, SlotManager
     from sre_agent.respond import Responder
 
-__all__ = ["IncidentTee", "LazySink", "Resolution", "ResponderService"]
+__all__ = [
+    "IncidentTee",
+    "LazySink",
+    "Resolution",
+    "ResponderService",
+    "since_flip_s",
+    "slot_facts",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -105,6 +112,27 @@ class IncidentTee(LazySink):
             _log.exception("could not queue an incident for triage")
 
 
+def slot_facts(st: ModuleStatus, now: datetime) -> dict[str, FactValue]:
+    """Facts about a module's slots for triage (pure apart from one ``lstat`` of the current link):
+    ``since_flip_s``, ``standby_committed``, ``standby_bad``, ``standby_recalled``, ``bad_versions``,
+    ``recalled_versions``."""
+    facts: dict[str, FactValue] = {}
+    age = since_flip_s(st.current_link, now)
+    if age is not None:
+        facts["since_flip_s"] = age
+    bad = {sha: dict(v) for sha, v in st.bad.items()}
+    recalled = {sha for sha, v in bad.items() if str(v.get("reason", "")).startswith("recalled")}
+    facts["bad_versions"] = ",".join(sorted({str(v.get("version")) for v in bad.values()}))
+    facts["recalled_versions"] = ",".join(sorted({str(bad[s].get("version")) for s in recalled}))
+    sb = st.standby
+    if sb is not None:
+        lkg = st.last_known_good or {}
+        facts["standby_committed"] = lkg.get("sha256") == sb.sha256
+        facts["standby_bad"] = sb.sha256 in bad
+        facts["standby_recalled"] = sb.sha256 in recalled
+    return facts
+
+
 def since_flip_s(current_link: Path, now: datetime) -> float | None:
     """Seconds since the module's ``current`` link was last re-pointed (a flip, promotion or rollback
     renames it into place); None when there is no link."""
@@ -126,6 +154,7 @@ class ResponderService:
         responder_factory: builds the :class:`~sre_agent.respond.Responder` on start.
         slots: the slot manager the module's slot status is read from (None: no slots).
         sink: where :meth:`report` records the incident event (the raw telemetry sink, not the tee).
+        serving: whether a module's active version is loaded and serving (None: unknown).
     """
 
     name = "responder"
@@ -137,8 +166,10 @@ class ResponderService:
         responder_factory: Callable[[], Responder],
         slots: Callable[[], SlotManager | None],
         sink: TelemetrySink | None = None,
+        serving: Callable[[str], bool | None] | None = None,
     ) -> None:
         self.paths = paths
+        self._serving = serving
         self.clock = clock
         self._factory = responder_factory
         self._slots = slots
@@ -189,16 +220,21 @@ class ResponderService:
             return SlotStatus()
 
     def _enrich(self, sig: IncidentSignal) -> IncidentSignal:
-        """Facts every rule may read that only the daemon knows: chaos in flight, time since the flip."""
-        facts: dict[str, Any] = {"chaos_active": (self.paths.run / "chaos.lease").exists()}
+        """Facts every rule may read that only the daemon knows: chaos in flight, the module's slots
+        (time since the flip, committed/bad/recalled standby), whether it serves. A producer's own
+        value for a fact wins."""
+        facts: dict[str, FactValue] = {"chaos_active": (self.paths.run / "chaos.lease").exists()}
         try:
             slots = self._slots()
             if slots is not None and sig.module in slots.modules():
-                age = since_flip_s(slots.status(sig.module).current_link, self.clock.now())
-                if age is not None:
-                    facts["since_flip_s"] = age
+                facts.update(slot_facts(slots.status(sig.module), self.clock.now()))
+            if self._serving is not None:
+                up = self._serving(sig.module)
+                if up is not None:
+                    facts["active_serving"] = up
+                    facts["active_down"] = not up
         except Exception:
-            _log.exception("flip age of %s", sig.module)
+            _log.exception("slot facts of %s", sig.module)
         return sig.with_facts(**facts)
 
     def submit(self, sig: IncidentSignal) -> None:
