@@ -26,7 +26,7 @@ from sre_agent.incidents import Incident, IncidentKind, IncidentTracker, TrackVe
 from sre_agent.triage import Advice, RuleMatch, TriageDecision, TriageEngine
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
-from sre_core.clock import Clock
+from sre_core.clock import Clock, SystemClock
 from sre_core.errors import SreError
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
@@ -41,6 +41,8 @@ __all__ = [
     "build_responder",
     "incidents_file",
     "load_triage_policy",
+    "open_incidents",
+    "operator_view",
 ]
 
 REMEDIES = frozenset(
@@ -397,6 +399,47 @@ class Responder:
 def incidents_file(paths: StatePaths) -> Path:
     """``<state>/incidents.json``: the responder's tracked incidents (what `sre-agent status` shows)."""
     return paths.root / "incidents.json"
+
+
+def open_incidents(paths: StatePaths) -> list[dict[str, Any]]:
+    """The incidents the responder holds open (from ``<state>/incidents.json``; empty when none)."""
+    try:
+        data = json.loads(incidents_file(paths).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    rows = [e for e in data.get("incidents") or [] if isinstance(e, dict) and e.get("closed_at") is None]
+    return sorted(rows, key=lambda e: str(e.get("opened_at", "")))
+
+
+def operator_view(paths: StatePaths) -> dict[str, Any]:
+    """What an operator needs at a glance: open incidents, failing checks, pending escalations."""
+    from sre_agent.escalations import escalations_dir
+
+    incidents = open_incidents(paths)
+    failing = sorted(
+        {
+            f"{e.get('module')}: {e.get('title', '')}"[:200]
+            for e in incidents
+            if e.get("kind") == "verification_failure"
+        }
+    )
+    pending: list[dict[str, Any]] = []
+    store_dir = escalations_dir(paths)
+    if store_dir.is_dir():
+        store = EscalationStore(store_dir, AuditLog(paths.audit_log), SystemClock())
+        for esc in store.select():
+            if esc.status in (EscalationStatus.OPEN, EscalationStatus.APPROVED):
+                pending.append(
+                    {
+                        "id": esc.id,
+                        "status": esc.status.value,
+                        "proposed": esc.proposed_action,
+                        "module": esc.content["incident"].get("module"),
+                        "expires": esc.expires_at.isoformat(),
+                        "what": str(esc.content.get("what") or "")[:300],
+                    }
+                )
+    return {"open_incidents": incidents, "failing_checks": failing, "pending_escalations": pending}
 
 
 def load_triage_policy(policies_dir: Path) -> TriagePolicy:

@@ -14,6 +14,10 @@ How each promise could break, and the test that catches it:
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -175,6 +179,25 @@ def test_a_failed_action_raises_an_alert_and_an_escalation(tmp_path: Path) -> No
     (esc,) = EscalationStore(escalations_dir(paths), audit, clock).select(EscalationStatus.OPEN)
     assert esc.proposed_action == "safe_mode"  # the next allowed action; safe mode always needs a human
 
+    # What the operator sees: `sre-agent status` (JSON and table) shows the incident and the escalation.
+    exe = Path(sys.executable).parent / "sre-agent"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRE_AGENT_")}
+    doc = json.loads(
+        subprocess.run(
+            [str(exe), "status", "--json", "--state", str(paths.root)],
+            env=env, capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+    )  # fmt: skip
+    (inc,) = doc["open_incidents"]
+    assert inc["kind"] == "verification_failure" and inc["failed"] == ["rollback"]
+    assert inc["escalation"] == esc.id and [p["id"] for p in doc["pending_escalations"]] == [esc.id]
+    assert doc["failing_checks"] and "integrity.slots" in doc["failing_checks"][0]
+    table = subprocess.run(
+        [str(exe), "status", "--state", str(paths.root)],
+        env=env | {"COLUMNS": "200"}, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "open incidents" in table and esc.id in table and "integrity.slots" in table
+
 
 def test_fingerprints_tell_slos_experiments_checks_and_slots_apart() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
@@ -252,8 +275,6 @@ def test_an_action_interrupted_by_a_crash_is_not_run_again_after_restart(tmp_pat
     svc.stop()
     assert ran == ["rollback"]
     # Simulate a kill -9 in the middle of the next action: the record says an action was in flight.
-    import json
-
     doc = json.loads(incidents_file(paths).read_text())
     doc["incidents"][0]["acting"] = "rollback"
     doc["incidents"][0]["actions"] = []

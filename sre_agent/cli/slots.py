@@ -63,6 +63,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
     from deployment.safemode import read_safe_mode
     from deployment.serving import canary_progress
     from deployment.slots import SlotManager
+    from sre_agent.respond import operator_view
     from sre_core.audit import AuditLog
 
     slots = SlotManager(paths, AuditLog(paths.audit_log))
@@ -78,6 +79,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
         "last_pull_refused": (last.get("report") or {}).get("pull_refused"),
         "canaries": canary_progress(paths),
         "daemon": _daemon_status(paths),
+        **operator_view(paths),
     }
 
 
@@ -149,6 +151,55 @@ def _print_status(data: dict[str, Any]) -> None:
     con.print(table)
     if data.get("canaries"):
         _print_canaries(con, data["canaries"])
+    _print_operator_view(con, data)
+
+
+def _print_operator_view(con: Any, data: dict[str, Any]) -> None:
+    """Open incidents (with what was tried), failing checks and escalations waiting for an operator."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    checks = data.get("failing_checks") or []
+    con.print(f"failing checks: {escape(', '.join(checks)) if checks else 'none'}")
+    incidents = data.get("open_incidents") or []
+    if incidents:
+        table = Table(title="open incidents")
+        for col in (
+            "opened",
+            "kind",
+            "module",
+            "version",
+            "sightings",
+            "done",
+            "failed",
+            "escalation",
+            "what",
+        ):
+            table.add_column(col)
+        for e in incidents:
+            table.add_row(
+                str(e.get("opened_at", "-"))[:19], str(e.get("kind", "-")), str(e.get("module", "-")),
+                str(e.get("version") or "-"), str(e.get("count", 1)),
+                ", ".join(e.get("actions") or []) or "-", ", ".join(e.get("failed") or []) or "-",
+                str(e.get("escalation") or "-"),
+                escape(str(e.get("title", ""))[:80]),
+            )  # fmt: skip
+        con.print(table)
+    else:
+        con.print("open incidents: none")
+    pending = data.get("pending_escalations") or []
+    if pending:
+        table = Table(title="escalations waiting for an operator")
+        for col in ("id", "status", "proposed", "module", "expires", "what"):
+            table.add_column(col)
+        for p in pending:
+            table.add_row(
+                p["id"], p["status"], p["proposed"], str(p["module"]), p["expires"][:19],
+                escape(p["what"][:80]),
+            )  # fmt: skip
+        con.print(table)
+    else:
+        con.print("pending escalations: none")
 
 
 def _print_canaries(con: Any, canaries: list[dict[str, Any]]) -> None:
