@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,4 +37,46 @@ def test_router_flush_lands_in_duckdb(tmp_path: Path) -> None:
     hist = json.loads(rows[0]["body"])
     assert sum(hist["counts"].values() if isinstance(hist["counts"], dict) else hist["counts"]) >= 50
     assert all(b.balanced for b in store.books().values())
+    store.close()
+
+
+def test_a_model_without_a_canary_has_requests_errors_and_latency_in_duckdb_after_one_flush(
+    tmp_path: Path,
+) -> None:
+    """Steady state: serving telemetry is flushed on a fixed interval whether or not a canary runs."""
+    from deployment.router import InferenceError
+    from deployment.sample_models import erroring_classifier
+    from deployment.serving import ModelRepository, TelemetryFlusher
+
+    store = Store(tmp_path / "t.duckdb", small_policy(), FakeClock(), "dev-a")
+    writer = TelemetryWriter(store, enforce=False)
+    writer.start()
+    repo = ModelRepository(writer)
+    router = repo.add(load_session(erroring_classifier(seed=3), name="clf", version="1.0"))
+    flusher = TelemetryFlusher(repo, interval_s=0.05).start()
+    try:
+        rng = np.random.default_rng(0)
+        errors = 0
+        for _ in range(200):
+            try:
+                router.infer({"input": rng.normal(size=(1, 16)).astype(np.float32)})
+            except InferenceError:
+                errors += 1
+        assert 0 < errors < 200
+        seen = flusher.flushes
+        for _ in range(10_000):  # one more interval: whatever was served before it is now in the sink
+            if flusher.flushes >= seen + 2:
+                break
+            threading.Event().wait(0.01)
+        assert flusher.flushes >= seen + 2
+        writer.flush()
+        rows = store.query(
+            "SELECT name, sum(value) AS v FROM metrics WHERE name LIKE 'serving.%' GROUP BY name"
+        ).to_pylist()
+    finally:
+        flusher.stop()
+        writer.stop()
+    got = {r["name"]: r["v"] for r in rows}
+    assert got["serving.requests"] == 200 and got["serving.errors"] == errors
+    assert got["serving.latency_p95_s"] > 0
     store.close()

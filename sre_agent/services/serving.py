@@ -66,6 +66,8 @@ class ServingPlane:
         sink: the telemetry sink (the daemon's DuckDB writer; None drops telemetry, the audit keeps
             every canary step, verdict and flip).
         audit: the audit trail (pass the daemon's, which mirrors to DuckDB); clock: time source.
+        telemetry_interval_s: per-model, per-version serving telemetry is flushed to ``sink`` this often,
+            canary or not.
     """
 
     settings: AgentSettings
@@ -76,7 +78,9 @@ class ServingPlane:
     audit: Any = None
     clock: Any = None
     name: str = "serving"
+    telemetry_interval_s: float = 10.0
     _server: Any = field(default=None, repr=False)
+    _flusher: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from deployment.oip import create_app
@@ -103,6 +107,7 @@ class ServingPlane:
             options=options,
             policy_steps=self.policy.canary_steps,
             interval_s=self.canary_interval_s,
+            policy=self.policy.canary,
         )
         self.app = create_app(self.repository, server_name="sre-agent")
         self._reconciler: Any = None
@@ -119,6 +124,10 @@ class ServingPlane:
         self.slots.recover_all()
         resume_progress(self.paths, self.clock.now().isoformat())
         self.serving.sync(self.slots)
+        if self.sink is not None and self._flusher is None:
+            from deployment.serving import TelemetryFlusher
+
+            self._flusher = TelemetryFlusher(self.repository, self.telemetry_interval_s).start()
         # Start-up objects (numpy, scipy, onnx, pydantic: ~10^5) leave the cyclic collector's scans, so
         # the collections that per-request garbage triggers stay short.
         gc.freeze()
@@ -152,6 +161,9 @@ class ServingPlane:
         self.serving.stop()
         if self._server is not None:
             self._server.stop()
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
         with contextlib.suppress(FileNotFoundError):
             if self.pid_file.read_text(encoding="utf-8").strip() == str(os.getpid()):
                 self.pid_file.unlink()
