@@ -105,6 +105,15 @@ class ChaosSettings(_Section):
     interval_s: float = Field(default=3600.0, ge=10, description="the daemon's chaos schedule period")
 
 
+class DaemonSettings(_Section):
+    """How often the daemon's own bookkeeping jobs run."""
+
+    slo_interval_s: float = Field(default=60.0, ge=1, description="SLO evaluation period")
+    escalations_interval_s: float = Field(
+        default=30.0, ge=1, description="expire escalations, execute verified approvals"
+    )
+
+
 class AgentSettings(BaseSettings):
     """All agent settings. See README "Configuration"."""
 
@@ -121,6 +130,7 @@ class AgentSettings(BaseSettings):
     llm: LlmSettings = Field(default_factory=LlmSettings)
     uplink: UplinkSettings = Field(default_factory=UplinkSettings)
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
 
 
 # Where a value can come from, lowest precedence first.

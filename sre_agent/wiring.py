@@ -43,7 +43,7 @@ from sre_agent.jobs import (
 from sre_agent.services.admin import AdminService, admin_routes, read_only_sql, table_rows
 from sre_agent.services.chaos import ChaosGuard, ChaosSchedule, FaultProxyService
 from sre_agent.services.responder import IncidentTee, LazySink, ResponderService
-from sre_core.audit import AuditLog
+from sre_core.audit import AuditLog, AuditRecord
 from sre_core.clock import Clock
 from sre_core.identity import DeviceIdentity
 from sre_core.paths import StatePaths
@@ -129,6 +129,20 @@ class Assembly:
         return daemon
 
 
+_decisions = logging.getLogger("sre_agent.decisions")
+
+
+def log_decision(rec: AuditRecord) -> None:
+    """Every audited decision and action (canary steps, flips, rollbacks, incidents, escalations, stops)
+    also goes to the log as one structured line (a JSON object under ``log_format = "json"``)."""
+    level = logging.WARNING if rec.event.endswith(("failed", "_failed", "refused")) else logging.INFO
+    _decisions.log(
+        level,
+        rec.event,
+        extra={"fields": {"event": rec.event, "actor": rec.actor, "seq": rec.seq, **rec.data}},
+    )
+
+
 def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assembly:
     """Build every service and job the settings enable (nothing starts here).
 
@@ -152,7 +166,12 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
         clock,
         identity.device_id,
     )
-    audit = AuditLog(paths.audit_log, clock, mirror=tel.audit_mirror)
+
+    def mirror(rec: AuditRecord) -> None:
+        tel.audit_mirror(rec)
+        log_decision(rec)
+
+    audit = AuditLog(paths.audit_log, clock, mirror=mirror)
     base_sink: TelemetrySink = LazySink(lambda: tel.sink)
     hub_url = hub_url_of(paths, settings)
     http_hub = hub_url is not None and hub_url.startswith(("http://", "https://"))
@@ -264,8 +283,17 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
     jobs += [
         UplinkJob(paths, settings, clock, tel, identity, link_url).spec(),
         AttestJob(paths, clock, tel, identity, audit).spec(),
-        SloJob(paths, clock, tel, sink, slots_or_none, responder.report, responder.resolve).spec(),
-        EscalationsJob(paths, responder).spec(),
+        SloJob(
+            paths,
+            clock,
+            tel,
+            sink,
+            slots_or_none,
+            responder.report,
+            responder.resolve,
+            interval_s=settings.daemon.slo_interval_s,
+        ).spec(),
+        EscalationsJob(paths, responder, interval_s=settings.daemon.escalations_interval_s).spec(),
         DigestJob(clock, identity, audit, sink, responder, slots_or_none).spec(),
     ]
     return Assembly(
