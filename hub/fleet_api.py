@@ -13,7 +13,7 @@ Authentication (every hub API except the static repository reads ``/metadata/*``
 - devices sign requests with their enrolled Ed25519 key (RFC 9421, :mod:`sre_core.signing`, the same
   scheme as telemetry ingest); the report's ``device_id`` must be the signing key's id.
 - operators send ``Authorization: Bearer <token>``; tokens are random 256-bit values, stored hashed
-  (``<repo>/operators/api-tokens.json``, 0600) and compared in constant time.
+  in the hub store (table ``operator_tokens``) and compared in constant time.
 
 Refusals: 401 (no or bad credential), 403 (revoked device), 400 (bad body), 413 (too large).
 """
@@ -26,9 +26,9 @@ import json
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import delete, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -38,10 +38,11 @@ from deployment.rollout import DeviceReport
 from hub.fleetdb import FleetDB
 from hub.repository import HubRepository
 from hub.rollouts import RolloutService, RolloutSpec
-from sre_core.atomic import atomic_write_json
+from hub.store import HubStore, open_store, store_config
+from hub.store._schema import operator_tokens
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError, SreError
-from sre_core.signing import NonceCache, SignatureRefused, verify_request
+from sre_core.signing import SignatureRefused, verify_request
 
 __all__ = ["OperatorTokens", "fleet_routes", "issue_operator_token", "operator_for"]
 
@@ -50,43 +51,38 @@ _log = logging.getLogger(__name__)
 
 
 class OperatorTokens:
-    """Hashed operator API tokens under ``<repo>/operators/api-tokens.json``."""
+    """Hashed operator API tokens in the hub store (table ``operator_tokens``)."""
 
-    def __init__(self, repo_dir: Path) -> None:
-        self.path = Path(repo_dir) / "operators" / "api-tokens.json"
-
-    def _load(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self.path.read_text())
-            return data
-        except (OSError, ValueError):
-            return {}
+    def __init__(self, repo_dir: Path, store: HubStore | None = None) -> None:
+        self.store = store or open_store(store_config(Path(repo_dir)).database_url)
 
     def issue(self, name: str) -> str:
         if not name or not all(c.isalnum() or c in "._-@" for c in name) or len(name) > 64:
             raise InputError(f"operator token for {name!r}", "names are letters, digits, . _ - @")
         token = "sre_op_" + secrets.token_urlsafe(32)
-        tokens = self._load()
-        tokens[name] = {"sha256": hashlib.sha256(token.encode()).hexdigest()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, tokens, mode=0o600)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with self.store.tx() as conn:
+            conn.execute(
+                self.store.insert(operator_tokens)
+                .values(name=name, sha256=digest)
+                .on_conflict_do_update(index_elements=["name"], set_={"sha256": digest})
+            )
         return token
 
     def revoke(self, name: str) -> bool:
-        tokens = self._load()
-        if tokens.pop(name, None) is None:
-            return False
-        atomic_write_json(self.path, tokens, mode=0o600)
-        return True
+        with self.store.tx() as conn:
+            return bool(conn.execute(delete(operator_tokens).where(operator_tokens.c.name == name)).rowcount)
 
     def operator(self, authorization: str | None) -> str | None:
         if not authorization or not authorization.lower().startswith("bearer "):
             return None
         digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
+        with self.store.tx() as conn:
+            rows = conn.execute(select(operator_tokens.c.name, operator_tokens.c.sha256)).all()
         found = None
-        for name, rec in self._load().items():
-            if hmac.compare_digest(str(rec.get("sha256", "")), digest):
-                found = name
+        for name, stored in rows:
+            if hmac.compare_digest(str(stored), digest):
+                found = str(name)
         return found
 
 
@@ -121,9 +117,9 @@ def fleet_routes(
     repo_dir = Path(repo_dir)
     clk = clock or SystemClock()
     svc = service or RolloutService(HubRepository(repo_dir, clk), clock=clk)
-    db = fleet or FleetDB(svc.fleet_dir, clk)
-    nonces = NonceCache(window_s)
-    tokens = OperatorTokens(repo_dir)
+    db = fleet or FleetDB(svc.fleet_dir, clk, store=svc.store)
+    nonces = db.nonces(window_s)
+    tokens = OperatorTokens(repo_dir, svc.store)
 
     async def report(request: Request) -> JSONResponse:
         declared = request.headers.get("content-length")
@@ -198,6 +194,9 @@ def fleet_routes(
             if action == "start":
                 spec = RolloutSpec.model_validate({**(await request.json()), "channel": channel})
                 r = await run_in_threadpool(svc.start, spec, who)
+            elif action == "approve" and request.query_params.get("wave", "").isdigit():
+                wave = int(request.query_params["wave"])
+                r = await run_in_threadpool(svc.approve, channel, who, wave)
             elif action in {"approve", "pause", "resume", "ack"}:
                 r = await run_in_threadpool(getattr(svc, action), channel, who)
             elif action in {"abort-keep", "abort-revert"}:

@@ -44,17 +44,24 @@ import itertools
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import Connection, select, update
 
 from deployment.manifest import NAME_RE, VERSION_RE, manifest_from_custom, version_key
 from deployment.rollout import BASIS_POINTS, RecallDoc, RolloutDoc, bucket
 from hub.repository import HubRepository
-from sre_core.atomic import atomic_write_json
+from hub.store import HubStore, open_store, store_config
+from hub.store._schema import recalls as recalls_t
+from hub.store._schema import reports as reports_t
+from hub.store._schema import rollout_channels, rollout_counters, rollout_members
+from hub.store._schema import rollouts as rollouts_t
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
 
@@ -66,6 +73,8 @@ __all__ = [
     "RolloutSpec",
     "RolloutStatus",
     "WaveStatus",
+    "device_flags",
+    "gate_decision",
     "next_state",
     "wave_of",
 ]
@@ -261,41 +270,56 @@ _DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ReportStore:
-    """The latest report of each device (``<fleet>/reports/<device>.json``), cached in memory.
+    """The latest report of each device, in the hub store (shared by every replica).
 
-    Reports are written only by the hub server (one writer); other processes read the files.
+    Args:
+        fleet_dir: ``<repo>/fleet`` (the store location comes from ``<repo>/hub.toml``).
+        store: an open store to share.
     """
 
-    def __init__(self, fleet_dir: Path) -> None:
-        self.dir = Path(fleet_dir) / "reports"
-        self._cache: dict[str, dict[str, Any]] | None = None
-        self._lock = threading.Lock()
+    def __init__(self, fleet_dir: Path, store: HubStore | None = None) -> None:
+        self.store = store or open_store(store_config(Path(fleet_dir).parent).database_url)
 
-    def put(self, report: dict[str, Any]) -> None:
+    def put(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """Store ``report`` as its device's latest; returns the one it replaces (None if first)."""
         dev = str(report.get("device_id", ""))
         if not _DEVICE_RE.match(dev):
             raise InputError("store device report", f"bad device id {dev!r}")
-        with self._lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.dir / f"{dev}.json", report)
-            if self._cache is not None:
-                self._cache[dev] = report
+        channel = report.get("channel")
+        values = {
+            "channel": str(channel)[:64] if isinstance(channel, str) else None,
+            "received_at": str(report.get("received_at") or ""),
+            "body": json.dumps(report),
+        }
+        with self.store.tx() as conn:
+            old = conn.execute(
+                select(reports_t.c.body).where(reports_t.c.device_id == dev).with_for_update()
+            ).scalar_one_or_none()
+            if old is None:
+                conn.execute(self.store.insert(reports_t).values(device_id=dev, **values)
+                             .on_conflict_do_update(index_elements=["device_id"], set_=values))  # fmt: skip
+            else:
+                conn.execute(update(reports_t).where(reports_t.c.device_id == dev).values(**values))
+        return dict(json.loads(old)) if old is not None else None
+
+    def get(self, device_id: str) -> dict[str, Any] | None:
+        with self.store.tx() as conn:
+            body = conn.execute(
+                select(reports_t.c.body).where(reports_t.c.device_id == device_id)
+            ).scalar_one_or_none()
+        return dict(json.loads(body)) if body is not None else None
 
     def all(self) -> dict[str, dict[str, Any]]:
-        with self._lock:
-            if self._cache is None:
-                cache: dict[str, dict[str, Any]] = {}
-                if self.dir.is_dir():
-                    for p in sorted(self.dir.glob("*.json")):
-                        try:
-                            cache[p.stem] = json.loads(p.read_text())
-                        except (OSError, ValueError):
-                            continue
-                self._cache = cache
-            return dict(self._cache)
+        with self.store.tx() as conn:
+            rows = conn.execute(select(reports_t.c.device_id, reports_t.c.body)).all()
+        return {r.device_id: json.loads(r.body) for r in rows}
 
     def in_channel(self, channel: str) -> dict[str, dict[str, Any]]:
-        return {d: r for d, r in self.all().items() if r.get("channel") == channel}
+        with self.store.tx() as conn:
+            rows = conn.execute(
+                select(reports_t.c.device_id, reports_t.c.body).where(reports_t.c.channel == channel)
+            ).all()
+        return {r.device_id: json.loads(r.body) for r in rows}
 
 
 def _module_facts(report: dict[str, Any], module: str) -> dict[str, Any]:
@@ -326,17 +350,91 @@ def _received_since(report: dict[str, Any], since: datetime) -> bool:
         return False
 
 
+def gate_decision(r: Rollout, waves: list[WaveStatus], soaked_s: float) -> tuple[bool, str]:
+    """Whether the next gate of ``r`` passes now, and why (pure: counters and the soak time in, verdict out).
+
+    The rule (module docstring): the open waves have soaked and at least ``min_devices`` of their members
+    heard from since the start (fewer when fewer are reachable, never 0) report the candidate healthy, with
+    no unacknowledged failure. Completion further needs the candidate healthy on members of the final
+    wave itself. An empty or all-silent current wave is named in the reason, never waited on silently.
+    """
+    open_waves = waves[: r.wave + 1]
+    reachable = sum(w.reachable for w in open_waves)
+    healthy = sum(w.healthy for w in open_waves)
+    need = max(1, min(r.spec.min_devices, reachable) if reachable else r.spec.min_devices)
+    if r.state != "running":
+        return False, f"rollout is {r.state}"
+    if r.open_failures:
+        return False, f"{len(r.open_failures)} unacknowledged failed devices"
+    if soaked_s < r.spec.soak_s:
+        return False, f"soaking: {int(soaked_s)}/{r.spec.soak_s} s"
+    cur = waves[min(r.wave, len(waves) - 1)]
+    note = ""
+    if cur.members_known == 0:
+        note = f"wave {cur.index} ({cur.percent} %) has no known members; "
+    elif cur.reachable == 0:
+        note = f"all {cur.members_known} known members of wave {cur.index} are silent since the start; "
+    if healthy < need:
+        hint = " (approve to open the next wave by hand)" if note else ""
+        return False, f"{note}{healthy}/{need} devices healthy on {r.spec.version}{hint}"
+    last = r.wave + 1 >= len(waves)
+    if last:
+        final = waves[-1]
+        need_f = max(1, min(r.spec.min_devices, final.reachable))
+        if final.healthy < need_f:
+            why = (
+                "has no known members"
+                if final.members_known == 0
+                else f"has {final.healthy}/{need_f} healthy"
+            )
+            return (
+                False,
+                f"completion needs the candidate healthy on the final wave: wave {final.index} {why}",
+            )
+    nxt = "complete" if last else f"open wave {r.wave + 1}"
+    return True, f"{note}ready to {nxt} ({healthy} healthy, soaked {int(soaked_s)} s)"
+
+
+MEMBER, REACHABLE, ON_CANDIDATE, HEALTHY, FAILED = 1, 2, 4, 8, 16
+_FLAG_COLUMNS = (
+    (MEMBER, "members_known"),
+    (REACHABLE, "reachable"),
+    (ON_CANDIDATE, "on_candidate"),
+    (HEALTHY, "healthy"),
+    (FAILED, "failed"),
+)
+
+
+def device_flags(r: Rollout, device: str, rep: dict[str, Any] | None) -> int:
+    """What one device's latest report contributes to rollout ``r`` (bits MEMBER..FAILED; 0: out of scope)."""
+    if rep is None or rep.get("channel") != r.spec.channel:
+        return 0
+    if r.spec.group is not None and device not in r.spec.group:
+        return 0
+    f = MEMBER
+    f |= REACHABLE if _received_since(rep, r.started_at) else 0
+    f |= ON_CANDIDATE if _module_facts(rep, r.spec.module).get("version") == r.spec.version else 0
+    f |= HEALTHY if _healthy_on(rep, r.spec.module, r.spec.version) else 0
+    f |= FAILED if _failed_on(rep, r.spec.module, r.spec.version) else 0
+    return f
+
+
 class RolloutService:
-    """Runs rollouts and recalls for every channel of one hub repository. Thread-safe in-process;
-    across processes every operation re-reads the record under the repository lock.
+    """Runs rollouts and recalls for every channel of one hub repository.
+
+    State lives in the hub store, so any number of hub processes may run this at once: every operator
+    verb and every gate decision runs in one transaction holding the channel's row lock (and the
+    repository lock while it signs), and re-reads the rollout under it, so a gate opens exactly once
+    however many ticks, reports and approvals race. A report costs O(1): it updates its device's row and
+    the per-wave counters of the rollout in progress; gates read only those counters.
 
     Args:
         repo: the hub repository (signs desired states with each channel's delegated key).
-        fleet_dir: reports live under ``<fleet_dir>/reports`` (default ``<repo>/fleet``).
+        fleet_dir: ``<fleet_dir>`` (default ``<repo>/fleet``); the store comes from ``<repo>/hub.toml``.
         clock: hub time (soak, audit stamps).
-        reports: a shared :class:`ReportStore` (the server's ingest route passes its own).
-        tick_interval_s: ordinary reports re-evaluate the gates at most this often per channel (a report
-            of a bad version at once; ``tick()`` any time).
+        reports: a shared :class:`ReportStore`.
+        tick_interval_s: kept for compatibility (gates are evaluated on every report: it is O(1)).
+        store: an open store to share.
     """
 
     def __init__(
@@ -346,38 +444,89 @@ class RolloutService:
         clock: Clock | None = None,
         reports: ReportStore | None = None,
         tick_interval_s: float = 5.0,
+        store: HubStore | None = None,
     ) -> None:
         self.repo = repo
         self.clock = clock or repo.clock or SystemClock()
         self.fleet_dir = Path(fleet_dir) if fleet_dir else repo.dir / "fleet"
-        self.reports = reports or ReportStore(self.fleet_dir)
+        self.store = (
+            store or (reports.store if reports else None) or open_store(store_config(repo.dir).database_url)
+        )
+        self.reports = reports or ReportStore(self.fleet_dir, self.store)
         self.dir = repo.dir / "rollouts"
-        self._lock = threading.RLock()
-        self._buckets: dict[tuple[str, str], int] = {}
-        self._last_tick: dict[str, float] = {}
+        self._tx = threading.local()
         self.tick_interval_s = tick_interval_s
 
     # ------------------------------------------------------------------ records
-    def _path(self, channel: str) -> Path:
-        return self.dir / f"{channel}.json"
+    @contextmanager
+    def _conn(self) -> Iterator[Connection]:
+        """The transaction of the enclosing :meth:`_locked` block, or a new one."""
+        held = getattr(self._tx, "conn", None)
+        if held is not None:
+            yield held
+            return
+        with self.store.tx() as conn:
+            yield conn
+
+    @contextmanager
+    def _locked(self, channel: str) -> Iterator[Connection]:
+        """One transaction holding ``channel``'s row lock, then the repository lock (always this order)."""
+        if getattr(self._tx, "conn", None) is not None:
+            raise RuntimeError("rollout transactions do not nest")
+        with self.store.tx() as conn:
+            conn.execute(
+                self.store.insert(rollout_channels).values(channel=channel, count=0).on_conflict_do_nothing()
+            )
+            conn.execute(
+                select(rollout_channels.c.channel)
+                .where(rollout_channels.c.channel == channel)
+                .with_for_update()
+            ).one()
+            self._tx.conn = conn
+            try:
+                with self.repo.lock():
+                    yield conn
+            finally:
+                self._tx.conn = None
 
     def _load_all(self, channel: str) -> list[Rollout]:
-        p = self._path(channel)
-        if not p.is_file():
-            return []
-        data = json.loads(p.read_text())
-        return [Rollout.model_validate(r) for r in data.get("rollouts", [])]
+        with self._conn() as conn:
+            rows = conn.execute(
+                select(rollouts_t.c.body).where(rollouts_t.c.channel == channel).order_by(rollouts_t.c.seq)
+            ).all()
+        return [Rollout.model_validate_json(b.body) for b in rows]
 
-    def _save_all(self, channel: str, rollouts: list[Rollout]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            self._path(channel), {"rollouts": [r.model_dump(mode="json") for r in rollouts[-50:]]}
-        )
+    def _save(self, r: Rollout) -> None:
+        body = r.model_dump_json()
+        with self._conn() as conn:
+            res = conn.execute(
+                update(rollouts_t).where(rollouts_t.c.id == r.id).values(state=r.state, body=body)
+            )
+            if res.rowcount == 0:
+                n = conn.execute(
+                    select(rollout_channels.c.count).where(rollout_channels.c.channel == r.spec.channel)
+                ).scalar_one()
+                conn.execute(
+                    rollouts_t.insert().values(
+                        id=r.id, channel=r.spec.channel, seq=n + 1, state=r.state, body=body
+                    )
+                )
+                conn.execute(
+                    update(rollout_channels)
+                    .where(rollout_channels.c.channel == r.spec.channel)
+                    .values(count=n + 1, current_id=r.id)
+                )
 
     def current(self, channel: str) -> Rollout | None:
         """The newest rollout of ``channel`` (terminal or not)."""
-        rs = self._load_all(channel)
-        return rs[-1] if rs else None
+        with self._conn() as conn:
+            body = conn.execute(
+                select(rollouts_t.c.body)
+                .where(rollouts_t.c.channel == channel)
+                .order_by(rollouts_t.c.seq.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        return Rollout.model_validate_json(body) if body is not None else None
 
     def history(self, channel: str) -> list[Rollout]:
         return self._load_all(channel)
@@ -391,13 +540,83 @@ class RolloutService:
         return r
 
     def _bucket(self, device: str, rollout_id: str) -> int:
-        key = (device, rollout_id)
-        b = self._buckets.get(key)
-        if b is None:
-            if len(self._buckets) > 1_000_000:
-                self._buckets.clear()
-            b = self._buckets[key] = bucket(device, rollout_id)
-        return b
+        return bucket(device, rollout_id)
+
+    def _wave(self, r: Rollout, device: str) -> int:
+        return wave_of(self._bucket(device, r.id), r.spec.waves)
+
+    # ------------------------------------------------------------------ counters
+    def _seed(self, r: Rollout) -> None:
+        """Counters of a new rollout from the reports already held (once per rollout: O(fleet))."""
+        n = len(r.spec.waves)
+        sums = [[0] * len(_FLAG_COLUMNS) for _ in range(n)]
+        members = []
+        with self._conn() as conn:  # the held transaction: a second one would wait on our own lock
+            held = conn.execute(
+                select(reports_t.c.device_id, reports_t.c.body).where(reports_t.c.channel == r.spec.channel)
+            ).all()
+        for dev, body in held:
+            f = device_flags(r, dev, json.loads(body))
+            w = self._wave(r, dev)
+            if f == 0 or w >= n:
+                continue
+            members.append({"rollout_id": r.id, "device_id": dev, "wave": w, "flags": f})
+            for k, (bit, _) in enumerate(_FLAG_COLUMNS):
+                sums[w][k] += 1 if f & bit else 0
+        with self._conn() as conn:
+            conn.execute(
+                rollout_counters.insert(),
+                [{"rollout_id": r.id, "wave": w, **{c: sums[w][k] for k, (_, c) in enumerate(_FLAG_COLUMNS)}}
+                 for w in range(n)],
+            )  # fmt: skip
+            for i in range(0, len(members), 5000):
+                conn.execute(rollout_members.insert(), members[i : i + 5000])
+
+    def _count(self, r: Rollout, device: str, rep: dict[str, Any] | None) -> int:
+        """Apply one device's new report to ``r``'s counters (one transaction); returns its flags."""
+        new = device_flags(r, device, rep)
+        w = self._wave(r, device)
+        if w >= len(r.spec.waves):
+            return 0
+        with self.store.tx() as conn:
+            conn.execute(
+                self.store.insert(rollout_members)
+                .values(rollout_id=r.id, device_id=device, wave=w, flags=0)
+                .on_conflict_do_nothing()
+            )
+            old = conn.execute(
+                select(rollout_members.c.flags)
+                .where(rollout_members.c.rollout_id == r.id, rollout_members.c.device_id == device)
+                .with_for_update()
+            ).scalar_one()
+            if old == new:
+                return new
+            delta = {c: getattr(rollout_counters.c, c) + (bool(new & b) - bool(old & b))
+                     for b, c in _FLAG_COLUMNS if bool(new & b) != bool(old & b)}  # fmt: skip
+            conn.execute(
+                update(rollout_counters)
+                .where(rollout_counters.c.rollout_id == r.id, rollout_counters.c.wave == w)
+                .values(**delta)
+            )
+            conn.execute(
+                update(rollout_members)
+                .where(rollout_members.c.rollout_id == r.id, rollout_members.c.device_id == device)
+                .values(flags=new)
+            )
+        return new
+
+    def _counters(self, r: Rollout) -> list[WaveStatus]:
+        waves = [
+            WaveStatus(i, pct, "start" if i == 0 else r.spec.gate(i), i <= r.wave)
+            for i, pct in enumerate(r.spec.waves)
+        ]
+        with self._conn() as conn:
+            for row in conn.execute(select(rollout_counters).where(rollout_counters.c.rollout_id == r.id)):
+                if 0 <= row.wave < len(waves):
+                    w = waves[row.wave]
+                    for _, c in _FLAG_COLUMNS:
+                        setattr(w, c, int(getattr(row, c)))
+        return waves
 
     # ------------------------------------------------------------------ signing
     def _apply(self, r: Rollout, event: str, actor: str, **detail: Any) -> Rollout:
@@ -423,12 +642,7 @@ class RolloutService:
             else:
                 modules.pop(r.spec.module, None)
             changes["modules"] = modules
-        rollouts = self._load_all(channel)
-        if rollouts and rollouts[-1].id == r.id:
-            rollouts[-1] = r
-        else:
-            rollouts.append(r)
-        self._save_all(channel, rollouts)
+        self._save(r)
         self.repo.update_desired(channel, changes)
         return r
 
@@ -439,7 +653,7 @@ class RolloutService:
         Raises:
             InputError: the version is not published in the channel, or a rollout is in progress.
         """
-        with self._lock, self.repo.lock():
+        with self._locked(spec.channel):
             prev = self.current(spec.channel)
             if prev is not None and prev.state not in TERMINAL:
                 raise InputError(
@@ -475,25 +689,41 @@ class RolloutService:
                 wave_opened_at=now,
                 started_at=now,
             )
-            return self._apply(r, "start", actor, waves=spec.waves)
+            self._apply(r, "start", actor, waves=spec.waves)
+            self._seed(r)
+            return r
 
-    def approve(self, channel: str, actor: str = "operator") -> Rollout:
-        """Open the next wave now (any gate), or complete after the last wave."""
-        with self._lock, self.repo.lock():
+    def approve(self, channel: str, actor: str = "operator", wave: int | None = None) -> Rollout:
+        """Open the next wave now (any gate), or complete after the last wave.
+
+        Args:
+            wave: the wave this approval opens (``len(waves)``: completion). When given and that gate was
+                already passed (by a tick or another operator), nothing more opens.
+
+        Raises:
+            InputError: no rollout in progress, or ``wave`` is not the next gate.
+        """
+        with self._locked(channel):
             r = self._active(channel)
+            if wave is not None and wave != r.wave + 1:
+                raise InputError(
+                    f"approve wave {wave} in {channel}",
+                    f"the rollout is at wave {r.wave} ({r.state}): that gate is not the next one",
+                    "see `sre-hub rollout status`",
+                )
             return self._advance(r, actor, "approve")
 
     def pause(self, channel: str, actor: str = "operator") -> Rollout:
-        with self._lock, self.repo.lock():
+        with self._locked(channel):
             return self._apply(self._active(channel), "pause", actor)
 
     def resume(self, channel: str, actor: str = "operator") -> Rollout:
-        with self._lock, self.repo.lock():
+        with self._locked(channel):
             return self._apply(self._active(channel), "resume", actor)
 
     def ack(self, channel: str, actor: str = "operator") -> Rollout:
         """Acknowledge the failures that halted the rollout (it becomes paused)."""
-        with self._lock, self.repo.lock():
+        with self._locked(channel):
             r = self._active(channel)
             acked = r.open_failures
             r.acked = sorted(set(r.acked) | set(acked))
@@ -502,7 +732,7 @@ class RolloutService:
     def abort(self, channel: str, revert: bool, actor: str = "operator") -> Rollout:
         """Stop the rollout: ``--keep`` freezes it (members on the candidate keep it), ``--revert`` returns
         every device to the baseline."""
-        with self._lock, self.repo.lock():
+        with self._locked(channel):
             r = self.current(channel)
             if r is None or (r.state in TERMINAL and not (revert and r.state == "aborted")):
                 raise InputError(f"abort rollout in {channel}", "no rollout is in progress")
@@ -518,65 +748,65 @@ class RolloutService:
 
     # ------------------------------------------------------------------ devices
     def observe(self, report: dict[str, Any]) -> list[str]:
-        """Take one device report: store it, apply the halt rule, evaluate the automatic gate."""
-        self.reports.put({**report, "received_at": self.clock.now().isoformat()})
-        channel = str(report.get("channel", ""))
-        if not re.match(NAME_RE, channel) or channel not in self.repo.channels:
-            return []
-        # Gate evaluation reads every report of the channel: at most once per tick_interval_s on ordinary
-        # reports (O(fleet) per interval, not per report), at once when a device reports a bad version.
-        mods = report.get("modules")
-        failing = isinstance(mods, dict) and any(isinstance(m, dict) and m.get("bad") for m in mods.values())
-        now = self.clock.monotonic()
-        last = self._last_tick.get(channel)
-        if not failing and last is not None and now - last < self.tick_interval_s:
-            return []
-        self._last_tick[channel] = now
-        return self.tick(channel)
-
-    def tick(self, channel: str | None = None) -> list[str]:
-        """Evaluate the halt rule and automatic gates (every report, and from cron). Returns events."""
+        """Take one device report: store it, update the counters of the rollouts it touches, apply the
+        halt rule and the automatic gate. O(1) in the fleet size."""
+        prev = self.reports.put({**report, "received_at": self.clock.now().isoformat()})
+        stored = {**report, "received_at": self.clock.now().isoformat()}
+        dev = str(report.get("device_id", ""))
         fired: list[str] = []
-        for ch in [channel] if channel else self.repo.channels:
-            with self._lock:
-                r = self.current(ch)
-                if r is None or r.state in TERMINAL:
-                    continue
-                st = self._status(r)
-                failed_now = {d for w in st.waves for d in self._failed_devices(r, w.index)}
-                new_failures = failed_now - set(r.failed)
-                if new_failures:
-                    with self.repo.lock():
-                        r = self._active(ch)
-                        for d in sorted(new_failures):
-                            r.failed[d] = self.clock.now().isoformat()
-                        if len(r.open_failures) >= r.spec.halt_after and r.state == "running":
-                            self._apply(r, "fail_limit", "hub", devices=sorted(new_failures))
-                            fired.append("halt")
-                        else:
-                            self._save_all(ch, [*self._load_all(ch)[:-1], r])
-                    continue
-                if r.state == "running" and st.gate_ready and r.spec.gate(r.wave + 1) == "auto":
-                    with self.repo.lock():
-                        r = self._active(ch)
-                        self._advance(r, "hub", "auto")
-                        fired.append("complete" if r.state == "completed" else "advance")
+        old_channel = prev.get("channel") if prev else None
+        for ch in dict.fromkeys([str(report.get("channel", "")), str(old_channel or "")]):
+            if not ch or not re.match(NAME_RE, ch) or ch not in self.repo.channels:
+                continue
+            r = self.current(ch)
+            if r is None or r.state in TERMINAL:
+                continue
+            flags = self._count(r, dev, stored)
+            if (flags & FAILED and dev not in r.failed) or (
+                r.state == "running" and r.spec.gate(r.wave + 1) == "auto" and self._status(r).gate_ready
+            ):
+                fired += self._tick_one(ch)
         return fired
 
-    def _failed_devices(self, r: Rollout, wave: int) -> list[str]:
-        out = []
-        for dev, rep in self._in_scope(r).items():
-            b = self._bucket(dev, r.id)
-            if wave_of(b, r.spec.waves) == wave and _failed_on(rep, r.spec.module, r.spec.version):
-                out.append(dev)
-        return out
+    def tick(self, channel: str | None = None) -> list[str]:
+        """Evaluate the halt rule and automatic gates (cron, and reports that may pass a gate)."""
+        fired: list[str] = []
+        for ch in [channel] if channel else self.repo.channels:
+            fired += self._tick_one(ch)
+        return fired
 
-    def _in_scope(self, r: Rollout) -> dict[str, dict[str, Any]]:
-        reps = self.reports.in_channel(r.spec.channel)
-        if r.spec.group is None:
-            return reps
-        group = set(r.spec.group)
-        return {d: rep for d, rep in reps.items() if d in group}
+    def _failed_members(self, r: Rollout) -> list[str]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                select(rollout_members.c.device_id).where(
+                    rollout_members.c.rollout_id == r.id, rollout_members.c.flags.op("&")(FAILED) != 0
+                )
+            ).all()
+        return [row.device_id for row in rows]
+
+    def _tick_one(self, ch: str) -> list[str]:
+        """One channel's decision, under its lock, on freshly read state (so it happens exactly once)."""
+        r = self.current(ch)
+        if r is None or r.state in TERMINAL:
+            return []
+        with self._locked(ch):
+            r = self.current(ch)
+            if r is None or r.state in TERMINAL:
+                return []
+            new_failures = sorted(set(self._failed_members(r)) - set(r.failed))
+            if new_failures:
+                for d in new_failures:
+                    r.failed[d] = self.clock.now().isoformat()
+                if len(r.open_failures) >= r.spec.halt_after and r.state == "running":
+                    self._apply(r, "fail_limit", "hub", devices=new_failures)
+                    return ["halt"]
+                self._save(r)
+                return []
+            st = self._status(r)
+            if r.state == "running" and st.gate_ready and r.spec.gate(r.wave + 1) == "auto":
+                r = self._advance(r, "hub", "auto")
+                return ["complete" if r.state == "completed" else "advance"]
+        return []
 
     def status(self, channel: str) -> RolloutStatus:
         """The newest rollout of ``channel`` with per-wave figures.
@@ -590,44 +820,11 @@ class RolloutService:
         return self._status(r)
 
     def _status(self, r: Rollout) -> RolloutStatus:
-        waves = [
-            WaveStatus(i, pct, "start" if i == 0 else r.spec.gate(i), i <= r.wave)
-            for i, pct in enumerate(r.spec.waves)
-        ]
-        reps = self._in_scope(r)
-        for dev, rep in reps.items():
-            i = wave_of(self._bucket(dev, r.id), r.spec.waves)
-            if i >= len(waves):
-                continue
-            w = waves[i]
-            w.members_known += 1
-            w.reachable += int(_received_since(rep, r.started_at))
-            if _module_facts(rep, r.spec.module).get("version") == r.spec.version:
-                w.on_candidate += 1
-            if _healthy_on(rep, r.spec.module, r.spec.version):
-                w.healthy += 1
-            if _failed_on(rep, r.spec.module, r.spec.version):
-                w.failed += 1
-        st = RolloutStatus(r, waves, devices_reporting=len(reps))
-        open_waves = waves[: r.wave + 1]
-        # Only members heard from since the rollout began can be asked to be healthy: a member that last
-        # reported before it (and has been unreachable since) never holds the gate.
-        reachable = sum(w.reachable for w in open_waves)
-        healthy = sum(w.healthy for w in open_waves)
-        need = min(r.spec.min_devices, reachable) if reachable else r.spec.min_devices
-        soaked = (self.clock.now() - r.wave_opened_at).total_seconds()
-        if r.state != "running":
-            st.gate_reason = f"rollout is {r.state}"
-        elif r.open_failures:
-            st.gate_reason = f"{len(r.open_failures)} unacknowledged failed devices"
-        elif soaked < r.spec.soak_s:
-            st.gate_reason = f"soaking: {int(soaked)}/{r.spec.soak_s} s"
-        elif healthy < max(need, 1):
-            st.gate_reason = f"{healthy}/{max(need, 1)} devices healthy on {r.spec.version}"
-        else:
-            st.gate_ready = True
-            nxt = "complete" if r.wave + 1 >= len(waves) else f"open wave {r.wave + 1}"
-            st.gate_reason = f"ready to {nxt} ({healthy} healthy, soaked {int(soaked)} s)"
+        waves = self._counters(r)
+        st = RolloutStatus(r, waves, devices_reporting=sum(w.members_known for w in waves))
+        st.gate_ready, st.gate_reason = gate_decision(
+            r, waves, (self.clock.now() - r.wave_opened_at).total_seconds()
+        )
         return st
 
     # ------------------------------------------------------------------ recall
@@ -651,7 +848,7 @@ class RolloutService:
             raise InputError("recall", "name at least one version to withdraw")
         if to_version in withdrawn:
             raise InputError("recall", f"{to_version} is among the withdrawn versions", "name another")
-        with self._lock, self.repo.lock():
+        with self._locked(channel):
             for v in withdrawn:
                 self._published(channel, module, v)
             to_target = self._published(channel, module, to_version)
@@ -678,16 +875,20 @@ class RolloutService:
             if cur is None or cur["version"] in withdrawn or kind == "forward":
                 modules[module] = {"version": to_version, "target": to_target}
             out = self.repo.update_desired(channel, {"recalls": recalls, "modules": modules})
-            log = self.dir / "recalls.jsonl"
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with log.open("a") as fh:
-                entry = {
-                    "at": self.clock.now().isoformat(),
-                    "channel": channel,
-                    "actor": actor,
-                    "serial": out.serial,
-                }
-                fh.write(json.dumps({**entry, **doc.model_dump(mode="json")}) + "\n")
+            entry = {
+                "at": self.clock.now().isoformat(),
+                "channel": channel,
+                "actor": actor,
+                "serial": out.serial,
+            }
+            with self._conn() as conn:
+                conn.execute(
+                    recalls_t.insert().values(
+                        channel=channel,
+                        at=str(entry["at"]),
+                        body=json.dumps({**entry, **doc.model_dump(mode="json")}),
+                    )
+                )
             return {**doc.model_dump(mode="json"), "channel": channel, "serial": out.serial}
 
     def _published(self, channel: str, module: str, version: str) -> str:

@@ -454,10 +454,7 @@ def test_device_group_rollout_touches_only_the_group(tmp_path: Path) -> None:
     svc.observe(_report("outsider", "1.0", bad=["2.0"]))  # not in the group: not counted, no halt
     assert svc.current("stable").state == "running"  # type: ignore[union-attr]
     svc.observe(_report("d1", "2.0"))
-    svc.observe(_report("d2", "2.0"))
-    assert svc.current("stable").state == "running"  # type: ignore[union-attr]  # gates: at most every 5 s
-    clock.advance(timedelta(seconds=5))
-    svc.observe(_report("d2", "2.0"))
+    svc.observe(_report("d2", "2.0"))  # gates are O(1) counters now: evaluated on every report
     assert svc.current("stable").state == "completed"  # type: ignore[union-attr]
     ds = repo.desired_state("stable")
     assert ds is not None and ds.modules["clf"].version == "1.0"  # the channel's baseline is unchanged
