@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from policies.approvals import (
     Approval,
+    ApprovalError,
     OperatorRoster,
     content_hash,
     generate_operator_key,
@@ -226,15 +227,21 @@ class HubEscalations:
             ttl=ttl,
             reason=reason,
         )
-        verify_approval(
-            approval,
-            escalation_id=esc_id,
-            escalation_hash=doc["content_hash"],
-            allowed=[str(a) for a in content["allowed"]],
-            proposed=str(content["proposed_action"]),
-            roster=roster,
-            now=now,
-        )
+        try:
+            verify_approval(
+                approval,
+                escalation_id=esc_id,
+                escalation_hash=doc["content_hash"],
+                allowed=[str(a) for a in content["allowed"]],
+                proposed=str(content["proposed_action"]),
+                roster=roster,
+                now=now,
+            )
+        except ApprovalError as exc:
+            self.audit.append(
+                "escalation.sign_refused", actor=operator, id=esc_id, decision=decision, why=exc.why
+            )
+            raise
         path = self.approvals_dir / f"{esc_id}.{decision}.{operator}.json"
         atomic_write_json(path, json.loads(approval.model_dump_json()))
         self.audit.append(
