@@ -1,0 +1,120 @@
+"""Bounded signed time, the pure desired-state verifier and the python-tuf adapter.
+
+How to break it: sign a timestamp (the hub's online key) or a desired state (a channel key) with an
+issue time decades ahead. Before the bound, the device raised trusted time to it, so every held
+desired state and every later root looked expired: the fleet entered safe mode and stayed there.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from _trust_support import make_env
+
+from deployment.desired_verifier import (
+    DesiredStateError,
+    FutureIssuedError,
+    HeldFacts,
+    verify_desired_state,
+)
+from deployment.manifest import DesiredState
+from deployment.pull import PullError
+from deployment.trusted_time import FutureSignedTimeError, TrustedTime, signed_time_bound
+from deployment.tuf_adapter import check_private_api
+from hub.repository import HubRepository
+from sre_core.clock import FakeClock
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def test_bound_is_the_device_clock_plus_tolerance_and_never_ratchets_on_signed_time() -> None:
+    assert signed_time_bound(T0, None, DAY) == T0 + DAY
+    # A mark pushed up to the bound does not move the bound: the system clock does.
+    assert signed_time_bound(T0, T0 + DAY, DAY) == T0 + DAY
+    # A clock known wrong (behind the mark by more than the tolerance: an RTC reset) catches up by at
+    # most one tolerance per admitted time.
+    assert signed_time_bound(T0 - 400 * DAY, T0, DAY) == T0 + DAY
+
+
+def test_admit_refuses_a_far_future_time_and_keeps_the_mark(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    tt = TrustedTime(tmp_path / "clock.json", clock)
+    tt.admit(T0 + timedelta(hours=1), "timestamp", DAY)
+    before = (tmp_path / "clock.json").read_bytes()
+    with pytest.raises(FutureSignedTimeError):
+        tt.admit(T0 + 30 * 365 * DAY, "timestamp", DAY)
+    assert (tmp_path / "clock.json").read_bytes() == before
+    assert TrustedTime(tmp_path / "clock.json", clock).now() == T0 + timedelta(hours=1)
+    # Clock-rollback protection stays: winding the clock back does not lower trusted time.
+    clock.set(T0 - 10 * DAY)
+    assert TrustedTime(tmp_path / "clock.json", clock).now() == T0 + timedelta(hours=1)
+
+
+def _doc(serial: int, issued: datetime, channel: str = "stable") -> bytes:
+    ds = DesiredState(channel=channel, serial=serial, issued=issued, expires=issued + 14 * DAY)
+    return ds.model_dump_json().encode()
+
+
+def test_pure_verifier_refuses_rollback_replay_other_channel_and_future_issue() -> None:
+    held = HeldFacts("stable", "anchor", 5, "sha-5")
+    limit = T0 + DAY
+    ok = verify_desired_state(_doc(6, T0), "sha-6", "stable", "anchor", held, limit)
+    assert ok.serial == 6
+    cases = [
+        (_doc(4, T0), "sha-4", "older than the held serial"),
+        (_doc(5, T0), "sha-other", "replayed serial"),
+        (_doc(6, T0, channel="beta"), "sha-b", "not stable"),
+        (b"{not json", "sha-x", "malformed"),
+    ]
+    for data, sha, why in cases:
+        with pytest.raises(DesiredStateError, match=why):
+            verify_desired_state(data, sha, "stable", "anchor", held, limit)
+    with pytest.raises(FutureIssuedError, match="beyond the device clock"):
+        verify_desired_state(_doc(6, T0 + 3650 * DAY), "sha-6", "stable", "anchor", held, limit)
+    # Under another trust anchor (re-provisioned) serials start afresh.
+    assert verify_desired_state(_doc(1, T0), "s", "stable", "new-anchor", held, limit).serial == 1
+
+
+def test_python_tuf_private_members_are_still_there() -> None:
+    """Fails loudly when a python-tuf upgrade renames `_persist_file` or `reference_time`."""
+    check_private_api()
+
+
+def test_far_future_timestamp_and_desired_state_are_refused_not_admitted(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    try:
+        env.artifact("1.0.0", mode="file")
+        assert env.puller().pull().desired is not None
+        mark = json.loads(env.paths.clock_file.read_text())["high_water"]
+        ts_before = (env.paths.tuf / "timestamp.json").read_bytes()
+
+        # The hub's real online timestamp key signs a time 30 years ahead (a wrong hub clock, a thief).
+        future = HubRepository(env.repo.dir, clock=FakeClock(env.clock.now() + 30 * 365 * DAY))
+        future.timestamp()
+        with pytest.raises(PullError) as info:
+            env.puller().pull()
+        assert info.value.refused and "beyond the device clock" in info.value.why
+        assert json.loads(env.paths.clock_file.read_text())["high_water"] == mark
+        # Refused before python-tuf persisted it: the cached timestamp is the last good one.
+        assert (env.paths.tuf / "timestamp.json").read_bytes() == ts_before
+        assert "pull.future_time_refused" in env.audit_events()
+
+        # The hub re-signs with a correct clock: the device takes it, nothing to undo by hand.
+        env.repo.timestamp()
+        assert env.puller().pull().trust == "fresh"
+
+        # A channel key signs a desired state issued decades ahead: refused the same way.
+        future.release("stable", "clf", "1.0.0")
+        env.repo.timestamp()
+        with pytest.raises(PullError, match="beyond the device clock"):
+            env.puller().pull()
+        assert (
+            json.loads(env.paths.clock_file.read_text())["high_water"]
+            < (env.clock.now() + 2 * DAY).isoformat()
+        )
+    finally:
+        env.server.stop()
