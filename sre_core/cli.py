@@ -214,4 +214,6 @@ def err_console() -> Any:
     """A rich console on stderr (progress, warnings)."""
     from rich.console import Console
 
+    if _WIDE.get() or not sys.stderr.isatty():  # logs and pipes: never wrap a message mid-line
+        return Console(stderr=True, width=WIDE_COLUMNS, soft_wrap=True)
     return Console(stderr=True)

@@ -1,10 +1,13 @@
 """Run an ASGI app under uvicorn in a background thread (TCP on loopback or a unix socket).
 
 Used by the inference server, the hub, the daemon's admin API and by tests that need a real server.
+A TCP server binds its socket before it says it serves (:func:`bind_tcp`): a bad or busy port is an error
+naming the address, never a message about serving followed by uvicorn's own failure.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -12,7 +15,49 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["ServerThread", "free_port"]
+from sre_core.errors import InputError, SreError
+
+__all__ = ["ServerThread", "bind_tcp", "free_port", "serve_forever"]
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, for uvicorn to serve on.
+
+    Raises:
+        InputError: the port is outside 0..65535 or the address is not one of this machine's.
+        SreError: the port is in use, or binding it needs privileges.
+    """
+    where = f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise InputError(f"listen on {where}", "a TCP port is 1..65535", "pass --port 1..65535")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SreError(
+                f"listen on {where}",
+                "the port is already in use by another process",
+                f"stop that process or pick another port (`ss -ltnp 'sport = :{port}'` shows it)",
+            ) from exc
+        if exc.errno == errno.EACCES:
+            raise SreError(
+                f"listen on {where}", "binding a port below 1024 needs privileges", "use a port >= 1024"
+            ) from exc
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+            raise InputError(
+                f"listen on {where}", f"{host} is not an address of this machine", "check --host"
+            ) from exc
+        raise SreError(f"listen on {where}", exc.strerror or str(exc)) from exc
+    except (socket.gaierror, UnicodeError) as exc:
+        sock.close()
+        raise InputError(f"listen on {where}", f"{host!r} is not a valid address", "check --host") from exc
+    # Listening now means a client that saw "serving on ..." queues instead of being refused.
+    sock.listen(2048)
+    return sock
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -20,6 +65,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class _StoppableServer(uvicorn.Server):
+    """uvicorn that ends normally on SIGTERM/SIGINT (uvicorn re-raises them, so a clean stop exits -15)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve_forever(app: Any, sock: socket.socket, **uvicorn_kwargs: Any) -> None:
+    """Serve ``app`` on a socket from :func:`bind_tcp` in this thread until SIGTERM/SIGINT, then return."""
+    kwargs: dict[str, Any] = {"log_level": "warning", "lifespan": "off"}
+    kwargs.update(uvicorn_kwargs)
+    _StoppableServer(uvicorn.Config(app, **kwargs)).run(sockets=[sock])
 
 
 class ServerThread:
@@ -59,8 +119,16 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> ServerThread:
-        """Start serving; returns once the socket listens. Raises RuntimeError on timeout."""
-        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        """Start serving; returns once the socket listens.
+
+        Raises:
+            SreError: the TCP port cannot be bound (in use, privileged); InputError for a bad address.
+            RuntimeError: the server did not start in time.
+        """
+        sockets = None if self.uds is not None else [bind_tcp(self.host, self.port)]
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": sockets}, name="uvicorn", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.server.started:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sre_core.cli import JsonOpt, emit_json, out_console
+from sre_core.cli import JsonOpt, PortOpt, emit_json, out_console
 from sre_core.errors import InputError
 
 __all__ = ["parse_duration", "register"]
@@ -97,7 +97,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         json_out: JsonOpt = False,
     ) -> None:
-        """Add FILE as a target of the channel, with the module manifest in its signed `custom` field."""
+        """Add FILE as a target of the channel, with the module manifest in its signed `custom` field.
+
+        A model is loaded by the runtime it declares (ONNX Runtime) and matched against the manifest's
+        inputs/outputs before it is signed; a published version is immutable (other bytes are refused).
+        """
         import yaml
         from pydantic import ValidationError
 
@@ -136,6 +140,7 @@ def register(app: typer.Typer) -> None:
             man,
             cosign_key=cosign_key.read_bytes() if cosign_key else None,
             attestation=attestation,
+            check_model=True,
         )
         info = {
             "target": pub.target,
@@ -205,23 +210,26 @@ def register(app: typer.Typer) -> None:
     def serve(
         repo: RepoOpt,
         host: Annotated[str, typer.Option("--host", help="Listen address.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", help="Listen port.")] = 8080,
+        port: PortOpt = 8080,
     ) -> None:
-        """Serve the repository over HTTP (strong ETags, conditional requests, Range) until interrupted."""
-        import uvicorn
+        """Serve the repository over HTTP (strong ETags, conditional requests, Range) until interrupted.
 
+        Binds the port before it says it serves. Exit 0 when stopped by Ctrl-C/SIGTERM, 1 when the port is
+        in use or needs privileges, 2 for a bad port, address or repository.
+        """
         from hub.server import build_hub_app
+        from sre_core.http_server import bind_tcp, serve_forever
 
         if not (repo / "repo.json").is_file():
             raise InputError(f"serve {repo}", "not a repository", "run `sre-hub init --repo DIR` first")
-        from sre_core.cli import err_console
-
-        err_console().print(f"serving {repo} on http://{host}:{port} (Ctrl-C stops)")
         from hub.fleet_api import fleet_routes
         from hub.ingest import ingest_routes
+        from sre_core.cli import err_console
 
         asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
-        uvicorn.run(asgi, host=host, port=port, log_level="warning", lifespan="off")
+        sock = bind_tcp(host, port)
+        err_console().print(f"serving {repo} on http://{host}:{sock.getsockname()[1]} (Ctrl-C stops)")
+        serve_forever(asgi, sock)
 
     @bundle_app.command("export")
     def bundle_export(

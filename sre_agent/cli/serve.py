@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
     def serve(
         state: StateOpt = None,
         port: Annotated[
-            int | None, typer.Option("--port", help="TCP port (default: the serving.port setting).")
+            int | None,
+            typer.Option("--port", min=1, max=65535, help="TCP port (default: the serving.port setting)."),
         ] = None,
         host: Annotated[
             str | None, typer.Option("--host", help="Address (default: the serving.host setting).")
