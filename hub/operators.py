@@ -117,27 +117,21 @@ class HubEscalations:
         return self.dir / "approvals"
 
     def _from_lake(self) -> list[tuple[str, dict[str, Any]]]:
-        lake = self.repo / "fleet" / "lake" / "table=escalations"
-        if not lake.is_dir():
-            return []
-        import duckdb
+        from hub.fleetdb import FleetDB, escalation_document
 
-        glob = str(lake / "*" / "*.parquet").replace("'", "''")
-        con = duckdb.connect()
+        fleet = FleetDB(self.repo / "fleet", self.clock)
+        if "escalations" not in fleet.tables():
+            return []
+        con = fleet.connect()
         try:
-            rows = con.execute(
-                f"SELECT device_id, body FROM read_parquet('{glob}', hive_partitioning = true, "  # noqa: S608
-                "union_by_name = true)"
-            ).fetchall()
+            rows = con.execute("SELECT device_id, body FROM escalations").fetchall()
         finally:
             con.close()
         out = []
         for device_id, body in rows:
-            try:
-                doc = json.loads(json.loads(body)["document"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            out.append((str(device_id), doc))
+            doc = escalation_document(body)  # other record kinds and malformed bodies are skipped
+            if doc is not None:
+                out.append((str(device_id), doc))
         return out
 
     def _from_dirs(self, sources: list[Path]) -> list[tuple[str, dict[str, Any]]]:

@@ -99,19 +99,16 @@ def collect_hub(repo: Path) -> HubData:
     except Exception as exc:  # DORA needs the rollout modules; the rest of the page does not
         data.notes.append(f"DORA figures unavailable: {type(exc).__name__}: {exc}"[:300])
     fleet = repo / "fleet"
-    devices_file = fleet / "devices.json"
-    if devices_file.exists():
-        try:
-            raw = json.loads(devices_file.read_text(encoding="utf-8"))
-            items = raw.get("devices", raw) if isinstance(raw, dict) else raw
-            if isinstance(items, dict):
-                data.devices = [
-                    {"device_id": k, **(v if isinstance(v, dict) else {})} for k, v in items.items()
-                ]
-            elif isinstance(items, list):
-                data.devices = [d for d in items if isinstance(d, dict)]
-        except (OSError, ValueError):
-            data.notes.append("devices.json unreadable")
+    try:
+        from hub.fleetdb import FleetDB
+
+        fdb = FleetDB(fleet)
+        data.devices = [d.to_dict() for d in fdb.devices()]
+        for r in fdb.receipts(MAX_RECEIPTS):
+            r["received_s"] = datetime.fromisoformat(str(r["received"])).timestamp()
+            data.receipts.append(r)
+    except Exception as exc:
+        data.notes.append(f"hub store unreadable: {type(exc).__name__}: {exc}"[:300])
     lake = fleet / "lake"
     try:
         for ts, event, dev, d in _lake_rows(
@@ -133,14 +130,6 @@ def collect_hub(repo: Path) -> HubData:
         ]
     except Exception as exc:
         data.notes.append(f"fleet lake partly unreadable: {type(exc).__name__}: {exc}"[:300])
-    rdir = fleet / "receipts"
-    for p in sorted(rdir.glob("*.json"))[:MAX_RECEIPTS] if rdir.is_dir() else []:
-        try:
-            r = json.loads(p.read_text(encoding="utf-8"))
-            r["received_s"] = datetime.fromisoformat(str(r["received"])).timestamp()
-            data.receipts.append(r)
-        except (OSError, ValueError, KeyError):
-            continue
     try:
         from hub.operators import HubEscalations
 

@@ -36,6 +36,7 @@ def _table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    register_lake(app)
     devices = typer.Typer(help="Devices allowed to upload telemetry and attestations.", no_args_is_help=True)
     app.add_typer(devices, name="devices")
 
@@ -153,3 +154,27 @@ def _plain_rows(tbl: Any) -> list[dict[str, Any]]:
             col.cast(pa.string()) if pa.types.is_timestamp(f.type) or pa.types.is_date(f.type) else col
         )
     return list(pa.Table.from_arrays(cols, names=tbl.column_names).to_pylist())
+
+
+def register_lake(app: typer.Typer) -> None:
+    """``sre-hub lake compact``: bound the files per lake partition."""
+    lake = typer.Typer(help="The fleet telemetry lake (Hive Parquet).", no_args_is_help=True)
+    app.add_typer(lake, name="lake")
+
+    @lake.command("compact")
+    def compact(
+        repo: RepoOpt,
+        max_files: Annotated[
+            int, typer.Option("--max-files", min=1, help="Merge partitions holding more files than this.")
+        ] = 1,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Merge each partition's small files into one (queries then open one file per day and table)."""
+        info = _fleet(repo).compact(max_files)
+        if json_out:
+            emit_json(info)
+        else:
+            out_console().print(
+                f"merged {info['partitions_merged']} partitions ({info['files_removed']} files) "
+                f"in {info['seconds']} s"
+            )
