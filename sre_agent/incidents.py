@@ -325,9 +325,15 @@ class TrackedIncident:
     """Actions that were tried and failed."""
     acting: str | None = None
     """The action being carried out now (persisted before acting: a crash mid-action is seen on restart)."""
+    incident: dict[str, Any] | None = None
+    """The incident as last acted on (what a resume after a crash acts on again)."""
+    interrupted: str | None = None
+    """An action cut short by a crash (found on restart); the next sighting runs it again."""
     escalation: str | None = None
     closed_at: datetime | None = None
     closed_why: str = ""
+    closed_by_remedy: bool = False
+    """Closed because an action ran (not because the producer saw it recover): a repeat reopens it."""
 
     @property
     def open(self) -> bool:
@@ -382,6 +388,13 @@ class IncidentTracker:
             and now - entry.last_seen > self.reopen_after
         ):
             entry.closed_at, entry.closed_why = entry.last_seen, "not seen again"
+        if (
+            entry is not None
+            and entry.closed_at is not None
+            and entry.closed_by_remedy
+            and now - entry.closed_at < self.cooldown
+        ):  # the remedy did not hold: the same problem again, reopened
+            entry.closed_at, entry.closed_why, entry.closed_by_remedy = None, "", False
         if entry is None or (entry.closed_at is not None and now - entry.closed_at >= self.cooldown):
             self._entries[fp] = TrackedIncident(
                 fingerprint=fp,
@@ -403,13 +416,15 @@ class IncidentTracker:
     def get(self, fingerprint: str) -> TrackedIncident | None:
         return self._entries.get(fingerprint)
 
-    def close(self, fingerprint: str, why: str = "") -> bool:
-        """Mark the incident with this fingerprint resolved; the cooldown starts now."""
+    def close(self, fingerprint: str, why: str = "", by_remedy: bool = False) -> bool:
+        """Mark the incident with this fingerprint resolved; the cooldown starts now. ``by_remedy``: an
+        action resolved it (a repeat within the cooldown reopens it as a failed remedy)."""
         entry = self._entries.get(fingerprint)
         if entry is None or entry.closed_at is not None:
             return False
         entry.closed_at = self.clock.now()
         entry.closed_why = why[:300]
+        entry.closed_by_remedy = by_remedy
         entry.acting = None
         return True
 

@@ -33,6 +33,7 @@ from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = [
     "CLOSED_BY_REMEDY",
+    "CLOSING_ACTIONS",
     "REMEDIES",
     "Advisor",
     "LazyLlmAdvisor",
@@ -51,6 +52,8 @@ REMEDIES = frozenset(
 """Actions that change something: a repeat after one of them ran means it did not help."""
 CLOSED_BY_REMEDY = frozenset({IncidentKind.CANARY_ABORT, IncidentKind.PROBE_FAILURE})
 """Incident kinds no producer reports recovery for: the remedy that blocks the version closes them."""
+CLOSING_ACTIONS = frozenset({Action.ROLLBACK, Action.SAFE_MODE})
+"""Actions that resolve any incident once they succeed: the suspect version no longer serves."""
 
 Advisor = Callable[[Incident, RuleMatch], Advice]
 """Given the incident and the matched rule, say which allowed action and why. May raise; may be slow."""
@@ -150,6 +153,21 @@ class Responder:
         if tracked == "duplicate" and entry is not None:
             if entry.escalation is not None and self._escalation_pending(entry.escalation):
                 return self._counted(incident, tracked, "an operator has it")
+            if entry.interrupted is not None:  # the daemon died mid-action: finish it (handlers are
+                # idempotent per incident: a rollback that already happened says so instead of flipping)
+                action = Action(entry.interrupted)
+                entry.interrupted = None
+                self.audit.append(
+                    "incident.resumed", id=entry.incident_id, fingerprint=fp, action=action.value
+                )
+                results = self._run(incident, (action,))
+                if not results[0].ok:
+                    out = self._follow_up(incident, tracked, f"{action.value} failed: {results[0].detail}")
+                else:
+                    self._closed_by_action(incident, results)
+                    out = Outcome(incident.id, tracked, None, results)
+                self._save()
+                return out
             last = Action(entry.actions[-1]) if entry.actions else None
             tried = [Action(a) for a in [*entry.actions, *entry.failed]]
             if last == Action.RERUN_VERIFICATION:
@@ -202,9 +220,9 @@ class Responder:
             self._save()
         return closed
 
-    def close(self, incident: Incident, why: str) -> bool:
+    def close(self, incident: Incident, why: str, by_remedy: bool = False) -> bool:
         """Close one incident by its fingerprint (audited)."""
-        if not self.tracker.close(incident.fingerprint, why):
+        if not self.tracker.close(incident.fingerprint, why, by_remedy=by_remedy):
             return False
         self.audit.append("incident.closed", id=incident.id, fingerprint=incident.fingerprint, why=why[:300])
         self._save()
@@ -217,6 +235,7 @@ class Responder:
         for a in actions:
             if entry is not None:
                 entry.acting = a.value
+                entry.incident = incident.to_json_dict()
                 self._save()
             r = self.executor.execute(a, incident)
             results.append(r)
@@ -246,11 +265,15 @@ class Responder:
         return Outcome(incident.id, tracked, decision, results, escalation)
 
     def _closed_by_action(self, incident: Incident, results: tuple[ActionResult, ...]) -> None:
-        """Kinds whose producer never reports recovery (the canary and the probes already stopped the
-        version) are resolved by the remedy that blocks it."""
-        if incident.kind in CLOSED_BY_REMEDY and any(r.ok and r.action in REMEDIES for r in results):
-            done = next(r for r in results if r.ok and r.action in REMEDIES)
-            self.close(incident, f"{done.action.value}: {done.detail}")
+        """A rollback or safe mode resolves the incident (the suspect version no longer serves); a
+        quarantine resolves the kinds no producer reports recovery for (the canary and the probes
+        already stopped the version). Other incidents stay open until their producer resolves them."""
+        for r in results:
+            if not r.ok:
+                continue
+            if r.action in CLOSING_ACTIONS or (r.action in REMEDIES and incident.kind in CLOSED_BY_REMEDY):
+                self.close(incident, f"{r.action.value}: {r.detail}", by_remedy=True)
+                return
 
     def _escalate(self, incident: Incident, decision: TriageDecision) -> Escalation:
         esc = self.escalations.create(incident, decision)
@@ -340,9 +363,36 @@ class Responder:
                     fingerprint=e.fingerprint,
                     action=e.acting,
                 )
-                e.failed.append(e.acting)
+                e.interrupted = e.acting
                 e.acting = None
         self._save()
+
+    def resume(self) -> list[Outcome]:
+        """Finish the actions a crash cut short, once, through the same idempotent handlers (call on
+        start, once the services the handlers use run). A rollback that already happened says so."""
+        done = []
+        for e in self.tracker.open_incidents():
+            if e.interrupted is None or not e.incident:
+                continue
+            try:
+                incident = Incident.model_validate(e.incident)
+            except ValueError:
+                continue
+            action = Action(e.interrupted)
+            e.interrupted = None
+            self.audit.append(
+                "incident.resumed", id=e.incident_id, fingerprint=e.fingerprint, action=action.value
+            )
+            results = self._run(incident, (action,))
+            if results[0].ok:
+                self._closed_by_action(incident, results)
+                done.append(Outcome(incident.id, "duplicate", None, results))
+            else:
+                done.append(
+                    self._follow_up(incident, "duplicate", f"{action.value} failed: {results[0].detail}")
+                )
+            self._save()
+        return done
 
     def process_escalations(self, roster_path: Path) -> list[tuple[Escalation, ActionResult | None]]:
         """The daemon's periodic escalation job: expire what is due, then carry out approved escalations

@@ -268,8 +268,9 @@ def test_responder_acts_escalates_dedups_and_audits(tmp_path, clock, cases):
     assert ran == ["rollback:inc-pf-active-lkg"] and out.results[0].ok
 
     again = responder.handle(by["pf-active-lkg"].incident)
-    # the rollback resolved the probe failure (closed by its remedy): a repeat in the cooldown is counted
-    assert again.tracked == "suppressed" and again.decision is None and len(ran) == 1
+    # the rollback closed it; the same failure again means the rollback did not hold: an alert, and the
+    # next allowed action, or an operator, is asked (escalated); nothing is re-run
+    assert again.tracked == "duplicate" and again.escalation is not None and len(ran) == 1
 
     # same kind, module and version is the same problem: use another module for a distinct incident
     nolkg = by["pf-active-nolkg"].incident.model_copy(update={"module": "detector"})
@@ -283,13 +284,13 @@ def test_responder_acts_escalates_dedups_and_audits(tmp_path, clock, cases):
     clock.advance(timedelta(hours=1))
     third = responder.handle(nolkg)
     assert third.escalation is not None and third.escalation.id == esc_out.escalation.id
-    assert len(store.select()) == 1
+    assert len(store.select()) == 2  # this one and the follow-up above
 
     events = [r.event for r in audit.records()]
     assert events.count("triage.decision") == 3 and "escalation.created" in events
     assert audit.verify() == (len(events), None)
     assert any(t == "escalations" for t, _ in sink.records)
-    assert [t for t, _ in sink.records].count("triage_decisions") == 3
+    assert [t for t, _ in sink.records].count("triage_decisions") == 4  # 3 + the follow-up
 
 
 def test_responder_falls_back_to_rule_default_when_the_advisor_fails(tmp_path, clock, cases):

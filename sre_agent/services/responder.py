@@ -273,6 +273,10 @@ class ResponderService:
 
     def start(self) -> None:
         self.responder = self._factory()
+        try:
+            self.responder.resume()  # actions a crash cut short, finished once before anything new
+        except Exception:
+            _log.exception("could not resume the actions a crash interrupted")
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="responder", daemon=True)
         self._thread.start()
@@ -296,7 +300,7 @@ class ResponderService:
                 self.counts["failed"] += 1
             return
         with self._lock:
-            if out.tracked != "new" and out.decision is None:
+            if out.tracked != "new" and out.decision is None and not out.results:
                 self.counts["duplicates"] += 1
                 return
             self.counts["handled" if out.tracked == "new" else "followed_up"] += 1
