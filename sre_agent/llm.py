@@ -48,6 +48,7 @@ from sre_agent.config import LlmSettings
 from sre_agent.incidents import Incident
 from sre_agent.triage import Advice, RuleMatch
 from sre_core.errors import SreError
+from sre_core.textsafe import neutralise
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -72,9 +73,9 @@ def _summary_pattern(n: int) -> str:
 
 
 SUMMARY_PATTERN = _summary_pattern(MAX_SUMMARY)
-MAX_LOG_CHARS = 160
-MAX_LOG_LINES = 4
-MAX_TOOL_TEXT = 600
+MAX_LOG_CHARS = 120
+MAX_LOG_LINES = 3
+MAX_TOOL_TEXT = 400
 
 ACTION_MEANING = {
     Action.OBSERVE: "record it, change nothing",
@@ -326,15 +327,24 @@ class TriageContext(BaseModel):
 
     @classmethod
     def from_incident(cls, incident: Incident) -> TriageContext:
+        """Copy the evidence as bounded data: every text cut short, control and bidi characters made
+        visible escapes (:func:`sre_core.textsafe.neutralise`), so nothing in it renders or hides."""
         ev = incident.evidence
+
+        def t(text: object, n: int = MAX_LOG_CHARS) -> str:
+            return neutralise(text, max_len=n)
+
         return cls(
-            metrics=dict(ev.metrics),
-            events=[
-                {"kind": e.kind, "message": e.message[:MAX_LOG_CHARS]} for e in ev.events[-MAX_LOG_LINES:]
+            metrics={t(k, 40): v for k, v in list(ev.metrics.items())[:8]},
+            events=[{"kind": t(e.kind, 40), "message": t(e.message)} for e in ev.events[-MAX_LOG_LINES:]],
+            logs=[t(line) for line in ev.logs[-MAX_LOG_LINES:]],
+            slot={
+                k: (t(v, 40) if isinstance(v, str) else v) for k, v in ev.slot.model_dump(mode="json").items()
+            },
+            verification=[
+                {"check": t(v.check, 40), "passed": v.passed, "detail": t(v.detail)}
+                for v in ev.verification[-MAX_LOG_LINES:]
             ],
-            logs=[line[:MAX_LOG_CHARS] for line in ev.logs[-MAX_LOG_LINES:]],
-            slot=ev.slot.model_dump(mode="json"),
-            verification=[v.model_dump(mode="json") for v in ev.verification[-MAX_LOG_LINES:]],
         )
 
 
@@ -380,8 +390,12 @@ def _build_agent() -> Agent[TriageContext, Any]:
 
 
 def _prompt(incident: Incident, match: RuleMatch, choices: list[Action]) -> str:
-    facts = dict(list(incident.facts.items())[:10])
-    where = f"{incident.module} {incident.version or ''}".strip()
+    # fact strings (an experiment's file name...) and names are data too: cut and neutralised
+    facts = {
+        neutralise(k, max_len=32): (neutralise(v, max_len=40) if isinstance(v, str) else v)
+        for k, v in list(incident.facts.items())[:10]
+    }
+    where = neutralise(f"{incident.module} {incident.version or ''}".strip(), max_len=60)
     lines = [
         f"Incident: {incident.kind.value} ({incident.severity.value}) on {where}.",
         f"Facts: {json.dumps(facts, default=str)}.",

@@ -16,11 +16,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from policies.triage import ACTION_RANK, Action, Condition, TriagePolicy, TriageRule
 from sre_agent.incidents import FactValue, Incident
+from sre_core.textsafe import neutralise
 
 __all__ = [
     "Advice",
@@ -29,11 +31,14 @@ __all__ = [
     "TriageDecision",
     "TriageEngine",
     "device_facts",
+    "model_note_problem",
     "resolve_fact",
     "unavailable_actions",
 ]
 
 _MISSING = object()
+MAX_NOTE = 120
+"""Longest model note an operator summary carries."""
 
 
 @dataclass(frozen=True)
@@ -186,19 +191,19 @@ def device_facts(incident: Incident) -> DeviceFacts:
     elif both:
         why = "the same fault is seen on both slots (a runtime or host fault): a rollback cannot fix it"
     elif standby_failing:
-        why = f"the standby {sb} is itself failing"
+        why = f"the standby {_ident(sb)} is itself failing"
     elif not slot.standby_verified:
-        why = f"the standby {sb} does not pass its checks (not verified)"
+        why = f"the standby {_ident(sb)} does not pass its checks (not verified)"
     elif not committed:
-        why = f"the standby {sb} was never committed (it is not the last-known-good)"
+        why = f"the standby {_ident(sb)} was never committed (it is not the last-known-good)"
     elif bad:
-        why = f"the standby {sb} is marked bad"
+        why = f"the standby {_ident(sb)} is marked bad"
     elif recalled:
-        why = f"the standby {sb} is recalled"
+        why = f"the standby {_ident(sb)} is recalled"
     elif sb == slot.active_version:
-        why = f"the standby holds the active version {sb}"
+        why = f"the standby holds the active version {_ident(sb)}"
     elif sb in (slot.canary_version, incident.version) and incident.version != slot.active_version:
-        why = f"the standby {sb} is the version under suspicion, not a last-known-good"
+        why = f"the standby {_ident(sb)} is the version under suspicion, not a last-known-good"
     return DeviceFacts(
         standby_committed=bool(committed),
         standby_bad=bad,
@@ -427,6 +432,9 @@ class TriageEngine:
         else:
             verdict = "execute"
             now = (action,)
+        summary, dropped = _summary(incident, rule, action, verdict, advice)
+        if dropped is not None:
+            reasons.append(dropped)
         return TriageDecision(
             incident_id=incident.id,
             fingerprint=incident.fingerprint,
@@ -440,7 +448,7 @@ class TriageEngine:
             reasons=tuple(reasons),
             model_choice=choice,
             model_choice_used=used,
-            summary=_summary(incident, rule, action, verdict, advice),
+            summary=summary,
             advice_error=advice.error if advice else None,
         )
 
@@ -452,14 +460,95 @@ def _as_action(value: str) -> Action | None:
         return None
 
 
+_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_WORD = re.compile(r"[a-z0-9]+")
+_INSTRUCTION_WORDS = frozenset(
+    {"ignore", "disregard", "override", "approve", "approved", "approval", "instruction", "instructions",
+     "system", "assistant", "prompt", "execute", "authorized", "authorised", "operator", "policy"}
+)  # fmt: skip
+_ACTION_WORDS = {a: re.compile(r"\b" + a.value.replace("_", r"[\s_-]*") + r"\b") for a in Action}
+_ACTION_WORDS[Action.ROLLBACK] = re.compile(r"\broll(?:ed|ing)?[\s_-]*back\b")
+_ACTION_WORDS[Action.QUARANTINE] = re.compile(r"\bquarantin")
+_ACTION_WORDS[Action.RERUN_VERIFICATION] = re.compile(r"\bre[\s_-]*run")
+
+
+def _ident(value: object) -> str:
+    """A module or version name as shown to operators: itself when it is a plain identifier, else a
+    placeholder (free text in a name never reaches a summary)."""
+    text = str(value)
+    if _IDENT.fullmatch(text):
+        return text
+    return f"<name of {len(text)} chars, not shown>"
+
+
+_ECHO = 16
+"""A note repeating this many characters of evidence in a row (spacing aside) is an echo."""
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower())
+
+
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    grams = (tuple(words[i : i + 3]) for i in range(len(words) - 2))
+    return {g for g in grams if not all(w.isdigit() for w in g)}  # version numbers are not prose
+
+
+def _untrusted_text(incident: Incident) -> str:
+    """Every free-text field of the incident (what an attacker can write), joined."""
+    ev = incident.evidence
+    parts: list[str] = [incident.title, incident.module, str(incident.version or "")]
+    parts += [f"{e.kind} {e.message}" for e in ev.events]
+    parts += list(ev.logs)
+    parts += [f"{v.check} {v.detail}" for v in ev.verification]
+    parts += [f"{k} {v}" for k, v in incident.facts.items() if isinstance(v, str)]
+    parts += list(ev.metrics)
+    slot = ev.slot
+    parts += [str(x) for x in (slot.active_version, slot.standby_version, slot.last_known_good) if x]
+    parts += [str(slot.canary_version or "")]
+    return "\n".join(parts)
+
+
+def model_note_problem(note: str, incident: Incident, action: Action) -> str | None:
+    """Why the model's note must not reach an operator, or None when it may (pure).
+
+    Refused: a note that repeats three or more consecutive words, or 16 characters in a row, of any
+    free-text field of the incident (a planted instruction travels by being repeated), uses the
+    vocabulary of instructions (ignore, approve, override, system...), or names an action other than the
+    one decided.
+    """
+    low = note.lower()
+    untrusted = _untrusted_text(incident)
+    if _trigrams(low) & _trigrams(untrusted):
+        return "it repeats evidence text"
+    flat, flat_note = _flat(untrusted), _flat(low)
+    if any(flat_note[i : i + _ECHO] in flat for i in range(len(flat_note) - _ECHO + 1)):
+        return "it repeats evidence text"
+    if _INSTRUCTION_WORDS & set(_WORD.findall(low)):
+        return "it reads like an instruction"
+    others = [a.value for a, rx in _ACTION_WORDS.items() if a != action and rx.search(low)]
+    if others:
+        return f"it names another action ({', '.join(others)})"
+    return None
+
+
 def _summary(
     incident: Incident, rule: TriageRule, action: Action, verdict: str, advice: Advice | None
-) -> str:
-    """The operator summary: deterministic facts first, then the model's note when it wrote one."""
-    what = incident.title or f"{incident.kind.value} on {incident.module}"
-    ver = f" {incident.version}" if incident.version else ""
+) -> tuple[str, str | None]:
+    """The operator summary, and why the model's note was left out (None when kept or absent).
+
+    Built from structured values only (kind, identifier-shaped module and version, rule, action): no
+    title, log or event text is copied into it. The model's note is appended only when
+    :func:`model_note_problem` finds nothing wrong with it.
+    """
+    ver = f" {_ident(incident.version)}" if incident.version else ""
     step = f"proposes {action.value} for approval" if verdict == "escalate" else f"takes {action.value}"
-    text = f"{what} ({incident.module}{ver}); rule {rule.name} {step}."
-    if advice is not None and advice.summary:
-        text += f" Model note: {advice.summary}"
-    return text
+    text = f"{incident.kind.value} on {_ident(incident.module)}{ver}; rule {rule.name} {step}."
+    if advice is None or not advice.summary:
+        return text, None
+    note = neutralise(advice.summary, max_len=MAX_NOTE)
+    problem = model_note_problem(note, incident, action)
+    if problem is not None:
+        return text, f"model note left out: {problem}"
+    return f"{text} Model note: {note}", None
