@@ -66,6 +66,9 @@ _TOP_KEYS = {
 }
 _PROVIDER_TYPES = ("python", "process", "http")
 _SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_COMPOSE_SAFE = 5000
+"""Every YAML collection starts at one of ``[{-:?``: with fewer of them than this the composer cannot
+nest deep enough to overflow the C stack (measured: 20,000 levels compose; 100,000 crash)."""
 _ACTIVITY_KEYS = (
     "type",
     "name",
@@ -261,6 +264,33 @@ def _check_activity(act: Any, path: str, problems: list[Problem], probe_only: bo
         _check_activity(tol, _child(path, "tolerance"), problems, probe_only=True)
 
 
+def _check_tolerance(tol: Any, path: str, problems: list[Problem]) -> None:
+    """Mirror of chaoslib's ``ensure_hypothesis_tolerance_is_valid`` (the parts that import nothing)."""
+    if isinstance(tol, float) or tol is None:
+        problems.append(Problem(path, "a boolean, integer, string, list or mapping", _fmt(tol)))
+        return
+    if not isinstance(tol, dict):
+        return
+    kind = tol.get("type")
+    if kind == "range":
+        rng = tol.get("range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(_is_number(x) for x in rng)):
+            problems.append(Problem(_child(path, "range"), "[lower, upper] numbers", _fmt(rng)))
+    elif kind == "regex":
+        pattern = tol.get("pattern")
+        try:
+            import re
+
+            re.compile(pattern)  # type: ignore[arg-type,type-var]
+        except (TypeError, re.error):
+            problems.append(Problem(_child(path, "pattern"), "a valid regular expression", _fmt(pattern)))
+    elif kind == "jsonpath":
+        if not _nonempty_str(tol.get("path")):
+            problems.append(Problem(_child(path, "path"), "a JSON path", _fmt(tol.get("path"))))
+    elif kind != "probe":
+        problems.append(Problem(_child(path, "type"), "probe, regex, jsonpath or range", _fmt(kind)))
+
+
 def _check_provider(prov: Any, path: str, problems: list[Problem]) -> None:
     if not isinstance(prov, dict):
         problems.append(Problem(path, "a provider mapping with a 'type'", _fmt(prov)))
@@ -347,12 +377,18 @@ def validate_structure(doc: Any) -> list[Problem]:
             problems.append(Problem(key, "a known experiment key (" + ", ".join(sorted(_TOP_KEYS)) + ")"))
     if not _nonempty_str(doc.get("title")):
         problems.append(Problem("title", "a non-empty string", _fmt(doc.get("title"))))
-    for key in ("description", "version"):
-        if key in doc and not isinstance(doc[key], str):
-            problems.append(Problem(key, "a string", _fmt(doc[key])))
+    # chaoslib refuses to run an experiment without a description (ensure_experiment_is_valid)
+    if not _nonempty_str(doc.get("description")):
+        problems.append(
+            Problem(
+                "description", "a non-empty string (Chaos Toolkit requires one)", _fmt(doc.get("description"))
+            )
+        )
+    if "version" in doc and not isinstance(doc["version"], str):
+        problems.append(Problem("version", "a string", _fmt(doc["version"])))
     tags = doc.get("tags", [])
-    if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
-        problems.append(Problem("tags", "a list of strings", _fmt(tags)))
+    if not (isinstance(tags, list) and all(_nonempty_str(t) for t in tags)):
+        problems.append(Problem("tags", "a list of non-empty strings", _fmt(tags)))
     for key in ("configuration", "secrets", "contributions", "runtime"):
         if key in doc and not isinstance(doc[key], dict):
             problems.append(Problem(key, "a mapping", _fmt(doc[key])))
@@ -394,6 +430,18 @@ def validate_structure(doc: Any) -> list[Problem]:
                         problems.append(
                             Problem(_child(p, "tolerance"), "a tolerance (a hypothesis probe needs one)")
                         )
+                    elif isinstance(act, dict) and "tolerance" in act:
+                        _check_tolerance(act["tolerance"], _child(p, "tolerance"), problems)
+            if "controls" in ssh:
+                _check_controls(ssh["controls"], "steady-state-hypothesis.controls", problems)
+            for key in ssh:
+                if key not in ("title", "probes", "controls"):
+                    problems.append(
+                        Problem(
+                            _child("steady-state-hypothesis", key),
+                            "a hypothesis key (title, probes, controls)",
+                        )
+                    )
     method = doc.get("method")
     if not (isinstance(method, list) and method):
         problems.append(Problem("method", "a non-empty list of activities", _fmt(method)))
@@ -465,6 +513,23 @@ def iter_activities(doc: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
                 yield _child(path, "tolerance"), tol
 
 
+def _check_yaml_depth(text: str, source: str) -> None:
+    """Refuse YAML nested deeper than :data:`MAX_DEPTH` before composing it.
+
+    libyaml's composer recurses in C: a megabyte of ``- - - ...`` or ``[[[...`` overflows the C stack
+    and kills the process (no Python exception). The event stream is produced iteratively, so the depth
+    is measured on it first.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_SAFE_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ExperimentError(source, [], f"nested deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse_experiment(data: bytes | str, source: str, fmt: str | None = None) -> Experiment:
     """Parse and validate experiment text.
 
@@ -488,6 +553,8 @@ def parse_experiment(data: bytes | str, source: str, fmt: str | None = None) -> 
         fmt = "json" if source.lower().endswith(".json") else "yaml"
     try:
         # CSafeLoader is libyaml's safe loader (same constructors as safe_load, ~10x faster)
+        if fmt != "json" and sum(text.count(c) for c in "[{-:?") > _COMPOSE_SAFE:
+            _check_yaml_depth(text, source)
         doc: Any = json.loads(text) if fmt == "json" else yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
@@ -498,10 +565,17 @@ def parse_experiment(data: bytes | str, source: str, fmt: str | None = None) -> 
         raise ExperimentError(source, [], f"not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
     except RecursionError as exc:
         raise ExperimentError(source, [], f"nested deeper than {MAX_DEPTH} levels") from exc
-    problems = validate_structure(doc)
-    if problems:
-        raise ExperimentError(source, problems)
-    return Experiment(source=source, raw=doc, hash=experiment_hash(doc), format=fmt, size=len(raw_bytes))
+    except (ValueError, OverflowError) as exc:
+        # e.g. an integer of thousands of digits (Python refuses to convert it): a refusal, not a crash
+        raise ExperimentError(source, [], f"a value cannot be read: {str(exc)[:200]}") from exc
+    try:
+        problems = validate_structure(doc)
+        if problems:
+            raise ExperimentError(source, problems)
+        digest = experiment_hash(doc)
+    except (RecursionError, ValueError, OverflowError) as exc:
+        raise ExperimentError(source, [], f"the document cannot be judged: {str(exc)[:200]}") from exc
+    return Experiment(source=source, raw=doc, hash=digest, format=fmt, size=len(raw_bytes))
 
 
 def load_experiment(path: Path) -> Experiment:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chaos.catalogue import Catalogue, activity_key
 from chaos.loader import Experiment, ExperimentError, iter_activities, load_experiment, parse_experiment
-from chaos.resolve import Unresolved, resolve_document
+from chaos.resolve import Unresolved, contains_unresolved, resolve_document
 from policies.chaos import ActivitySpec, ChaosPolicy, default_chaos_policy
 
 __all__ = [
@@ -457,6 +457,22 @@ class _Static:
                 )
             )
             return
+        sig = self.policy.signatures.get(key)
+        if sig is not None:
+            given = set(prov.get("arguments") or {})
+            unknown = sorted(given - set(sig.params)) if not sig.any_keyword else []
+            missing = sorted(set(sig.required) - given)
+            if unknown or missing:
+                # chaoslib's validation refuses the activity: `chaos run` would not run it
+                what = "; ".join(
+                    x
+                    for x in (
+                        f"unexpected arguments {unknown}" if unknown else "",
+                        f"missing required arguments {missing}" if missing else "",
+                    )
+                    if x
+                )
+                self.add("invalid-value", f"{path}.provider.arguments", f"{key}: {what}", name, "reject")
         if spec.kind != kind or (
             spec.kind == "action" and phase in ("hypothesis", "configuration", "tolerance")
         ):
@@ -535,6 +551,15 @@ class _Static:
                 continue
             if isinstance(host, _Unresolved) or not self._loopback(str(host)):
                 self.add("non-loopback-argument", path, f"{a}={host!r} is not a loopback address", name)
+        unknown = sorted(k for k, v in args.items() if contains_unresolved(v))
+        if unknown:
+            # what the activity will receive is not determined by the document and policy
+            self.add(
+                "unresolved-value",
+                path,
+                "arguments known only at run time: " + ", ".join(f"{k}={args[k]!r}" for k in unknown)[:300],
+                name,
+            )
         for a in sorted({*_NAME_ARGS, spec.link_arg or "", spec.module_arg or ""} - {""}):
             v = args.get(a)
             if v is not None and not isinstance(v, Unresolved) and not _STRICT_NAME.fullmatch(str(v)):
@@ -710,7 +735,7 @@ class _Static:
     def _timeout(self, act: Mapping[str, Any], prov: Mapping[str, Any]) -> float:
         t = act.get("timeout", prov.get("timeout"))
         if isinstance(t, list):
-            return float(sum(x for x in t if _num(x) is not None))
+            return sum(n for n in (_num(x) for x in t) if n is not None)
         n = _num(t)
         return n if n is not None and n > 0 else self.policy.default_activity_s
 

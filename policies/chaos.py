@@ -100,6 +100,14 @@ class ActivitySpec(PolicyModel):
         return self
 
 
+class Signature(PolicyModel):
+    """A catalogued function's arguments (chaoslib refuses an activity whose arguments do not bind)."""
+
+    params: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    any_keyword: bool = False
+
+
 class Guardrails(PolicyModel):
     """Limits the runner's guardrail control enforces while an experiment runs (fail-closed)."""
 
@@ -179,6 +187,9 @@ class ChaosPolicy(PolicyModel):
         default_factory=lambda: dict(_MAX_TOTAL),
         description="bound on the sum over an experiment (method and rollbacks) per impact: cpu in "
         "worker-seconds, disk in MB, clock in |offset| seconds, slots in flips, input in share-seconds",
+    )
+    signatures: dict[str, Signature] = Field(
+        default_factory=dict, description="module:func -> its arguments (checked without an import)"
     )
     never_approvable: tuple[str, ...] = Field(
         default=("agent-target", "process-provider", "shell-string", "device-setting"),

@@ -189,7 +189,7 @@ def test_activity_count_is_bounded() -> None:
         "name": "p",
         "provider": {"type": "python", "module": "chaos.probes", "func": "x"},
     }
-    doc = {"title": "many", "method": [act] * (MAX_ACTIVITIES + 1)}
+    doc = {"title": "many", "description": "d", "method": [act] * (MAX_ACTIVITIES + 1)}
     assert f"expected at most {MAX_ACTIVITIES} activities" in _errors(doc)
 
 

@@ -76,6 +76,7 @@ def action(func: str, name: str | None = None, mod: str = "chaos.actions", **arg
 def safe_doc() -> dict[str, Any]:
     return {
         "title": "safe latency",
+        "description": "200 ms on the uplink for 5 s, restored",
         "steady-state-hypothesis": {"title": "ok", "probes": [probe()]},
         "method": [{**action("slow_uplink", latency_ms=200), "pauses": {"after": 5}}],
         "rollbacks": [action("restore_uplink")],
@@ -485,7 +486,7 @@ def test_escalation_packet_has_everything_to_decide() -> None:
 def test_escalation_packet_for_an_invalid_document() -> None:
     pf = Preflight()
     try:
-        parse_experiment("title: x\nmethod: 3\n", "bad.yaml")
+        parse_experiment("title: x\ndescription: d\nmethod: 3\n", "bad.yaml")
     except ExperimentError as exc:
         res = pf.reject(exc)
     assert res.verdict == "reject" and res.exit_code == 2

@@ -169,32 +169,46 @@ def register(app: typer.Typer) -> None:
     @chaos_app.command("validate")
     def validate(
         files: Annotated[list[Path], typer.Argument(help="Experiment files.", show_default=False)],
+        policy: PolicyOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
-        """Check experiment files are well-formed; print each content hash. Exit 2 if any is invalid."""
-        from chaos.loader import ExperimentError, load_experiment
+        """Check experiment files the way `chaos run` will: structure, then the static pre-flight.
 
+        Prints each content hash. Exit 2 if any is invalid (reject), else 10 if any would escalate, else 0.
+        """
+        from chaos.preflight import EXIT_CODES, preflight_file
+
+        pol = _policy(policy, None)
         results: list[dict[str, Any]] = []
-        bad = 0
+        worst = 0
         for f in files:
-            try:
-                exp = load_experiment(f)
-                results.append({"file": str(f), "valid": True, "hash": exp.hash, "title": exp.title})
-            except ExperimentError as exc:
-                bad += 1
-                results.append({"file": str(f), "valid": False, "problems": [f"{exc.why.strip()}"]})
+            exp, res = preflight_file(f, pol)
+            code = EXIT_CODES[res.verdict]
+            worst = 2 if 2 in (worst, code) else max(worst, code)
+            results.append(
+                {
+                    "file": str(f),
+                    "valid": res.verdict != "reject",
+                    "verdict": res.verdict,
+                    "hash": res.experiment_hash,
+                    "title": exp.title if exp else "",
+                    "problems": [str(x) for x in res.findings],
+                }
+            )
         if json_out:
-            emit_json({"valid": bad == 0, "files": results})
+            emit_json({"valid": worst != 2, "files": results})
         else:
             con = out_console()
             for r in results:
+                style = _STYLE[str(r["verdict"])]
                 if r["valid"]:
-                    con.print(f"[green]valid[/green] {r['file']} {r['hash']}", highlight=False)
+                    con.print(f"[{style}]{r['verdict']}[/{style}] {r['file']} {r['hash']}", highlight=False)
                 else:
                     err_console().print(f"[red]invalid[/red] {r['file']}", highlight=False)
-                    err_console().print(r["problems"][0], highlight=False, markup=False)
-        if bad:
-            raise typer.Exit(2)
+                for line in r["problems"]:
+                    (con if r["valid"] else err_console()).print(f"  - {line}", highlight=False, markup=False)
+        if worst:
+            raise typer.Exit(worst)
 
     @chaos_app.command("preflight")
     def preflight(
