@@ -453,6 +453,8 @@ class CanaryController:
         self._since = 0.0
         self._looks = _Looks()
         self._passed: dict[str, GateResult] = {}
+        self._error_looks = _Looks()
+        self._error_passed: dict[str, GateResult] = {}
         self._samples = 0
 
     # -- lifecycle plumbing ---------------------------------------------------------------------
@@ -512,21 +514,35 @@ class CanaryController:
             # did since the canary began (its behaviour does not change while it waits).
             inc = whole.stats(self.incumbent)
         pairs, diverged = delta.pair_counts(self.candidate)
-        looks = self._looks
         n0_pass = min_samples
 
-        def budgets(gate: str, n: int) -> tuple[float | None, float | None]:
+        def budgets(
+            gate: str, n: int, looks: _Looks | None = None, passed: dict[str, GateResult] | None = None
+        ) -> tuple[float | None, float | None]:
+            looks = looks or self._looks
+            passed = self._passed if passed is None else passed
             a_fail = looks.budget(gate + ":fail", n, c.first_look, c.look_growth, c.alpha)
             a_pass = None
-            if n0_pass is not None and gate not in self._passed:
-                a_pass = looks.budget(gate + ":pass", n, max(n0_pass, 1), c.look_growth, c.alpha)
+            if gate not in passed:
+                n0 = n0_pass if n0_pass is not None else c.steps[0].min_samples
+                a_pass = looks.budget(gate + ":pass", n, max(n0, 1), c.look_growth, c.alpha)
             return a_fail, a_pass
 
         results = []
-        af, ap = budgets("error_rate", can.requests)
-        results.append(
-            judge_error_rate(can, inc, c.max_error_rate_increase, af, ap, relative=c.error_rate_relative)
+        # Errors are a property of the model, not of its share: judged on everything since the canary
+        # began, in one sequence of looks over the whole canary (so later steps need no fresh thousands
+        # of samples to show a rate below the 0.2-point floor, and a failure look never stops).
+        can_all, inc_all = whole.stats(self.candidate), whole.stats(self.incumbent)
+        af, ap = budgets("error_rate", can_all.requests, self._error_looks, self._error_passed)
+        error = judge_error_rate(
+            can_all, inc_all, c.max_error_rate_increase, af, ap, relative=c.error_rate_relative
         )
+        if error.verdict == "pass":
+            self._error_passed["error_rate"] = error
+        kept_error = self._error_passed.get("error_rate")
+        if error.verdict == "inconclusive" and kept_error is not None:
+            error = replace(kept_error, n=error.n, detail={**kept_error.detail, **error.detail})
+        results.append(error)
         if c.mirror_share > 0:
             paired = delta.paired_stats(self.candidate)
             af, ap = budgets("latency", paired.n)
