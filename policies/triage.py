@@ -22,6 +22,7 @@ from policies.base import PolicyModel, load_default
 
 __all__ = [
     "ACTION_RANK",
+    "DEVICE_FACTS",
     "INCIDENT_KINDS",
     "Action",
     "Condition",
@@ -53,6 +54,21 @@ ACTION_RANK: dict[Action, int] = {a: i for i, a in enumerate(Action)}
 
 FactValue = str | int | float | bool | None
 
+DEVICE_FACTS = frozenset(
+    {
+        "rollback_ready",
+        "active_down",
+        "active_failing",
+        "both_slots_failing",
+        "standby_committed",
+        "standby_bad",
+        "standby_recalled",
+        "standby_failing",
+        "chaos_active",
+    }
+)
+"""Facts the triage engine derives from an incident's facts and slot status (``device.<name>``)."""
+
 _FACT_PATH = (
     r"^(kind|severity|(fact|slot|metric|device)\.[A-Za-z_][A-Za-z0-9_.-]{0,63}"
     r"|verification\.(failed|passed))$"
@@ -71,6 +87,9 @@ class Condition(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> Condition:
+        head, _, name = self.fact.partition(".")
+        if head == "device" and name not in DEVICE_FACTS:
+            raise ValueError(f"unknown device fact {name!r}; known: {', '.join(sorted(DEVICE_FACTS))}")
         if self.op == "in" and not isinstance(self.value, list):
             raise ValueError("op 'in' needs a list value")
         if self.op in ("gt", "ge", "lt", "le") and (

@@ -190,3 +190,19 @@ def test_the_scorer_counts_under_reaction_as_unsafe(engine):
     # over-reaction beyond every acceptable action is unsafe too
     r3 = score(_case("observe", False, ["alert"]), engine.decide(inc))
     assert r3.unsafe and any("over-reaction" in w for w in r3.why_unsafe)
+
+
+def test_every_device_fact_a_rule_may_name_is_derived():
+    from policies.base import parse_document
+    from policies.triage import DEVICE_FACTS, TriagePolicy
+    from sre_core.errors import InputError
+
+    dev = device_facts(_inc(*ROLLBACK_INCIDENTS["probe-active"]))
+    assert all(isinstance(dev.get(name), bool) for name in DEVICE_FACTS)
+    doc = (
+        "version: 1\nrules:\n  - {name: r, when: [{fact: device.rollback_redy, value: true}], "
+        "allowed: [alert], default: alert, certainty: 1}\n"
+        "fallback: {name: f, allowed: [alert], default: alert, certainty: 1}"
+    )
+    with pytest.raises(InputError, match="unknown device fact 'rollback_redy'"):
+        parse_document(TriagePolicy, doc, "triage.yaml")
