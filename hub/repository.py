@@ -5,7 +5,8 @@ Public API::
     HubRepository.init(repo_dir, root_threshold=1, root_keys=1, channels=("stable",), clock=None)
     HubRepository(repo_dir, clock=None)
         .add_channel(channel)                         -> None
-        .publish(channel, artifact, manifest, cosign_key=None, attestation=None) -> PublishedModule
+        .publish(channel, artifact, manifest, cosign_key=None, attestation=None, check_model=False)
+            -> PublishedModule   (immutable: another artifact under a published version is refused)
         .release(channel, module, version, expires_in=timedelta(days=14), extra=None) -> DesiredState
         .update_desired(channel, changes, expires_in=timedelta(days=14)) -> DesiredState (rollouts, recalls)
         .timestamp(expires_in=None)                   -> int (new timestamp version)
@@ -14,6 +15,7 @@ Public API::
         .rotate_key(role)                             -> list[str] (new key ids)
         .desired_state(channel)                       -> DesiredState | None
         .channel_targets(channel)                     -> dict[str, TargetFile]
+    check_model_artifact(artifact, manifest)          the declared runtime loads it; inputs/outputs match
     target_name(channel, module, version, filename)   -> str
     safe_target_path(path, channel)                   -> bool
 
@@ -85,6 +87,7 @@ __all__ = [
     "Expiry",
     "HubRepository",
     "PublishedModule",
+    "check_model_artifact",
     "safe_target_path",
     "target_name",
 ]
@@ -484,6 +487,7 @@ class HubRepository:
         manifest: ModuleManifest,
         cosign_key: bytes | None = None,
         attestation: tuple[str, dict[str, Any], bytes] | None = None,
+        check_model: bool = False,
     ) -> PublishedModule:
         """Add ``artifact`` as a target of ``channel`` with ``manifest`` in its ``custom`` field.
 
@@ -491,9 +495,16 @@ class HubRepository:
             cosign_key: a PEM ECDSA P-256 private key: also publish a cosign ``sign-blob`` signature.
             attestation: ``(predicate_type, predicate, pem_private_key)``: also publish a DSSE in-toto
                 statement whose subject is the artifact.
+            check_model: load a model with the runtime its manifest declares before signing it
+                (:func:`check_model_artifact`; ``sre-hub publish`` always does).
+
+        Releases are immutable: publishing the same version again with other bytes or another manifest
+        is refused (publish a new version); the identical artifact and manifest again is a no-op.
 
         Raises:
-            InputError: unknown channel, missing file, unsafe target name.
+            InputError: unknown channel, missing file, unsafe target name, a different artifact or
+                manifest under an already published version, or (``check_model``) a model that its
+                declared runtime cannot load or whose inputs/outputs differ from the manifest.
         """
         self._require_channel(channel)
         artifact = Path(artifact)
@@ -501,6 +512,20 @@ class HubRepository:
             raise InputError(f"publish {artifact}", "not a file", "check the path")
         path = target_name(channel, manifest.name, manifest.version, manifest.filename)
         digest = _sha256_file(artifact)
+        existing = self._published(channel, manifest.name, manifest.version)
+        if existing is not None:
+            tf, man = existing
+            if tf.hashes.get("sha256") != digest or tf.path != path or not _same_release(man, manifest):
+                raise InputError(
+                    f"publish {manifest.name} {manifest.version} in {channel}",
+                    f"that version is already published as {tf.path} "
+                    f"(sha256 {tf.hashes.get('sha256', '')[:16]}) with other bytes or another manifest; "
+                    "releases are immutable",
+                    "publish the change under a new version",
+                )
+            return PublishedModule(channel, tf.path, tf.length, digest, man, [])
+        if check_model:
+            check_model_artifact(artifact, manifest)
         extra: list[tuple[str, bytes]] = []
         refs = []
         if cosign_key is not None:
@@ -532,6 +557,14 @@ class HubRepository:
         self._put_current(channel, md)
         self._commit([channel])
         return PublishedModule(channel, path, tf.length, digest, manifest, [n for n, _ in extra])
+
+    def _published(self, channel: str, module: str, version: str) -> tuple[TargetFile, ModuleManifest] | None:
+        """The target (and its manifest) already published for ``module`` ``version`` in ``channel``."""
+        for tf in self.channel_targets(channel).values():
+            man = manifest_from_custom(tf.custom)
+            if man is not None and man.name == module and man.version == version:
+                return tf, man
+        return None
 
     # ----- release ------------------------------------------------------------------------------
     def desired_state(self, channel: str) -> DesiredState | None:
@@ -717,6 +750,53 @@ class HubRepository:
             src = self.keys_dir / role / f"{keyid}.pem"
             if src.exists():
                 src.replace(retired / src.name)
+
+
+def _same_release(published: ModuleManifest, new: ModuleManifest) -> bool:
+    """Same manifest, ignoring the second-signature references publish adds."""
+    return published.model_copy(update={"attestations": []}) == new.model_copy(update={"attestations": []})
+
+
+def check_model_artifact(artifact: Path, manifest: ModuleManifest) -> None:
+    """Load a model with the runtime its manifest declares and match the declared inputs/outputs.
+
+    Only ``kind: model`` files for ``onnxruntime`` are checked (configs, policies, bundles and
+    ``engine: none`` are not models this hub can load).
+
+    Raises:
+        InputError: the runtime cannot load the file, or a declared input/output (``runtime.input_name``,
+            ``runtime.output_name``, golden vector keys) is not in the model.
+    """
+    if manifest.kind != "model" or manifest.runtime.engine != "onnxruntime" or manifest.format != "file":
+        return
+    import onnxruntime as ort
+
+    what = f"publish model {manifest.name} {manifest.version}"
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(artifact), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad model
+        raise InputError(
+            what,
+            f"onnxruntime cannot load {artifact.name}: {str(exc)[:300]}",
+            "publish a valid ONNX model, or declare its real runtime (runtime.engine: none, kind: config)",
+        ) from exc
+    inputs = {i.name for i in sess.get_inputs()}
+    outputs = {o.name for o in sess.get_outputs()}
+    declared_in = {manifest.runtime.input_name} - {None}
+    declared_out = {manifest.runtime.output_name} - {None}
+    for vec in manifest.golden.vectors if manifest.golden else []:
+        declared_in |= set(vec.inputs)
+        declared_out |= set(vec.expected)
+    missing = sorted(str(n) for n in declared_in - inputs) + sorted(str(n) for n in declared_out - outputs)
+    if missing:
+        raise InputError(
+            what,
+            f"the manifest declares {missing}, which the model does not have "
+            f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})",
+            "fix runtime.input_name/output_name or the golden vectors in the manifest",
+        )
 
 
 def _sha256_file(path: Path) -> str:

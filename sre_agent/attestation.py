@@ -1,7 +1,8 @@
 """Declare, admit, sign: the device attests its own state to the hub.
 
 The statement is in-toto Statement v1 whose subject is the device (digest = sha256 of the canonical
-predicate) and whose predicate is the state: installed module digests, policy version, trust status,
+predicate) and whose predicate is the state: the slot manager's records of each installed module
+(versions, artifact and tree digests, kind, last-known-good, bad versions), policy version, trust status,
 audit-chain head, safe mode, time. It is signed as a DSSE envelope with the device key and queued in the
 outbox like any batch; the hub verifies it against the enrolled key and keeps the latest per device.
 """
@@ -49,22 +50,45 @@ def collect_state(
     trust_status: str,
     safe_mode: bool,
 ) -> DeviceState:
-    """Read installed modules from ``<state>/modules/*/state.json`` (digest of each state file, plus the
-    active version/digest when the file names them)."""
+    """The device's state from the slot manager's own records (what it installed and re-hashed).
+
+    Per module: phase, what is served, the active version with its artifact and tree digests (the
+    digests recorded when the bytes were re-hashed against the signed ones), its kind (model, config,
+    policy), the last-known-good and the bad versions; plus the sha256 of ``state.json`` itself. A
+    state file the slot manager cannot read is attested as such, never skipped.
+    """
+    from deployment.slots import SlotError, SlotManager
+    from sre_core.audit import AuditLog
+
+    slots = SlotManager(paths, AuditLog(paths.audit_log, clock), clock)
     modules: dict[str, dict[str, Any]] = {}
-    if paths.modules.is_dir():
-        for st in sorted(paths.modules.glob("*/state.json")):
-            raw = st.read_bytes()
-            entry: dict[str, Any] = {"state_sha256": hashlib.sha256(raw).hexdigest()}
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                doc = {}
-            if isinstance(doc, dict):
-                for k in ("active", "active_version", "version", "digest", "active_digest"):
-                    if isinstance(doc.get(k), str | int | float):
-                        entry[k] = doc[k]
-            modules[st.parent.name] = entry
+    for name in slots.modules():
+        raw_path = paths.module(name) / "state.json"
+        entry: dict[str, Any] = {}
+        if raw_path.is_file():
+            entry["state_sha256"] = hashlib.sha256(raw_path.read_bytes()).hexdigest()
+        try:
+            st = slots.status(name)
+        except (SlotError, KeyError, ValueError, TypeError) as exc:
+            entry["error"] = f"unreadable slot state: {exc}"[:200]
+            modules[name] = entry
+            continue
+        entry["phase"] = st.phase.value
+        entry["serving"] = st.serving
+        if st.active is not None:
+            rec = st.active.record
+            entry |= {
+                "version": rec.version,
+                "sha256": rec.sha256,
+                "tree_sha256": rec.tree_sha256,
+                "slot": st.active.slot,
+                "kind": str(rec.manifest.get("kind", "model")),
+                "installed_at": rec.installed_at,
+            }
+        if st.last_known_good:
+            entry["last_known_good"] = dict(st.last_known_good)
+        entry["bad_versions"] = sorted({str(b.get("version")) for b in st.bad.values()})
+        modules[name] = entry
     return DeviceState(clock.now().isoformat(), policy_version, trust_status, audit_head, safe_mode, modules)
 
 

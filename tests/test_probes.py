@@ -254,3 +254,27 @@ def test_deployment_policy_documents(tmp_path: Path) -> None:
         load_deployment_policy(doc)
     doc.write_text("flapping: {max_rollbacks: 2, window_s: 600}\n")
     assert load_deployment_policy(doc).flapping.window_s == 600
+
+
+def test_delays_intervals_and_attempts_count_against_the_budget(clock: FakeClock) -> None:
+    """How to break it: hide the time in initial delays and intervals (an hour each, any number of
+    probes); before, only the attempts' own run time was capped, so an unjudged version served."""
+    from deployment.probes import worst_case_s
+
+    runner = ProbeRunner(ProbePolicy(max_total_s=100, max_probes=3), clock)
+    slow = ProbeSpec(kind="file", path="ready", initial_delay_s=60, attempts=3, timeout_s=5, interval_s=10)
+    assert worst_case_s(slow) == 60 + 3 * 5 + 2 * 10
+    runner.check_allowed([slow])  # 95 s: inside the cap
+    with pytest.raises(ProbeRefusedError, match="max_total_s"):
+        runner.check_allowed([slow, ProbeSpec(kind="file", path="ready", timeout_s=1, attempts=6)])
+    quick = ProbeSpec(kind="file", path="ready", timeout_s=1, attempts=1)
+    with pytest.raises(ProbeRefusedError, match="at most 3 probes"):
+        runner.check_allowed([quick] * 4)
+    before = clock.monotonic()
+    with pytest.raises(ProbeRefusedError):
+        runner.run_all([ProbeSpec(kind="file", path="ready", initial_delay_s=3600)], ctx_for(clock))
+    assert clock.monotonic() == before  # refused before any delay was slept
+
+
+def ctx_for(clock: FakeClock) -> ProbeContext:
+    return ProbeContext("clf", "1.0", Path("/nonexistent/m"), Path("/nonexistent"), 0)

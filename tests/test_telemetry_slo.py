@@ -43,12 +43,17 @@ def test_slos_flag_a_device_that_has_drifted() -> None:
 
 
 def test_attestation_statement_and_envelope(tmp_path: Path) -> None:
+    from deploy_helpers import StaticSource, make_artifact
+
+    from deployment.reconcile import Reconciler
+
     paths, ident = device(tmp_path / "dev")
-    mod = paths.module("clf")
-    mod.mkdir(parents=True)
-    (mod / "state.json").write_text(json.dumps({"active": "a", "active_version": "2.0"}))
-    st = collect_state(paths, FakeClock(), "ab" * 32, "telemetry@1", "verified", safe_mode=True)
-    assert st.modules["clf"]["active_version"] == "2.0" and st.safe_mode
+    clock = FakeClock()  # a real install: the attestation reads the slot manager's own records
+    Reconciler(
+        paths, StaticSource(clock, [make_artifact(tmp_path / "cas", "clf", "2.0", b"two")]), clock
+    ).run_once()
+    st = collect_state(paths, clock, "ab" * 32, "telemetry@1", "verified", safe_mode=True)
+    assert st.modules["clf"]["version"] == "2.0" and st.safe_mode
     stmt = statement(ident.device_id, st)
     assert stmt["subject"][0]["name"] == ident.device_id
     env = sign_attestation(ident, st)

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deployment.sample_models import linear_classifier
 from sre_core.http_server import free_port
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -44,7 +45,17 @@ def test_publish_release_serve_pull_and_refuse(tmp_path: Path, run_cli: Run) -> 
     assert r.returncode == 0, r.stderr
     root = json.loads(r.stdout)["root"]
     model = tmp_path / "model.onnx"
+    pub = ("sre-hub", "publish", "--repo", str(repo), "--channel", "stable", "--module", "clf")
+    # Any bytes as a model: refused before anything is signed (ONNX Runtime cannot load them).
     model.write_bytes(os.urandom(300_000))
+    r = run_cli(*pub, "--version", "1.0.0", str(model))
+    assert r.returncode == 2 and "onnxruntime cannot load" in r.stderr, r.stderr
+    # Inputs the model does not have: refused too.
+    model.write_bytes(linear_classifier(seed=1))
+    bad_io = tmp_path / "io.yaml"
+    bad_io.write_text("runtime: {input_name: pixels}\n")
+    r = run_cli(*pub, "--version", "1.0.0", "--manifest", str(bad_io), str(model))
+    assert r.returncode == 2 and "pixels" in r.stderr, r.stderr
     r = run_cli(
         "sre-hub",
         "publish",
@@ -61,6 +72,12 @@ def test_publish_release_serve_pull_and_refuse(tmp_path: Path, run_cli: Run) -> 
     )
     assert r.returncode == 0, r.stderr
     target = json.loads(r.stdout)["target"]
+    # Releases are immutable: the same bytes again is a no-op, other bytes under 1.0.0 are refused.
+    assert run_cli(*pub, "--version", "1.0.0", str(model)).returncode == 0
+    other = tmp_path / "other.onnx"
+    other.write_bytes(linear_classifier(seed=2))
+    r = run_cli(*pub, "--version", "1.0.0", str(other))
+    assert r.returncode == 2 and "immutable" in r.stderr, r.stderr
     r = run_cli(
         "sre-hub",
         "release",
@@ -118,7 +135,7 @@ def test_publish_release_serve_pull_and_refuse(tmp_path: Path, run_cli: Run) -> 
         out = json.loads(r.stdout)
         assert out["trust"] == "fresh" and out["artifacts"]["clf"]["target"] == target
         # tamper with the next version on the hub: exit 1, a message naming the artifact and the check
-        model.write_bytes(os.urandom(300_000))
+        model.write_bytes(linear_classifier(seed=3))
         assert (
             run_cli(
                 "sre-hub",
@@ -151,7 +168,7 @@ def test_publish_release_serve_pull_and_refuse(tmp_path: Path, run_cli: Run) -> 
             == 0
         )
         (victim,) = (repo / "targets" / "stable").glob("*clf-1.1.0*")
-        victim.write_bytes(os.urandom(300_000))
+        victim.write_bytes(os.urandom(victim.stat().st_size))
         r = run_cli("sre-agent", "pull", "--state", str(state))
         assert r.returncode == 1
         assert "clf-1.1.0" in r.stderr and "sha256" in r.stderr and "what to do" in r.stderr
@@ -167,6 +184,7 @@ def test_publish_release_serve_pull_and_refuse(tmp_path: Path, run_cli: Run) -> 
     assert out["trust"] == "stale" and not out["online"] and out["artifacts"]["clf"]["version"] == "1.0.0"
     # sneakernet: a bundle of the channel on a "USB stick" (after fixing the tampered file)
     victim.unlink()
+    model.write_bytes(linear_classifier(seed=4))
     r = run_cli(
         "sre-hub",
         "publish",
