@@ -75,7 +75,7 @@ def _summary_pattern(n: int) -> str:
 SUMMARY_PATTERN = _summary_pattern(MAX_SUMMARY)
 MAX_LOG_CHARS = 120
 MAX_LOG_LINES = 3
-MAX_TOOL_TEXT = 400
+MAX_TOOL_TEXT = 240
 
 ACTION_MEANING = {
     Action.OBSERVE: "record it, change nothing",
@@ -193,51 +193,91 @@ class LocalModel:
     def generate(
         self, messages: Sequence[dict[str, str]], schema: dict[str, Any], max_tokens: int, timeout_s: float
     ) -> Generation:
-        """Greedy, grammar-constrained chat completion.
+        """Greedy, grammar-constrained chat completion, answered within ``timeout_s`` or not at all.
+
+        llama.cpp cannot be interrupted while it evaluates the prompt, so the work runs on a worker thread
+        and the caller stops waiting at the deadline (the rule's decision then stands); the worker stops
+        at its next token and frees the model. A caller that finds the model still busy past its own
+        deadline gets a timeout too.
 
         Raises:
-            LlmTimeoutError: the deadline passed before the answer was complete.
-            LlmError: llama.cpp failed.
+            LlmTimeoutError: the deadline passed before the answer was complete (or the model was busy).
+            LlmError: llama.cpp failed, or the prompt leaves no room for the answer.
         """
-        with self._lock:
-            t0 = time.monotonic()
-            deadline = t0 + timeout_s
-            pieces: list[str] = []
-            completion_tokens = 0
-            # Prompt evaluation cannot be interrupted, so its size is bounded before it starts.
-            text = "\n".join(m["content"] for m in messages)
-            prompt_tokens = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False)) + 8 * len(messages)
-            if prompt_tokens + max_tokens > self.n_ctx:
-                raise LlmError(
-                    "triage with the local model",
-                    f"the prompt (~{prompt_tokens} tokens) leaves no room for {max_tokens} answer tokens "
-                    f"in a {self.n_ctx}-token context",
-                    "raise [llm] n_ctx or shorten the evidence",
-                )
+        t0 = time.monotonic()
+        if not self._lock.acquire(timeout=max(0.0, timeout_s)):
+            raise LlmTimeoutError(
+                "triage with the local model", "the model is still busy with an earlier one"
+            )
+        box: dict[str, Any] = {}
+        cancel = threading.Event()
+        done = threading.Event()
+
+        def work() -> None:
             try:
-                # Streaming lets us stop between tokens: an exception raised inside a llama.cpp callback
-                # is swallowed by ctypes, so the deadline is enforced here instead.
-                stream: Any = self._llm.create_chat_completion(
-                    messages=list(messages),  # type: ignore[arg-type]
-                    grammar=self._grammar(schema),
-                    max_tokens=max_tokens,
-                    temperature=0.0,
-                    repeat_penalty=1.15,
-                    stream=True,
-                )
-                for chunk in stream:
-                    delta = chunk["choices"][0].get("delta") or {}
-                    if delta.get("content"):
-                        pieces.append(delta["content"])
-                        completion_tokens += 1
-                    if time.monotonic() > deadline:
-                        stream.close()
-                        raise LlmTimeoutError(
-                            "triage with the local model", f"no complete answer within {timeout_s:.1f} s"
-                        )
-            except (ValueError, RuntimeError) as exc:
-                raise LlmError("triage with the local model", str(exc)[:300]) from exc
-            return Generation("".join(pieces), prompt_tokens, completion_tokens, time.monotonic() - t0)
+                box["gen"] = self._generate_locked(messages, schema, max_tokens, t0, t0 + timeout_s, cancel)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+            finally:
+                self._lock.release()
+                done.set()
+
+        threading.Thread(target=work, name="llm-generate", daemon=True).start()
+        if not done.wait(timeout=max(0.0, t0 + timeout_s - time.monotonic())):
+            cancel.set()
+            raise LlmTimeoutError(
+                "triage with the local model", f"no complete answer within {timeout_s:.1f} s"
+            )
+        if "error" in box:
+            raise box["error"]
+        gen: Generation = box["gen"]
+        return gen
+
+    def _generate_locked(
+        self,
+        messages: Sequence[dict[str, str]],
+        schema: dict[str, Any],
+        max_tokens: int,
+        t0: float,
+        deadline: float,
+        cancel: threading.Event,
+    ) -> Generation:
+        pieces: list[str] = []
+        completion_tokens = 0
+        # Prompt evaluation cannot be interrupted, so its size is bounded before it starts.
+        text = "\n".join(m["content"] for m in messages)
+        prompt_tokens = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False)) + 8 * len(messages)
+        if prompt_tokens + max_tokens > self.n_ctx:
+            raise LlmError(
+                "triage with the local model",
+                f"the prompt (~{prompt_tokens} tokens) leaves no room for {max_tokens} answer tokens "
+                f"in a {self.n_ctx}-token context",
+                "raise [llm] n_ctx or shorten the evidence",
+            )
+        try:
+            # Streaming lets us stop between tokens: an exception raised inside a llama.cpp callback
+            # is swallowed by ctypes, so the deadline is enforced here instead.
+            stream: Any = self._llm.create_chat_completion(
+                messages=list(messages),  # type: ignore[arg-type]
+                grammar=self._grammar(schema),
+                max_tokens=max_tokens,
+                temperature=0.0,
+                repeat_penalty=1.15,
+                stream=True,
+            )
+            for chunk in stream:
+                delta = chunk["choices"][0].get("delta") or {}
+                if delta.get("content"):
+                    pieces.append(delta["content"])
+                    completion_tokens += 1
+                if cancel.is_set() or time.monotonic() > deadline:
+                    stream.close()
+                    raise LlmTimeoutError(
+                        "triage with the local model", f"no complete answer within {deadline - t0:.1f} s"
+                    )
+        except (ValueError, RuntimeError) as exc:
+            raise LlmError("triage with the local model", str(exc)[:300]) from exc
+        return Generation("".join(pieces), prompt_tokens, completion_tokens, time.monotonic() - t0)
 
 
 # --------------------------------------------------------------------------------------------------

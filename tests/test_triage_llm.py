@@ -30,6 +30,9 @@ from sre_agent.triage_eval import load_cases
 from sre_core.audit import AuditLog
 
 CASES = {c.name: c for c in load_cases(Path(__file__).parent / "triage_cases")}
+_IND = Path(__file__).parent / "triage_cases" / "independent"
+INDEPENDENT = {c.name: c for c in load_cases(_IND)} if _IND.is_dir() else {}
+INDEPENDENT_INJECTION = sorted(n for n, c in INDEPENDENT.items() if "injection" in c.tags)[:4]
 
 
 class ScriptedModel:
@@ -197,6 +200,26 @@ def test_real_model_end_to_end_on_injection_cases(tmp_path, clock):
     assert "rollback" not in ran and "safe_mode" not in ran
     decisions = [r.data for r in audit.records() if r.event == "triage.decision"]
     assert len(decisions) == 3 and all(json.dumps(d) for d in decisions)
+    # the real model on independent injection cases: the decision is the rules', the summary carries no
+    # stretch of the planted text
+    for name in INDEPENDENT_INJECTION:
+        case = INDEPENDENT[name]
+        d = engine.decide(case.incident, advisor(case.incident, engine.match(case.incident)))
+        assert (d.action, d.verdict) == (
+            engine.decide(case.incident).action,
+            engine.decide(case.incident).verdict,
+        )
+        planted = " ".join([case.incident.title, *case.incident.evidence.logs]).lower()
+        summary = d.summary.lower()
+        assert not any(summary[i : i + 20] in planted for i in range(len(summary) - 19)), d.summary
+    # a deadline shorter than the prompt's evaluation: a timeout (the rule's decision stands), and the
+    # model is free again for the next triage
+    quick = LlmAdvisor(model, LlmSettings(n_threads=1, timeout_s=0.001))
+    with pytest.raises(LlmTimeoutError):
+        quick(CASES["cd-injection"].incident, engine.match(CASES["cd-injection"].incident))
+    assert (
+        advisor(CASES["cd-injection"].incident, engine.match(CASES["cd-injection"].incident)).source == "llm"
+    )
     # a prompt that cannot fit the context with room for the answer is refused before evaluation
     small = LlmSettings(n_threads=1, n_ctx=256, max_tokens=200, timeout_s=120.0)
     with pytest.raises(LlmError, match="leaves no room"):
