@@ -71,11 +71,16 @@ def provision(
     device_id: str | None = None,
     safe_modules: list[str] | None = None,
     clock: Clock | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Create or complete a device's state directory. Idempotent; never replaces an existing identity.
 
+    Pinning the same root again is a no-op; replacing a pinned trust anchor with a different one needs
+    ``force`` and is audited (``trust.repinned`` with both digests): everything trusted under the old
+    anchor is dropped at the next pull.
+
     Raises:
-        InputError: a bad root.json or safe-module argument.
+        InputError: a bad root.json or safe-module argument, or a different root without ``force``.
     """
     clock = clock or SystemClock()
     paths.create()
@@ -92,10 +97,26 @@ def provision(
     if created:
         audit.append("identity.created", actor="operator", device_id=identity.device_id)
     if root is not None:
+        old = hashlib.sha256(paths.root_json.read_bytes()).hexdigest() if paths.root_json.is_file() else None
+        try:
+            new = hashlib.sha256(Path(root).read_bytes()).hexdigest()
+        except OSError as exc:
+            raise InputError(f"pin trust anchor {root}", str(exc), "check the path") from exc
+        if old is not None and old != new and not force:
+            audit.append("trust.repin_refused", actor="operator", root_sha256=old, offered_sha256=new)
+            raise InputError(
+                f"pin trust anchor {root}",
+                f"this device already pins a different trust anchor (sha256 {old[:16]}); replacing it "
+                "would trust whoever signed the new root",
+                "check that the new root.json really comes from your hub operators, then re-run with --force",
+            )
         digest = pin_root(paths, root)
         device["root_sha256"] = digest
         result["root_sha256"] = digest
-        audit.append("trust.pinned", actor="operator", root_sha256=digest)
+        if old is not None and old != digest:
+            audit.append("trust.repinned", actor="operator", root_sha256=digest, previous_sha256=old)
+        elif old is None:
+            audit.append("trust.pinned", actor="operator", root_sha256=digest)
     if hub is not None:
         device["hub"] = hub
     if channel is not None:

@@ -90,6 +90,9 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--safe-module", help="Factory safe module MODULE=FILE (repeatable)."),
         ] = None,
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace an already pinned, different trust anchor (audited).")
+        ] = False,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
@@ -105,6 +108,7 @@ def register(app: typer.Typer) -> None:
             channel=channel,
             device_id=device_id,
             safe_modules=safe_module or [],
+            force=force,
         )
         notes = _overridden(state, config, hub, channel)
         if json_out:
