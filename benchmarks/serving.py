@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -542,6 +543,7 @@ def mttr(blob: bytes, model_path: Path, iterations: int) -> dict[str, Any]:
     incumbent = load_session(blob, name="m", version="good")
     bad = load_session(bad_blob, name="m", version="bad")
     results: dict[str, list[float]] = {"preloaded": [], "naive_reload": []}
+    unanswered = 0
     rng = np.random.default_rng(2)
     inputs = [rng.normal(size=(1, N_FEATURES)).astype(np.float32) for _ in range(256)]
     for i in range(iterations * 2):
@@ -582,24 +584,171 @@ def mttr(blob: bytes, model_path: Path, iterations: int) -> dict[str, Any]:
             else:
                 router.replace_active(load_session(model_path, name="m", version="good-reloaded"))
             t_cut = time.perf_counter()
-            while time.perf_counter() < t_cut + 0.05:  # let traffic flow on the restored version
+            # Let traffic flow on the restored version until it has answered (bounded): under load the
+            # traffic thread may not run at all for a while after the cut, which left nothing to measure.
+            while time.perf_counter() < t_cut + 10 and (
+                time.perf_counter() < t_cut + 0.05
+                or not any(v.startswith("good") and t > t_cut for (t, v) in answered[-8:])
+            ):
                 time.sleep(0.001)
         finally:
             stop.set()
             worker.join(10)
         after = [(t, v) for (t, v) in answered if t > t0]
         last_bad = max((t for (t, v) in after if not v.startswith("good")), default=t0)
-        first_good = min(t for (t, v) in after if v.startswith("good") and t > last_bad)
+        first_good = min((t for (t, v) in after if v.startswith("good") and t > last_bad), default=None)
+        if first_good is None:
+            unanswered += 1
+            continue
         results[path].append(first_good - t0)
     pre, naive = results["preloaded"], results["naive_reload"]
     return {
         "iterations": iterations,
+        "unanswered": unanswered,
+        "note": "naive_reload is also the MTTR cost of canary.unload_standby (rollback reloads it)",
         "preloaded_p50_ms": round(_p(pre, 0.5) * 1e3, 3),
         "preloaded_p99_ms": round(_p(pre, 0.99) * 1e3, 3),
         "naive_reload_p50_ms": round(_p(naive, 0.5) * 1e3, 3),
         "naive_reload_p99_ms": round(_p(naive, 0.99) * 1e3, 3),
         "p50_ratio_naive_over_ours": round(_p(naive, 0.5) / _p(pre, 0.5), 2),
     }
+
+
+# -- canary verdicts under the default policy -------------------------------------------------------
+CANARY_REQUESTS_PER_TICK = 200  # the controller's clock: 0.5 s per 200 requests (a 400 requests/s device)
+
+
+def _relabel(blob: bytes, note: str) -> bytes:
+    import onnx
+
+    model = onnx.load_from_string(blob)
+    model.doc_string = note
+    return bytes(model.SerializeToString())
+
+
+def _canary_trial(incumbent: bytes, candidate: bytes, n_features: int, seed: int) -> dict[str, Any]:
+    """One canary under the default policy while two client threads send requests as fast as they can."""
+    from deployment.canary import CanaryConfig
+    from deployment.router import InferenceError, Router
+    from deployment.serving import CanaryRun
+    from deployment.sessions import load_session
+    from policies.deployment import load_deployment_policy
+    from sre_core.clock import FakeClock
+    from sre_core.telemetry import NullSink
+
+    policy = load_deployment_policy()
+    p = policy.canary
+    defaults = {
+        "max_error_rate_increase": p.max_error_rate_increase,
+        "error_rate_relative": p.error_rate_relative,
+        "max_p95_latency_ratio": p.max_p95_latency_ratio,
+        "allow_pin": p.allow_pin_to_canary,
+    }
+    config = CanaryConfig.from_spec(None, policy.canary_steps, defaults)
+    router = Router("m", load_session(incumbent, name="m", version="1"), NullSink(), seed=seed)
+    clock = FakeClock()
+    run = CanaryRun("m", router, load_session(candidate, name="m", version="2"), config, clock, NullSink())
+    rng = np.random.default_rng(seed)
+    inputs = [{"input": rng.normal(size=(1, n_features)).astype(np.float32)} for _ in range(512)]
+    stop = threading.Event()
+    served = [0, 0]
+
+    def client(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            with contextlib.suppress(InferenceError):  # only if the incumbent itself failed
+                router.infer(inputs[i % len(inputs)])
+            i += 7
+            served[k] += 1
+
+    workers = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
+    for w in workers:
+        w.start()
+    step_times: list[float] = []
+    t_start = time.perf_counter()
+    try:
+        run.start()
+        t_step, mark = time.perf_counter(), 0
+        for _ in range(200_000):
+            if run.controller.final:
+                break
+            while sum(served) < mark + CANARY_REQUESTS_PER_TICK:
+                stop.wait(0.001)
+            mark = sum(served)
+            clock.advance(0.5)
+            step = run.controller.step
+            phase = run.controller.phase
+            run.tick()
+            if run.controller.step != step or run.controller.phase != phase:
+                now = time.perf_counter()
+                step_times.append(now - t_step)
+                t_step = now
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+    return {
+        "phase": run.phase.value,
+        "reason": run.controller.reason,
+        "seconds": time.perf_counter() - t_start,
+        "requests": sum(served),
+        "step_seconds": step_times,
+    }
+
+
+def _standalone_ratio(a_blob: bytes, b_blob: bytes, n_features: int) -> float:
+    """Median per-call time of b over a, interleaved, single thread (how much slower b really is)."""
+    from deployment.sessions import load_session
+
+    a = load_session(a_blob, name="m", version="a")
+    b = load_session(b_blob, name="m", version="b")
+    feeds = {"input": np.random.default_rng(0).normal(size=(1, n_features)).astype(np.float32)}
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(2000):
+        for sess, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            sess.run(feeds)
+            out.append(time.perf_counter() - t)
+    return float(statistics.median(tb) / statistics.median(ta))
+
+
+def canary_trials(runs: int) -> dict[str, Any]:
+    """``runs`` canaries of each kind under the default policy (real sessions, two client threads)."""
+    from deployment.sample_models import doubled_classifier, erroring_classifier, linear_classifier
+
+    tiny: dict[str, Any] = {"hidden_layers": 2}
+    big: dict[str, Any] = {"n_features": 64, "hidden_layers": 6, "hidden_size": 512}  # ~5 MiB
+    base, large = linear_classifier(**tiny), linear_classifier(**big)
+    slow = doubled_classifier(**tiny, copies=3)
+    kinds: dict[str, tuple[bytes, bytes, int, str]] = {
+        "identical_tiny": (base, _relabel(base, "2"), 16, "promoted"),
+        "identical_5mib": (large, _relabel(large, "2"), 64, "promoted"),
+        "slower_2x": (base, slow, 16, "aborted"),
+        "errors_1pct": (base, erroring_classifier(error_threshold=2.326, **tiny), 16, "aborted"),
+    }
+    out: dict[str, Any] = {
+        "policy": "shipped default (steps 1/5/25/50/100 %, 300 samples, soak 60 s, mirror 10 %)",
+        "clock": f"controller time advances 0.5 s per {CANARY_REQUESTS_PER_TICK} requests (400 req/s)",
+        "slower_2x_standalone_ratio": round(_standalone_ratio(base, slow, 16), 2),
+    }
+    for name, (inc, cand, n_features, expected) in kinds.items():
+        trials = [_canary_trial(inc, cand, n_features, seed) for seed in range(runs)]
+        right = sum(t["phase"] == expected for t in trials)
+        per_step: dict[str, float] = {}
+        for i in range(max((len(t["step_seconds"]) for t in trials), default=0)):
+            vals = [t["step_seconds"][i] for t in trials if len(t["step_seconds"]) > i]
+            per_step[str(i + 1)] = round(statistics.median(vals), 2)
+        out[name] = {
+            "expected": expected,
+            "right": right,
+            "runs": runs,
+            "wrong_reasons": [t["reason"] for t in trials if t["phase"] != expected][:3],
+            "median_decision_s": round(statistics.median(t["seconds"] for t in trials), 2),
+            "median_requests": int(statistics.median(t["requests"] for t in trials)),
+            "median_wall_s_per_transition": per_step,
+        }
+    return out
 
 
 # -- requests lost during flips -------------------------------------------------------------------
@@ -679,6 +828,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mttr-iterations", type=int, default=50)
     ap.add_argument("--flips", type=int, default=2)
     ap.add_argument(
+        "--canary",
+        action="store_true",
+        help="only the canary verdict trials (identical x2 sizes promoted, 2x slower / 1%% errors aborted)",
+    )
+    ap.add_argument("--canary-runs", type=int, default=20)
+    ap.add_argument(
         "--peer-venv",
         type=Path,
         default=PEER_VENV,
@@ -691,8 +846,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child_server(args.child, args.port, args.model)
         return 0
-    blob = model_bytes()
     started = time.perf_counter()
+    if args.canary:
+        res0: dict[str, Any] = {"benchmark": "serving-canary", "cpus": os.cpu_count()}
+        res0["canary"] = canary_trials(args.canary_runs)
+        res0["elapsed_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(res0, sort_keys=True))
+        return 0
+    blob = model_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(blob)
