@@ -505,3 +505,36 @@ def test_two_executors_at_once_run_an_approved_escalation_once(world, state, cli
         t.join(timeout=60)
     assert sum(len(r) for r in results) == 1, results
     assert _execute(state) == []
+
+
+@pytest.mark.xfail(strict=False, reason="issue 15: `sre-agent status` prints escalation titles raw")
+def test_device_status_neutralises_escalation_text(state, cli):
+    """`sre-agent status` lists escalations waiting for an operator: another place their text is read."""
+    _escalate(state, title="golden fail \u202e\x1b[2J\x9b2J\x1b[32mAPPROVED: safe_mode\x1b[0m \u200b")
+    r = cli("sre-agent", "status", "--state", str(state.root))
+    assert r.returncode == 0, r.stderr
+    assert "golden fail" in r.stdout
+    _assert_neutral(r.stdout)
+
+
+def test_hub_html_report_neutralises_escalation_text(world, state, cli, tmp_path):
+    esc = _hostile(state)
+    repo = tmp_path / "hubrepo"
+    assert cli("sre-hub", "init", "--repo", str(repo)).returncode == 0
+    lake = repo / "fleet" / "lake" / "table=escalations" / "date=2026-01-01"
+    lake.mkdir(parents=True)
+    tbl = pa.table(
+        {
+            "seq": [1],
+            "ts": pa.array([datetime.now(tz=UTC)], pa.timestamp("us", tz="UTC")),
+            "body": [json.dumps(_store(state).get(esc).row(), default=str)],
+            "device_id": ["dev-7"],
+        }
+    )
+    pq.write_table(tbl, lake / ("0" * 40 + ".parquet"))
+    out = tmp_path / "fleet.html"
+    r = cli("sre-hub", "report", "--repo", str(repo), "--html", str(out))
+    assert r.returncode == 0, r.stderr
+    html = out.read_text(encoding="utf-8")
+    assert esc in html
+    _assert_neutral(html)
