@@ -245,6 +245,13 @@ def _worst(findings: Iterable[Finding]) -> Verdict:
 
 
 def _num(value: Any) -> float | None:
+    if isinstance(value, str) and 0 < len(value) <= 64:
+        # ``$name`` substitutes as text, and the actions take float(value): judge the number it becomes
+        try:
+            n = float(value)
+        except ValueError:
+            return None
+        return None if math.isnan(n) else n
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:

@@ -79,6 +79,7 @@ __all__ = [
     "judge",
     "learned_gates",
     "recover",
+    "run_document",
     "run_experiment_guarded",
 ]
 
@@ -402,7 +403,7 @@ def run_experiment_guarded(
         disk_reserve_mb: trip when free disk under the state dir falls below this.
         serving_url, model: the inference server the guardrail watches (None: no serving checks).
         toxiproxy_url: a Toxiproxy API; None starts an embedded fault proxy for the run.
-        configuration: extra Chaos Toolkit configuration (ours win on ``state_dir``/``toxiproxy_url``).
+        configuration: the device's settings (``chaos.resolve.DEVICE_KEYS``: serving_restart...).
         settings: extra Chaos Toolkit settings (the rollback strategy and guardrail always win).
         telemetry, audit: where the journal and verdict go.
         sanctioned: whether findings of a deviated run may become learned gates.
@@ -450,6 +451,29 @@ def _exclusive(paths: StatePaths) -> Iterator[None]:
         os.close(fd)
 
 
+def run_document(
+    doc: Mapping[str, Any],
+    state_root: Path,
+    toxiproxy_url: str,
+    serving_url: str | None = None,
+    device: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The document chaoslib runs: the experiment with the device's settings as its configuration.
+
+    Device settings (what runs, where faults go, which link is which) come from the device, never from
+    the document: pre-flight rejects a document that sets one, and they are dropped here too.
+    """
+    cfg = {k: v for k, v in dict(doc.get("configuration") or {}).items() if k not in DEVICE_KEYS}
+    cfg.update({k: v for k, v in dict(device or {}).items() if k in DEVICE_KEYS})
+    cfg.update({"state_dir": str(state_root), "toxiproxy_url": toxiproxy_url})
+    api = urlsplit(toxiproxy_url)
+    if api.hostname and api.port:  # chaostoolkit-toxiproxy reads host and port, not a URL
+        cfg.update({"toxiproxy_host": api.hostname, "toxiproxy_port": api.port})
+    if serving_url:
+        cfg["serving_url"] = serving_url  # the device's own server, not one the author names
+    return {**doc, "configuration": cfg}
+
+
 def _run_locked(
     doc: dict[str, Any],
     exp_hash: str,
@@ -489,17 +513,7 @@ def _run_locked(
         fp = FaultProxyServer()
         toxiproxy_url = fp.start()
 
-    # Device settings (what runs, where faults go, which link is which) come from the device, never
-    # from the document: pre-flight rejects a document that sets one, and the runner drops them too.
-    cfg = {k: v for k, v in dict(doc.get("configuration") or {}).items() if k not in DEVICE_KEYS}
-    cfg.update(dict(configuration or {}))
-    cfg.update({"state_dir": str(paths.root), "toxiproxy_url": toxiproxy_url})
-    api = urlsplit(toxiproxy_url)
-    if api.hostname and api.port:  # chaostoolkit-toxiproxy reads host and port, not a URL
-        cfg.update({"toxiproxy_host": api.hostname, "toxiproxy_port": api.port})
-    if serving_url:
-        cfg["serving_url"] = serving_url  # the device's own server, not one the author names
-    doc_run = {**doc, "configuration": cfg}
+    doc_run = run_document(doc, paths.root, toxiproxy_url, serving_url, configuration)
     guard_args: dict[str, Any] = {
         "state_dir": str(paths.root),
         "serving_url": serving_url,
