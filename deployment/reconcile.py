@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
 from deployment.lifecycle import Phase
 from deployment.manifest import Constraints, DesiredState, version_key
+from deployment.policy_modules import PolicyActivator, PolicyModuleError, slot_documents
 from deployment.probes import ProbeContext, ProbeRefusedError, ProbeRunner
 from deployment.rollout import RolloutLedger, recalls_of
 from deployment.safemode import SafeMode, decide
@@ -378,6 +379,7 @@ class Reconciler:
         self.safe = SafeMode(paths, self.slots, self.audit, self.clock, self.policy.flapping, self.telemetry)
         self.probes = ProbeRunner(self.policy.probes, self.clock)
         self.planner = Planner()
+        self.policies = PolicyActivator(paths, self.audit, self.clock)
         self._recovered = False
 
     def recover(self) -> dict[str, str]:
@@ -385,6 +387,8 @@ class Reconciler:
         self.audit.head()  # drops a torn final line left by kill -9 (it was never acknowledged)
         done = self.slots.recover_all()
         self.safe.sync_slots()
+        for module, what in self.policies.sync(self.slots).items():
+            done[module] = f"{done.get(module, 'nothing pending')}; policy {what}"
         self._recovered = True
         changed = {m: d for m, d in done.items() if d != "nothing pending"}
         if changed:
@@ -394,6 +398,8 @@ class Reconciler:
     def run_once(self) -> ReconcileReport:
         """One reconcile pass. Never raises for a module's failure: it is reported in the outcome."""
         recovered = {} if self._recovered else self.recover()
+        if recovered == {}:  # an operator rollback between passes may have moved a policy module
+            self.policies.sync(self.slots)
         started = self.clock.now()
         last = read_last_reconcile(self.paths)
         pull = self._pull(last)
@@ -481,7 +487,8 @@ class Reconciler:
                 if unmet:
                     item = PlanItem(item.module, "blocked", item.version, item.sha256, unmet)
                 else:
-                    report.outcomes.append(self._install(art, self._recall_target(desired, art)))
+                    recall = self._recall_target(desired, art)
+                    report.outcomes.append(self._install(art, recall, desired.issued))
                     continue
             if item.action == "refused":
                 self.audit.append("reconcile.refused", module=item.module, version=item.version,
@@ -508,7 +515,15 @@ class Reconciler:
         except ProbeRefusedError as exc:
             self.audit.append("probe.refused", module=art.module, version=art.version, why=exc.message)
             return ModuleOutcome(art.module, "refused", art.version, previous, exc.message)
-        if manifest.mode == "managed" and self.canary is None:
+        if manifest.kind == "policy":
+            try:
+                self.policies.check(art)
+            except PolicyModuleError as exc:
+                # Invalid for the agent's own policy models: never installed, never retried.
+                self.slots.mark_bad(art.module, art.sha256, art.version, f"invalid policy: {exc.why}"[:300])
+                self.audit.append("policy.refused", module=art.module, version=art.version, why=exc.message)
+                return ModuleOutcome(art.module, "refused", art.version, previous, exc.message)
+        if manifest.kind == "model" and manifest.mode == "managed" and self.canary is None:
             why = (
                 "a managed model is committed only with canary evidence, and no canary driver runs here: "
                 "start the daemon (sre-agent run) or sre-agent serve, which canary it against the "
@@ -518,7 +533,9 @@ class Reconciler:
             return ModuleOutcome(art.module, "needs_canary", art.version, previous, why)
         return None
 
-    def _install(self, art: VerifiedArtifact, recall_target: bool = False) -> ModuleOutcome:
+    def _install(
+        self, art: VerifiedArtifact, recall_target: bool = False, issued: datetime | None = None
+    ) -> ModuleOutcome:
         module = art.module
         before = self.slots.status(module)
         previous = before.active.version if before.active else None
@@ -541,14 +558,18 @@ class Reconciler:
         except SlotError as exc:
             return ModuleOutcome(module, "failed", art.version, previous, exc.message)
         manifest = art.manifest
-        if manifest.mode == "managed" and self.canary is not None:
+        if manifest.kind == "model" and manifest.mode == "managed" and self.canary is not None:
             try:
                 view = self.slots.begin_canary(module)
                 self.canary.start(module, view, self.slots)
             except SlotError as exc:
                 return ModuleOutcome(module, "failed", art.version, previous, exc.message)
             return ModuleOutcome(module, "canary", art.version, previous, "handed to the canary driver")
+        prior = self.policies.active().get(module, {})
         status = self.slots.flip(module)
+        if manifest.kind == "policy":
+            # In effect before the probes run, so the probes judge the new policy.
+            self.policies.activate(module, art.version, art.sha256, slot_documents(standby.path), issued)
         swapped_ns = status.current_link.lstat().st_mtime_ns
         ctx = ProbeContext(module, art.version, standby.artifact_path, standby.path, swapped_ns)
         probe_report = self.probes.run_all(manifest.probes, ctx)
@@ -568,6 +589,8 @@ class Reconciler:
         why = f"{failed.kind} probe {failed.outcome}: {failed.detail}" if failed else "probes failed"
         # Roll back first (its state is persisted before it acts), then record the verdict: MTTR counts.
         self.slots.rollback(module, reason=why)
+        if manifest.kind == "policy":
+            self._restore_policy(module, before, prior)
         self.audit.append("probe.completed", module=module, version=art.version, ok=False, results=results)
         self.telemetry.event(
             "deployment", f"{module} {art.version} rolled back: {why}", severity="error",
@@ -575,6 +598,15 @@ class Reconciler:
         )  # fmt: skip
         self.safe.record_rollback(module)
         return ModuleOutcome(module, "rolled_back", art.version, previous, why, results)
+
+    def _restore_policy(self, module: str, before: ModuleStatus, prior: dict[str, Any]) -> None:
+        """After a policy module rolled back: the version active before it, or the factory policy."""
+        prev = before.active
+        if prev is not None and prev.record.manifest.get("kind") == "policy":
+            issued = prior.get("issued") if prior.get("sha256") == prev.sha256 else None
+            self.policies.restore(module, slot_documents(prev.path), prev.version, prev.sha256, issued)
+        else:
+            self.policies.restore(module, None)
 
     def _record(self, report: ReconcileReport, pull: PullResult, last: dict[str, Any]) -> None:
         rec = {

@@ -101,22 +101,20 @@ class PullReconcileJob:
         )
 
     def pull(self) -> PullResult:
-        from deployment.pull import Puller, PullError, load_held
+        from deployment.pull import Puller, load_held
 
         where = self.link_url()
         if not where:
             return load_held(self.paths, self.clock)
-        try:
-            return Puller(
-                self.paths,
-                where,
-                channel_of(self.paths, self.settings),
-                clock=self.clock,
-                audit=self.audit,
-                telemetry=self.sink,
-            ).pull()
-        except PullError as exc:
-            return exc.held  # refused or unreachable: keep enforcing what is held (already audited)
+        # Refused or unreachable: keep enforcing what is held (already audited); the pass reports it.
+        return Puller(
+            self.paths,
+            where,
+            channel_of(self.paths, self.settings),
+            clock=self.clock,
+            audit=self.audit,
+            telemetry=self.sink,
+        ).pull_or_held()
 
     def __call__(self) -> dict[str, Any]:
         from deployment.reconcile import Reconciler
@@ -256,7 +254,7 @@ class SloJob:
         return ",".join(out)
 
     def __call__(self) -> list[dict[str, Any]]:
-        from deployment.reconcile import read_last_reconcile
+        from deployment.policy_modules import active_policy_issued
         from sre_agent.slo import evaluate_slos, report_slos
 
         now = self.clock.now()
@@ -268,9 +266,7 @@ class SloJob:
                 oldest = datetime.fromtimestamp(min(b.created_us for b in pending) / 1e6, UTC)
             ack = store.last_ack_us()
             last_ack = datetime.fromtimestamp(ack / 1e6, UTC) if ack else None
-        desired = read_last_reconcile(self.paths).get("desired") or {}
-        if desired.get("issued"):
-            issued = datetime.fromisoformat(str(desired["issued"]))
+        issued = active_policy_issued(self.paths)  # the active signed policy module (None: factory only)
         results = evaluate_slos(now, oldest, last_ack, issued)
         report_slos(self.sink, results, now)
         for r in results:

@@ -118,14 +118,9 @@ def _slos(paths: StatePaths, outbox: Any, kv: Any) -> list[dict[str, Any]]:
     def us(v: Any) -> datetime | None:
         return datetime.fromtimestamp(int(v) / 1e6, UTC) if v is not None else None
 
-    issued = None
-    try:
-        from deployment.pull import load_held
+    from deployment.policy_modules import active_policy_issued
 
-        held = load_held(paths)
-        issued = held.desired.issued if held.desired is not None else None
-    except Exception:  # no held desired state: the policy-age SLO has no value
-        issued = None
+    issued = active_policy_issued(paths)  # the active signed policy module (None: factory policy only)
     now = datetime.now(UTC)
     oldest = us(outbox[2]) if outbox and outbox[0] else None
     last_ack = us(kv[0]) if kv else None
