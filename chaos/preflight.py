@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -1265,6 +1266,7 @@ def preflight_timing(paths: Sequence[Path] | None = None, repeat: int = 200) -> 
     repeat = max(1, repeat)
     parse_us: dict[str, float] = {}
     check_us: dict[str, float] = {}
+    resolve_us: dict[str, float] = {}
     verdicts: dict[str, str] = {}
     parsed: dict[str, Experiment] = {}
     for p in paths:
@@ -1282,6 +1284,13 @@ def preflight_timing(paths: Sequence[Path] | None = None, repeat: int = 200) -> 
             for _ in range(repeat):
                 res = pf.check(exp, device)
             check_us[name] = (time.perf_counter() - t0) / repeat * 1e6
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                rs = resolve_document(exp.raw)
+                for _, act in iter_activities(exp.raw):
+                    if isinstance(act, dict) and isinstance(act.get("provider"), dict):
+                        rs.substitute(act["provider"].get("arguments") or {})
+            resolve_us[name] = (time.perf_counter() - t0) / repeat * 1e6
         verdicts[name] = res.verdict
     lib_us: dict[str, float] = {}
     try:
@@ -1316,6 +1325,8 @@ def preflight_timing(paths: Sequence[Path] | None = None, repeat: int = 200) -> 
         "preflight_us_per_experiment_max": max(total.values()) if total else None,
         "preflight_parse_us_median": median(parse_us.values()),
         "preflight_check_us_median": median(check_us.values()),
+        "preflight_resolution_us_median": median(resolve_us.values()),
+        "load_average_1m": os.getloadavg()[0],
         "preflight_us_by_experiment": {n: round(v, 1) for n, v in total.items()},
         "preflight_verdicts": verdicts,
         "preflight_experiments": len(total),
