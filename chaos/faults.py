@@ -395,12 +395,20 @@ def clock_skew_offset(state_root: Path, now: datetime) -> float:
 class SkewedClock:
     """A :class:`~sre_core.clock.Clock` that applies the chaos clock-skew fault to wall time.
 
-    Monotonic time is never skewed (durations stay true).
+    Monotonic time is never skewed (durations stay true), and trusted time never reads the skew: the
+    fault targets the agent's notion of wall time, never the signed-time high-water mark, which
+    :class:`deployment.trusted_time.TrustedTime` keeps on :attr:`unskewed` (a forward skew would
+    otherwise ratchet the mark forward for good and expire desired states early).
     """
 
     def __init__(self, base: Clock, state_root: Path) -> None:
         self.base = base
         self.state_root = Path(state_root)
+
+    @property
+    def unskewed(self) -> Clock:
+        """The clock under the fault (what trusted time reads)."""
+        return self.base
 
     def now(self) -> datetime:
         real = self.base.now()

@@ -67,7 +67,8 @@ class TrustedTime:
         self, path: Path, clock: Clock, checkpoint_granularity: timedelta = timedelta(minutes=1)
     ) -> None:
         self.path = Path(path)
-        self.clock = clock
+        # a chaos fault clock (chaos.faults.SkewedClock) never moves trusted time: read the clock under it
+        self.clock: Clock = getattr(clock, "unskewed", clock)
         self.granularity = checkpoint_granularity
         self._high: datetime | None = None
         self._source = ""

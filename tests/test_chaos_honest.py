@@ -217,3 +217,30 @@ def test_validate_applies_every_check_run_applies(run_cli: Any, tmp_path: Path) 
     files = json.loads(res.stdout)["files"]
     assert [f["verdict"] for f in files] == ["run", "reject", "reject"]
     assert "description" in files[1]["problems"][0] and "device-setting" in files[2]["problems"][0]
+
+
+def test_a_clock_skew_fault_never_moves_trusted_time(tmp_path: Path) -> None:
+    """The catalogue calls a skew self-restoring: trusted time (clock.json) must not keep the skew.
+
+    How it broke: the daemon's clock is the skewed one, and trusted time checkpointed it into the
+    high-water mark, so a +1 day skew for 60 s left the device a day ahead for good.
+    """
+    from datetime import timedelta
+
+    from chaos import actions
+    from chaos.faults import SkewedClock
+    from deployment.trusted_time import TrustedTime
+    from sre_core.clock import SystemClock
+
+    state = tmp_path / "state"
+    state.mkdir()
+    base = SystemClock()
+    clock = SkewedClock(base, state)
+    actions.skew_agent_clock(86400, duration_s=60, configuration={"state_dir": str(state)})
+    assert clock.now() - base.now() > timedelta(hours=23)  # the agent's wall time is skewed
+    trusted = TrustedTime(state / "clock.json", clock)
+    assert trusted.checkpoint() - base.now() < timedelta(minutes=1)
+    actions.clear_faults(configuration={"state_dir": str(state)})
+    again = TrustedTime(state / "clock.json", clock)
+    assert again.now() - base.now() < timedelta(minutes=1)
+    assert not again.clock_behind()
