@@ -50,6 +50,7 @@ __all__ = [
     "OipApp",
     "ProtocolError",
     "create_app",
+    "decode_inputs",
     "decode_request",
     "encode_response",
 ]
@@ -115,10 +116,20 @@ def decode_request(
         raise ProtocolError(f"the request is not valid JSON: {exc}") from exc
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise ProtocolError("the request needs a non-empty 'inputs' list")
+    return decode_inputs(req["inputs"], binary, model), req
+
+
+def decode_inputs(items: list[Any], binary: memoryview, model: ModelSession) -> dict[str, np.ndarray]:
+    """Input arrays from v2 input entries (JSON ``data`` or ``binary_data_size`` slices of ``binary``),
+    validated against the model. Shared by the REST and gRPC front ends.
+
+    Raises:
+        ProtocolError: unknown input, wrong datatype or shape, short or left-over binary data.
+    """
     expected = {i.name: i for i in model.inputs}
     feeds: dict[str, np.ndarray] = {}
     offset = 0
-    for item in req["inputs"]:
+    for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ProtocolError("each input needs a 'name'")
         name = item["name"]
@@ -181,7 +192,7 @@ def decode_request(
         raise ProtocolError(f"missing inputs: {missing}")
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} binary bytes left over after the last input")
-    return feeds, req
+    return feeds
 
 
 def _bytes_from_json(data: Any, count: int, name: str) -> np.ndarray:
