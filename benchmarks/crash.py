@@ -1,19 +1,27 @@
-"""Crash consistency: `kill -9` a real reconcile process at random moments, restart, check what is served.
+"""Crash consistency: `kill -9` a real pull + reconcile process at random moments, restart, check the device.
 
-A zygote process imports the agent once and forks one reconcile child per trial (a fork is a real,
-separate process with no state of its own beyond the imports; it makes 1,000 trials affordable on two
-cores). Each child is the *restart* of the one killed before it: it runs recovery, reports "ready" and
-stops itself; the harness then checks the disk, independently of the agent's own code:
+The harness runs a real hub (a TUF repository served over HTTP on loopback) and, before each trial,
+signs a new desired state naming random versions (good ones, and ones whose probe fails so rollbacks
+run too), and evicts random blobs from the device's content store so downloads keep happening. A
+zygote process imports the agent once and forks one child per trial (a fork is a real, separate
+process; it makes 1,000 trials affordable on two cores). Each child is the *restart* of the one killed
+before it: it runs recovery, reports "ready" and stops itself; the harness then checks the disk,
+independently of the agent's own code:
 
 - every module is idle, ``current`` names the slot ``state.json`` calls active;
 - the active slot's files re-hash to the digests of a published, *good* version (never the probe-failing
   ones), with no extra files, no staging directory, no stray link;
+- every blob in the content store hashes to its name (nothing unverified or half-written is reachable);
+- the held desired state is one the hub signed, naming only published digests; the trusted-time mark
+  parses and is never beyond the wall clock;
 - ``audit verify`` passes.
 
-Then the child continues (SIGCONT) reconciling random desired states (good versions, and versions whose
-probe fails so that rollbacks run too) and is killed with SIGKILL after a random delay. The phase stored
-at the moment of each kill is counted, to show the kills land during installs, flips, probes and
-rollbacks.
+Then the child continues (SIGCONT) with the real pipeline: a TUF pull from the hub (metadata refresh
+and writes, the trusted-time mark, resumable downloads into the store, the held record) and a
+reconcile (install, flip, probe, commit or roll back), and is killed with SIGKILL after a random delay.
+Every pass after a restart must also pull cleanly: a pull refused after a crash counts as a violation.
+The phase stored at the moment of each kill is counted, with the pull step the child was in, to show
+kills land during downloads, metadata and clock writes, installs, flips, probes and rollbacks.
 
 Run: ``python benchmarks/crash.py [--trials 1000] [--max-delay SECONDS] [--seed 1]``. The kill delay
 is uniform in [0, max-delay]; by default max-delay adapts to twice the 90th percentile of the pass
@@ -56,19 +64,24 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def build_fixture(work: Path, seed: int = 1, size: int = 64 * 1024) -> Path:
-    """A provisioned device with version 1 active, a CAS of good and probe-failing versions, a spec."""
-    from deployment.manifest import ModuleManifest
+def build_fixture(work: Path, seed: int = 1, size: int = 96 * 1024) -> tuple[Path, Any]:
+    """A hub with good and probe-failing versions published, a device provisioned against it with
+    version 1 active, and a spec. Returns (spec path, hub) where hub has ``release(choice)``, ``close()``."""
+    from deployment.manifest import DesiredModule, ModuleManifest
     from deployment.reconcile import Reconciler
+    from hub.repository import HubRepository
+    from hub.server import build_hub_app
     from policies.deployment import DeploymentPolicy
     from sre_agent.provision import provision
+    from sre_core.clock import SystemClock
+    from sre_core.http_server import ServerThread
     from sre_core.paths import StatePaths
 
     rng = random.Random(seed)
+    repo = HubRepository.init(work / "repo", channels=("stable",), clock=SystemClock())
+    server = ServerThread(build_hub_app(repo.dir, [])).start()
     state = StatePaths(work / "state")
-    provision(state)
-    cas = work / "cas"
-    cas.mkdir(parents=True, exist_ok=True)
+    provision(state, root=repo.metadata_dir / "1.root.json", hub=server.url, channel="stable")
     probe = work / "probes" / "model-ok"
     probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_text('#!/bin/sh\n! grep -q BAD "$SRE_ARTIFACT_PATH"\n')
@@ -80,6 +93,8 @@ def build_fixture(work: Path, seed: int = 1, size: int = 64 * 1024) -> Path:
         return tag.encode() + rng.randbytes(size // 2).hex().encode()
 
     arts: list[dict[str, Any]] = []
+    staging = work / "publish"
+    staging.mkdir()
     for module in MODULES:
         for i in range(1, 5):
             bad = i == 4
@@ -91,18 +106,20 @@ def build_fixture(work: Path, seed: int = 1, size: int = 64 * 1024) -> Path:
                 members = {"model.onnx": model, "conf/labels.txt": f"labels {ver}\n".encode(), "README": b"r"}
                 data, fmt = _tar(members), "tar"
                 files = {k: hashlib.sha256(v).hexdigest() for k, v in members.items()}
-            sha = hashlib.sha256(data).hexdigest()
-            (cas / sha).write_bytes(data)
+            f = staging / f"{module}-{ver}"
+            f.write_bytes(data)
             manifest = ModuleManifest(
                 name=module,
                 version=ver,
-                format=fmt,
+                format="file" if fmt == "file" else "tar",
+                filename="model.onnx" if fmt == "file" else "bundle.tar",
                 mode="file",
                 probes=probes,  # type: ignore[arg-type]
             )
+            pub = repo.publish("stable", f, manifest)
             arts.append(
-                {"module": module, "version": ver, "sha256": sha, "length": len(data), "path": str(cas / sha),
-                 "good": not bad, "files": files, "manifest": manifest.model_dump(mode="json")}
+                {"module": module, "version": ver, "sha256": pub.sha256, "length": len(data),
+                 "target": pub.target, "good": not bad, "files": files}
             )  # fmt: skip
     policy = DeploymentPolicy.model_validate(
         {
@@ -112,52 +129,44 @@ def build_fixture(work: Path, seed: int = 1, size: int = 64 * 1024) -> Path:
             "max_resumes": 100,
         }
     )
-    spec = {"state": str(state.root), "artifacts": arts, "policy": policy.model_dump(mode="json")}
+
+    class Hub:
+        def __init__(self) -> None:
+            self.serials: set[int] = set()
+
+        def release(self, choice: dict[str, dict[str, Any]]) -> None:
+            mods = {m: DesiredModule(version=a["version"], target=a["target"]) for m, a in choice.items()}
+            ds = repo.update_desired("stable", {"modules": mods})
+            self.serials.add(ds.serial)
+
+        def close(self) -> None:
+            server.stop()
+
+    hub = Hub()
+    spec = {
+        "state": str(state.root),
+        "hub": server.url,
+        "artifacts": arts,
+        "policy": policy.model_dump(mode="json"),
+    }
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    # Version 1.0 of every module active before the first kill.
-    first = {a["module"]: a for a in arts if a["version"] == "1.0"}
-    rec = Reconciler(state, _source(spec, lambda: first), policy=policy)
+    # Version 1.0 of every module active before the first kill, pulled from the hub like every pass.
+    hub.release({a["module"]: a for a in arts if a["version"] == "1.0"})
+    rec = Reconciler(state, _source(spec), policy=policy)
     report = rec.run_once()
     if not report.ok:
         raise RuntimeError(f"fixture reconcile failed: {report.to_dict()}")
-    return spec_path
+    return spec_path, hub
 
 
-def _source(spec: dict[str, Any], pick: Any) -> Any:
-    from datetime import timedelta
+def _source(spec: dict[str, Any]) -> Any:
+    """The production source: a real TUF pull from the hub (held state when refused or offline)."""
+    from deployment.pull import Puller
+    from sre_core.paths import StatePaths
 
-    from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
-    from deployment.manifest import DesiredModule, DesiredState, ModuleManifest
-    from sre_core.clock import SystemClock
-
-    clock = SystemClock()
-
-    def pull() -> PullResult:
-        chosen: dict[str, dict[str, Any]] = pick()
-        now = clock.now()
-        arts = {
-            m: VerifiedArtifact(
-                module=m,
-                version=a["version"],
-                target=f"{m}/{a['version']}",
-                path=Path(a["path"]),
-                sha256=a["sha256"],
-                length=a["length"],
-                manifest=ModuleManifest.model_validate(a["manifest"]),
-            )
-            for m, a in chosen.items()
-        }
-        desired = DesiredState(
-            channel="stable",
-            serial=time.time_ns() // 1000,
-            issued=now - timedelta(minutes=1),
-            expires=now + timedelta(days=30),
-            modules={m: DesiredModule(version=a.version, target=a.target) for m, a in arts.items()},
-        )
-        return PullResult(TrustStatus.FRESH, online=True, trusted_now=now, desired=desired, artifacts=arts)
-
-    return pull
+    paths = StatePaths(Path(spec["state"]))
+    return lambda: Puller(paths, spec["hub"], "stable").pull_or_held()
 
 
 # ------------------------------------------------------------------------------ zygote and child
@@ -168,21 +177,8 @@ def _child(spec: dict[str, Any]) -> None:
     from sre_core.paths import StatePaths
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # probes need their exit status back
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    by_module: dict[str, list[dict[str, Any]]] = {}
-    for a in spec["artifacts"]:
-        by_module.setdefault(a["module"], []).append(a)
-
-    def pick() -> dict[str, dict[str, Any]]:
-        out = {}
-        for m, arts in by_module.items():
-            good = [a for a in arts if a["good"]]
-            bad = [a for a in arts if not a["good"]]
-            out[m] = rng.choice(bad) if rng.random() < 0.15 else rng.choice(good)
-        return out
-
     policy = DeploymentPolicy.model_validate(spec["policy"])
-    rec = Reconciler(StatePaths(Path(spec["state"])), _source(spec, pick), policy=policy)
+    rec = Reconciler(StatePaths(Path(spec["state"])), _source(spec), policy=policy)
     t0 = time.perf_counter()
     rec.recover()
     recovery_s = time.perf_counter() - t0
@@ -190,8 +186,9 @@ def _child(spec: dict[str, Any]) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
     while True:
         t0 = time.perf_counter()
-        rec.run_once()
-        os.write(1, f"pass {os.getpid()} {time.perf_counter() - t0:.6f}\n".encode())
+        report = rec.run_once()
+        refused = 1 if report.pull_refused else 0
+        os.write(1, f"pass {os.getpid()} {time.perf_counter() - t0:.6f} {refused}\n".encode())
 
 
 def _zygote(spec_path: Path) -> None:
@@ -253,10 +250,61 @@ def check_device(spec: dict[str, Any]) -> list[str]:
         for stray in (".staging", ".current.tmp"):
             if (mdir / stray).exists():
                 problems.append(f"{module}: {stray} left behind")
+    problems += check_trust(spec, state)
     n, broken = AuditLog(state / "audit.jsonl").verify()
     if broken is not None or n == 0:
         problems.append(f"audit chain: {broken}")
     return problems
+
+
+def check_trust(spec: dict[str, Any], state: Path, serials: set[int] | None = None) -> list[str]:
+    """What the pull left: a clean content store, a held state the hub signed, a sane time mark."""
+    from datetime import UTC, datetime, timedelta
+
+    problems: list[str] = []
+    for blob in sorted((state / "cas" / "sha256").glob("*")) if (state / "cas" / "sha256").is_dir() else []:
+        if _sha256(blob) != blob.name:
+            problems.append(f"cas: {blob.name[:12]} does not hash to its name")
+    published = {a["sha256"] for a in spec["artifacts"]}
+    held_path = state / "trust" / "held.json"
+    if held_path.exists():
+        try:
+            held = json.loads(held_path.read_text())
+            serial = int(held["serial"])
+            if serials is not None and serial not in serials:
+                problems.append(f"held serial {serial} was never signed by the hub")
+            for m, a in held["artifacts"].items():
+                if a["sha256"] not in published:
+                    problems.append(f"held {m}: digest {a['sha256'][:12]} was never published")
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"held.json unreadable: {exc}")
+    clock = state / "clock.json"
+    if clock.exists():
+        try:
+            mark = datetime.fromisoformat(json.loads(clock.read_text())["high_water"])
+            if mark > datetime.now(UTC) + timedelta(minutes=1):
+                problems.append(f"trusted time {mark.isoformat()} is beyond the wall clock")
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"clock.json unreadable: {exc}")
+    return problems
+
+
+def _pull_step_now(spec: dict[str, Any], serial: int) -> str:
+    """Where in the pull a kill landed, read from the disk: downloading, an atomic write in flight
+    (metadata, held record, time mark), before the held record named this trial's serial, or after."""
+    state = Path(spec["state"])
+    if any((state / "cas" / "partial").glob("*.part")):
+        return "pull:download"
+    for d, what in ((state / "tuf", "pull:metadata-write"), (state, "pull:clock-or-record-write")):
+        if any(d.glob(".*.tmp")):
+            return what
+    if any((state / "trust").glob(".*.tmp")):
+        return "pull:held-write"
+    try:
+        held = int(json.loads((state / "trust" / "held.json").read_text())["serial"])
+    except (OSError, ValueError, KeyError):
+        held = -1
+    return "reconcile" if held >= serial else "pull:refresh"
 
 
 def _phases_now(spec: dict[str, Any]) -> list[str]:
@@ -296,10 +344,12 @@ def _wait_dead(pid: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"child {pid} survived SIGKILL")
 
 
-def _adaptive_bound(passes: list[float]) -> float:
-    """Twice the 90th percentile of completed passes (the slow ones install and flip), at least 0.2 s."""
+def _adaptive_bound(passes: list[float], trial: int) -> float:
+    """Twice the 90th percentile of completed passes (the slow ones pull, install and flip), at least
+    0.2 s; until five passes completed, a bound that grows with the trials (a pull takes longer than a
+    loaded machine's first guess)."""
     if len(passes) < 5:
-        return 0.25
+        return min(8.0, 0.5 * 1.2**trial)
     return max(0.2, 2 * statistics.quantiles(passes, n=10)[-1])
 
 
@@ -309,18 +359,39 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
     ``max_delay``: kill within this many seconds of resuming a child; None adapts it to twice the
     90th percentile of the reconcile passes seen so far, at least 0.2 s.
     """
-    spec_path = build_fixture(work, seed)
+    spec_path, hub = build_fixture(work, seed)
     spec = json.loads(spec_path.read_text())
     rng = random.Random(seed)
+    by_module: dict[str, list[dict[str, Any]]] = {}
+    for a in spec["artifacts"]:
+        by_module.setdefault(a["module"], []).append(a)
+    cas = Path(spec["state"]) / "cas" / "sha256"
+
+    def next_release() -> int:
+        """Sign a random desired state (15 % probe-failing versions); evict random cached blobs."""
+        choice = {}
+        for m, arts in by_module.items():
+            good = [a for a in arts if a["good"]]
+            bad = [a for a in arts if not a["good"]]
+            choice[m] = rng.choice(bad) if rng.random() < 0.15 else rng.choice(good)
+        hub.release(choice)
+        for blob in list(cas.glob("*")) if cas.is_dir() else []:
+            if rng.random() < 0.5:
+                blob.unlink()
+        newest: int = max(hub.serials)
+        return newest
+
     zygote = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--zygote", str(spec_path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=str(REPO),
     )  # fmt: skip
     assert zygote.stdin is not None and zygote.stdout is not None
     phases: Counter[str] = Counter()
+    steps: Counter[str] = Counter()
     failures: list[dict[str, Any]] = []
     recovery: list[float] = []
     passes: list[float] = []
+    refused = 0
     ok = 0
 
     def fork() -> int:
@@ -332,13 +403,13 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
             if not line:
                 raise RuntimeError("zygote exited")
             parts = line.split()
-            if len(parts) != 3 and parts[:1] != ["forked"]:
-                continue
-            if parts[0] == "ready":
+            if parts[:1] == ["ready"] and len(parts) == 3:
                 recovery.append(float(parts[2]))
                 return int(parts[1])
-            if parts[0] == "pass":
+            if parts[:1] == ["pass"] and len(parts) == 4:
                 passes.append(float(parts[2]))
+                nonlocal refused
+                refused += int(parts[3])
 
     try:
         line = zygote.stdout.readline()
@@ -348,7 +419,7 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
             pid = fork()  # the restart after the previous kill
             _wait_stopped(pid)
             if trial > 0:
-                problems = check_device(spec)
+                problems = check_device(spec) + check_trust(spec, Path(spec["state"]), hub.serials)
                 if problems:
                     failures.append({"trial": trial, "problems": problems})
                 else:
@@ -357,15 +428,18 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
                 os.kill(pid, signal.SIGKILL)
                 _wait_dead(pid)
                 break
+            serial = next_release()
             os.kill(pid, signal.SIGCONT)
-            bound = max_delay if max_delay is not None else _adaptive_bound(passes)
+            bound = max_delay if max_delay is not None else _adaptive_bound(passes, trial)
             time.sleep(rng.uniform(0, bound))
             os.kill(pid, signal.SIGKILL)
             _wait_dead(pid)
             phases.update(_phases_now(spec))
+            steps[_pull_step_now(spec, serial)] += 1
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=30)
+        hub.close()
     # Passes that completed, read after the fact (the zygote's stdout also carries the children's lines).
     events = Counter(
         r["event"]
@@ -375,8 +449,11 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
         "trials": trials,
         "ok": ok,
         "rate": ok / trials if trials else 1.0,
+        "violations": len(failures) + refused,
+        "pulls_refused_after_restart": refused,
         "failures": failures[:10],
         "phases_at_kill": dict(phases),
+        "pull_step_at_kill": dict(steps),
         "recovery_median_s": statistics.median(recovery) if recovery else None,
         "pass_median_s": statistics.median(passes) if passes else None,
         "audit_events": {
@@ -387,6 +464,9 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
                 "slot.rolled_back",
                 "slot.install_discarded",
                 "slot.flip_resolved",
+                "pull.verified",
+                "pull.refused",
+                "pull.failed",
             )
         },
     }
@@ -411,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     rec, pas = res["recovery_median_s"], res["pass_median_s"]
     res["recovery_to_pass_ratio"] = round(rec / pas, 3) if rec and pas else None
     print(json.dumps(res, sort_keys=True))
-    return 0 if res["ok"] == res["trials"] else 1
+    return 0 if res["ok"] == res["trials"] and res["violations"] == 0 else 1
 
 
 if __name__ == "__main__":
