@@ -211,6 +211,7 @@ def register(app: typer.Typer) -> None:
         repo: RepoOpt,
         host: Annotated[str, typer.Option("--host", help="Listen address.")] = "127.0.0.1",
         port: PortOpt = 8080,
+        json_out: JsonOpt = False,
     ) -> None:
         """Serve the repository over HTTP (strong ETags, conditional requests, Range) until interrupted.
 
@@ -228,7 +229,11 @@ def register(app: typer.Typer) -> None:
 
         asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
         sock = bind_tcp(host, port)
-        err_console().print(f"serving {repo} on http://{host}:{sock.getsockname()[1]} (Ctrl-C stops)")
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        if json_out:
+            emit_json({"url": url, "repo": str(repo)})
+        else:
+            err_console().print(f"serving {repo} on {url} (Ctrl-C stops)")
         serve_forever(asgi, sock)
 
     @bundle_app.command("export")

@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
     def start(
         repo: RepoOpt,
         channel: ChannelOpt,
-        module: Annotated[str, typer.Option("--module", "-m")],
+        module: Annotated[str, typer.Option("--module", "-m", help="Module to roll out.")],
         version: Annotated[str, typer.Option("--version", "-v", help="A version published in the channel.")],
         waves: Annotated[str, typer.Option("--waves", help="Cumulative percentages.")] = "10,50,100",
         gates: Annotated[
@@ -182,20 +182,32 @@ def register(app: typer.Typer) -> None:
         emit_json(st.to_dict()) if json_out else _print_rollout(st)
 
     @ro.command("tick")
-    def tick(repo: RepoOpt, channel: Annotated[str | None, typer.Option("--channel", "-c")] = None) -> None:
+    def tick(
+        repo: RepoOpt,
+        channel: Annotated[
+            str | None, typer.Option("--channel", "-c", help="Only this channel (default: every channel).")
+        ] = None,
+        json_out: JsonOpt = False,
+    ) -> None:
         """Evaluate halt rules and automatic gates now (the server does this on every report; cron)."""
-        out_console().print(", ".join(_service(repo).tick(channel)) or "nothing to do")
+        done = list(_service(repo).tick(channel))
+        if json_out:
+            emit_json({"actions": done})
+        else:
+            out_console().print(", ".join(done) or "nothing to do")
 
     @app.command("recall")
     def recall(
         repo: RepoOpt,
         channel: ChannelOpt,
-        module: Annotated[str, typer.Option("--module", "-m")],
+        module: Annotated[str, typer.Option("--module", "-m", help="Module whose versions to recall.")],
         withdraw: Annotated[list[str], typer.Option("--withdraw", help="Version to withdraw (repeatable).")],
         to: Annotated[
             str, typer.Option("--to", help="Replacement: newer = roll forward, older = roll down.")
         ],
-        reason: Annotated[str, typer.Option("--reason")] = "",
+        reason: Annotated[
+            str, typer.Option("--reason", help="Why, for the signed recall and the audit.")
+        ] = "",
         json_out: JsonOpt = False,
     ) -> None:
         """Withdraw a release fleet-wide; devices move to --to at their next sync (online or bundle)."""
@@ -276,12 +288,18 @@ def register(app: typer.Typer) -> None:
         con.print(dt)
 
     @fleet.command("token")
-    def token(repo: RepoOpt, name: Annotated[str, typer.Argument(help="Operator name.")]) -> None:
+    def token(
+        repo: RepoOpt, name: Annotated[str, typer.Argument(help="Operator name.")], json_out: JsonOpt = False
+    ) -> None:
         """Issue an operator API token (printed once; the hub keeps its hash)."""
         from hub.fleet_api import issue_operator_token
 
         _service(repo)
-        print(issue_operator_token(repo, name))
+        tok = issue_operator_token(repo, name)
+        if json_out:
+            emit_json({"operator": name, "token": tok})
+        else:
+            print(tok)
 
     @app.command("dora")
     def dora(
@@ -332,9 +350,9 @@ def register(app: typer.Typer) -> None:
     @ch.command("matrix")
     def matrix(
         repo: RepoOpt,
-        customer: Annotated[list[str], typer.Option("--customer")],
-        sku: Annotated[list[str], typer.Option("--sku")],
-        envelope: Annotated[list[str], typer.Option("--envelope")],
+        customer: Annotated[list[str], typer.Option("--customer", help="Customer (repeatable).")],
+        sku: Annotated[list[str], typer.Option("--sku", help="Hardware SKU (repeatable).")],
+        envelope: Annotated[list[str], typer.Option("--envelope", help="Regulatory envelope (repeatable).")],
         json_out: JsonOpt = False,
     ) -> None:
         """Create one channel (own delegated key) per customer x SKU x regulatory envelope."""
@@ -346,14 +364,20 @@ def register(app: typer.Typer) -> None:
     @ch.command("promote")
     def promote(
         repo: RepoOpt,
-        module: Annotated[str, typer.Option("--module", "-m")],
-        version: Annotated[str, typer.Option("--version", "-v")],
-        src: Annotated[str, typer.Option("--from")],
-        dst: Annotated[str, typer.Option("--to")],
-        soak: Annotated[int, typer.Option("--soak")] = 3600,
-        min_healthy: Annotated[int, typer.Option("--min-healthy")] = 3,
-        max_failures: Annotated[int, typer.Option("--max-failures")] = 0,
-        force: Annotated[bool, typer.Option("--force")] = False,
+        module: Annotated[str, typer.Option("--module", "-m", help="Module to promote.")],
+        version: Annotated[str, typer.Option("--version", "-v", help="Version released in --from.")],
+        src: Annotated[str, typer.Option("--from", help="Channel it proved itself in.")],
+        dst: Annotated[str, typer.Option("--to", help="Channel to release it to.")],
+        soak: Annotated[int, typer.Option("--soak", help="Seconds it must have run in --from.")] = 3600,
+        min_healthy: Annotated[
+            int, typer.Option("--min-healthy", help="Devices in --from that must report it healthy.")
+        ] = 3,
+        max_failures: Annotated[
+            int, typer.Option("--max-failures", help="Failed devices in --from tolerated.")
+        ] = 0,
+        force: Annotated[
+            bool, typer.Option("--force", help="Promote although the criteria do not hold (audited).")
+        ] = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Promote a version (staging -> pre-prod -> fleet) once its criteria hold."""
