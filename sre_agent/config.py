@@ -71,6 +71,8 @@ class ServingSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    grpc_port: int = Field(default=0, ge=0, le=65535, description="the protocol's gRPC half; 0: off")
+    telemetry_interval_s: float = Field(default=10.0, gt=0, le=3600, description="serving metrics flush")
     intra_op_threads: int = Field(default=1, ge=1, le=256)
     inter_op_threads: int = Field(default=1, ge=1, le=256)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])

@@ -44,7 +44,7 @@ def test_serve_command_serves_active_version_and_follows_rollback(
     state: StatePaths, tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
     install(state, tmp_path)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "sre-agent"
     proc = subprocess.Popen(
         [
@@ -54,6 +54,8 @@ def test_serve_command_serves_active_version_and_follows_rollback(
             str(state.root),
             "--port",
             str(port),
+            "--grpc-port",
+            str(grpc_port),
             "--sync-every",
             "0.2",
             "--duration",
@@ -74,6 +76,12 @@ def test_serve_command_serves_active_version_and_follows_rollback(
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.1)
             assert infer_version(http) == "2.0"
+            import tritonclient.grpc as tg  # the protocol's gRPC half, on the same models
+
+            with tg.InferenceServerClient(url=f"127.0.0.1:{grpc_port}") as g:
+                x = tg.InferInput("input", [1, 16], "FP32")
+                x.set_data_from_numpy(np.zeros((1, 16), np.float32))
+                assert g.infer("clf", [x]).get_response().model_version == "2.0"
             pid_file = state.run / "serving.pid"  # where the chaos harness finds the serving worker
             assert pid_file.read_text().strip() == str(proc.pid)
             done = run_cli("sre-agent", "rollback", "--state", str(state.root), "clf", "--reason", "test")

@@ -31,6 +31,16 @@ def register(app: typer.Typer) -> None:
         host: Annotated[
             str | None, typer.Option("--host", help="Address (default: the serving.host setting).")
         ] = None,
+        grpc_port: Annotated[
+            int | None,
+            typer.Option(
+                "--grpc-port",
+                min=0,
+                max=65535,
+                help="Also serve the protocol's gRPC half on this port (default: the serving.grpc_port "
+                "setting; 0: off).",
+            ),
+        ] = None,
         reconcile_every: Annotated[
             float,
             typer.Option(
@@ -65,6 +75,8 @@ def register(app: typer.Typer) -> None:
             overrides["port"] = port
         if host is not None:
             overrides["host"] = host
+        if grpc_port is not None:
+            overrides["grpc_port"] = grpc_port
         settings = settings_for(state, config)
         if overrides:
             settings = settings.model_copy(update={"serving": settings.serving.model_copy(update=overrides)})
@@ -93,11 +105,12 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         plane.start()
-        info = {"url": plane.url, "models": plane.repository.names()}
+        info = {"url": plane.url, "grpc": plane.grpc_url, "models": plane.repository.names()}
         if json_out:
             emit_json(info)
         else:
-            err_console().print(f"serving {', '.join(info['models']) or 'no models yet'} on {plane.url}")
+            where = plane.url + (f" and gRPC {plane.grpc_url}" if plane.grpc_url else "")
+            err_console().print(f"serving {', '.join(info['models']) or 'no models yet'} on {where}")
         interval = reconcile_every if reconcile_every > 0 else sync_every
         deadline = None if duration is None else plane.clock.monotonic() + duration
         try:

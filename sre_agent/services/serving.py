@@ -67,7 +67,7 @@ class ServingPlane:
             every canary step, verdict and flip).
         audit: the audit trail (pass the daemon's, which mirrors to DuckDB); clock: time source.
         telemetry_interval_s: per-model, per-version serving telemetry is flushed to ``sink`` this often,
-            canary or not.
+            canary or not (default: the ``serving.telemetry_interval_s`` setting).
     """
 
     settings: AgentSettings
@@ -78,9 +78,10 @@ class ServingPlane:
     audit: Any = None
     clock: Any = None
     name: str = "serving"
-    telemetry_interval_s: float = 10.0
+    telemetry_interval_s: float | None = None
     _server: Any = field(default=None, repr=False)
     _flusher: Any = field(default=None, repr=False)
+    _grpc: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from deployment.oip import create_app
@@ -116,6 +117,11 @@ class ServingPlane:
     def url(self) -> str:
         return self._server.url if self._server is not None else ""
 
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC front end ("" when off)."""
+        return self._grpc.url if self._grpc is not None else ""
+
     def start(self) -> None:
         """Load the active versions, then listen."""
         from deployment.serving import resume_progress
@@ -127,7 +133,8 @@ class ServingPlane:
         if self.sink is not None and self._flusher is None:
             from deployment.serving import TelemetryFlusher
 
-            self._flusher = TelemetryFlusher(self.repository, self.telemetry_interval_s).start()
+            interval = self.telemetry_interval_s or self.settings.serving.telemetry_interval_s
+            self._flusher = TelemetryFlusher(self.repository, interval).start()
         # Start-up objects (numpy, scipy, onnx, pydantic: ~10^5) leave the cyclic collector's scans, so
         # the collections that per-request garbage triggers stay short.
         gc.freeze()
@@ -137,8 +144,15 @@ class ServingPlane:
         self.paths.run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.pid_file, f"{os.getpid()}\n")
         try:
+            if cfg.grpc_port:  # the protocol's gRPC half, on the same routers; up before REST says ready
+                from deployment.oip_grpc import GrpcServer
+
+                self._grpc = GrpcServer(self.repository, host=cfg.host, port=cfg.grpc_port).start()
             self._server = ServerThread(self.app, host=cfg.host, port=cfg.port).start()
         except BaseException:
+            if self._grpc is not None:
+                self._grpc.stop()
+                self._grpc = None
             self.pid_file.unlink(missing_ok=True)
             raise
 
@@ -159,6 +173,9 @@ class ServingPlane:
     def stop(self) -> None:
         """Cancel running canaries (the incumbent keeps serving), drain and close the server."""
         self.serving.stop()
+        if self._grpc is not None:
+            self._grpc.stop()
+            self._grpc = None
         if self._server is not None:
             self._server.stop()
         if self._flusher is not None:
