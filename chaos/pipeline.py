@@ -108,6 +108,7 @@ def guarded_run(
     audit: AuditLog | None = None,
     actor: str = "agent",
     stop: threading.Event | None = None,
+    device_settings: dict[str, Any] | None = None,
 ) -> ChaosOutcome:
     """Pre-flight ``source`` against the device; run it guarded on ``run``, escalate it otherwise.
 
@@ -124,6 +125,7 @@ def guarded_run(
             serving guardrail).
         telemetry, audit: where verdicts, packets and run results are recorded.
         stop: set it to interrupt a run early (the daemon's shutdown); cleanup still runs.
+        device_settings: the device's own settings for the run (``chaos.resolve.DEVICE_KEYS``).
 
     Never raises for a bad or refused experiment: that is a ``reject``/``escalate`` outcome with a
     packet. Raises ``OSError`` when the state directory cannot be written.
@@ -197,5 +199,6 @@ def guarded_run(
         audit=audit,
         clock=clock,
         stop=stop,
+        configuration=device_settings,
     )
     return ChaosOutcome(result, exp, run=run, budget_s=budget)

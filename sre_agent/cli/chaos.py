@@ -16,7 +16,7 @@ from sre_agent.cli._common import (
     out_console,
     settings_for,
 )
-from sre_core.errors import InputError
+from sre_core.errors import InputError, SreError
 
 __all__ = ["register"]
 
@@ -104,6 +104,116 @@ def _write_packet(packet: Any, path: Path) -> None:
     from sre_core.atomic import atomic_write_json
 
     atomic_write_json(path, packet.to_dict())
+
+
+def _run_via_daemon(client: Any, file: Path, approval: Any, budget_s: float | None) -> dict[str, Any]:
+    """POST the experiment's bytes (what this command read is what the daemon judges) to the daemon."""
+    import base64
+
+    from chaos.loader import MAX_BYTES
+
+    try:
+        with file.open("rb") as fh:
+            content = fh.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"read experiment {file}", exc.strerror or str(exc), "check the path") from exc
+    body = {
+        "source": str(file),
+        "content_b64": base64.b64encode(content).decode(),
+        "approval": approval.model_dump(mode="json") if approval is not None else None,
+        "budget_s": budget_s,
+    }
+    resp = client.post("/chaos/run", json=body)
+    doc: dict[str, Any] = resp.json()
+    if resp.status_code != 200:
+        raise InputError("run chaos through the daemon", str(doc.get("error", resp.text))[:1000], "see above")
+    return doc
+
+
+def _run_locally(
+    file: Path,
+    paths: Any,
+    settings: Any,
+    pol: Any,
+    approval: Any,
+    budget_s: float | None,
+    serving_url: str | None,
+    model: str | None,
+) -> dict[str, Any]:
+    """No daemon: act on the device's configuration (serving port, proxy, hub link); journal to DuckDB."""
+    from urllib.parse import urlsplit
+
+    from chaos.pipeline import guarded_run
+    from policies.telemetry import load_telemetry_policy
+    from sre_agent.telemetry.service import TelemetryService
+    from sre_core.clock import SystemClock
+    from sre_core.identity import load_identity
+
+    if serving_url is None and settings.serving.enabled:
+        serving_url = f"http://{settings.serving.host}:{settings.serving.port}"
+    device: dict[str, Any] = {}
+    hub = urlsplit(str(settings.hub.url or ""))
+    if hub.scheme in ("http", "https") and hub.hostname:
+        device["uplink_upstream"] = f"{hub.hostname}:{hub.port or (443 if hub.scheme == 'https' else 80)}"
+    clock = SystemClock()
+    tel_file = paths.policies / "telemetry.yaml"
+    try:
+        device_id = load_identity(paths).device_id
+    except SreError:
+        device_id = "unprovisioned"
+    tel_policy = load_telemetry_policy(tel_file if tel_file.exists() else None)
+    tel = TelemetryService(paths, tel_policy, clock, device_id)
+    tel.start()
+    try:
+        # this process now holds telemetry.duckdb: publish the backlog the probes and guardrail read
+        from sre_core.atomic import atomic_write_json
+
+        store = tel.store
+        backlog = sum(b.rows for b in store.pending()) if store is not None else 0
+        atomic_write_json(
+            paths.run / "uplink_status.json", {"backlog_rows": backlog, "ts": clock.now().isoformat()}
+        )
+        outcome = guarded_run(
+            file,
+            paths,
+            policy=pol,
+            clock=clock,
+            approval=approval,
+            budget_s=budget_s,
+            toxiproxy_url=settings.chaos.toxiproxy_url,
+            serving_url=serving_url,
+            model=model,
+            telemetry=tel.sink,
+            actor="cli",
+            device_settings=device,
+        )
+    finally:
+        tel.stop()
+    doc = {**outcome.to_dict(), "via": "device configuration"}
+    if outcome.packet is not None:
+        doc["plan"] = [r.model_dump(mode="json") for r in outcome.packet.plan]
+    return doc
+
+
+def _print_outcome(doc: dict[str, Any]) -> None:
+    con = out_console()
+    style = _STYLE[str(doc["verdict"])]
+    h = f" {str(doc.get('experiment_hash') or '')[:19]}"
+    con.print(f"[bold {style}]{doc['verdict']}[/bold {style}] {doc.get('source', '')}{h}", highlight=False)
+    for r in doc.get("reasons") or []:
+        con.print(f"  - {r}", highlight=False, markup=False)
+    if not doc.get("ran"):
+        con.print(f"not run; escalation packet: {doc.get('packet')}", highlight=False)
+        return
+    ran = doc["result"]
+    style = "green" if ran["verdict"] == "passed" else "red"
+    con.print(
+        f"[{style}]{ran['verdict']}[/{style}] in {ran['duration_s']:.1f}s (budget {doc['budget_s']:.0f}s, "
+        f"via {doc.get('via')}); cleanup ok: {ran['cleanup']['ok']}",
+        highlight=False,
+    )
+    for r in ran["reasons"]:
+        con.print(f"  - {r}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -325,7 +435,8 @@ def register(app: typer.Typer) -> None:
         <state>/run/chaos/escalations/ and the command exits 10 (escalate) or 2 (reject).
         A run exits 0 when it passed, 1 when it deviated, was aborted, interrupted or failed.
         """
-        from chaos.pipeline import guarded_run
+        from chaos.preflight import EXIT_CODES
+        from sre_agent.admin import admin_client
         from sre_core.paths import StatePaths
 
         settings = settings_for(state, config)
@@ -334,36 +445,21 @@ def register(app: typer.Typer) -> None:
             raise InputError(
                 f"run chaos on {paths.root}", "the state directory does not exist", "sre-agent init"
             )
-        outcome = guarded_run(
-            file,
-            paths,
-            policy=_policy(policy, paths.root),
-            approval=_read_approval(approve) if approve is not None else None,
-            budget_s=budget_s,
-            toxiproxy_url=settings.chaos.toxiproxy_url,
-            serving_url=serving_url,
-            model=model,
-            actor="cli",
-        )
-        res = outcome.preflight
-        if json_out:
-            emit_json(outcome.to_dict())
+        pol = _policy(policy, paths.root)
+        approval = _read_approval(approve) if approve is not None else None
+        client = admin_client(paths, timeout_s=pol.max_experiment_s + 120)
+        if client is not None:
+            # a daemon runs: it owns the links, the serving plane and telemetry; the run happens there
+            try:
+                doc = _run_via_daemon(client, file, approval, budget_s)
+            finally:
+                client.close()
         else:
-            _print_result(res, False)
-            if outcome.packet is not None and outcome.packet.plan:
-                _print_plan(outcome.packet)
-        if not outcome.ran:
-            if not json_out:
-                out_console().print(f"not run; escalation packet: {outcome.packet_path}", highlight=False)
-            raise typer.Exit(res.exit_code)
-        ran = outcome.to_dict()["result"]
-        if not json_out:
-            style = "green" if ran["verdict"] == "passed" else "red"
-            out_console().print(
-                f"[{style}]{ran['verdict']}[/{style}] in {ran['duration_s']:.1f}s "
-                f"(budget {outcome.budget_s:.0f}s); cleanup ok: {ran['cleanup']['ok']}",
-                highlight=False,
-            )
-            for r in ran["reasons"]:
-                out_console().print(f"  - {r}", highlight=False, markup=False)
-        raise typer.Exit(0 if ran["verdict"] == "passed" else 1)
+            doc = _run_locally(file, paths, settings, pol, approval, budget_s, serving_url, model)
+        if json_out:
+            emit_json(doc)
+        else:
+            _print_outcome(doc)
+        if not doc.get("ran"):
+            raise typer.Exit(EXIT_CODES[str(doc["verdict"])])
+        raise typer.Exit(0 if doc["result"]["verdict"] == "passed" else 1)

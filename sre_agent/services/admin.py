@@ -151,7 +151,30 @@ def admin_routes(
     async def escalations(_r: Request) -> JSONResponse:
         return JSONResponse(plain(await run_in_threadpool(escalation_rows)))
 
+    async def chaos_run(r: Request) -> JSONResponse:
+        """``sre-agent chaos run`` with a daemon: pre-flight and run here (the daemon's links, serving,
+        telemetry). Body: ``{"source", "content_b64", "approval"?, "budget_s"?}``."""
+        import base64
+
+        from chaos.runner import ChaosBusyError
+        from sre_core.errors import InputError
+
+        try:
+            body = json.loads(await r.body())
+            content = base64.b64decode(str(body["content_b64"]), validate=True)
+            source = str(body.get("source", "experiment"))
+            args = (content, source, body.get("approval"), body.get("budget_s"))
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": 'send {"source", "content_b64", "approval"?, "budget_s"?}'}, 400)
+        try:
+            return JSONResponse(plain(await run_in_threadpool(schedule.run_request, *args)))
+        except ChaosBusyError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        except (InputError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)[:1000]}, status_code=400)
+
     return [
+        Route("/chaos/run", chaos_run, methods=["POST"]),
         Route("/status", status),
         Route("/telemetry/query", query, methods=["POST"]),
         Route("/telemetry/status", tel_status),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -179,21 +180,28 @@ class ChaosSchedule:
         for f in self.files():
             if self.stop_event.is_set():
                 break
-            key = hashlib.sha256(f.read_bytes()).hexdigest()
-            if key in self._escalated:
+            try:  # every file is judged, even after a hostile one (the loader bounds what it reads)
+                with f.open("rb") as fh:
+                    key = hashlib.sha256(fh.read(1 << 21)).hexdigest()
+                if key in self._escalated:
+                    continue
+                out = guarded_run(
+                    f,
+                    self.paths,
+                    policy=policy,
+                    clock=self.clock,
+                    serving_url=self._serving_url(),
+                    model=self._model(),
+                    toxiproxy_url=self._toxiproxy_url(),
+                    telemetry=self.sink,
+                    audit=self.audit,
+                    stop=self.stop_event,
+                )
+            except Exception as exc:  # one file must not stop the others
+                why = f"{type(exc).__name__}: {exc}"[:300]
+                self.audit.append("chaos.file_failed", file=f.name, error=why)
+                done.append({"file": f.name, "verdict": "error", "error": str(exc)[:300]})
                 continue
-            out = guarded_run(
-                f,
-                self.paths,
-                policy=policy,
-                clock=self.clock,
-                serving_url=self._serving_url(),
-                model=self._model(),
-                toxiproxy_url=self._toxiproxy_url(),
-                telemetry=self.sink,
-                audit=self.audit,
-                stop=self.stop_event,
-            )
             row: dict[str, Any] = {"file": f.name, "verdict": out.preflight.verdict}
             if out.run is None:
                 self._escalated.add(key)
@@ -208,6 +216,38 @@ class ChaosSchedule:
             done.append(row)
         self.last = done
         return done
+
+    def run_request(
+        self, content: bytes, source: str, approval: dict[str, Any] | None, budget_s: float | None
+    ) -> dict[str, Any]:
+        """``sre-agent chaos run`` through the admin API: the same pre-flight and guarded run as the
+        schedule, on the daemon's links, serving and telemetry (journaled in ``chaos_journals``)."""
+        from chaos.loader import MAX_BYTES
+        from chaos.pipeline import guarded_run
+        from policies.approvals import load_approval
+        from sre_core.atomic import atomic_write_bytes
+
+        if len(content) > MAX_BYTES:
+            raise ValueError(f"the experiment is {len(content)} bytes; at most {MAX_BYTES} are accepted")
+        suffix = Path(source).suffix if Path(source).suffix in (".json", ".yaml", ".yml") else ".yaml"
+        incoming = self.paths.run / "chaos" / "incoming" / (hashlib.sha256(content).hexdigest()[:16] + suffix)
+        atomic_write_bytes(incoming, content, mode=0o600)
+        out = guarded_run(
+            incoming,
+            self.paths,
+            policy=self.policy(),
+            clock=self.clock,
+            approval=load_approval(json.dumps(approval)) if approval is not None else None,
+            budget_s=budget_s,
+            serving_url=self._serving_url(),
+            model=self._model(),
+            toxiproxy_url=self._toxiproxy_url(),
+            telemetry=self.sink,
+            audit=self.audit,
+            actor="cli",
+            stop=self.stop_event,
+        )
+        return {**out.to_dict(), "source": source, "via": "daemon"}
 
     def _raise(self, name: str, verdict: str, run: Any) -> None:
         """A deviated or aborted run: did the damage outlast the cleanup? The faults that could not be
