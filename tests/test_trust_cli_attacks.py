@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _trust_support import Trickler
 
 from deployment.manifest import ModuleManifest
 from hub.repository import HubRepository
@@ -90,49 +89,6 @@ def test_far_future_timestamp_then_rotation_no_safe_mode_and_recovery(tmp_path: 
         assert "pull.future_time_refused" in audit and "safe_mode.entered" not in audit
     finally:
         server.stop()
-
-
-class Trickler:
-    """A loopback HTTP server that answers every request with a large body at one byte a second."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(5)
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n{")
-            for _ in range(600):  # bounded: ten minutes at most
-                if self.stop.wait(1.0):
-                    break
-                conn.sendall(b" ")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-        self.thread.join(5)
 
 
 @pytest.mark.slow

@@ -118,3 +118,35 @@ def test_directory_fetcher_stays_inside_the_bundle(tmp_path: Path) -> None:
         f.download_bytes((tmp_path / "bundle").as_uri() + "/../secret", 100)
     with pytest.raises(exceptions.DownloadHTTPError):
         f.download_bytes((tmp_path / "bundle/metadata/none.json").as_uri(), 100)
+
+
+def test_every_read_has_a_deadline_however_slowly_bytes_trickle(tmp_path: Path) -> None:
+    """How to break it: trickle a byte a second. Before, the deadline was checked only between full
+    256 KiB chunks (metadata) and each byte reset the read timeout, so a read never ended."""
+    from _trust_support import Trickler
+    from tuf.api.exceptions import SlowRetrievalError
+
+    from deployment.fetcher import FetchConfig, HttpFetcher
+
+    trickler = Trickler()
+    try:
+        cfg = FetchConfig(read_timeout_s=30, metadata_deadline_s=1.5, base_deadline_s=1.5, pull_deadline_s=60)
+        f = HttpFetcher(cfg)
+        try:
+            with pytest.raises(SlowRetrievalError):
+                f.download_bytes(f"{trickler.url}/metadata/timestamp.json", 16 * 1024)
+            with pytest.raises(SlowRetrievalError):
+                f.download_to(f"{trickler.url}/targets/x", tmp_path / "x.part", 4000)
+        finally:
+            f.close()
+        # The whole pull has a deadline too: once it passed, no request even starts.
+        f = HttpFetcher(FetchConfig(pull_deadline_s=0.5, metadata_deadline_s=30))
+        try:
+            with pytest.raises(SlowRetrievalError):
+                f.download_bytes(f"{trickler.url}/metadata/timestamp.json", 16 * 1024)
+            with pytest.raises(SlowRetrievalError, match="deadline passed"):
+                f.download_bytes(f"{trickler.url}/metadata/root.json", 16 * 1024)
+        finally:
+            f.close()
+    finally:
+        trickler.close()
