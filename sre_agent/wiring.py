@@ -212,8 +212,14 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
         )
 
     def serving(module: str) -> bool | None:
+        """Whether a managed (served) module's model is loaded; None for files and when nothing serves."""
         served = handlers.plane
-        return None if served is None else served.repository.get(module) is not None
+        if served is None:
+            return None
+        active = slots().status(module).active
+        if active is None or active.manifest.mode != "managed":
+            return None
+        return served.repository.get(module) is not None
 
     responder = ResponderService(paths, clock, make_responder, slots, sink=base_sink, serving=serving)
     sink: TelemetrySink = IncidentTee(lambda: tel.sink, responder.submit, responder.resolved)

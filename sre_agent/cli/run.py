@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
 from typing import Annotated
 
@@ -58,3 +61,9 @@ def register(app: typer.Typer) -> None:
             stop.wait(duration)
         finally:
             daemon.stop(reason["why"])
+        # Stopped cleanly: every service flushed and closed. Skip interpreter teardown, where DuckDB's
+        # native bindings print leak reports to stderr (not JSON, and no fault of ours to act on).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

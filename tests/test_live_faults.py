@@ -1,0 +1,483 @@
+"""Live-fault acceptance: the real ``sre-agent run`` as a child process, a real hub on loopback, a client
+sending inference traffic throughout, faults injected from outside the daemon's process.
+
+Each scenario asserts the end state from outside (what the client is served, the slot state, the audit
+trail, the escalations) and records its time to recovery (printed, and appended as one JSON line to
+``$SRE_LIVE_FAULTS_OUT`` when set). Intervals are shortened through the daemon's own settings.
+
+1. the active model's bytes corrupted after a canary promoted it -> the last-known-good serves, the
+   corrupted version is marked bad, the incident is closed;
+2/7. the active model corrupted with no valid standby -> an escalation proposes safe mode while the
+   device keeps serving what it has; an operator approves; the daemon enters safe mode and holds it
+   across reconciles until ``safe-mode exit``;
+3. a new version whose health probe hangs -> rolled back, marked bad, the incident reported and closed;
+8. ``kill -9`` of the daemon while it handles an incident -> after the restart the incident is handled
+   exactly once (one rollback, never a flip back onto the corrupted bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from deployment.manifest import CanarySpec, CanaryStep, ModuleManifest, ProbeSpec
+from deployment.sample_models import linear_classifier
+from deployment.slots import ModuleStatus, SlotManager
+from hub.repository import HubRepository
+from hub.server import build_hub_app
+from sre_agent.provision import provision
+from sre_core.audit import AuditLog
+from sre_core.clock import SystemClock
+from sre_core.http_server import ServerThread, free_port
+from sre_core.paths import StatePaths
+
+pytestmark = pytest.mark.slow
+
+EXE = Path(sys.executable).parent / "sre-agent"
+PULL_S = 5  # the settings' minimum
+
+
+def _relabel(blob: bytes, note: str) -> bytes:
+    """The same weights with another doc string: a new digest, the same behaviour (the canary passes)."""
+    model = onnx.load_from_string(blob)
+    model.doc_string = note
+    return bytes(model.SerializeToString())
+
+
+def _record(scenario: str, outcome: str, ttr_s: float, **extra: Any) -> None:
+    row = {"scenario": scenario, "outcome": outcome, "time_to_recovery_s": round(ttr_s, 2), **extra}
+    print("LIVE-FAULT " + json.dumps(row))
+    out = os.environ.get("SRE_LIVE_FAULTS_OUT")
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class Client:
+    """Sends an inference request every few milliseconds and remembers what served each one."""
+
+    url: str
+    served: list[tuple[float, str]] = field(default_factory=list)
+    errors: list[tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Client:
+        x = np.random.default_rng(1).normal(size=(1, 16)).astype(np.float32).ravel().tolist()
+        body = {"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": x}]}
+
+        def run() -> None:
+            with httpx.Client(timeout=5.0) as c:
+                while not self._stop.is_set():
+                    t = time.monotonic()
+                    try:
+                        r = c.post(f"{self.url}/v2/models/clf/infer", json=body)
+                        if r.status_code == 200:
+                            self.served.append((t, str(r.json().get("model_version"))))
+                        else:
+                            self.errors.append((t, f"HTTP {r.status_code}"))
+                    except httpx.HTTPError as exc:
+                        if self.served:  # before the first answer the server is still starting
+                            self.errors.append((t, type(exc).__name__))
+                    self._stop.wait(0.01)
+
+        self._thread = threading.Thread(target=run, name="client", daemon=True)
+        self._thread.start()
+        return self
+
+    def first_after(self, t0: float, version: str) -> float | None:
+        return next((t for t, v in list(self.served) if t >= t0 and v == version), None)
+
+    def last(self, n: int = 20) -> list[str]:
+        return [v for _, v in self.served[-n:]]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+@dataclass
+class Live:
+    """A hub on loopback, a provisioned device and its daemon (a child process)."""
+
+    tmp: Path
+    repo: HubRepository
+    hub: ServerThread
+    paths: StatePaths
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    # -- hub side -----------------------------------------------------------------------------------
+    def publish(
+        self,
+        version: str,
+        blob: bytes,
+        module: str = "clf",
+        canary: bool = True,
+        probes: list[ProbeSpec] | None = None,
+        mode: str = "managed",
+    ) -> None:
+        spec = None
+        if canary:
+            spec = CanarySpec(
+                steps=[CanaryStep(weight_pct=w, min_samples=30, max_duration_s=60) for w in (50, 100)],
+                soak_s=0.0,
+                mirror_share=0.5,
+                max_p95_latency_ratio=10.0,  # a loaded 2-core box: only the error and divergence gates
+                max_error_rate_increase=0.05,
+            )
+        f = self.tmp / f"{module}-{version}.bin"
+        f.write_bytes(blob)
+        manifest = ModuleManifest(
+            name=module,
+            version=version,
+            mode=mode,  # type: ignore[arg-type]
+            canary=spec,
+            probes=probes or [],
+        )
+        self.repo.publish("stable", f, manifest)
+        self.repo.release("stable", module, version)
+
+    # -- device side --------------------------------------------------------------------------------
+    def start(self) -> None:
+        log = self.tmp / f"daemon-{len(self.logs)}.log"
+        self.logs.append(log)
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [str(EXE), "run", "--state", str(self.paths.root), "--heartbeat", "1"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=60)
+        self.proc = None
+        return rc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def status(self, module: str = "clf") -> ModuleStatus:
+        return SlotManager(self.paths, AuditLog(self.paths.audit_log)).status(module)
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.paths.audit_log.exists():
+            return []
+        out = []
+        for line in self.paths.audit_log.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written
+        return out
+
+    def seen(self, event: str, **data: object) -> bool:
+        """Whether the audit trail holds ``event`` with these data values."""
+        return any(
+            e["event"] == event and all(e["data"].get(k) == v for k, v in data.items()) for e in self.events()
+        )
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.events()]
+
+    def open_incidents(self) -> list[dict[str, Any]]:
+        from sre_agent.respond import open_incidents
+
+        return open_incidents(self.paths)
+
+    def wait(self, pred: Callable[[], object], what: str, timeout: float = 120.0) -> float:
+        """Poll ``pred`` until truthy; returns when (monotonic). Fails with the daemon's log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"the daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.tail()}")
+            try:
+                if pred():
+                    return time.monotonic()
+            except (OSError, ValueError, KeyError, AttributeError):
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}; audit: {self.names()[-15:]}\n{self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs[-1:])
+
+    def corrupt_active(self, module: str = "clf") -> None:
+        view = self.status(module).active
+        assert view is not None
+        with view.artifact_path.open("r+b") as f:  # 16 bytes overwritten in place, from outside
+            f.seek(64)
+            f.write(b"\xff" * 16)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    clock = SystemClock()
+    repo = HubRepository.init(tmp_path / "hub", channels=("stable",), clock=clock)
+    hub = ServerThread(build_hub_app(repo.dir)).start()
+    paths = StatePaths(tmp_path / "dev")
+    safe = tmp_path / "clf-safe.onnx"
+    safe.write_bytes(linear_classifier(seed=9))
+    provision(
+        paths,
+        root=repo.metadata_dir / "1.root.json",
+        hub=hub.url,
+        channel="stable",
+        clock=clock,
+        safe_modules=[f"clf={safe}"],
+    )
+    # Only the slot re-hash runs, every 2 s (the shipped policy runs it hourly among many checks).
+    (paths.policies / "verification.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"interval_s": 300, "jitter_s": 0, "max_parallel": 1},
+                "checks": {"integrity.slots": {"interval_s": 2, "jitter_s": 0, "timeout_s": 30}},
+            }
+        )
+    )
+    port = free_port("127.0.0.1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRE_AGENT_")}
+    env |= {
+        "SRE_AGENT_LLM__ENABLED": "false",
+        "SRE_AGENT_CHAOS__ENABLED": "false",
+        "SRE_AGENT_SERVING__PORT": str(port),
+        "SRE_AGENT_HUB__PULL_INTERVAL_S": str(PULL_S),
+        "SRE_AGENT_HUB__PULL_JITTER_S": "0",
+        "SRE_AGENT_DAEMON__ESCALATIONS_INTERVAL_S": "1",
+        "SRE_AGENT_DAEMON__SLO_INTERVAL_S": "5",
+        "SRE_AGENT_LOG_FORMAT": "json",
+    }
+    lv = Live(tmp_path, repo, hub, paths, port, env)
+    try:
+        yield lv
+    finally:
+        if lv.proc is not None:
+            lv.proc.kill()
+            lv.proc.wait(30)
+        hub.stop()
+
+
+def _serving(live: Live) -> Client:
+    """Start the daemon serving clf 1.0 with a client sending traffic; returns the client."""
+    live.start()
+    client = Client(f"http://127.0.0.1:{live.port}").start()
+    live.wait(lambda: client.first_after(0, "1.0"), "the client served by clf 1.0")
+    return client
+
+
+def _clean_stop(live: Live) -> None:
+    """SIGTERM: exit 0, every log line one JSON object, no traceback."""
+    assert live.stop() == 0, live.tail()
+    for line in live.logs[-1].read_text().splitlines():
+        assert json.loads(line), line
+    assert "Traceback" not in live.logs[-1].read_text()
+
+
+def test_corrupted_active_after_promotion_serves_the_last_known_good(live: Live) -> None:
+    v1 = linear_classifier(seed=1)
+    live.publish("1.0", v1)
+    client = _serving(live)
+    try:
+        live.publish("2.0", _relabel(v1, "2.0"))
+        live.wait(lambda: client.first_after(0, "2.0"), "the canary of 2.0", timeout=180)
+        live.wait(
+            lambda: live.status().phase.value == "idle" and live.status().active.version == "2.0",
+            "2.0 promoted",
+        )  # type: ignore[union-attr]
+        bad_sha = live.status().active.sha256  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        live.corrupt_active()
+        t1 = live.wait(lambda: client.first_after(t0, "1.0"), "the client served by the last-known-good")
+        live.wait(lambda: live.status().active.version == "1.0", "slots: 1.0 active")  # type: ignore[union-attr]
+        st = live.status()
+        assert bad_sha in st.bad, st.bad  # the corrupted version is marked bad
+        closed = live.wait(
+            lambda: not [i for i in live.open_incidents() if i.get("version") == "2.0"], "the incident closed"
+        )
+        time.sleep(1.0)
+        assert set(client.last(20)) == {"1.0"}
+        events = live.events()
+        acts = [e["data"] for e in events if e["event"] == "triage.action"]
+        assert any(a["action"] in ("rollback", "quarantine") and a["ok"] for a in acts), acts
+        assert [e["event"] for e in events].count("slot.rolled_back") == 1
+        _record(
+            "1 corrupt active after promotion",
+            "last-known-good 1.0 serves; 2.0 marked bad; incident closed",
+            t1 - t0,
+            closed_after_s=round(closed - t0, 2),
+            client_errors=len(client.errors),
+        )
+    finally:
+        client.stop()
+    _clean_stop(live)
+
+
+def test_approved_safe_mode_holds_across_reconciles_until_exit(live: Live) -> None:
+    from policies.approvals import OperatorRoster, generate_operator_key, public_key_b64, sign_approval
+    from sre_agent.escalations import EscalationStatus, EscalationStore, escalations_dir
+
+    key = generate_operator_key()
+    roster = OperatorRoster(
+        version=1, operators=[{"id": "alice", "public_key": public_key_b64(key.public_key())}]
+    )
+    (live.paths.policies / "operators.yaml").write_text(yaml.safe_dump(roster.model_dump(mode="json")))
+    live.publish("1.0", linear_classifier(seed=1))
+    client = _serving(live)
+    try:
+        # Scenario 2: the only version corrupted, nothing to roll back to -> an escalation; serving goes on.
+        t0 = time.monotonic()
+        live.corrupt_active()
+        store = EscalationStore(escalations_dir(live.paths), AuditLog(live.paths.audit_log), SystemClock())
+        t1 = live.wait(lambda: store.select(EscalationStatus.OPEN), "an escalation")
+        (esc,) = store.select(EscalationStatus.OPEN)
+        assert esc.proposed_action == "safe_mode"
+        time.sleep(1.0)
+        assert client.first_after(t1, "1.0"), "the device stopped serving while it waited for an operator"
+        _record(
+            "2 corrupt active, no valid standby",
+            f"escalation {esc.proposed_action} for an operator; 1.0 keeps serving",
+            t1 - t0,
+            client_errors=len(client.errors),
+        )
+        # Scenario 7: the operator approves; the daemon enters safe mode and holds it.
+        approval = sign_approval(
+            key,
+            operator="alice",
+            escalation_id=esc.id,
+            escalation_hash=esc.content_hash,
+            decision="approve",
+            action="safe_mode",
+            now=SystemClock().now(),
+            ttl=timedelta(hours=1),
+        )
+        store.decide(approval, roster)
+        t2 = time.monotonic()
+        t3 = live.wait(
+            lambda: json.loads((live.paths.root / "safemode.json").read_text())["active"], "safe mode"
+        )
+        held = json.loads((live.paths.root / "safemode.json").read_text())
+        assert held["serial_at_entry"] is not None, held
+        passes = live.names().count("reconcile.completed")
+        live.wait(lambda: live.names().count("reconcile.completed") >= passes + 2, "two more reconciles", 60)
+        assert json.loads((live.paths.root / "safemode.json").read_text())["active"], "safe mode was left"
+        out = subprocess.run(
+            [str(EXE), "safe-mode", "exit", "--state", str(live.paths.root), "--reason", "fixed"],
+            env=live.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert not json.loads((live.paths.root / "safemode.json").read_text())["active"]
+        assert any(e["event"] == "escalation.executed" for e in live.events())
+        held_for = live.names().count("reconcile.completed") - passes
+        _record(
+            "7 operator-approved safe mode",
+            f"held across {held_for} reconciles until safe-mode exit",
+            t3 - t2,
+        )
+    finally:
+        client.stop()
+    _clean_stop(live)
+
+
+def test_a_version_whose_health_probe_hangs_is_rolled_back_and_marked_bad(live: Live) -> None:
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(16)  # accepts connections, never answers: the probe hangs until its timeout
+    try:
+        live.publish("1.0", linear_classifier(seed=1))
+        live.publish("1.0", b"threshold=0.5\n" * 8, module="cfg", canary=False, mode="file")
+        client = _serving(live)
+        try:
+            live.wait(lambda: live.status("cfg").active is not None, "cfg 1.0 installed")
+            probe = ProbeSpec(
+                kind="http", url=f"http://127.0.0.1:{hang.getsockname()[1]}/healthz", timeout_s=1, attempts=2
+            )
+            t0 = time.monotonic()
+            live.publish(
+                "2.0", b"threshold=0.9\n" * 8, module="cfg", canary=False, mode="file", probes=[probe]
+            )
+            t1 = live.wait(lambda: live.seen("slot.rolled_back", away_version="2.0"), "cfg 2.0 rolled back")
+            st = live.status("cfg")
+            assert st.active is not None and st.active.version == "1.0"
+            assert any(b["version"] == "2.0" for b in st.bad.values())
+            live.wait(
+                lambda: live.seen("incident.opened", kind="probe_failure"), "the probe failure reported"
+            )
+            live.wait(
+                lambda: not [i for i in live.open_incidents() if i["kind"] == "probe_failure"],
+                "the incident closed",
+            )
+            assert set(client.last(10)) == {"1.0"}
+            _record(
+                "3 hanging health probe", "cfg 2.0 rolled back to 1.0, marked bad, incident closed", t1 - t0
+            )
+        finally:
+            client.stop()
+    finally:
+        hang.close()
+    _clean_stop(live)
+
+
+def test_kill_9_while_handling_an_incident_handles_it_exactly_once(live: Live) -> None:
+    v1 = linear_classifier(seed=1)
+    live.publish("1.0", v1)
+    client = _serving(live)
+    try:
+        live.publish("2.0", _relabel(v1, "2.0"))
+        live.wait(lambda: client.first_after(0, "2.0"), "the canary of 2.0", timeout=180)
+        live.wait(
+            lambda: live.status().phase.value == "idle" and live.status().active.version == "2.0",
+            "2.0 promoted",
+        )  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        live.corrupt_active()
+        live.wait(lambda: "incident.opened" in live.names(), "the incident opened", 60)
+        live.kill9()  # in the middle of handling it
+        killed_after = live.names()[-1]
+        live.start()
+        t1 = live.wait(
+            lambda: client.first_after(t0, "1.0") and live.status().active.version == "1.0", "1.0 serves"
+        )  # type: ignore[union-attr]
+        live.wait(
+            lambda: not [i for i in live.open_incidents() if i.get("version") == "2.0"], "the incident closed"
+        )
+        time.sleep(PULL_S + 2)  # a reconcile pass and more re-hash runs after the restart
+        names = live.names()
+        assert names.count("slot.rolled_back") == 1, names  # exactly once: no flip back onto 2.0
+        assert live.status().active.version == "1.0"  # type: ignore[union-attr]
+        assert set(client.last(20)) == {"1.0"}
+        _record(
+            "8 kill -9 mid-incident",
+            "rolled back exactly once after the restart; incident closed",
+            t1 - t0,
+            killed_after=killed_after,
+        )
+    finally:
+        client.stop()
+    _clean_stop(live)
