@@ -24,6 +24,7 @@ from chaoslib import substitute_string
 
 __all__ = [
     "DEVICE_KEYS",
+    "FORBIDDEN_KEYS",
     "Resolution",
     "Unresolved",
     "contains_unresolved",
@@ -43,8 +44,14 @@ DEVICE_KEYS: frozenset[str] = frozenset(
         "uplink_upstream",
     }
 )
-"""Configuration keys the runner sets from the device's configuration. An experiment never sets them:
-they name what the runner executes (``serving_restart``), where faults go and which link is which."""
+"""Configuration keys the runner sets from the device's configuration (whatever the document says)."""
+
+FORBIDDEN_KEYS: frozenset[str] = frozenset(
+    {"state_dir", "serving_restart", "uplink_proxy", "uplink_upstream"}
+)
+"""Device settings an experiment may not even name: what the runner executes (``serving_restart``),
+which files it touches (``state_dir``) and which link is which. The others (the Toxiproxy endpoint,
+the serving URL) may appear for the plain ``chaos run`` command; the guarded runner replaces them."""
 
 
 class Unresolved:
@@ -166,7 +173,8 @@ def _configuration(conf: Mapping[str, Any], res: Resolution) -> None:
     """Mirror of ``chaoslib.configuration.load_configuration`` + ``load_dynamic_configuration``."""
     for key, value in conf.items():
         if key in DEVICE_KEYS:
-            res.device_keys_set.append(key)
+            if key in FORBIDDEN_KEYS:
+                res.device_keys_set.append(key)
             continue
         if isinstance(value, dict) and "type" in value:
             if value["type"] == "env":

@@ -697,7 +697,9 @@ def test_configuration_and_secrets_that_reach_off_the_device() -> None:
     doc["configuration"] = {"hub_host": "10.1.2.3"}
     assert rules(check(doc)) == {"http-non-loopback"}
     # where faults go is the device's setting, never the experiment's
-    doc["configuration"] = {"toxiproxy_url": "http://127.0.0.1:8474"}
+    doc["configuration"] = {"toxiproxy_url": "http://127.0.0.1:8474", "toxiproxy_host": "localhost"}
+    assert check(doc).verdict == "run"  # allowed for the plain `chaos run`; the runner replaces them
+    doc["configuration"] = {"uplink_proxy": "hub-link"}
     res = check(doc)
     assert rules(res) == {"device-setting"} and res.verdict == "reject"
     doc = safe_doc()
