@@ -64,7 +64,7 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def build_fixture(work: Path, seed: int = 1, size: int = 96 * 1024) -> tuple[Path, Any]:
+def build_fixture(work: Path, seed: int = 1, size: int = 512 * 1024) -> tuple[Path, Any]:
     """A hub with good and probe-failing versions published, a device provisioned against it with
     version 1 active, and a spec. Returns (spec path, hub) where hub has ``release(choice)``, ``close()``."""
     from deployment.manifest import DesiredModule, ModuleManifest
@@ -112,7 +112,7 @@ def build_fixture(work: Path, seed: int = 1, size: int = 96 * 1024) -> tuple[Pat
                 name=module,
                 version=ver,
                 format="file" if fmt == "file" else "tar",
-                filename="model.onnx" if fmt == "file" else "bundle.tar",
+                filename="model.onnx",  # for the bundle: the member the probe reads
                 mode="file",
                 probes=probes,  # type: ignore[arg-type]
             )
@@ -193,7 +193,8 @@ def _child(spec: dict[str, Any]) -> None:
 
 def _zygote(spec_path: Path) -> None:
     """Import once, then fork a child per 'fork' line on stdin; print its pid."""
-    import deployment.reconcile  # noqa: F401 - warm imports shared by every fork
+    import deployment.pull
+    import deployment.reconcile  # noqa: F401
 
     spec = json.loads(spec_path.read_text())
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
@@ -289,16 +290,22 @@ def check_trust(spec: dict[str, Any], state: Path, serials: set[int] | None = No
     return problems
 
 
-def _pull_step_now(spec: dict[str, Any], serial: int) -> str:
-    """Where in the pull a kill landed, read from the disk: downloading, an atomic write in flight
-    (metadata, held record, time mark), before the held record named this trial's serial, or after."""
+def _pull_step_now(spec: dict[str, Any], serial: int, since: float) -> str:
+    """Where in the pull a kill landed, read from the disk: a download or an atomic write in flight
+    (metadata, held record, time mark or reconcile record: a temp file written since the child was
+    resumed), before the held record named this trial's serial, or after (reconcile)."""
     state = Path(spec["state"])
-    if any((state / "cas" / "partial").glob("*.part")):
+
+    def fresh(d: Path, pattern: str) -> bool:
+        return any(p.stat().st_mtime >= since for p in d.glob(pattern)) if d.is_dir() else False
+
+    if fresh(state / "cas" / "partial", "*.part"):
         return "pull:download"
-    for d, what in ((state / "tuf", "pull:metadata-write"), (state, "pull:clock-or-record-write")):
-        if any(d.glob(".*.tmp")):
-            return what
-    if any((state / "trust").glob(".*.tmp")):
+    if fresh(state / "tuf", ".*.tmp") or fresh(state / "tuf" / "root_history", ".*.tmp"):
+        return "pull:metadata-write"
+    if fresh(state, ".clock.json.*.tmp"):
+        return "pull:clock-write"
+    if fresh(state / "trust", ".*.tmp"):
         return "pull:held-write"
     try:
         held = int(json.loads((state / "trust" / "held.json").read_text())["serial"])
@@ -349,7 +356,7 @@ def _adaptive_bound(passes: list[float], trial: int) -> float:
     0.2 s; until five passes completed, a bound that grows with the trials (a pull takes longer than a
     loaded machine's first guess)."""
     if len(passes) < 5:
-        return min(8.0, 0.5 * 1.2**trial)
+        return min(4.0, 1.0 + 0.2 * trial)
     return max(0.2, 2 * statistics.quantiles(passes, n=10)[-1])
 
 
@@ -429,13 +436,14 @@ def run_trials(work: Path, trials: int, seed: int = 1, max_delay: float | None =
                 _wait_dead(pid)
                 break
             serial = next_release()
+            resumed = time.time() - 0.01
             os.kill(pid, signal.SIGCONT)
             bound = max_delay if max_delay is not None else _adaptive_bound(passes, trial)
             time.sleep(rng.uniform(0, bound))
             os.kill(pid, signal.SIGKILL)
             _wait_dead(pid)
             phases.update(_phases_now(spec))
-            steps[_pull_step_now(spec, serial)] += 1
+            steps[_pull_step_now(spec, serial, resumed)] += 1
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=30)

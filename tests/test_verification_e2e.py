@@ -37,7 +37,7 @@ def _publish(env: HubEnv, version: str, seed: int) -> None:
     model = linear_classifier(8, 3, seed=seed)
     f = env.tmp / f"clf-{version}.onnx"
     f.write_bytes(model)
-    manifest = ModuleManifest(name="clf", version=version)
+    manifest = ModuleManifest(name="clf", version=version, mode="file")  # no daemon: no canary here
     env.repo.publish("stable", f, manifest)
     env.repo.release("stable", "clf", version, expires_in=timedelta(days=14))
 
