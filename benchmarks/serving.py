@@ -17,6 +17,13 @@ All parts use the same ONNX model (an MLP classifier built in code, ~0.13 ms per
   endpoint doing json -> numpy -> session.run) and the JSON says so (``"peer": "starlette-standin"``).
   Reported next to it: our binary-tensor path, and our server forced to offload every inference to the
   thread pool (by default it offloads only models slower than 1 ms).
+- gRPC: the protocol's gRPC half (``deployment.oip_grpc``) against MLServer's gRPC endpoint, both in
+  child processes, closed-loop unary ModelInfer calls (raw tensor contents) from grpc.aio in
+  interleaved windows, in the same run as the HTTP comparison (``grpc.peer_throughput_ratio``, goal > 1;
+  ``grpc.peer_p99_ratio``, goal < 1). Skipped (said so) without the MLServer venv.
+- canary (``--canary``, on its own): 20 canaries of each kind under the shipped default policy, real
+  sessions, two client threads saturating the machine: identical tiny and 5 MiB candidates must be
+  promoted, a 2x slower and a 1 %-error candidate aborted; outcome counts and wall time per step.
 - MTTR: a real canary of a model that fails on some inputs, at 100 % weight, under a traffic thread;
   from the controller's failed-gate verdict to the first request answered by the incumbent (the router
   points at the already-loaded session), next to the naive path (load a new session of the incumbent
@@ -29,7 +36,7 @@ request than the servers under test, which would hide the difference). On a 2-co
 and server share the cores; the ratio is what compares, not absolute numbers.
 
 Run: ``python benchmarks/serving.py [--http-seconds 6] [--concurrency 8] [--mttr-iterations 50] [--flips 2]
-[--peer-venv .venv-bench]``.
+[--peer-venv .venv-bench]``, or ``python benchmarks/serving.py --canary [--canary-runs 20]``.
 Prints one JSON object.
 """
 
@@ -59,6 +66,7 @@ HIDDEN, WIDTH = 3, 1024
 ROOT = Path(__file__).resolve().parent.parent
 PEER_VENV = ROOT / ".venv-bench"
 MLSERVER_RUNTIME = Path(__file__).resolve().parent / "_mlserver_onnx.py"
+MLSERVER_GRPC_PORTS: dict[int, int] = {}  # MLServer child pid -> its gRPC port
 
 
 def _p(values: list[float], q: float) -> float:
@@ -193,6 +201,19 @@ def build_app(kind: str, model_path: str) -> Any:
 def child_server(kind: str, port: int, model_path: str) -> None:
     """Runs in a child process: our v2 server or the peer, under uvicorn, until killed."""
     import uvicorn
+
+    if kind == "ours-grpc":
+        from deployment.oip_grpc import GrpcServer
+        from deployment.serving import ModelRepository
+        from deployment.sessions import load_session
+
+        repo = ModelRepository()
+        repo.add(load_session(Path(model_path), name="m", version="1"))
+        gc.freeze()
+        server = GrpcServer(repo, port=port).start()  # held: a collected grpc server stops
+        threading.Event().wait()
+        server.stop()
+        return
 
     app = build_app(kind, model_path)
     if kind != "peer":
@@ -449,6 +470,7 @@ def start_mlserver(venv: Path, model_path: Path, workdir: Path) -> tuple[subproc
         _stop_group(proc)
         tail = (workdir / "mlserver.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{e}; its log ends:\n{tail}") from e
+    MLSERVER_GRPC_PORTS[proc.pid] = grpc_port
     return proc, http_port
 
 
@@ -498,6 +520,20 @@ def http_comparison(model_path: Path, seconds: float, concurrency: int, peer_ven
             "ours_always_offloaded": (procs["ours-offload"][1], _http_request(body)),
         }
         out["load"] = load_interleaved(targets, seconds, concurrency, rounds=max(4, round(seconds * 2)))
+        if version:  # the gRPC half against the same peer, in the same run
+            procs["ours-grpc"] = start_grpc_child(model_path)
+            grpc_targets = {
+                "peer": MLSERVER_GRPC_PORTS[procs["peer"][0].pid],
+                "ours": procs["ours-grpc"][1],
+            }
+            out["grpc"] = grpc_interleaved(grpc_targets, x, seconds, concurrency, max(4, round(seconds * 2)))
+            g = out["grpc"]
+            out["grpc"]["peer_throughput_ratio"] = round(
+                g["ours"]["throughput_rps"] / g["peer"]["throughput_rps"], 3
+            )
+            out["grpc"]["peer_p99_ratio"] = round(g["ours"]["p99_ms"] / g["peer"]["p99_ms"], 3)
+        else:
+            out["grpc"] = {"skipped": "no MLServer venv: its gRPC is the peer (make bench builds it)"}
     finally:
         for kind, (proc, _port) in procs.items():
             if kind == "peer" and version:
@@ -522,6 +558,96 @@ def http_comparison(model_path: Path, seconds: float, concurrency: int, peer_ven
             "plain starlette/uvicorn v2 endpoint standing in for MLServer: no MLServer venv at "
             f"{peer_venv}; `make bench` builds it (benchmarks/mlserver-requirements.txt)"
         )
+    return out
+
+
+# -- gRPC -----------------------------------------------------------------------------------------
+def start_grpc_child(model_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Our gRPC front end in a child process; waits until ServerLive answers."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    from sre_core.http_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", "ours-grpc", "--port", str(port), "--model", str(model_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(600):
+            try:
+                if stub.ServerLive(pb.ServerLiveRequest(), timeout=1).live:
+                    return proc, port
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError("our gRPC server exited during start-up")
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("our gRPC server did not start")
+
+
+def grpc_interleaved(
+    ports: dict[str, int], x: np.ndarray, seconds: float, concurrency: int, rounds: int
+) -> dict[str, Any]:
+    """Closed-loop unary ModelInfer calls (raw tensor contents, as tritonclient sends them) on each
+    target in alternating windows; one grpc.aio channel per target."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+
+    async def window(stub: Any, secs: float) -> tuple[list[float], int]:
+        lat: list[float] = []
+        bad = [0]
+        deadline = time.perf_counter() + secs
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                try:
+                    await stub.ModelInfer(request, timeout=30)
+                except grpc.aio.AioRpcError:
+                    bad[0] += 1
+                lat.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return lat, bad[0]
+
+    async def main() -> dict[str, tuple[list[float], int, float]]:
+        channels = {k: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for k, p in ports.items()}
+        stubs = {k: pb_grpc.GRPCInferenceServiceStub(c) for k, c in channels.items()}
+        acc: dict[str, tuple[list[float], int, float]] = {k: ([], 0, 0.0) for k in ports}
+        try:
+            for stub in stubs.values():
+                await window(stub, 0.5)
+            for _ in range(rounds):
+                for kind, stub in stubs.items():
+                    t = time.perf_counter()
+                    lat, bad = await window(stub, seconds / rounds)
+                    prev = acc[kind]
+                    acc[kind] = (prev[0] + lat, prev[1] + bad, prev[2] + time.perf_counter() - t)
+        finally:
+            for c in channels.values():
+                await c.close()
+        return acc
+
+    out: dict[str, Any] = {"payload": "raw_input_contents, 1 x 32 FP32", "concurrency": concurrency}
+    for kind, (lat, bad, spent) in asyncio.run(main()).items():
+        out[kind] = {
+            "requests": len(lat),
+            "errors": bad,
+            "throughput_rps": round(len(lat) / spent, 1),
+            "p50_ms": round(_p(lat, 0.5) * 1e3, 3),
+            "p99_ms": round(_p(lat, 0.99) * 1e3, 3),
+        }
     return out
 
 
@@ -839,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         default=PEER_VENV,
         help="venv holding MLServer (default: .venv-bench, built by `make bench`)",
     )
-    ap.add_argument("--child", choices=["ours", "ours-offload", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "ours-offload", "peer", "ours-grpc"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -869,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
         res["peer"] = res["http"]["peer"]
         res["peer_throughput_ratio"] = res["http"]["peer_throughput_ratio"]
         res["peer_p99_ratio"] = res["http"]["peer_p99_ratio"]
+        res["grpc"] = res["http"].pop("grpc")
         res["mttr"] = mttr(blob, model_path, args.mttr_iterations)
         res["flip"] = flip_loss(blob, args.flips, 4)
     res["elapsed_s"] = round(time.perf_counter() - started, 1)
