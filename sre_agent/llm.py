@@ -76,6 +76,8 @@ SUMMARY_PATTERN = _summary_pattern(MAX_SUMMARY)
 MAX_LOG_CHARS = 120
 MAX_LOG_LINES = 3
 MAX_TOOL_TEXT = 240
+DEADLINE_MARGIN_S = 0.3
+"""Of ``[llm] timeout_s``, kept back for the agent framework around the generation."""
 
 ACTION_MEANING = {
     Action.OBSERVE: "record it, change nothing",
@@ -486,7 +488,9 @@ class LlmAdvisor:
             choice=(index_type, Field(description="the number of the chosen action")),
             summary=(str, Field(pattern=SUMMARY_PATTERN, description="one sentence for the operator")),
         )
-        adapter = LlamaAdapter(self.model, self.settings.max_tokens, self.settings.timeout_s, self.clock)
+        # the framework's own work (tool round, output validation) fits inside the caller's budget
+        budget = max(0.05, self.settings.timeout_s - DEADLINE_MARGIN_S)
+        adapter = LlamaAdapter(self.model, self.settings.max_tokens, budget, self.clock)
         try:
             result = self._agent.run_sync(
                 _prompt(incident, match, choices),
