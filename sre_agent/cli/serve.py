@@ -65,8 +65,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve the installed models over the Open Inference Protocol (KServe/Triton v2) until SIGTERM.
 
-        Endpoints: /v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/ready and
-        POST /v2/models/NAME/infer (JSON tensors or the binary tensor extension).
+        Endpoints: /v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/ready,
+        POST /v2/models/NAME/infer (JSON tensors or the binary tensor extension), and Triton's
+        /v2/models/NAME/config, /v2/models[/NAME]/stats and POST /v2/repository/index. With --grpc-port,
+        the protocol's gRPC service (GRPCInferenceService) too, on the same models and canaries.
         With --reconcile-every, new managed versions are canaried on live traffic and flipped or cut off;
         `sre-agent status` shows the canary's progress.
         """
