@@ -66,10 +66,13 @@ from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import SreError
+from sre_core.lifecycle import StateTable
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = [
+    "RESUME",
+    "TABLE",
     "TRANSITIONS",
     "ChaosBusyError",
     "LearnedGate",
@@ -131,11 +134,16 @@ TRANSITIONS: dict[tuple[RunPhase, RunEvent], RunPhase] = {
 }
 
 
+RESUME: dict[RunPhase, RunPhase] = dict.fromkeys(RunPhase, RunPhase.CLEANED)
+"""After a restart every stored run phase ends cleaned: :func:`recover` fires the stale lease (undoes the
+faults), whatever step the run had reached."""
+TABLE: StateTable[RunPhase, RunEvent] = StateTable(
+    "chaos run", TRANSITIONS, RunPhase.PREPARED, RESUME, frozenset({RunPhase.CLEANED})
+)
+
+
 def _next(phase: RunPhase, event: RunEvent) -> RunPhase:
-    try:
-        return TRANSITIONS[(phase, event)]
-    except KeyError:
-        raise RuntimeError(f"chaos run: no transition from {phase} on {event}") from None
+    return TABLE.next(phase, event)
 
 
 class LearnedGate(dict[str, Any]):

@@ -52,10 +52,12 @@ from scipy import stats
 
 from deployment.manifest import CanarySpec, CanaryStep
 from deployment.router import LatencyHistogram, PairStats, Snapshot, VersionStats
+from sre_core.lifecycle import StateTable
 
 __all__ = [
     "DEFAULT_STEPS",
     "RESUME",
+    "TABLE",
     "TRANSITIONS",
     "CanaryConfig",
     "CanaryController",
@@ -137,12 +139,13 @@ RESUME: dict[Phase, Phase] = {
 """Where a persisted phase resumes after a restart."""
 
 
+TABLE: StateTable[Phase, Event] = StateTable("canary", TRANSITIONS, Phase.PENDING, RESUME, FINAL)
+"""The canary lifecycle on the shared engine (:mod:`sre_core.lifecycle`)."""
+
+
 def transition(phase: Phase, event: Event) -> Phase:
-    """The next phase. Raises RuntimeError for an event the table does not allow (a bug)."""
-    try:
-        return TRANSITIONS[(phase, event)]
-    except KeyError:
-        raise RuntimeError(f"canary: event {event.value!r} is not allowed in phase {phase.value!r}") from None
+    """The next phase. Raises NoTransitionError (a RuntimeError) for an event the table does not allow."""
+    return TABLE.next(phase, event)
 
 
 # -- statistics -----------------------------------------------------------------------------------

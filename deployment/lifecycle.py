@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["RESUME", "TRANSITIONS", "Event", "IllegalTransitionError", "Phase", "next_phase"]
+from sre_core.lifecycle import NoTransitionError, StateTable
+
+__all__ = ["RESUME", "TABLE", "TRANSITIONS", "Event", "IllegalTransitionError", "Phase", "next_phase"]
 
 
 class Phase(enum.StrEnum):
@@ -90,18 +92,21 @@ RESUME: dict[Phase, Phase] = {
 """Where each stored phase goes when the agent starts (every phase has an entry)."""
 
 
-class IllegalTransitionError(RuntimeError):
+TABLE: StateTable[Phase, Event] = StateTable("module update", TRANSITIONS, P.IDLE, RESUME)
+"""The lifecycle on the shared engine (:mod:`sre_core.lifecycle`)."""
+
+
+class IllegalTransitionError(NoTransitionError):
     """An event was posted in a phase that has no transition for it (a bug or a refused request)."""
 
     def __init__(self, phase: Phase, event: Event) -> None:
+        super().__init__(TABLE.name, phase, event)
         self.phase = phase
-        self.event = event
-        super().__init__(f"no transition for event {event.value!r} in phase {phase.value!r}")
 
 
 def next_phase(phase: Phase, event: Event) -> Phase:
     """The successor of ``phase`` on ``event``. Raises :class:`IllegalTransitionError` if there is none."""
     try:
-        return TRANSITIONS[(phase, event)]
-    except KeyError:
+        return TABLE.next(phase, event)
+    except NoTransitionError:
         raise IllegalTransitionError(phase, event) from None

@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,13 +65,17 @@ from hub.store._schema import rollout_channels, rollout_counters, rollout_member
 from hub.store._schema import rollouts as rollouts_t
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
+from sre_core.lifecycle import NoTransitionError, StateTable
 
 __all__ = [
+    "TABLE",
     "TRANSITIONS",
     "ReportStore",
     "Rollout",
+    "RolloutEvent",
     "RolloutService",
     "RolloutSpec",
+    "RolloutState",
     "RolloutStatus",
     "WaveStatus",
     "device_flags",
@@ -82,25 +87,64 @@ __all__ = [
 State = Literal["none", "running", "paused", "halted", "completed", "aborted", "reverted"]
 TERMINAL: frozenset[str] = frozenset({"completed", "aborted", "reverted"})
 
-TRANSITIONS: dict[tuple[str, str], str] = {
-    ("none", "start"): "running",
-    ("running", "approve"): "running",
-    ("running", "advance"): "running",
-    ("running", "complete"): "completed",
-    ("running", "pause"): "paused",
-    ("paused", "resume"): "running",
-    ("running", "fail_limit"): "halted",
-    ("paused", "fail_limit"): "paused",
-    ("halted", "fail_limit"): "halted",
-    ("halted", "ack"): "paused",
-    ("running", "abort_keep"): "aborted",
-    ("paused", "abort_keep"): "aborted",
-    ("halted", "abort_keep"): "aborted",
-    ("running", "abort_revert"): "reverted",
-    ("paused", "abort_revert"): "reverted",
-    ("halted", "abort_revert"): "reverted",
-    ("aborted", "abort_revert"): "reverted",
+
+class RolloutState(StrEnum):
+    """A rollout's stored state (the values are what the hub store holds)."""
+
+    NONE = "none"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    REVERTED = "reverted"
+
+
+class RolloutEvent(StrEnum):
+    """What an operator or a report posts to a rollout."""
+
+    START = "start"
+    APPROVE = "approve"
+    ADVANCE = "advance"
+    COMPLETE = "complete"
+    PAUSE = "pause"
+    RESUME = "resume"
+    FAIL_LIMIT = "fail_limit"
+    ACK = "ack"
+    ABORT_KEEP = "abort_keep"
+    ABORT_REVERT = "abort_revert"
+
+
+_R, _V = RolloutState, RolloutEvent
+
+TRANSITIONS: dict[tuple[RolloutState, RolloutEvent], RolloutState] = {
+    (_R.NONE, _V.START): _R.RUNNING,
+    (_R.RUNNING, _V.APPROVE): _R.RUNNING,
+    (_R.RUNNING, _V.ADVANCE): _R.RUNNING,
+    (_R.RUNNING, _V.COMPLETE): _R.COMPLETED,
+    (_R.RUNNING, _V.PAUSE): _R.PAUSED,
+    (_R.PAUSED, _V.RESUME): _R.RUNNING,
+    (_R.RUNNING, _V.FAIL_LIMIT): _R.HALTED,
+    (_R.PAUSED, _V.FAIL_LIMIT): _R.PAUSED,
+    (_R.HALTED, _V.FAIL_LIMIT): _R.HALTED,
+    (_R.HALTED, _V.ACK): _R.PAUSED,
+    (_R.RUNNING, _V.ABORT_KEEP): _R.ABORTED,
+    (_R.PAUSED, _V.ABORT_KEEP): _R.ABORTED,
+    (_R.HALTED, _V.ABORT_KEEP): _R.ABORTED,
+    (_R.RUNNING, _V.ABORT_REVERT): _R.REVERTED,
+    (_R.PAUSED, _V.ABORT_REVERT): _R.REVERTED,
+    (_R.HALTED, _V.ABORT_REVERT): _R.REVERTED,
+    (_R.ABORTED, _V.ABORT_REVERT): _R.REVERTED,
 }
+
+TABLE: StateTable[RolloutState, RolloutEvent] = StateTable(
+    "rollout",
+    TRANSITIONS,
+    _R.NONE,
+    {st: st for st in RolloutState},  # stored in the hub store; every state is where it resumes
+    frozenset({_R.COMPLETED, _R.REVERTED}),
+)
+"""The rollout lifecycle on the shared engine (:mod:`sre_core.lifecycle`)."""
 
 _HINTS = {
     "resume": "a halted rollout needs `sre-hub rollout ack` (acknowledge the failures) before resume",
@@ -110,7 +154,10 @@ _HINTS = {
 
 def next_state(state: str, event: str) -> str:
     """The lifecycle table. Raises InputError for an event the state does not accept."""
-    nxt = TRANSITIONS.get((state, event))
+    try:
+        nxt: str | None = TABLE.next(RolloutState(state), RolloutEvent(event)).value
+    except (NoTransitionError, ValueError):
+        nxt = None
     if nxt is None:
         raise InputError(
             f"rollout {event.replace('_', ' ')}",

@@ -44,10 +44,13 @@ from sre_core.atomic import atomic_write_json, fsync_dir, remove_stale_temps
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock
 from sre_core.errors import InputError, SreError
+from sre_core.lifecycle import NoTransitionError, StateTable
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
 __all__ = [
+    "RESUME",
+    "TABLE",
     "TRANSITIONS",
     "Escalation",
     "EscalationEvent",
@@ -99,11 +102,19 @@ TRANSITIONS: dict[tuple[EscalationStatus, EscalationEvent], EscalationStatus] = 
 }
 
 
+RESUME: dict[EscalationStatus, EscalationStatus] = {s: s for s in EscalationStatus}
+"""Every stored status is stable across a restart: an open one waits, an approved one is verified again
+and executed by the next escalations job, the rest are final."""
+TABLE: StateTable[EscalationStatus, EscalationEvent] = StateTable(
+    "escalation", TRANSITIONS, S.OPEN, RESUME, frozenset({S.REJECTED, S.EXPIRED, S.EXECUTED, S.FAILED})
+)
+
+
 def next_status(status: EscalationStatus, event: EscalationEvent) -> EscalationStatus:
     """The lifecycle table. Raises InputError for an event the state does not accept."""
     try:
-        return TRANSITIONS[(status, event)]
-    except KeyError:
+        return TABLE.next(status, event)
+    except NoTransitionError:
         raise InputError(
             f"{event.value} escalation",
             f"an escalation that is {status.value} cannot be {event.value}d",
