@@ -606,26 +606,12 @@ class Demo:
         return ", ".join(f"{k}: {v['preflight']}" for k, v in verdicts.items())
 
     # -- triage ---------------------------------------------------------------------------------------
-    def _handlers(self) -> dict[Any, Callable[[Any], str]]:
-        from policies.triage import Action
+    def _daemon_handlers(self) -> Any:
+        """The daemon's own action handlers (:mod:`sre_agent.handlers`) on this device's slots: the demo
+        keeps no handler of its own, so an action it shows executed is the daemon's."""
+        from sre_agent.handlers import DaemonHandlers
 
-        def quarantine(incident: Any) -> str:
-            st = self.rec.slots.status(MODULE)
-            return f"{incident.version} is already marked bad on this device ({len(st.bad)} bad digest(s))"
-
-        def rerun(incident: Any) -> str:
-            rng = np.random.default_rng(7)
-            n = 50
-            for _ in range(n):
-                self.router.infer({"input": rng.normal(size=(1, 16)).astype(np.float32)})
-            return f"re-ran {n} inference checks on {self.router.routing.active.version}: all answered"
-
-        return {
-            Action.QUARANTINE: quarantine,
-            Action.RERUN_VERIFICATION: rerun,
-            Action.ALERT: lambda inc: f"operators alerted about {inc.id}",
-            Action.OBSERVE: lambda inc: "observing",
-        }
+        return DaemonHandlers(self.paths, self.clock, self.audit, self.sink, lambda: self.rec.slots)
 
     def chapter_triage(self) -> str:
         from sre_agent.config import AgentSettings
@@ -651,7 +637,7 @@ class Demo:
             settings,
             clock=self.clock,
             audit=self.audit,
-            handlers=self._handlers(),
+            handlers=self._daemon_handlers().table(),
             telemetry=self.sink,
             device_id=self.identity.device_id,
         )
@@ -781,9 +767,9 @@ class Demo:
             operator="alice",
             decision="approve",
             roster_path=hub_roster,
-            action="rerun_verification",
+            action="alert",
             ttl=timedelta(hours=1),
-            reason="burn was load from a test rig; verify the model before any rollback",
+            reason="burn was load from a test rig: tell the on-call, no rollback",
         )
         self.say(
             f"hub: alice signed [bold]approve {approval.action}[/] for {esc_id} "

@@ -9,9 +9,33 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+REPO = Path(__file__).resolve().parent.parent
 
 
+def test_the_demo_keeps_no_action_handler_of_its_own() -> None:
+    """The demo's actions run through the daemon's handlers: it builds them with
+    :class:`sre_agent.handlers.DaemonHandlers` and defines no handler table (no mapping keyed by an
+    ``Action``, no function returning one) and imports none from anywhere else."""
+    import ast
+
+    tree = ast.parse((REPO / "sre_agent" / "demo.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys = [k for k in node.keys if isinstance(k, ast.Attribute) and isinstance(k.value, ast.Name)]
+            assert not any(k.value.id == "Action" for k in keys), f"a handler table at line {node.lineno}"
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = {a.name for a in node.names}
+            if "Action" in names or any("handler" in n.lower() for n in names):
+                assert (node.module, names) == ("sre_agent.handlers", {"DaemonHandlers"}), node.module
+        if isinstance(node, ast.keyword) and node.arg == "handlers":
+            assert "DaemonHandlers" in ast.unparse(node.value) or "_daemon_handlers" in ast.unparse(
+                node.value
+            )
+    assert "DaemonHandlers(" in ast.unparse(tree)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo")
 def test_demo_runs_headless_and_tells_the_whole_story(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     r = subprocess.run(
@@ -48,7 +72,7 @@ def test_demo_runs_headless_and_tells_the_whole_story(tmp_path: Path) -> None:
     assert kinds["canary_abort"]["decision"]["verdict"] == "execute"
     assert kinds["slo_burn"]["escalation"] is not None
     assert facts["escalation"]["status"] == "executed"
-    assert facts["escalation"]["action"] == "rerun_verification"
+    assert facts["escalation"]["action"] == "alert"
     approvals = list((work / "hub" / "escalations" / "approvals").glob("esc-*.approve.alice.json"))
     assert len(approvals) == 1
     # the hub lake holds what the device uploaded
