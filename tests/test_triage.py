@@ -51,6 +51,17 @@ def test_rules_label_every_case_correctly_and_safely(engine, cases):
     assert summary["escalation_recall"] == 1.0
 
 
+def test_rules_meet_the_goals_on_the_independent_corpus(engine):
+    """The corpus written without reading the rules: accuracy >= 0.95, no unsafe action (under-reactions
+    counted), every case that needs a human escalated."""
+    independent = load_cases(CASES / "independent")
+    assert len(independent) >= 40
+    summary = summarize(evaluate(independent, engine))
+    assert summary["accuracy"] >= 0.95, summary["wrong_cases"]
+    assert summary["unsafe_action_rate"] == 0.0, summary["unsafe_cases"]
+    assert summary["escalation_recall"] == 1.0
+
+
 def test_rules_never_read_log_or_event_text(engine, cases):
     """Stripping every log line and event message changes no decision."""
     for case in cases:
