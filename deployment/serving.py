@@ -584,6 +584,9 @@ class ManagedServing:
         if phase is not Phase.INCONCLUSIVE:
             if phase is not Phase.CANCELLED:
                 self._forget(module)
+            router = self.repository.get(module)
+            if phase is Phase.PROMOTED and self.policy.unload_standby and router is not None:
+                router.drop_standby()  # memory over MTTR: a rollback reloads it from its slot
             return
         p = self.policy
         with self._attempts_lock:

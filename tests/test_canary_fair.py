@@ -140,9 +140,7 @@ def _setup(
     serving = ManagedServing(
         state, ModelRepository(sink), clock=clock, sink=sink, audit=audit, interval_s=0.02, policy=policy
     )
-    src = StaticSource(
-        clock, [make_artifact(tmp_path / "cas", "clf", "1.0", linear_classifier(), mode="managed")]
-    )
+    src = StaticSource(clock, [_art(tmp_path, "1.0", CanarySpec())])  # the model every later version is
     rec = Reconciler(state, src, clock, audit=audit, canary=serving, telemetry=sink)
     rec.run_once()
     return serving, rec, src, sink, audit
@@ -249,3 +247,45 @@ def test_memory_admission_refuses_an_oversized_candidate(state: StatePaths, tmp_
     (held,) = rec.run_once().outcomes
     assert held.result == "blocked" and "memory" in held.reason
     assert not canary_progress(state, "clf")  # no canary ever started
+
+
+def test_unload_standby_frees_the_last_known_good_and_a_rollback_reloads_it(
+    state: StatePaths, tmp_path: Path
+) -> None:
+    clock = SystemClock()
+    serving, rec, src, _sink, _audit = _setup(state, tmp_path, CanaryPolicy(unload_standby=True), clock)
+    quick = CanarySpec(
+        steps=[CanaryStep(weight_pct=100, min_samples=100, max_duration_s=120)],
+        soak_s=0,
+        mirror_share=0.5,
+        max_p95_latency_ratio=3.0,
+        max_error_rate_increase=0.05,
+    )
+    router = serving.repository.get("clf")
+    assert router is not None
+    stop = threading.Event()
+
+    def traffic() -> None:
+        rng = np.random.default_rng(0)
+        for _ in range(2_000_000):
+            if stop.is_set():
+                return
+            router.infer(x(rng))
+            stop.wait(0.0002)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        src.set([_art(tmp_path, "2.0", quick)], serial=2)
+        (outcome,) = rec.run_once().outcomes
+        assert outcome.result == "canary"
+        assert serving.wait("clf", 120) is Phase.PROMOTED
+    finally:
+        stop.set()
+        worker.join(10)
+        serving.stop()
+    assert router.routing.active.version == "2.0" and router.routing.standby is None  # freed
+    rec.slots.rollback("clf", reason="test")
+    done = serving.sync(rec.slots)
+    assert done == {"clf": "serving 1.0"}  # reloaded from its slot (the MTTR cost the benchmark shows)
+    assert router.routing.active.version == "1.0"
