@@ -25,7 +25,9 @@ class NoTransitionError(RuntimeError):
         self.table = table
         self.state = state
         self.event = event
-        super().__init__(f"{table}: no transition for event {event.value!r} in state {state.value!r}")
+        super().__init__(
+            f"{table}: event {event.value!r} is not allowed in state {state.value!r} (no transition for it)"
+        )
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,9 @@ def read_only_sql(sql: str) -> str:
 
 
 def plain(v: Any) -> Any:
+    """A JSON-safe value (NaN and infinities become null: JSON has no such numbers)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     if v is None or isinstance(v, str | int | float | bool):
         return v
     if isinstance(v, datetime):
@@ -85,7 +89,8 @@ def admin_routes(
     plane: ServingPlane | None,
     settings: AgentSettings,
 ) -> list[BaseRoute]:
-    """The daemon's routes: ``/status``, ``/telemetry/query``, ``/telemetry/status``, ``/escalations``."""
+    """The daemon's routes: ``/status``, ``/telemetry/query``, ``/telemetry/status``, ``/escalations``,
+    ``/metrics`` (OpenMetrics, also mounted on the serving port)."""
     from starlette.concurrency import run_in_threadpool
 
     def status_doc() -> dict[str, Any]:
@@ -127,16 +132,10 @@ def admin_routes(
             return JSONResponse({"error": str(exc).splitlines()[0][:500]}, status_code=400)
 
     def tel_status_doc() -> dict[str, Any]:
-        from sre_agent.telemetry import status_of
-
         store = tel.store
         if store is None:
             raise ValueError("telemetry is not open")
-        now_us = int(daemon.clock.now().timestamp() * 1_000_000)
-        with store._lock:
-            info = status_of(store._con.cursor(), tel.policy, now_us)
-        info["file_bytes"] = daemon.paths.telemetry_db.stat().st_size
-        return info
+        return store.status(int(daemon.clock.now().timestamp() * 1_000_000))
 
     async def tel_status(_r: Request) -> JSONResponse:
         try:
@@ -173,7 +172,33 @@ def admin_routes(
         except (InputError, ValueError) as exc:
             return JSONResponse({"error": str(exc)[:1000]}, status_code=400)
 
+    from sre_agent.metrics import DeviceMetricSources, device_metrics
+    from sre_core.metrics import metrics_route
+
+    def routers() -> dict[str, Any]:
+        p = plane
+        if p is None:
+            return {}
+        return {n: r for n in p.repository.names() if (r := p.repository.get(n)) is not None}
+
+    def query_rows(sql: str) -> list[tuple[Any, ...]]:
+        if tel.store is None:
+            return []
+        return table_rows(tel.store.query(sql))
+
+    sources = DeviceMetricSources(
+        daemon.paths,
+        jobs=lambda: daemon.status()["jobs"],
+        routers=routers,
+        telemetry_status=tel_status_doc,
+        query=query_rows,
+    )
+    metrics = metrics_route(lambda: device_metrics(sources))
+    if plane is not None:  # Prometheus scrapes the serving port (the admin API is a unix socket)
+        web: Any = getattr(plane.app, "other", plane.app)  # the starlette app behind the infer fast path
+        web.router.routes.insert(0, metrics)
     return [
+        metrics,
         Route("/chaos/run", chaos_run, methods=["POST"]),
         Route("/status", status),
         Route("/telemetry/query", query, methods=["POST"]),
