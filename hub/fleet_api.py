@@ -111,7 +111,8 @@ def fleet_routes(
     fleet: FleetDB | None = None,
     window_s: float = 300.0,
 ) -> list[Route]:
-    """Routes: ``POST /v1/fleet/reports`` (device), ``GET /v1/fleet/status``, ``GET /v1/dora``,
+    """Routes: ``GET /metrics`` (OpenMetrics), ``POST /v1/fleet/reports`` (device), ``GET /v1/fleet/status``,
+    ``GET /v1/dora``,
     ``GET /v1/rollouts/{channel}``, ``POST /v1/rollouts/{channel}/{action}``, ``POST /v1/recalls/{channel}``
     (operator)."""
     repo_dir = Path(repo_dir)
@@ -225,7 +226,11 @@ def fleet_routes(
             return JSONResponse({"error": f"bad recall body: {exc}"}, status_code=400)
         return JSONResponse(out)
 
+    from hub.metrics import hub_metrics
+    from sre_core.metrics import metrics_route
+
     return [
+        metrics_route(lambda: hub_metrics(svc, db)),  # OpenMetrics for Prometheus (unauthenticated)
         Route("/v1/fleet/reports", report, methods=["POST"]),
         Route("/v1/fleet/status", fleet_status, methods=["GET"]),
         Route("/v1/dora", dora, methods=["GET"]),

@@ -4,8 +4,8 @@
 (``audit.jsonl``: canary steps and gate figures, chaos verdicts, escalation steps), the telemetry store
 (``telemetry.duckdb``, opened read-only: serving latency and error rate per slot, uplink backlog, SLO
 metrics, the books), the escalation files and the chaos escalation packets. DuckDB lets no second process
-open a file the daemon holds, so run it while the daemon is stopped (or on a copy); the audit-based
-sections work either way.
+open a file the daemon holds, so while the daemon runs the telemetry comes through its admin API (the same
+read-only SELECTs), and from the file when no daemon runs.
 
 Plots are inline SVG made by :mod:`sre_core.svg` (why hand-written: see there). Public API::
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = ["DeviceData", "collect_device", "render_device", "write_device_report
 
 MAX_AUDIT_LINES = 200_000
 MAX_METRIC_ROWS = 500_000
+MAX_QUERY_ROWS = 10_000  # the admin API's cap per query: more rows are averaged into time buckets
 
 
 @dataclass
@@ -48,6 +50,7 @@ class DeviceData:
     metrics: list[tuple[float, str, str, float]] = field(default_factory=list)
     books: list[dict[str, Any]] = field(default_factory=list)
     telemetry_note: str = ""
+    telemetry_failed: bool = False  # the database exists but could not be read (locked, damaged)
     escalations: list[dict[str, Any]] = field(default_factory=list)
     chaos_packets: list[dict[str, Any]] = field(default_factory=list)
     slos: list[dict[str, Any]] = field(default_factory=list)
@@ -73,7 +76,60 @@ def _read_audit(paths: StatePaths) -> tuple[list[dict[str, Any]], bool | None]:
     return out, broken is None
 
 
+_METRIC_FILTER = "(name LIKE 'serving.%' OR name LIKE 'uplink.%' OR name LIKE 'slo.%') AND isfinite(value)"
+
+Query = Callable[[str], list[tuple[Any, ...]]]
+
+
+def _admin_query(client: Any) -> Query:
+    """Run one SELECT through the daemon's admin API (it holds the DuckDB file)."""
+
+    def run(sql: str) -> list[tuple[Any, ...]]:
+        resp = client.post("/telemetry/query", json={"sql": sql})
+        if resp.status_code != 200:
+            raise SreError("query the daemon", str(resp.json().get("error", resp.status_code)))
+        doc = resp.json()
+        return [tuple(r[c] for c in doc["columns"]) for r in doc["rows"]]
+
+    return run
+
+
+def _metric_rows(q: Query, limit: int) -> list[tuple[Any, ...]]:
+    """The plotted metrics, averaged into time buckets when there are more than ``limit`` rows.
+
+    The SQL is built from constants and integers only (S608 below).
+    """
+    n, series, lo, hi = q(
+        "SELECT count(*) AS n, count(DISTINCT name || '|' || series) AS s, min(epoch_us(ts)) AS lo, "  # noqa: S608
+        f"max(epoch_us(ts)) AS hi FROM metrics WHERE {_METRIC_FILTER}"
+    )[0]
+    if not n:
+        return []
+    if n <= limit:
+        return q(
+            f"SELECT epoch_us(ts) AS t, name, series, value FROM metrics WHERE {_METRIC_FILTER} ORDER BY ts"  # noqa: S608
+        )
+    bucket = max(1, -(-(int(hi) - int(lo) + 1) * int(series) // int(limit * 0.9)))
+    return q(
+        f"SELECT (epoch_us(ts) // {bucket}) * {bucket} AS t, name, series, avg(value) AS value FROM metrics "  # noqa: S608
+        f"WHERE {_METRIC_FILTER} GROUP BY 1, 2, 3 ORDER BY 1 LIMIT {limit}"
+    )
+
+
 def _read_telemetry(paths: StatePaths, data: DeviceData) -> None:
+    """Telemetry through the running daemon's admin API, else from the file (read-only)."""
+    from sre_agent.admin import admin_client
+
+    client = admin_client(paths)
+    if client is not None:  # the daemon holds the file: DuckDB lets no second process open it
+        try:
+            _read_with(_admin_query(client), paths, data, MAX_QUERY_ROWS)
+        except SreError as exc:
+            data.telemetry_note = f"telemetry unavailable from the running daemon: {exc.why or exc.message}"
+            data.telemetry_failed = True
+        finally:
+            client.close()
+        return
     db = paths.telemetry_db
     if not db.exists():
         data.telemetry_note = "no telemetry database yet"
@@ -84,31 +140,34 @@ def _read_telemetry(paths: StatePaths, data: DeviceData) -> None:
         con = open_readonly(db)
     except SreError as exc:
         data.telemetry_note = f"telemetry unavailable: {exc.why or exc.message}"
+        data.telemetry_failed = True
         return
     try:
-        rows = con.execute(
-            "SELECT epoch_us(ts), name, series, value FROM metrics "
-            "WHERE name LIKE 'serving.%' OR name LIKE 'uplink.%' OR name LIKE 'slo.%' "
-            "ORDER BY ts LIMIT ?",
-            [MAX_METRIC_ROWS],
-        ).fetchall()
+        _read_with(lambda sql: con.execute(sql).fetchall(), paths, data, MAX_METRIC_ROWS)
+    finally:
+        con.close()
+
+
+def _read_with(q: Query, paths: StatePaths, data: DeviceData, limit: int) -> None:
+    try:
+        rows = _metric_rows(q, limit)
         data.metrics = [(int(r[0]) / 1e6, str(r[1]), str(r[2]), float(r[3])) for r in rows]
-        books = con.execute(
-            "SELECT tbl, produced, uploaded, folded, dropped FROM books ORDER BY tbl"
-        ).fetchall()
+        books = q("SELECT tbl, produced, uploaded, folded, dropped FROM books ORDER BY tbl")
         data.books = [
             {"table": b[0], "produced": b[1], "uploaded": b[2], "folded": b[3], "dropped": b[4]}
             for b in books
         ]
-        ob = con.execute(
-            "SELECT count(*), coalesce(sum(rows), 0), min(epoch_us(created)) FROM outbox"
-        ).fetchone()
-        kv = con.execute("SELECT v FROM kv WHERE k = 'last_ack_us'").fetchone()
+        ob = q("SELECT count(*) AS n, coalesce(sum(rows), 0) AS r, min(epoch_us(created)) AS t FROM outbox")[
+            0
+        ]
+        kv_rows = q("SELECT v FROM kv WHERE k = 'last_ack_us'")
+        kv = kv_rows[0] if kv_rows else None
+    except SreError:
+        raise
     except Exception as exc:  # an older or partial schema: show what we have
         data.telemetry_note = f"telemetry partly unreadable: {type(exc).__name__}: {exc}"[:300]
+        data.telemetry_failed = True
         return
-    finally:
-        con.close()
     data.slos = _slos(paths, ob, kv)
 
 

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from sre_agent.cli._common import ConfigOpt, JsonOpt, StateOpt, emit_json, out_console, state_paths
+from sre_agent.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    StateOpt,
+    emit_json,
+    err_console,
+    out_console,
+    state_paths,
+)
 
 __all__ = ["register"]
 
@@ -23,8 +31,9 @@ def register(app: typer.Typer) -> None:
         """Write an HTML report: canary steps and gates, latency and errors per slot, uplink backlog,
         SLOs, chaos verdicts, escalations. Inline SVG only: open it anywhere, nothing is fetched.
 
-        Reads the telemetry database read-only: stop the daemon first (DuckDB lets no second process
-        open it); the audit-based plots work either way.
+        While the daemon runs, telemetry comes through its admin API (it holds the DuckDB file);
+        otherwise the file is opened read-only. Exit 1 when telemetry could not be read (the page is
+        still written, with what could be read).
         """
         from sre_agent.report import collect_device, render_device
         from sre_core.atomic import atomic_write_text
@@ -42,7 +51,11 @@ def register(app: typer.Typer) -> None:
         }
         if json_out:
             emit_json(info)
+            if data.telemetry_failed:
+                raise typer.Exit(1)
             return
         out_console().print(f"report written to [bold]{html}[/bold] ({len(data.audit)} audit records)")
         if data.telemetry_note:
-            out_console().print(f"[yellow]{data.telemetry_note}[/yellow]")
+            err_console().print(f"[yellow]{data.telemetry_note}[/yellow]")
+        if data.telemetry_failed:
+            raise typer.Exit(1)
