@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,11 +55,17 @@ def register(app: typer.Typer) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        daemon = build_daemon(settings, paths, SystemClock(), heartbeat_s=heartbeat)
+        from sre_core.sdnotify import SystemdNotifier
+
+        notifier = SystemdNotifier.from_env()  # Type=notify: readiness and watchdog (no-op otherwise)
+        clock = SystemClock()
+        daemon = build_daemon(settings, paths, clock, heartbeat_s=heartbeat)
         daemon.start()
+        notifier.ready(f"running on {paths.root}")
         try:
-            stop.wait(duration)
+            _supervise(stop, duration, notifier, lambda: _alive(daemon, clock, heartbeat, notifier))
         finally:
+            notifier.stopping(reason["why"])
             daemon.stop(reason["why"])
         # Stopped cleanly: every service flushed and closed. Skip interpreter teardown, where DuckDB's
         # native bindings print leak reports to stderr (not JSON, and no fault of ours to act on).
@@ -67,3 +73,35 @@ def register(app: typer.Typer) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _supervise(stop: threading.Event, duration: float | None, notifier: Any, alive: Any) -> None:
+    """Wait for a stop signal or ``duration``; ping systemd's watchdog while the daemon is alive."""
+    import time
+
+    interval = notifier.watchdog_interval_s
+    deadline = None if duration is None else time.monotonic() + duration
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        wait = (
+            interval if remaining is None else (remaining if interval is None else min(interval, remaining))
+        )
+        if stop.wait(wait):
+            return
+        if interval is not None and alive():
+            notifier.watchdog()
+
+
+def _alive(daemon: Any, clock: Any, heartbeat_s: float, notifier: Any) -> bool:
+    """The scheduler still runs jobs: the heartbeat job succeeded recently (a stuck daemon gets no ping,
+    so systemd restarts it after WatchdogSec)."""
+    from datetime import datetime
+
+    st = daemon.status()
+    ref = (st["jobs"].get("heartbeat") or {}).get("last_ok") or st.get("started")
+    if not ref:
+        return False
+    age = (clock.now() - datetime.fromisoformat(ref)).total_seconds()
+    return bool(age <= 3 * heartbeat_s + (notifier.watchdog_interval_s or 0.0))
