@@ -246,3 +246,40 @@ def test_a_clock_skew_fault_never_moves_trusted_time(tmp_path: Path) -> None:
     again = TrustedTime(state / "clock.json", clock)
     assert again.now() - base.now() < timedelta(minutes=1)
     assert not again.clock_behind()
+
+
+def test_the_daemon_chaos_loop_judges_every_file_even_after_hostile_ones(tmp_path: Path) -> None:
+    """A 5,000-digit integer or C-stack-deep YAML used to raise out of the loop: later files were skipped."""
+    from sre_agent.config import AgentSettings
+    from sre_agent.services.chaos import ChaosSchedule
+    from sre_core.audit import AuditLog
+    from sre_core.clock import SystemClock
+    from sre_core.telemetry import NullSink
+
+    state = StatePaths(tmp_path / "state")
+    state.create()
+    exps = tmp_path / "exps"
+    exps.mkdir()
+    hostile = _hostile()
+    (exps / "a-int.json").write_bytes(hostile["json-5000-digit-int.json"])
+    (exps / "b-deep.yaml").write_bytes(hostile["yaml-deep-block.yaml"])
+    (exps / "c-escalates.json").write_text(
+        json.dumps({**safe_doc(), "method": [action("cut_uplink", duration_s=90)]})
+    )
+    settings = AgentSettings.model_validate(
+        {
+            "state_dir": str(state.root),
+            "llm": {"enabled": False},
+            "chaos": {"enabled": True, "experiments_dir": str(exps)},
+        }
+    )
+    schedule = ChaosSchedule(
+        state, settings, SystemClock(), AuditLog(state.audit_log), NullSink(),
+        serving_url=lambda: None, model=lambda: None, toxiproxy_url=lambda: None,
+    )  # fmt: skip
+    rows = schedule.tick()
+    assert [(r["file"], r["verdict"]) for r in rows] == [
+        ("a-int.json", "reject"),
+        ("b-deep.yaml", "reject"),
+        ("c-escalates.json", "escalate"),
+    ]
