@@ -89,3 +89,36 @@ def test_policy_module_changes_the_running_daemon_and_bad_ones_are_refused(
         assert mod["active"]["version"] == "1" and len(mod["bad"]) == 2
     finally:
         server.stop()
+
+
+def test_a_crash_between_activation_and_commit_restores_the_committed_policy(tmp_path: Path) -> None:
+    """kill -9 after a policy was activated but before its probes committed it: on restart the slot
+    goes back to the committed version and so do the files the daemon reads."""
+    from deploy_helpers import StaticSource, make_artifact
+
+    from deployment.policy_modules import PolicyActivator, slot_documents
+    from deployment.reconcile import Reconciler
+    from sre_core.clock import FakeClock
+
+    paths = StatePaths(tmp_path / "dev")
+    paths.create()
+    (paths.policies / "chaos.yaml").write_text("guardrails: {max_error_rate: 0.04}\n")  # factory
+    clock = FakeClock()
+    v1 = make_artifact(tmp_path / "cas", "pol", "1", b"guardrails: {max_error_rate: 0.01}\n",
+                       kind="policy", filename="chaos.yaml")  # fmt: skip
+    rec = Reconciler(paths, StaticSource(clock, [v1]), clock)
+    assert [o.result for o in rec.run_once().outcomes] == ["committed"]
+    v1_bytes = (paths.policies / "chaos.yaml").read_bytes()
+    # The interrupted pass: v2 installed, flipped and activated, then the process dies.
+    v2 = make_artifact(tmp_path / "cas", "pol", "2", b"guardrails: {max_error_rate: 0.02}\n",
+                       kind="policy", filename="chaos.yaml")  # fmt: skip
+    view = rec.slots.install(v2)
+    rec.slots.flip("pol")
+    PolicyActivator(paths, rec.audit, clock).activate("pol", "2", v2.sha256, slot_documents(view.path), None)
+    assert b"0.02" in (paths.policies / "chaos.yaml").read_bytes()
+    restarted = Reconciler(paths, StaticSource(clock, [v1]), clock)
+    restarted.recover()
+    assert (paths.policies / "chaos.yaml").read_bytes() == v1_bytes
+    assert restarted.slots.status("pol").active.version == "1"  # type: ignore[union-attr]
+    # The provisioned document was kept at the first activation (what a rollback past v1 restores).
+    assert b"0.04" in (paths.policies / ".factory" / "chaos.yaml").read_bytes()
