@@ -457,6 +457,8 @@ class ManagedServing:
         self.runs: dict[str, CanaryRun] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._stops: dict[str, threading.Event] = {}
+        self._candidates: dict[str, str] = {}
+        self._stop_reasons: dict[str, str] = {}  # module -> version handed to start() (maybe still loading)
         self._stop = threading.Event()
         self._attempts_lock = threading.Lock()
 
@@ -551,6 +553,8 @@ class ManagedServing:
             self._first_version(module, standby, slots)
             return
         stop = self._stops[module] = threading.Event()
+        self._candidates[module] = standby.manifest.version
+        self._stop_reasons.pop(module, None)
         if self._stop.is_set():
             stop.set()
         thread = threading.Thread(
@@ -575,6 +579,10 @@ class ManagedServing:
                 severity="error",
                 attrs={"source": "canary", "module": module, "version": manifest.version},
             )
+            return
+        if stop.is_set():  # pre-empted or stopped while the candidate was loading
+            run.stop_reason = self._stop_reasons.get(module, run.stop_reason)
+            run.cancel(run.stop_reason)
             return
         phase = run.run(self.interval_s, stop)
         self._after(module, manifest.version, phase)
@@ -672,13 +680,15 @@ class ManagedServing:
     def preempt(self, module: str, version: str) -> bool:
         """A newer desired ``version`` arrived while a canary of ``module`` runs: cancel that canary
         (weight 0 at once, not marked bad) and wait for it to end. True when none runs any more."""
-        run = self.runs.get(module)
         if not self.busy(module):
             return True
-        if run is not None and run.candidate.version == version:
-            return False  # the desired version is the one being canaried
-        if run is not None:
-            run.stop_reason = f"pre-empted by desired version {version}"
+        if self._candidates.get(module) == version:
+            return False  # the desired version is the one being canaried (or loaded for it)
+        reason = f"pre-empted by desired version {version}"
+        self._stop_reasons[module] = reason
+        run = self.runs.get(module)
+        if run is not None and run.candidate.version == self._candidates.get(module):
+            run.stop_reason = reason
         stop = self._stops.get(module)
         if stop is not None:
             stop.set()
