@@ -47,8 +47,12 @@ def test_a_model_without_a_canary_has_requests_errors_and_latency_in_duckdb_afte
     from deployment.router import InferenceError
     from deployment.sample_models import erroring_classifier
     from deployment.serving import ModelRepository, TelemetryFlusher
+    from sre_agent.report import collect_device, render_device
+    from sre_core.paths import StatePaths
 
-    store = Store(tmp_path / "t.duckdb", small_policy(), FakeClock(), "dev-a")
+    paths = StatePaths(tmp_path / "state")
+    paths.create()
+    store = Store(paths.telemetry_db, small_policy(), FakeClock(), "dev-a")
     writer = TelemetryWriter(store, enforce=False)
     writer.start()
     repo = ModelRepository(writer)
@@ -80,3 +84,7 @@ def test_a_model_without_a_canary_has_requests_errors_and_latency_in_duckdb_afte
     assert got["serving.requests"] == 200 and got["serving.errors"] == errors
     assert got["serving.latency_p95_s"] > 0
     store.close()
+    data = collect_device(paths.root)  # the device report reads and draws them
+    drawn = {name for (_t, name, series, _v) in data.metrics if "1.0" in series}
+    assert {"serving.requests", "serving.errors", "serving.latency_p95_s"} <= drawn
+    assert "inference latency p95" in render_device(data)
