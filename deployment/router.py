@@ -16,7 +16,7 @@ alternating from pair to pair, and the router keeps the per-request ratio ``t_ca
 (:class:`PairStats`). Both runs see the same input, batch size, load and cache state within microseconds
 of each other, so the comparison is like with like whatever the canary's traffic share (an unpaired
 comparison of a 1 % canary against the 99 % incumbent measures cache warmth, not the model). The first
-``warmup_pairs`` pairs after a canary starts or changes weight are run but not counted.
+``warmup_pairs`` mirrored requests after a canary starts or changes weight are run but not counted.
 
 Only routed traffic is evidence: a request pinned to a version (``.../versions/V/infer``) is answered
 and shows in telemetry, but never counts for the canary verdict; pinning to the canary is refused unless
