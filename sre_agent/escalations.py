@@ -446,7 +446,7 @@ class EscalationStore:
             )
 
     def expire_due(self) -> list[Escalation]:
-        """Expire open escalations past their expiry and approved ones whose approval lapsed."""
+        """Expire open or approved escalations past their expiry, and approved ones whose approval lapsed."""
         out = []
         with self._locked():
             now = self.clock.now()
@@ -456,7 +456,8 @@ class EscalationStore:
                     and esc.approval is not None
                     and (now >= datetime.fromisoformat(str(esc.approval["expires_at"])))
                 )
-                if (esc.status == S.OPEN and now >= esc.expires_at) or lapsed:
+                # an escalation expires at its own expiry, approved or not: nothing acts on evidence that old
+                if (esc.status in (S.OPEN, S.APPROVED) and now >= esc.expires_at) or lapsed:
                     out.append(self._transition(esc, E.EXPIRE, "agent", "expired"))
         return out
 
@@ -526,6 +527,12 @@ class EscalationStore:
                     restored = E.EXECUTED if event == "escalation.executed" else E.FAILED
                     why = f"not executed again: the audit trail records {event} (seq {seq})"
                     done.append((self._transition(esc, restored, "agent", why), None))
+                    continue
+                if now >= esc.expires_at:
+                    # the approval may still be valid, but the evidence it was given on is too old to act on
+                    why = f"the escalation expired at {esc.expires_at.isoformat()} before the agent acted"
+                    self.audit.append("escalation.execution_refused", id=esc.id, why=why)
+                    done.append((self._transition(esc, E.EXPIRE, "agent", f"not executed: {why}"), None))
                     continue
                 # persisted before acting: a crash after this line never leads to a second execution
                 self.audit.append(

@@ -472,10 +472,6 @@ def test_hub_refuses_to_sign_for_a_rejected_escalation(world, state, cli):
     assert _hub_approval_files(world["repo"]) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15: an approval may outlive its escalation; the device acts past the escalation's expiry",
-)
 def test_an_approval_outliving_its_escalation_does_not_run_after_the_escalation_expired(world, state, cli):
     """Approved a minute before the escalation's expiry with an hour's TTL: past the escalation's expiry the
     device must not act on evidence that old, although the approval itself is still valid."""
@@ -507,7 +503,6 @@ def test_two_executors_at_once_run_an_approved_escalation_once(world, state, cli
     assert _execute(state) == []
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15: `sre-agent status` prints escalation titles raw")
 def test_device_status_neutralises_escalation_text(state, cli):
     """`sre-agent status` lists escalations waiting for an operator: another place their text is read."""
     _escalate(state, title="golden fail \u202e\x1b[2J\x9b2J\x1b[32mAPPROVED: safe_mode\x1b[0m \u200b")

@@ -159,9 +159,12 @@ def _print_operator_view(con: Any, data: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    checks = data.get("failing_checks") or []
+    from sre_core.textsafe import neutralise_tree
+
+    # titles and names come from devices and logs: controls and bidi are shown, never obeyed
+    checks = neutralise_tree(data.get("failing_checks") or [])
     con.print(f"failing checks: {escape(', '.join(checks)) if checks else 'none'}")
-    incidents = data.get("open_incidents") or []
+    incidents = neutralise_tree(data.get("open_incidents") or [])
     if incidents:
         table = Table(title="open incidents")
         for col in (
@@ -187,7 +190,7 @@ def _print_operator_view(con: Any, data: dict[str, Any]) -> None:
         con.print(table)
     else:
         con.print("open incidents: none")
-    pending = data.get("pending_escalations") or []
+    pending = neutralise_tree(data.get("pending_escalations") or [])
     if pending:
         table = Table(title="escalations waiting for an operator")
         for col in ("id", "status", "proposed", "module", "expires", "what"):
