@@ -32,6 +32,7 @@ EXAMPLES = REPO / "experiments"
 MARK = "@MARK@"  # replaced by a per-run marker path: a process/command that ran leaves a file there
 
 EXIT = {"run": 0, "escalate": 10, "reject": 2}
+pytestmark = pytest.mark.slow  # ~2 min on the loaded shared 2-core box (a few hundred CLI calls)
 
 
 @dataclass(frozen=True)
