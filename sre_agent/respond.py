@@ -367,6 +367,24 @@ class Responder:
                 e.acting = None
         self._save()
 
+    def close_not_serving(self, active_of: Callable[[str], str | None]) -> list[str]:
+        """On start: close open incidents about a version its module no longer serves (something else
+        already resolved them, e.g. the slot manager's own start-up fallback from a corrupt active slot).
+        ``active_of`` gives a module's active version (None: unknown module; nothing is closed)."""
+        closed = []
+        for e in self.tracker.open_incidents():
+            if e.interrupted is not None or not e.version:
+                continue
+            now = active_of(e.module)
+            if now is not None and now != e.version:
+                why = f"{e.module} {e.version} no longer serves (now {now})"
+                self.tracker.close(e.fingerprint, why)
+                self.audit.append("incident.closed", id=e.incident_id, fingerprint=e.fingerprint, why=why)
+                closed.append(e.fingerprint)
+        if closed:
+            self._save()
+        return closed
+
     def resume(self) -> list[Outcome]:
         """Finish the actions a crash cut short, once, through the same idempotent handlers (call on
         start, once the services the handlers use run). A rollback that already happened says so."""

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -350,3 +351,88 @@ def _signal(slots: SlotManager) -> IncidentSignal:
     )
     assert sig is not None
     return sig
+
+
+@dataclass
+class _Store:
+    """The telemetry store's two figures the sync SLOs read (a one-method seam each)."""
+
+    acked_us: int
+
+    def pending(self) -> list[object]:
+        return []
+
+    def last_ack_us(self) -> int:
+        return self.acked_us
+
+
+@dataclass
+class _Telemetry:
+    store: _Store
+
+
+def test_an_slo_burning_after_a_flip_carries_its_facts_and_closes_when_met(tmp_path: Path) -> None:
+    """The SLO job's incident names the SLO, its burn rate and the versions; the responder adds the time
+    since the flip; the same job resolves it once the SLO is met again."""
+    from sre_agent.jobs import SloJob
+
+    paths, clock, audit, _src, _rec = _device(tmp_path)
+    slots = SlotManager(paths, audit, clock)
+    settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
+    sink = MemorySink()
+    svc = ResponderService(
+        paths,
+        clock,
+        lambda: build_responder(paths, settings, clock=clock, audit=audit),
+        lambda: slots,
+        sink=sink,
+    )
+    tel = _Telemetry(_Store(int(clock.now().timestamp() * 1e6)))
+    job = SloJob(paths, clock, tel, sink, lambda: slots, svc.report, svc.resolve)  # type: ignore[arg-type]
+    svc.start()
+    try:
+        clock.advance(timedelta(days=3))  # no upload acknowledged for three days: the sync SLO burns
+        job()
+        _wait(svc)
+        (opened,) = [r.data for r in audit.records() if r.event == "incident.opened"]
+        facts = opened["facts"]
+        assert opened["kind"] == "slo_burn" and facts["slo"] == "sync.since_last_ack_s"
+        assert facts["burn_rate"] > 1 and facts["versions"] == "clf=2.0" and facts["since_flip_s"] >= 0
+        tel.store.acked_us = int(clock.now().timestamp() * 1e6)  # the hub acknowledges an upload
+        job()
+        _wait(svc)
+        assert svc.responder is not None and svc.responder.tracker.open_incidents() == []
+    finally:
+        svc.stop()
+    assert any(r.event == "incident.closed" and "met again" in r.data["why"] for r in audit.records())
+
+
+def test_on_start_an_incident_about_a_version_that_no_longer_serves_is_closed(tmp_path: Path) -> None:
+    """The daemon died after opening an incident; on restart the slot manager's own fallback (or an
+    operator) had already moved the module off that version: the incident does not stay open forever."""
+    paths, clock, audit, _src, _rec = _device(tmp_path)
+    slots = SlotManager(paths, audit, clock)
+    settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
+
+    def service() -> ResponderService:
+        return ResponderService(
+            paths, clock, lambda: build_responder(paths, settings, clock=clock, audit=audit), lambda: slots
+        )
+
+    first = service()
+    first.start()
+    tee = IncidentTee(MemorySink, first.submit, first.resolved)
+    tee.event(
+        "incident",
+        "verification check drift.inputs fail",
+        attrs={"source": "verification", "check": "drift.inputs", "modules": ["clf"]},
+    )
+    _wait(first)
+    first.stop()
+    assert first.responder is not None and first.responder.tracker.open_incidents()[0].version == "2.0"
+    slots.rollback("clf", reason="operator", actor="operator")
+    again = service()
+    again.start()
+    again.stop()
+    assert again.responder is not None and again.responder.tracker.open_incidents() == []
+    assert any(r.event == "incident.closed" and "no longer serves" in r.data["why"] for r in audit.records())

@@ -228,6 +228,11 @@ class ResponderService:
             slots = self._slots()
             if slots is not None and sig.module in slots.modules():
                 facts.update(slot_facts(slots.status(sig.module), self.clock.now()))
+            elif slots is not None:  # a device-wide signal (an SLO): the most recent flip of any module
+                ages = [since_flip_s(slots.status(m).current_link, self.clock.now()) for m in slots.modules()]
+                known = [a for a in ages if a is not None]
+                if known:
+                    facts["since_flip_s"] = min(known)
             if self._serving is not None:
                 up = self._serving(sig.module)
                 if up is not None:
@@ -248,6 +253,13 @@ class ResponderService:
     def resolved(self, res: Resolution) -> None:
         """Queue a resolution (closed in order with the signals before it)."""
         self._put(res)
+
+    def _active_version(self, module: str) -> str | None:
+        slots = self._slots()
+        if slots is None or module not in slots.modules():
+            return None
+        active = slots.status(module).active
+        return active.version if active is not None else None
 
     def _put(self, item: IncidentSignal | Resolution) -> None:
         try:
@@ -275,6 +287,7 @@ class ResponderService:
         self.responder = self._factory()
         try:
             self.responder.resume()  # actions a crash cut short, finished once before anything new
+            self.responder.close_not_serving(self._active_version)
         except Exception:
             _log.exception("could not resume the actions a crash interrupted")
         self._stop.clear()
