@@ -385,7 +385,14 @@ class CanaryConfig:
             )
         fields: tuple[str, ...] = ("soak_s", "mirror_share", "max_error_rate_increase")
         fields = (*fields, "max_p95_latency_ratio", "divergence", "max_divergence")
-        explicit = {f: getattr(spec, f) for f in fields if f in spec.model_fields_set}
+        # "Explicit" = set *and* different from the spec's default: a manifest that travelled as JSON
+        # (TUF custom) has every field set, and its defaults must not override the device's policy.
+        spec_defaults = CanarySpec()
+        explicit = {
+            f: getattr(spec, f)
+            for f in fields
+            if f in spec.model_fields_set and getattr(spec, f) != getattr(spec_defaults, f)
+        }
         base = cls(steps=steps, **{**dict(defaults or {}), **explicit})
         return replace(base, **overrides) if overrides else base
 

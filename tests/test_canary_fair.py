@@ -23,7 +23,7 @@ import onnx
 import pytest
 
 from deployment.canary import CanaryConfig, Phase, judge_error_rate, judge_latency
-from deployment.manifest import CanarySpec, CanaryStep
+from deployment.manifest import CanarySpec, CanaryStep, ModuleManifest
 from deployment.reconcile import Reconciler
 from deployment.router import PinRefusedError, Router, VersionStats
 from deployment.sample_models import doubled_classifier, linear_classifier
@@ -91,6 +91,11 @@ def test_manifest_values_win_only_when_set() -> None:
     assert CanaryConfig.from_spec(CanarySpec(), defaults=defaults).max_error_rate_increase == 0.002
     explicit = CanarySpec(max_error_rate_increase=0.03)
     assert CanaryConfig.from_spec(explicit, defaults=defaults).max_error_rate_increase == 0.03
+    # a manifest that travelled as JSON has every field set: its defaults still defer to the policy
+    sent = ModuleManifest(name="m", version="1", canary=CanarySpec(mirror_share=0.2))
+    wire = ModuleManifest.model_validate_json(sent.model_dump_json())
+    cfg = CanaryConfig.from_spec(wire.canary, defaults=defaults)
+    assert cfg.max_error_rate_increase == 0.002 and cfg.mirror_share == 0.2
 
 
 # -- latency: paired, so a cold 1 % canary is judged like with like ---------------------------------
