@@ -839,8 +839,9 @@ def _standalone_ratio(a_blob: bytes, b_blob: bytes, n_features: int) -> float:
     return float(statistics.median(tb) / statistics.median(ta))
 
 
-def canary_trials(runs: int) -> dict[str, Any]:
-    """``runs`` canaries of each kind under the default policy (real sessions, two client threads)."""
+def canary_trials(runs: int, only: set[str] | None = None) -> dict[str, Any]:
+    """``runs`` canaries of each kind (``only``: these kinds) under the default policy (real sessions,
+    two client threads)."""
     from deployment.sample_models import doubled_classifier, erroring_classifier, linear_classifier
 
     tiny: dict[str, Any] = {"hidden_layers": 2}
@@ -859,6 +860,8 @@ def canary_trials(runs: int) -> dict[str, Any]:
         "slower_2x_standalone_ratio": round(_standalone_ratio(base, slow, 16), 2),
     }
     for name, (inc, cand, n_features, expected) in kinds.items():
+        if only and name not in only:
+            continue
         trials = [_canary_trial(inc, cand, n_features, seed) for seed in range(runs)]
         right = sum(t["phase"] == expected for t in trials)
         per_step: dict[str, float] = {}
@@ -960,6 +963,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--canary-runs", type=int, default=20)
     ap.add_argument(
+        "--canary-kinds",
+        default="",
+        help="comma-separated subset of identical_tiny,identical_5mib,slower_2x,errors_1pct (default: all)",
+    )
+    ap.add_argument(
         "--peer-venv",
         type=Path,
         default=PEER_VENV,
@@ -975,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.canary:
         res0: dict[str, Any] = {"benchmark": "serving-canary", "cpus": os.cpu_count()}
-        res0["canary"] = canary_trials(args.canary_runs)
+        only = {k for k in args.canary_kinds.split(",") if k}
+        res0["canary"] = canary_trials(args.canary_runs, only or None)
         res0["elapsed_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(res0, sort_keys=True))
         return 0
