@@ -380,3 +380,38 @@ def test_init_with_another_root_needs_force(hub: Hub, tmp_path: Path) -> None:
     rc, _, out = cli(agent_main, *args, "--force")
     assert rc == 0, out
     assert any("repin" in e or "anchor" in e or "root" in e for e in hub.audit()), hub.audit()[-5:]
+
+
+# --- other roads to trusted time ---------------------------------------------------------------------
+def test_far_future_timestamp_through_a_bundle_is_refused(hub: Hub, tmp_path: Path) -> None:
+    """Sneakernet takes the same bound as the network: a bundle carrying a far-future timestamp."""
+    hub.publish("1.0.0")
+    assert hub.reconcile()[0] == 0
+    HubRepository(hub.repo.dir, clock=FakeClock(datetime.now(UTC) + AHEAD["far-beyond"])).timestamp()
+    bundle = tmp_path / "bundle"
+    rc, _, out = cli(
+        hub_main, "bundle", "export", str(bundle), "--repo", str(hub.repo.dir), "--channel", "stable"
+    )
+    assert rc == 0, out
+    rc, rep = hub.reconcile("--from", str(bundle))
+    assert rc != 0 and not rep["safe_mode"], rep
+    assert hub.high_water() < datetime.now(UTC) + timedelta(seconds=DAY)
+    assert not hub.status()["safe_mode"]["active"]
+
+
+def test_clock_skew_fault_never_moves_trusted_time(hub: Hub) -> None:
+    """The chaos clock-skew action (+1 day, the catalogue's bound) while the device pulls: the desired
+    state expiring in 12 h must not expire, and trusted time must not follow the skewed clock."""
+    from chaos.actions import clear_faults, skew_agent_clock
+
+    hub.publish("1.0.0", expires=timedelta(hours=12))
+    assert hub.reconcile()[0] == 0
+    conf = {"state_dir": str(hub.state)}
+    skew_agent_clock(offset_s=86400, duration_s=300, configuration=conf)
+    try:
+        _, rep = hub.reconcile()
+        assert not rep["safe_mode"], rep
+        assert hub.high_water() < datetime.now(UTC) + timedelta(hours=1)
+    finally:
+        clear_faults(configuration=conf)
+    assert not hub.status()["safe_mode"]["active"]
