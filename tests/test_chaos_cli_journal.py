@@ -157,3 +157,63 @@ def test_cli_run_goes_through_the_running_daemon(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(60)
+
+
+def test_cli_run_guards_the_configured_serving_port(run_cli: Any, state: StatePaths, tmp_path: Path) -> None:
+    """No daemon: the guardrail watches the server on the device's configured `[serving]` port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        doc = safe_doc()
+        doc["method"] = [
+            {
+                "type": "action",
+                "name": "noise",
+                "provider": {
+                    "type": "python",
+                    "module": "chaos.actions",
+                    "func": "inject_input_noise",
+                    "arguments": {"share": 0.1, "duration_s": 1},
+                },
+            }
+        ]
+        doc["rollbacks"] = [
+            {
+                "type": "action",
+                "name": "clear",
+                "provider": {"type": "python", "module": "chaos.actions", "func": "clear_faults"},
+            }
+        ]
+        exp = tmp_path / "noise.json"
+        exp.write_text(json.dumps(doc))
+        import yaml
+
+        pol = yaml.safe_load(
+            (Path(__file__).resolve().parent.parent / "policies/defaults/chaos.yaml").read_text()
+        )
+        pol["headroom"] = {"disk_reserve_mb": 1, "max_cpu_load": 1000, "min_mem_available_mb": 0}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(pol))
+        env = {**os.environ, "SRE_AGENT_SERVING__PORT": str(server.server_address[1])}
+        policy = str(tmp_path / "p.yaml")
+        res = run_cli(
+            "sre-agent", "chaos", "run", str(exp), "--state", str(state.root), "--policy", policy, "--json",
+            env=env,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+        run_dir = Path(json.loads(res.stdout)["result"]["run_dir"])
+        guard = json.loads((run_dir / "settings.json").read_text())["controls"]["sre-guardrail"]
+        assert guard["provider"]["arguments"]["serving_url"] == f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

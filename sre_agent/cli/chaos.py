@@ -149,8 +149,13 @@ def _run_locally(
     from sre_core.clock import SystemClock
     from sre_core.identity import load_identity
 
+    notes: list[str] = []
     if serving_url is None and settings.serving.enabled:
-        serving_url = f"http://{settings.serving.host}:{settings.serving.port}"
+        configured = f"http://{settings.serving.host}:{settings.serving.port}"
+        if _answers(configured):
+            serving_url = configured  # the device's own server, on its configured port
+        else:
+            notes.append(f"no inference server answers at {configured}: the guardrail watches no serving")
     device: dict[str, Any] = {}
     hub = urlsplit(str(settings.hub.url or ""))
     if hub.scheme in ("http", "https") and hub.hostname:
@@ -189,10 +194,20 @@ def _run_locally(
         )
     finally:
         tel.stop()
-    doc = {**outcome.to_dict(), "via": "device configuration"}
+    doc = {**outcome.to_dict(), "via": "device configuration", "notes": notes}
     if outcome.packet is not None:
         doc["plan"] = [r.model_dump(mode="json") for r in outcome.packet.plan]
     return doc
+
+
+def _answers(url: str) -> bool:
+    """Whether an inference server answers its liveness endpoint at ``url`` (one bounded request)."""
+    import httpx
+
+    try:
+        return httpx.get(url + "/v2/health/live", timeout=1.0).status_code < 500
+    except httpx.HTTPError:
+        return False
 
 
 def _print_outcome(doc: dict[str, Any]) -> None:
@@ -200,7 +215,7 @@ def _print_outcome(doc: dict[str, Any]) -> None:
     style = _STYLE[str(doc["verdict"])]
     h = f" {str(doc.get('experiment_hash') or '')[:19]}"
     con.print(f"[bold {style}]{doc['verdict']}[/bold {style}] {doc.get('source', '')}{h}", highlight=False)
-    for r in doc.get("reasons") or []:
+    for r in [*(doc.get("reasons") or []), *(doc.get("notes") or [])]:
         con.print(f"  - {r}", highlight=False, markup=False)
     if not doc.get("ran"):
         con.print(f"not run; escalation packet: {doc.get('packet')}", highlight=False)
