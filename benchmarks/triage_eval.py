@@ -116,7 +116,9 @@ def main() -> None:
     cases = load_cases(args.cases)
     policy = default_triage_policy()
     engine = TriageEngine(policy)
-    out: dict[str, Any] = {"benchmark": "triage_eval", "corpus": str(args.cases.relative_to(REPO))}
+    corpus = args.cases.resolve()
+    shown = corpus.relative_to(REPO) if corpus.is_relative_to(REPO) else corpus
+    out: dict[str, Any] = {"benchmark": "triage_eval", "corpus": str(shown)}
 
     rule_runs = [evaluate(cases, engine) for _ in range(args.rule_reps)]  # repeat: tiny latencies
     flat = [r for run in rule_runs for r in run]
