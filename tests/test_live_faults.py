@@ -108,7 +108,7 @@ class Client:
         return next((t for t, v in list(self.served) if t >= t0 and v == version), None)
 
     def error_kinds(self, since: float = 0.0) -> dict[str, int]:
-        """Failed requests after the first answer (and after ``since``), by kind (HTTP status or exception)."""
+        """Failed requests after the first answer and after ``since``, by kind (HTTP status, exception)."""
         return dict(Counter(kind for t, kind in self.errors if t >= since))
 
     def last(self, n: int = 20) -> list[str]:
