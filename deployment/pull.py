@@ -408,12 +408,7 @@ class Puller:
                 event="pull.future_time_refused",
             ) from exc
         except exceptions.RepositoryError as exc:
-            raise self._refuse(
-                what,
-                f"{type(exc).__name__}: {exc}",
-                "nothing was installed; the hub (or whatever served these files) sent metadata that fails "
-                "TUF verification: report it to the hub operators; a re-signed timestamp fixes expiry",
-            ) from exc
+            raise self._refuse(what, f"{type(exc).__name__}: {exc}", _repository_advice(exc)) from exc
 
     def _pull(self) -> PullResult:
         trusted = TrustedTime(self.paths.clock_file, self.clock)
@@ -652,3 +647,31 @@ class Puller:
                 "pull.refused", source=self.source, channel=self.channel, what=exc.what, why=exc.why
             )
             raise PullError(exc.what, exc.why, exc.fix, load_held(self.paths, self.clock)) from exc
+
+
+def _repository_advice(exc: Exception) -> str:
+    """What to do about metadata TUF refused, by cause (each cause has a different remedy)."""
+    head = "nothing was installed; "
+    if isinstance(exc, exceptions.ExpiredMetadataError):
+        return head + (
+            "the signed metadata expired (by trusted time): the hub must re-sign freshness "
+            "(`sre-hub timestamp`, normally from cron); for a bundle, export a fresh one"
+        )
+    if isinstance(exc, exceptions.BadVersionNumberError):
+        return head + (
+            "the source served older metadata than this device already trusts (a replayed or stale bundle "
+            "or mirror): pull from the hub or a freshly exported bundle; the device keeps its current state"
+        )
+    if isinstance(exc, exceptions.UnsignedMetadataError):
+        return head + (
+            "the metadata is not signed by the keys this device's pinned root trusts: either the device is "
+            "pinned to another hub's root (compare root_sha256 in <state>/device.json with the sha256 of "
+            "the hub's root.json; re-provision with `sre-agent init --root`) or the files were altered: "
+            "report it to the hub operators"
+        )
+    if isinstance(exc, exceptions.LengthOrHashMismatchError):
+        return (
+            head
+            + "a file does not match its signed length or hash (altered in transit or at rest): pull again"
+        )
+    return head + "the source sent metadata that fails TUF verification: report it to the hub operators"

@@ -86,6 +86,6 @@ def export_bundle(repo: HubRepository, channel: str, out: Path) -> dict[str, Any
         "bundle": str(out),
         "channel": channel,
         "metadata_files": n_meta,
-        "targets": len(targets),
+        "targets": len(needed),  # copied into the bundle (not every target the channel ever had)
         "target_bytes": size,
     }

@@ -27,6 +27,7 @@ __all__ = [
     "install_root_options",
     "out_console",
     "package_version",
+    "require_writable",
     "run_app",
     "show_value",
     "table",
@@ -217,3 +218,33 @@ def err_console() -> Any:
     if _WIDE.get() or not sys.stderr.isatty():  # logs and pipes: never wrap a message mid-line
         return Console(stderr=True, width=WIDE_COLUMNS, soft_wrap=True)
     return Console(stderr=True)
+
+
+def require_writable(directory: Any, what: str) -> None:
+    """Fail with one clear message when ``directory`` cannot be written (read-only mount, permissions,
+    full disk), before a command starts work that would fail half-way with a temp file's name.
+
+    Raises:
+        SreError: a probe file cannot be created there.
+    """
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    d = Path(directory)
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write-probe.", delete=True):
+            pass
+    except OSError as exc:
+        why = {
+            errno.EROFS: "it is on a read-only filesystem",
+            errno.EACCES: "this account may not write there",
+            errno.EPERM: "this account may not write there",
+            errno.ENOSPC: "its filesystem is full",
+            errno.ENOENT: "it does not exist",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise SreError(
+            what,
+            f"the state directory {d} is not writable: {why}",
+            "remount it read-write, free space or fix its owner, or point --state at a writable directory",
+        ) from exc

@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
         else:
             con = out_console()
             color = {"fresh": "green", "stale": "yellow"}.get(str(result.trust), "red")
-            where = "online" if result.online else "offline"
+            is_bundle = not str(src).startswith(("http://", "https://"))
+            where = f"from bundle {src}" if is_bundle else ("online" if result.online else "offline")
             con.print(
                 f"trust [{color}]{result.trust}[/{color}] ({where}), trusted time {data['trusted_now']}"
             )

@@ -46,6 +46,9 @@ def register(app: typer.Typer) -> None:
                 "the device is not provisioned",
                 f"run `sre-agent init --state {paths.root}` first",
             )
+        from sre_core.cli import require_writable
+
+        require_writable(paths.root, f"start the daemon on {paths.root}")  # one message, not two tracebacks
         stop = threading.Event()
         reason = {"why": "duration elapsed"}
 
