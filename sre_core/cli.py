@@ -22,6 +22,7 @@ __all__ = [
     "JsonOpt",
     "PortOpt",
     "click_command",
+    "describe_validation",
     "emit_json",
     "err_console",
     "install_root_options",
@@ -150,6 +151,13 @@ def _invoke(app: Any, prog_name: str, args: list[str]) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except ValueError as exc:
+        # A pydantic ValidationError that reached here is bad input nobody translated: say which value is
+        # wrong and how, without pydantic's type codes and documentation URLs.
+        if not hasattr(exc, "errors"):
+            raise
+        print(f"error: invalid input: {describe_validation(exc)}", file=sys.stderr)
+        return 2
     except OSError as exc:
         # Disk full, permission denied, a file where a directory should be: a failure, stated plainly.
         where = f" ({exc.filename})" if exc.filename else ""
@@ -248,3 +256,14 @@ def require_writable(directory: Any, what: str) -> None:
             f"the state directory {d} is not writable: {why}",
             "remount it read-write, free space or fix its owner, or point --state at a writable directory",
         ) from exc
+
+
+def describe_validation(exc: Any) -> str:
+    """A pydantic ValidationError as ``path = value: what is expected`` lines (no type codes, no URLs)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<document>"
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"{loc} = {shown[:60]}: {err.get('msg', 'invalid')}")
+    return "; ".join(lines)

@@ -73,6 +73,12 @@ def test_bundle_export_counts_the_targets_it_copied(
     model.write_bytes(linear_classifier(seed=0))
     common = ["--repo", str(repo), "--channel", "stable", "--module", "clf", "--version"]
     assert hub.cli.main(["init", "--repo", str(repo), "--channel", "stable"]) == 0
+    capsys.readouterr()
+    bad = ["publish", "--repo", str(repo), "--channel", "stable", "--module", "Bad Name", "--version", "1"]
+    assert hub.cli.main([*bad, str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "name = 'Bad Name': String should match pattern" in err
+    assert "pydantic.dev" not in err and "type=" not in err  # no raw pydantic dump
     for v in ("1.0.0", "2.0.0"):
         assert hub.cli.main(["publish", *common, v, str(model)]) == 0
     assert hub.cli.main(["release", *common, "2.0.0"]) == 0

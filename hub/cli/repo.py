@@ -123,7 +123,13 @@ def register(app: typer.Typer) -> None:
         try:
             man = ModuleManifest.model_validate(data)
         except ValidationError as exc:
-            raise InputError(f"manifest of {module} {version}", str(exc), "fix the manifest") from exc
+            from sre_core.cli import describe_validation
+
+            raise InputError(
+                f"manifest of {module} {version}",
+                describe_validation(exc),
+                "fix the value (name/version come from --module/--version, the rest from --manifest)",
+            ) from exc
         attestation = None
         if attest is not None:
             if attest_key is None:
