@@ -338,6 +338,7 @@ def test_corrupted_active_after_promotion_serves_the_last_known_good(live: Live)
             t1 - t0,
             closed_after_s=round(closed - t0, 2),
             client_errors=client.error_kinds(),
+            client_errors_from_first_2_0_answer=client.error_kinds(client.first_after(0, "2.0") or t0),
             client_errors_after_fault=client.error_kinds(t0),
         )
     finally:
