@@ -66,7 +66,7 @@ class RuleMatch:
         return self.allowed or tuple(self.rule.allowed)
 
 
-_TRUE_SLOTS = {"both", "all", "active,standby", "standby,active", "a,b", "b,a"}
+_TRUE_SLOTS = {"both", "all", "active,standby", "standby,active"}
 
 
 def _flag(facts: dict[str, FactValue], *names: str) -> bool | None:
@@ -134,7 +134,7 @@ def device_facts(incident: Incident) -> DeviceFacts:
     - ``fact.standby_committed`` (boolean; otherwise the standby is committed when it is the
       last-known-good), ``fact.standby_bad``/``fact.standby_recalled`` (booleans) and
       ``fact.bad_versions``/``fact.recalled_versions`` (a version or a comma-separated list);
-    - ``fact.active_down``/``fact.active_serving``/``fact.serving`` (booleans), and a probe failure on the
+    - ``fact.active_down``/``fact.active_serving`` (booleans), and a probe failure on the
       active slot seen ``fact.consecutive_failures`` >= 3 times in a row while no experiment runs;
     - ``fact.chaos_active`` (boolean; false makes ``pause_chaos`` impossible).
     """
@@ -144,30 +144,26 @@ def device_facts(incident: Incident) -> DeviceFacts:
     where = f.get("slot")
     where_s = where.strip().lower() if isinstance(where, str) else None
 
-    committed_flag = _flag(f, "standby_committed", "standby_is_last_known_good")
+    committed_flag = _flag(f, "standby_committed")
     committed = (
         committed_flag if committed_flag is not None else (sb is not None and slot.last_known_good == sb)
     )
-    bad = bool(_flag(f, "standby_bad", "standby_marked_bad")) or _listed(
-        f, sb, "bad_versions", "bad_version", "marked_bad"
-    )
-    recalled = bool(_flag(f, "standby_recalled")) or _listed(
-        f, sb, "recalled_versions", "recalled_version", "recalled"
-    )
-    standby_named = where_s in {"standby", "b_standby"} or where_s in _TRUE_SLOTS
+    bad = bool(_flag(f, "standby_bad")) or _listed(f, sb, "bad_versions")
+    recalled = bool(_flag(f, "standby_recalled")) or _listed(f, sb, "recalled_versions")
+    standby_named = where_s == "standby" or where_s in _TRUE_SLOTS
     standby_failing = (
         standby_named
-        or _flag(f, "standby_intact", "standby_healthy", "standby_passes") is False
-        or bool(_flag(f, "standby_failing", "standby_failed"))
+        or _flag(f, "standby_intact", "standby_passes") is False
+        or bool(_flag(f, "standby_failing"))
     )
-    both_flag = bool(_flag(f, "both_slots_failing", "both_slots", "same_failure_on_both_slots"))
+    both_flag = bool(_flag(f, "both_slots_failing"))
     active_named = where_s in {"active"} or where_s in _TRUE_SLOTS
     active_failing = active_named or (
         where_s is None and incident.kind.value in ("probe_failure", "verification_failure", "slo_burn")
     )
     both = both_flag or where_s in _TRUE_SLOTS or (active_named and standby_failing and not standby_named)
-    down_flag = _flag(f, "active_down", "model_down")
-    up_flag = _flag(f, "active_serving", "serving", "active_healthy")
+    down_flag = _flag(f, "active_down")
+    up_flag = _flag(f, "active_serving")
     failures = f.get("consecutive_failures")
     repeated_probe = (
         incident.kind.value == "probe_failure"
