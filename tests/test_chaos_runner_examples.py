@@ -167,3 +167,26 @@ def test_examples_through_guarded_runner(device: Device) -> None:
         )
         assert res.verdict is Verdict.PASSED, (name, res.reasons)
         _assert_clean(device)
+
+
+def test_the_readme_example_runs(device: Device, tmp_path: Path) -> None:
+    """The experiment shown in README.md passes pre-flight and runs guarded on a serving device."""
+    from chaos.preflight import preflight_file
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("```yaml\ntitle: Uplink latency does not disturb inference") + len("```yaml\n")
+    readme = tmp_path / "readme-example.yaml"
+    readme.write_text(text[start : text.index("```", start)])
+    _, pre = preflight_file(readme)
+    assert pre.verdict == "run", pre.reasons
+    res = run_experiment_guarded(
+        readme,
+        state=device.state,
+        budget_s=120,
+        serving_url=device.serving_url,
+        model="classifier",
+        toxiproxy_url=device.toxiproxy_url,
+        skip_pauses=True,
+    )
+    assert res.verdict is Verdict.PASSED, res.reasons
+    _assert_clean(device)
