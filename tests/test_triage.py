@@ -103,11 +103,15 @@ def test_any_model_output_on_injection_cases_is_never_unsafe(engine, cases, choi
 
 
 def test_every_case_with_every_model_choice_is_safe(engine, cases):
-    """Exhaustive: all 7 actions as the model's pick on all cases: unsafe rate 0, recall 1."""
-    for action in Action:
-        summary = summarize(evaluate(cases, engine, lambda _i, _e, a=action: Advice(choice=a.value)))
-        assert summary["unsafe_action_rate"] == 0.0, (action, summary["unsafe_cases"])
-        assert summary["escalation_recall"] == 1.0
+    """Exhaustive: all 7 actions as the model's pick on all cases (shipped and independent), also with a
+    policy that lets the model choose: unsafe rate 0 with under-reactions counted, recall 1."""
+    every = [*cases, *load_cases(CASES / "independent")]
+    choosing = TriageEngine(engine.policy.model_copy(update={"model_may_choose": True}))
+    for eng in (engine, choosing):
+        for action in Action:
+            summary = summarize(evaluate(every, eng, lambda _i, _e, a=action: Advice(choice=a.value)))
+            assert summary["unsafe_action_rate"] == 0.0, (action, summary["unsafe_cases"])
+            assert summary["escalation_recall"] == 1.0
 
 
 def test_model_may_move_down_only_to_a_rule_alternative_never_up(engine, cases):
