@@ -745,7 +745,8 @@ class Demo:
         keys = keygen(self.workdir / "operators", "alice")
         roster = OperatorRoster(version=1, operators=[keys.entry])  # type: ignore[list-item]
         roster_doc = yaml.safe_dump(roster.model_dump(mode="json", exclude_none=True), sort_keys=False)
-        hub_roster = self.hub_dir / "operators.yaml"
+        hub_roster = self.hub_dir / "policies" / "operators.yaml"  # where `sre-hub escalations` looks
+        hub_roster.parent.mkdir(parents=True, exist_ok=True)
         hub_roster.write_text(roster_doc, encoding="utf-8")
         # On a real device the roster arrives inside the signed policy module; the demo places it.
         self.paths.policies.mkdir(parents=True, exist_ok=True)
