@@ -70,10 +70,10 @@ class ChaosOutcome:
 
 def approval_findings(
     approval: Approval | None, exp: Experiment, paths: StatePaths, clock: Clock
-) -> tuple[str | None, list[Finding]]:
+) -> tuple[str | None, list[Finding], str | None]:
     """The approved hash when ``approval`` verifies now, else a finding saying why it does not count."""
     if approval is None:
-        return None, []
+        return None, [], None
     from chaos.approval import verify_chaos_approval
     from sre_core.errors import InputError
 
@@ -81,9 +81,9 @@ def approval_findings(
         roster = roster_for(paths)
         operator = verify_chaos_approval(approval, experiment_hash=exp.hash, roster=roster, now=clock.now())
     except InputError as exc:
-        return None, [Finding("approval-invalid", "", f"the approval does not count: {exc.why.strip()}")]
-    del operator
-    return exp.hash, []
+        why = f"the approval does not count: {exc.why.strip()}"
+        return None, [Finding("approval-invalid", "", why)], None
+    return exp.hash, [], operator.id
 
 
 def _packet_name(result: PreflightResult, source: str) -> str:
@@ -138,6 +138,7 @@ def guarded_run(
     label = str(source.source if isinstance(source, Experiment) else source)
     snapshot = device or read_device_state(paths, clock)
     exp: Experiment | None = None
+    approved_by: str | None = None
     result: PreflightResult
     if isinstance(source, Experiment):
         exp = source
@@ -147,7 +148,7 @@ def guarded_run(
         except ExperimentError as exc:
             result = pf.reject(exc)
     if exp is not None:
-        approved, extra = approval_findings(approval, exp, paths, clock)
+        approved, extra, approved_by = approval_findings(approval, exp, paths, clock)
         result = pf.check(exp, snapshot, approved, extra)
     rules = sorted({f.rule for f in result.findings})
     audit.append(
@@ -158,6 +159,7 @@ def guarded_run(
         verdict=result.verdict,
         rules=rules,
         sanctioned=sorted({f.rule for f in result.sanctioned}),
+        approved_by=approved_by,
     )
     sink.metric("chaos.preflight", 1.0, {"verdict": result.verdict})
     if result.verdict != "run" or exp is None:

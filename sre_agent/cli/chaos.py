@@ -370,7 +370,7 @@ def register(app: typer.Typer) -> None:
             from chaos.pipeline import approval_findings
             from chaos.preflight import Preflight
 
-            approved, extra = approval_findings(_read_approval(approve), exp, paths, clock)
+            approved, extra, _ = approval_findings(_read_approval(approve), exp, paths, clock)
             res = Preflight(pol).check(exp, device, approved, extra)
         _audit(
             paths.root,
