@@ -113,6 +113,10 @@ class Resolution:
     """Device-owned configuration keys the document tried to set."""
 
     def __post_init__(self) -> None:
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """(Re)build the substitution mapping: ``ChainMap(configuration, *secrets.values())``."""
         scopes: list[Any] = [v for v in self.secrets.values() if isinstance(v, Mapping)]
         self._mapping = _Recorder(ChainMap(self.configuration, *scopes))
 
@@ -222,5 +226,5 @@ def resolve_document(doc: Mapping[str, Any]) -> Resolution:
             # chaoslib builds ChainMap(configuration, *secrets.values()): a scope that is not a mapping
             # makes every later lookup fail in ways pre-flight cannot predict
             res.problems.append((f"secrets.{scope}", "a secret scope that is not a mapping of names"))
-    res.__post_init__()
+    res.rebuild()
     return res
