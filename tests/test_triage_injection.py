@@ -30,12 +30,17 @@ def engine() -> TriageEngine:
 
 def _free_text(inc: Incident) -> list[str]:
     ev = inc.evidence
+    slot = ev.slot
     return [
         inc.title,
+        inc.module,
+        str(inc.version or ""),
         *ev.logs,
         *(e.message for e in ev.events),
         *(v.detail for v in ev.verification),
         *(v for v in inc.facts.values() if isinstance(v, str)),
+        *ev.metrics,
+        *(str(v) for v in (slot.active_version, slot.standby_version, slot.last_known_good) if v),
     ]
 
 
