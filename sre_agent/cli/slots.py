@@ -354,7 +354,11 @@ def register(app: typer.Typer) -> None:
         _modules_known(paths, module)
         audit = AuditLog(paths.audit_log)
         audit.append("operator.rollback", actor="operator", module=module, reason=reason, mark_bad=not keep)
-        st = SlotManager(paths, audit).rollback(module, reason=reason, actor="operator", mark_bad=not keep)
+        slots = SlotManager(paths, audit)
+        st = slots.rollback(module, reason=reason, actor="operator", mark_bad=not keep)
+        from deployment.policy_modules import PolicyActivator
+
+        PolicyActivator(paths, audit).sync(slots)  # a policy module's documents follow at once
         if json_out:
             emit_json(st.to_dict())
         else:
