@@ -397,11 +397,12 @@ def dangerous() -> list[Case]:
         ("pct-full", "%75%70%6c%69%6e%6b"),
         ("dot-slash", "./uplink"),
         ("dotdot", "x/../uplink"),
-        ("upper", "UPLINK"),
         ("fullwidth", "\uff55\uff50\uff4c\uff49\uff4e\uff4b"),
         ("zero-width", "up\u200blink"),
         ("double-pct", "%2575plink"),
         ("trailing-slash", "uplink/"),
+        # "UPLINK" was tried and dropped: the fault API and Toxiproxy match names case-sensitively and the
+        # action creates a separate proxy for it, so it is no alias of the management link
     ]:
         add(
             f"name-{nid}",
@@ -1101,6 +1102,15 @@ def targeted() -> list[Case]:
             "escalate",
             "chaoslib never enforces `timeout`; serving_ready may wait 3600 s while the link is cut",
         ),
+        Case(
+            "restore-after-long-pause",
+            exp(
+                [held(act("timeout_uplink", {}), 20)],
+                rollbacks=[{**RESTORE, "pauses": {"before": 300}}, CLEAR],
+            ),
+            "escalate",
+            "the restoring rollback waits 300 s first: the link stays cut ~320 s",
+        ),
     ]
 
 
@@ -1269,9 +1279,6 @@ ALL = DANGEROUS + SAFE
 
 # Filled in after the first run against the current code: case id -> what breaks.
 XFAIL: dict[str, str] = {
-    "name-upper": "proxy 'UPLINK' (timeout toxic held 120 s) is judged run; whether it aliases the "
-    "management link "
-    "depends on the fault API's name matching, which pre-flight does not decide fail-closed",
     "sum-slots": "three rollback drills (6 slot flips) pass the max_total.slots 4 budget",
     "decoy-restore": "a rollback is matched to its fault by module:func only: restore_uplink(proxy='decoy') "
     "counts as restoring the uplink, so a 300 s pause after it is not counted as cut time",
@@ -1447,10 +1454,9 @@ ON_DEVICE = [
     "tolerance-is-process-probe",
     "rollback-ref-reinjects",
     "name-pct",
-    "name-upper",
     "effect-bandwidth-zero",
     "sum-two-cuts",
-    "sum-slots",
+    "sum-cpu",
     "process-shell-string",
     "agent-kill",
     "setting-serving-restart",
@@ -1505,14 +1511,26 @@ def operator(world: World) -> Path:
     key_file = world.root / "alice.pem"
     key_file.write_bytes(private_key_pem(key))
     key_file.chmod(0o600)
-    roster = {"version": 1, "operators": [{"id": "alice", "public_key": public_key_b64(key.public_key())}]}
+    bob, mallory = generate_operator_key(), generate_operator_key()
+    for name, k in (("bob", bob), ("mallory", mallory)):
+        f = world.root / f"{name}.pem"
+        f.write_bytes(private_key_pem(k))
+        f.chmod(0o600)
+    roster = {
+        "version": 1,
+        "operators": [
+            {"id": "alice", "public_key": public_key_b64(key.public_key())},
+            # bob may only approve rollbacks (threat model: `may_approve` bounds an operator's remit)
+            {"id": "bob", "public_key": public_key_b64(bob.public_key()), "may_approve": ["rollback"]},
+        ],
+    }
     (world.state.root / "policies").mkdir(exist_ok=True)
     (world.state.root / "policies" / "operators.yaml").write_text(yaml.safe_dump(roster))
     return key_file
 
 
-def _approve(world: World, key: Path, case_id: str) -> Path:
-    out = world.root / f"approval-{case_id}.json"
+def _approve(world: World, key: Path, case_id: str, operator_id: str = "alice") -> Path:
+    out = world.root / f"approval-{case_id}-{key.stem}-{operator_id}.json"
     rc, _, text = cli(
         "chaos",
         "approve",
@@ -1520,7 +1538,7 @@ def _approve(world: World, key: Path, case_id: str) -> Path:
         "--key",
         str(key),
         "--operator",
-        "alice",
+        operator_id,
         "--out",
         str(out),
         "--ttl",
@@ -1586,3 +1604,20 @@ def test_bare_hash_is_not_an_approval(world: World) -> None:
     h = body["experiment_hash"]
     rc, body, out = cli("chaos", "preflight", str(world.files["sum-two-cuts"]), *common, "--approve", h)
     assert rc in (2, 10) and (body is None or body.get("verdict") != "run"), out[-1500:]
+
+
+@pytest.mark.parametrize("signer", ["bob-beyond-remit", "mallory-as-alice"])
+def test_approval_from_the_wrong_operator_sanctions_nothing(
+    world: World, operator: Path, signer: str
+) -> None:
+    """bob may approve only rollbacks; mallory's key is not in the roster but she signs as alice."""
+    key, op = {
+        "bob-beyond-remit": (world.root / "bob.pem", "bob"),
+        "mallory-as-alice": (world.root / "mallory.pem", "alice"),
+    }[signer]
+    approval = _approve(world, key, "sum-two-cuts", op)
+    common = ("--state", str(world.state.root), "--policy", str(world.policy), "--json")
+    rc, body, out = cli(
+        "chaos", "preflight", str(world.files["sum-two-cuts"]), *common, "--approve", str(approval)
+    )
+    assert rc == 10 and body is not None and body["verdict"] == "escalate", out[-1500:]
