@@ -7,9 +7,9 @@ trail, the escalations) and records its time to recovery (printed, and appended 
 
 1. the active model's bytes corrupted after a canary promoted it -> the last-known-good serves, the
    corrupted version is marked bad, the incident is closed;
-2/7. the active model corrupted with no valid standby -> an escalation proposes safe mode while the
-   device keeps serving what it has; an operator approves; the daemon enters safe mode and holds it
-   across reconciles until ``safe-mode exit``;
+2/7. the active model corrupted with no valid standby -> an escalation proposes safe mode, reaches the
+   hub with the uploaded telemetry, while the device keeps serving what it has; an operator approves;
+   the daemon enters safe mode and holds it across reconciles until ``safe-mode exit``;
 3. a new version whose health probe hangs -> rolled back, marked bad, the incident reported and closed;
 8. ``kill -9`` of the daemon while it handles an incident -> after the restart the incident is handled
    exactly once (one rollback, never a flip back onto the corrupted bytes).
@@ -41,12 +41,16 @@ import yaml
 from deployment.manifest import CanarySpec, CanaryStep, ModuleManifest, ProbeSpec
 from deployment.sample_models import linear_classifier
 from deployment.slots import ModuleStatus, SlotManager
+from hub.fleetdb import FleetDB
+from hub.ingest import ingest_routes
+from hub.operators import HubEscalations
 from hub.repository import HubRepository
 from hub.server import build_hub_app
 from sre_agent.provision import provision
 from sre_core.audit import AuditLog
 from sre_core.clock import SystemClock
 from sre_core.http_server import ServerThread, free_port
+from sre_core.identity import load_identity
 from sre_core.paths import StatePaths
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live-faults")]  # one worker: one daemon at a time
@@ -246,7 +250,10 @@ class Live:
 def live(tmp_path: Path) -> Iterator[Live]:
     clock = SystemClock()
     repo = HubRepository.init(tmp_path / "hub", channels=("stable",), clock=clock)
-    hub = ServerThread(build_hub_app(repo.dir)).start()
+    fleet = FleetDB(repo.dir / "fleet", clock)  # the hub's ingest: what the device uploads lands here
+    hub = ServerThread(
+        build_hub_app(repo.dir, extra_routes=ingest_routes(repo.dir / "fleet", clock=clock, fleet=fleet))
+    ).start()
     paths = StatePaths(tmp_path / "dev")
     safe = tmp_path / "clf-safe.onnx"
     safe.write_bytes(linear_classifier(seed=9))
@@ -258,6 +265,8 @@ def live(tmp_path: Path) -> Iterator[Live]:
         clock=clock,
         safe_modules=[f"clf={safe}"],
     )
+    ident = load_identity(paths)
+    fleet.enroll(ident.device_id, ident.public_pem)
     # Only the slot re-hash runs, every 2 s (the shipped policy runs it hourly among many checks).
     (paths.policies / "verification.yaml").write_text(
         yaml.safe_dump(
@@ -277,6 +286,7 @@ def live(tmp_path: Path) -> Iterator[Live]:
         "SRE_AGENT_HUB__PULL_JITTER_S": "0",
         "SRE_AGENT_DAEMON__ESCALATIONS_INTERVAL_S": "1",
         "SRE_AGENT_DAEMON__SLO_INTERVAL_S": "5",
+        "SRE_AGENT_UPLINK__INTERVAL_S": "2",
         "SRE_AGENT_LOG_FORMAT": "json",
     }
     lv = Live(tmp_path, repo, hub, paths, port, env)
@@ -365,12 +375,14 @@ def test_approved_safe_mode_holds_across_reconciles_until_exit(live: Live) -> No
         t1 = live.wait(lambda: store.select(EscalationStatus.OPEN), "an escalation")
         (esc,) = store.select(EscalationStatus.OPEN)
         assert esc.proposed_action == "safe_mode"
-        time.sleep(1.0)
+        hub_esc = HubEscalations(live.repo.dir, SystemClock())
+        t_hub = live.wait(lambda: esc.id in hub_esc.load(), "the escalation at the hub", 90)
         assert client.first_after(t1, "1.0"), "the device stopped serving while it waited for an operator"
         _record(
             "2 corrupt active, no valid standby",
-            f"escalation {esc.proposed_action} for an operator; 1.0 keeps serving",
+            f"escalation {esc.proposed_action} for an operator, at the hub; 1.0 keeps serving",
             t1 - t0,
+            at_hub_after_s=round(t_hub - t0, 2),
             client_errors=client.error_kinds(),
             client_errors_after_fault=client.error_kinds(t0),
         )
