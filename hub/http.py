@@ -11,13 +11,24 @@ sha256 (cached per inode/size/mtime), not a hash of its modification time. Seman
 ``If-None-Match`` -> 304; a single ``Range: bytes=a-b | a- | -n`` -> 206 with ``Content-Range``;
 ``If-Range`` that does not match the current ETag -> the full 200; unsatisfiable -> 416; several
 ranges -> the full 200 (allowed, and enough for our client).
+
+Cache headers (:func:`metadata_cache_control`, :func:`target_cache_control`) let a CDN or mirror carry
+the polls without ever serving stale trust data: versioned metadata (``<N>.root.json``, consistent
+snapshots) and hash-prefixed targets never change, so they are ``immutable``; ``timestamp.json`` and the
+other unversioned names may be cached for at most :data:`MAX_METADATA_AGE_S` and never past the
+``expires`` they are signed with (devices still enforce expiry themselves, this only keeps caches
+honest). ``build_static_app`` serves just these files, as a CDN origin separate from the hub API.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -25,9 +36,39 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-__all__ = ["FileServer", "repository_routes"]
+__all__ = [
+    "MAX_METADATA_AGE_S",
+    "FileServer",
+    "metadata_cache_control",
+    "repository_routes",
+    "target_cache_control",
+]
 
 _CHUNK = 256 * 1024
+MAX_METADATA_AGE_S = 60
+IMMUTABLE = "public, max-age=31536000, immutable"
+_VERSIONED = re.compile(r"^[0-9]+\.")
+_HASHED = re.compile(r"^[0-9a-f]{64}\.")
+
+
+def metadata_cache_control(name: str, content: bytes, now: float) -> str:
+    """``Cache-Control`` for a TUF metadata file: immutable when versioned, else at most
+    :data:`MAX_METADATA_AGE_S` and never beyond its signed ``expires`` (``no-cache`` when unknown)."""
+    if _VERSIONED.match(name):
+        return IMMUTABLE
+    try:
+        expires = datetime.fromisoformat(str(json.loads(content)["signed"]["expires"]).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError):
+        return "no-cache"
+    left = int(expires.timestamp() - now)
+    if left <= 0:
+        return "no-cache"
+    return f"public, max-age={min(MAX_METADATA_AGE_S, left)}, must-revalidate"
+
+
+def target_cache_control(rel: str) -> str:
+    """``Cache-Control`` for a target: immutable when its name carries its hash, else revalidate."""
+    return IMMUTABLE if _HASHED.match(rel.rsplit("/", 1)[-1]) else "no-cache"
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
@@ -60,8 +101,9 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
 class FileServer:
     """Serve files below ``root``; names that escape it or are hidden answer 404."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cache_control: Callable[[str, Path], str] | None = None) -> None:
         self.root = Path(root).resolve()
+        self.cache_control = cache_control or (lambda rel, path: "no-cache")
         self._etags: dict[tuple[int, int, int], str] = {}
         self._lock = threading.Lock()
 
@@ -108,7 +150,7 @@ class FileServer:
         size = path.stat().st_size
         etag = self.etag(path)
         ctype = "application/json" if path.suffix == ".json" else "application/octet-stream"
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "no-cache"}
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": self.cache_control(rel, path)}
         inm = request.headers.get("if-none-match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
             return Response(status_code=304, headers=headers)
@@ -132,10 +174,16 @@ class FileServer:
         )
 
 
-def repository_routes(repo_dir: Path) -> list[Route]:
+def repository_routes(repo_dir: Path, now: Callable[[], float] = time.time) -> list[Route]:
     """Routes serving ``<repo>/metadata`` and ``<repo>/targets`` (never keys, staging or repo.json)."""
-    metadata = FileServer(Path(repo_dir) / "metadata")
-    targets = FileServer(Path(repo_dir) / "targets")
+
+    def meta_cc(rel: str, path: Path) -> str:
+        if _VERSIONED.match(rel):
+            return IMMUTABLE
+        return metadata_cache_control(rel, path.read_bytes()[: 1 << 20], now())
+
+    metadata = FileServer(Path(repo_dir) / "metadata", meta_cc)
+    targets = FileServer(Path(repo_dir) / "targets", lambda rel, path: target_cache_control(rel))
 
     async def get_metadata(request: Request) -> Response:
         name = request.path_params["name"]

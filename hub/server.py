@@ -3,6 +3,7 @@
 Public API::
 
     build_hub_app(repo_dir, extra_routes=None) -> Starlette
+    build_static_app(repo_dir) -> Starlette     only /metadata and /targets: a CDN or mirror origin
 
 Serves the TUF repository (``/metadata/*``, ``/targets/*``, see :mod:`hub.http`) and ``/healthz``.
 Other hub features (telemetry ingest, rollouts) pass their routes in ``extra_routes``; they are matched
@@ -21,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from hub.http import repository_routes
 
-__all__ = ["build_hub_app"]
+__all__ = ["build_hub_app", "build_static_app"]
 
 
 def build_hub_app(repo_dir: Path, extra_routes: Sequence[BaseRoute] | None = None) -> Starlette:
@@ -40,3 +41,8 @@ def build_hub_app(repo_dir: Path, extra_routes: Sequence[BaseRoute] | None = Non
     app = Starlette(routes=routes)
     app.state.repo_dir = repo_dir
     return app
+
+
+def build_static_app(repo_dir: Path) -> Starlette:
+    """Only the signed repository files (with cache headers), for a CDN/mirror origin apart from the API."""
+    return Starlette(routes=list(repository_routes(Path(repo_dir))))
