@@ -32,15 +32,18 @@ def test_out_of_range_port_is_bad_usage_and_nothing_claims_to_serve(
     assert "65535" in err and "serving" not in err
 
 
-def test_busy_port_fails_before_claiming_to_serve(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_busy_port_fails_before_claiming_to_serve(repo: Path) -> None:
+    exe = Path(sys.executable).parent / "sre-hub"
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        rc = hub_main(["serve", "--repo", str(repo), "--port", str(port)])
-    err = capsys.readouterr().err
-    assert rc == 1
-    assert "already in use" in err and "serving" not in err and "Traceback" not in err
+        r = subprocess.run(
+            [str(exe), "serve", "--repo", str(repo), "--port", str(port)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert r.returncode == 1, r.stderr  # and it exits: nothing was started that could keep it alive
+    assert "already in use" in r.stderr and "serving" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_server_thread_refuses_a_busy_port_with_a_clear_error() -> None:

@@ -233,8 +233,8 @@ def register(app: typer.Typer) -> None:
         from hub.ingest import ingest_routes
         from sre_core.cli import err_console
 
+        sock = bind_tcp(host, port)  # first: a bad or busy port fails before anything else starts
         asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
-        sock = bind_tcp(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         if json_out:
             emit_json({"url": url, "repo": str(repo)})
