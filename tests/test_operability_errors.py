@@ -138,3 +138,18 @@ def test_read_only_state_directory_is_one_clear_message(
     assert rc == 1
     assert "read-only filesystem" in err and "Traceback" not in err and ".tmp" not in err
     assert err.count("error:") == 1
+
+
+def test_triage_explain_says_why_a_labelled_case_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sre_agent.cli
+
+    case = Path(__file__).parent / "triage_cases" / "ca-divergence.yaml"
+    assert sre_agent.cli.main(["triage", "explain", str(case)]) == 0
+    assert "label: agrees" in capsys.readouterr().out
+    bad = tmp_path / "case.yaml"
+    bad.write_text(case.read_text().replace("action: quarantine", "action: rollback", 1))
+    assert sre_agent.cli.main(["triage", "explain", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "DISAGREES: expected rollback, the policy decides quarantine" in out

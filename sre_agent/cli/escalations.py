@@ -103,6 +103,7 @@ def _register_triage(app: typer.Typer) -> None:
             raw = yaml.safe_load(incident_file.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise InputError(f"read incident {incident_file}", str(exc), "pass a YAML/JSON file") from exc
+        labelled = raw if isinstance(raw, dict) and "incident" in raw and "expected" in raw else None
         if isinstance(raw, dict) and "incident" in raw:
             raw = raw["incident"]
         try:
@@ -124,8 +125,11 @@ def _register_triage(app: typer.Typer) -> None:
             except LlmError as exc:
                 out_console().print(f"model unavailable, rule default stands: {exc.message}", markup=False)
         d = engine.decide(incident, advice)
+        verdict = _against_label(labelled, incident_file, d) if labelled is not None else None
         if json_out:
-            emit_json(d.to_dict())
+            emit_json({**d.to_dict(), **({"label": verdict} if verdict else {})})
+            if verdict and not verdict["agrees"]:
+                raise typer.Exit(1)
             return
         con = out_console()
         con.print(f"rule [bold]{d.rule}[/bold]  certainty {d.certainty:.2f}")
@@ -138,6 +142,33 @@ def _register_triage(app: typer.Typer) -> None:
         for r in d.reasons:
             con.print(f"  - {neutralise(r)}", markup=False)
         con.print(f"summary: {neutralise(d.summary)}", markup=False)
+        if verdict is not None:
+            con.print(verdict["text"], markup=False)
+            if not verdict["agrees"]:
+                raise typer.Exit(1)  # a labelled case that disagrees fails, with the reason printed above
+
+
+def _against_label(case: dict[str, Any], source: Path, d: Any) -> dict[str, Any]:
+    """Compare a decision with a labelled case's ``expected`` (as `triage eval` scores it)."""
+    from sre_agent.triage_eval import TriageCase, score
+
+    try:
+        tc = TriageCase.model_validate({"name": source.stem, **case})
+    except ValueError as exc:
+        raise InputError(f"read labelled case {source}", str(exc)[:500], "fix its 'expected' block") from exc
+    r = score(tc, d)
+    exp = tc.expected
+    want = f"{exp.action.value}{' with approval' if exp.requires_approval else ''}"
+    got = f"{d.action.value}{' with approval' if d.escalated else ''}"
+    if r.correct:
+        return {"agrees": True, "expected": want, "got": got, "text": f"label: agrees ({want})"}
+    why = "; ".join(r.why_unsafe) or ("acceptable alternative" if r.acceptable else "different action")
+    return {
+        "agrees": False,
+        "expected": want,
+        "got": got,
+        "text": f"label: DISAGREES: expected {want}, the policy decides {got} (rule {d.rule}): {why}; exit 1",
+    }
 
 
 def register(app: typer.Typer) -> None:
