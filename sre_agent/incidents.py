@@ -37,6 +37,7 @@ __all__ = [
     "Severity",
     "SlotStatus",
     "TrackVerdict",
+    "TrackedIncident",
     "VerificationEvidence",
     "check_category",
     "incident_from_event",
@@ -318,6 +319,7 @@ class TrackedIncident:
     version: str | None = None
     title: str = ""
     key: str = ""
+    facts: dict[str, FactValue] = field(default_factory=dict)
     count: int = 1
     actions: list[str] = field(default_factory=list)
     """Actions that ran and succeeded for this incident, in order."""
@@ -326,7 +328,7 @@ class TrackedIncident:
     acting: str | None = None
     """The action being carried out now (persisted before acting: a crash mid-action is seen on restart)."""
     incident: dict[str, Any] | None = None
-    """The incident as last acted on (what a resume after a crash acts on again)."""
+    """The incident an action is in flight for (what a resume after a crash acts on again)."""
     interrupted: str | None = None
     """An action cut short by a crash (found on restart); the next sighting runs it again."""
     escalation: str | None = None
@@ -406,6 +408,7 @@ class IncidentTracker:
                 version=incident.version,
                 title=incident.title,
                 key=key,
+                facts=dict(incident.facts),
             )
             self._prune()
             return "new"

@@ -22,7 +22,7 @@ from policies.triage import ACTION_RANK, Action, TriagePolicy, default_triage_po
 from sre_agent.actions import ActionExecutor, ActionHandler, ActionResult
 from sre_agent.config import AgentSettings, LlmSettings
 from sre_agent.escalations import Escalation, EscalationStatus, EscalationStore
-from sre_agent.incidents import Incident, IncidentKind, IncidentTracker, TrackVerdict
+from sre_agent.incidents import Incident, IncidentKind, IncidentTracker, TrackedIncident, TrackVerdict
 from sre_agent.triage import Advice, RuleMatch, TriageDecision, TriageEngine
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
@@ -50,6 +50,8 @@ REMEDIES = frozenset(
     {Action.RERUN_VERIFICATION, Action.PAUSE_CHAOS, Action.QUARANTINE, Action.ROLLBACK, Action.SAFE_MODE}
 )
 """Actions that change something: a repeat after one of them ran means it did not help."""
+MAX_TRACKED_INCIDENTS = 1_000
+"""Bound on what ``incidents.json`` remembers (closed incidents are forgotten first)."""
 CLOSED_BY_REMEDY = frozenset({IncidentKind.CANARY_ABORT, IncidentKind.PROBE_FAILURE})
 """Incident kinds no producer reports recovery for: the remedy that blocks the version closes them."""
 CLOSING_ACTIONS = frozenset({Action.ROLLBACK, Action.SAFE_MODE})
@@ -240,7 +242,7 @@ class Responder:
             r = self.executor.execute(a, incident)
             results.append(r)
             if entry is not None:
-                entry.acting = None
+                entry.acting = entry.incident = None  # kept only while an action is in flight
                 (entry.actions if r.ok else entry.failed).append(a.value)
         return tuple(results)
 
@@ -378,12 +380,30 @@ class Responder:
             now = active_of(e.module)
             if now is not None and now != e.version:
                 why = f"{e.module} {e.version} no longer serves (now {now})"
+                if e.facts.get("category") == "integrity" or e.kind in {k.value for k in CLOSED_BY_REMEDY}:
+                    # Its bytes were found corrupt (or it failed its canary/probes) and nothing blocked it
+                    # yet: block it, or the next reconcile installs the same version again.
+                    blocked = self.executor.execute(Action.QUARANTINE, self._stub(e))
+                    why += f"; {blocked.detail}"
                 self.tracker.close(e.fingerprint, why)
                 self.audit.append("incident.closed", id=e.incident_id, fingerprint=e.fingerprint, why=why)
                 closed.append(e.fingerprint)
         if closed:
             self._save()
         return closed
+
+    @staticmethod
+    def _stub(e: TrackedIncident) -> Incident:
+        """The incident a tracked record stands for (enough for a handler: kind, module, version, facts)."""
+        return Incident(
+            id=e.incident_id,
+            kind=IncidentKind(e.kind),
+            module=e.module,
+            version=e.version,
+            opened_at=e.opened_at,
+            title=e.title[:200],
+            facts=dict(e.facts),
+        )
 
     def resume(self) -> list[Outcome]:
         """Finish the actions a crash cut short, once, through the same idempotent handlers (call on
@@ -574,7 +594,7 @@ def build_responder(
         TriageEngine(policy),
         ActionExecutor(handlers, audit=audit, telemetry=telemetry),
         store,
-        IncidentTracker(clock),
+        IncidentTracker(clock, max_entries=MAX_TRACKED_INCIDENTS),
         audit,
         advisor=LazyLlmAdvisor(settings.llm) if settings.llm.enabled else None,
         telemetry=telemetry,

@@ -407,32 +407,44 @@ def test_an_slo_burning_after_a_flip_carries_its_facts_and_closes_when_met(tmp_p
     assert any(r.event == "incident.closed" and "met again" in r.data["why"] for r in audit.records())
 
 
-def test_on_start_an_incident_about_a_version_that_no_longer_serves_is_closed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("check", ["drift.inputs", "integrity.slots"])
+def test_on_start_an_incident_about_a_version_that_no_longer_serves_is_closed(
+    tmp_path: Path, check: str
+) -> None:
     """The daemon died after opening an incident; on restart the slot manager's own fallback (or an
-    operator) had already moved the module off that version: the incident does not stay open forever."""
+    operator) had already moved the module off that version: the incident does not stay open forever,
+    and a version whose bytes were found corrupt is blocked (else the next reconcile installs it again)."""
     paths, clock, audit, _src, _rec = _device(tmp_path)
     slots = SlotManager(paths, audit, clock)
     settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
 
+    handlers = DaemonHandlers(paths, clock, audit, MemorySink(), lambda: slots).table()
+
     def service() -> ResponderService:
         return ResponderService(
-            paths, clock, lambda: build_responder(paths, settings, clock=clock, audit=audit), lambda: slots
+            paths,
+            clock,
+            lambda: build_responder(paths, settings, clock=clock, audit=audit, handlers=handlers),
+            lambda: slots,
         )
 
     first = service()
     first.start()
+    first.responder.executor.handlers.clear()  # type: ignore[union-attr]  # killed before acting
     tee = IncidentTee(MemorySink, first.submit, first.resolved)
     tee.event(
         "incident",
-        "verification check drift.inputs fail",
-        attrs={"source": "verification", "check": "drift.inputs", "modules": ["clf"]},
+        f"verification check {check} fail",
+        attrs={"source": "verification", "check": check, "modules": ["clf"]},
     )
     _wait(first)
     first.stop()
     assert first.responder is not None and first.responder.tracker.open_incidents()[0].version == "2.0"
-    slots.rollback("clf", reason="operator", actor="operator")
+    slots.rollback("clf", reason="operator", actor="operator", mark_bad=False)
     again = service()
     again.start()
     again.stop()
     assert again.responder is not None and again.responder.tracker.open_incidents() == []
     assert any(r.event == "incident.closed" and "no longer serves" in r.data["why"] for r in audit.records())
+    blocked = any(b["version"] == "2.0" for b in slots.status("clf").bad.values())
+    assert blocked is (check == "integrity.slots")
