@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from _trust_support import make_env
@@ -52,5 +53,34 @@ def test_daemon_job_reports_and_a_rollout_completes_on_it(tmp_path: Path) -> Non
         assert svc.current("stable").state == "completed"  # type: ignore[union-attr]
         rep = ReportStore(svc.fleet_dir).all()[ident.device_id]
         assert rep["modules"]["clf"]["version"] == "2.0" and rep["ledger"]["clf@2.0"]["committed_at"]
+    finally:
+        server.stop()
+
+
+def test_reconcile_once_reports_to_the_hub(tmp_path: Path) -> None:
+    """Devices driven by `sre-agent reconcile --once` report too (gates and the halt rule see them)."""
+    from sre_agent.cli import main as agent_main
+    from sre_core.clock import SystemClock
+
+    env = make_env(tmp_path)
+    env.server.stop()
+    repo, clock, paths = env.repo, env.clock, env.paths
+    clock.advance(datetime.now(UTC) - clock.now())  # the CLI runs on system time: bring the hub there
+    f = tmp_path / "clf-1.0.bin"
+    f.write_bytes(b"1.0" * 64)
+    repo.publish("stable", f, ModuleManifest(name="clf", version="1.0", mode="file", filename="m.bin"))
+    repo.release("stable", "clf", "1.0")  # re-signs the channel's metadata at the new time
+    svc = RolloutService(repo, clock=clock)
+    # the device signs with its own (system) clock: the hub checks freshness against the same
+    server = ServerThread(build_hub_app(repo.dir, fleet_routes(repo.dir, svc, SystemClock()))).start()
+    try:
+        provision(paths, hub=server.url, clock=clock)
+        ident = load_identity(paths)
+        FleetDB(svc.fleet_dir, clock).enroll(ident.device_id, ident.public_pem)
+        assert ident.device_id not in ReportStore(svc.fleet_dir).all()
+        rc = agent_main(["reconcile", "--once", "--state", str(paths.root), "--from", server.url, "--json"])
+        assert rc in (0, 1)
+        rep = ReportStore(svc.fleet_dir).all()[ident.device_id]
+        assert rep["channel"] == "stable"
     finally:
         server.stop()

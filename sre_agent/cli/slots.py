@@ -254,6 +254,26 @@ def _source(paths: StatePaths, src: str | None, channel: str | None, config: Pat
     return pull
 
 
+def _report_to_hub(
+    paths: StatePaths, online: bool, src: str | None, channel: str | None, config: Path | None
+) -> str:
+    """Send the device report after a pass (as the daemon does), so gates and the halt rule see
+    devices driven by ``reconcile --once`` too. Returns "sent", "offline" or the error."""
+    from deployment.rollout import device_report, send_report
+    from sre_core.clock import SystemClock
+
+    settings = settings_for(paths.root, config)
+    where = src or settings.hub.url
+    if not online or not where or not where.startswith(("http://", "https://")):
+        return "offline"
+    clock = SystemClock()
+    try:
+        send_report(where, paths, device_report(paths, channel or settings.hub.channel, clock), clock)
+    except Exception as exc:  # the hub hears from us at the next pass
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return "sent"
+
+
 def _modules_known(paths: StatePaths, module: str) -> None:
     from deployment.slots import SlotManager
     from sre_core.audit import AuditLog
@@ -307,6 +327,7 @@ def register(app: typer.Typer) -> None:
         policy = load_deployment_policy(paths.policies / "deployment.yaml")
         report = Reconciler(paths, _source(paths, source, channel, config), policy=policy).run_once()
         data = report.to_dict()
+        data["report"] = _report_to_hub(paths, report.online, source, channel, config)
         if json_out:
             emit_json(data)
         else:
