@@ -67,7 +67,8 @@ def register(app: typer.Typer) -> None:
 
         Endpoints: /v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/ready,
         POST /v2/models/NAME/infer (JSON tensors or the binary tensor extension), and Triton's
-        /v2/models/NAME/config, /v2/models[/NAME]/stats and POST /v2/repository/index. With --grpc-port,
+        /v2/models/NAME/config, /v2/models/NAME/stats (/v2/models/stats: all) and POST /v2/repository/index.
+        With --grpc-port,
         the protocol's gRPC service (GRPCInferenceService) too, on the same models and canaries.
         With --reconcile-every, new managed versions are canaried on live traffic and flipped or cut off;
         `sre-agent status` shows the canary's progress.
