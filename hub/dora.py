@@ -15,7 +15,8 @@ Definitions (each from evidence the hub holds, not from hub-side guesses):
   device: time since its previous successful sync, capped at the time since publication), so a fleet on
   a 20 % link is not blamed for the link.
 - Change failure rate: devices whose local health gate rolled the version back / devices exposed to it
-  (installed it), plus the share of releases with at least one such failure.
+  (installed it), plus the share of releases that failed: at least one such device, or a rollout of it
+  halted, aborted (canary abort at fleet level) or reverted, or a recall withdrew it.
 - MTTR: the device's local flip time from the failed version back to the previous one (from its
   audit trail); recovery does not wait for the hub.
 """
@@ -33,6 +34,9 @@ from hub.repository import DESIRED_STATE, HubRepository
 from hub.rollouts import ReportStore
 
 __all__ = ["DoraReport", "Publication", "compute_dora", "publications"]
+
+
+Key = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,31 @@ def _summary(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def _hub_failures(repo: HubRepository, reports: ReportStore, since: datetime) -> dict[Key, set[str]]:
+    """Releases the hub itself saw fail: a canary/rollout halted, aborted or reverted, or recalled."""
+    from sqlalchemy import select
+
+    from hub.rollouts import Rollout
+    from hub.store._schema import rollouts as rollouts_t
+
+    out: dict[Key, set[str]] = {}
+    with reports.store.tx() as conn:
+        bodies = conn.execute(select(rollouts_t.c.body)).scalars().all()
+    for body in bodies:
+        r = Rollout.model_validate_json(body)
+        key = (r.spec.channel, r.spec.module, r.spec.version)
+        events = {h.get("event") for h in r.history if str(h.get("at", "")) >= since.isoformat()}
+        for ev, why in (("fail_limit", "halted"), ("abort_keep", "aborted"), ("abort_revert", "reverted")):
+            if ev in events:
+                out.setdefault(key, set()).add(why)
+    for ch in repo.channels:
+        ds = repo.desired_state(ch)
+        for rc in ds.recalls if ds else []:
+            for v in rc.get("withdrawn", []):
+                out.setdefault((ch, str(rc.get("module")), str(v)), set()).add("recalled")
+    return out
+
+
 def compute_dora(
     repo: HubRepository, reports: ReportStore, window_days: int = 30, now: datetime | None = None
 ) -> DoraReport:
@@ -154,7 +183,11 @@ def compute_dora(
                 connected.append(max(total - off, 0.0))
     exposures = sum(s["exposed"] for s in per.values())
     failures = sum(s["failed"] for s in per.values())
-    failed_releases = sum(1 for s in per.values() if s["failed"])
+    hub_failed = _hub_failures(repo, reports, since)
+    for key in hub_failed:
+        if key in by_key and by_key[key].issued >= since:
+            per.setdefault(key, {"exposed": 0, "failed": 0, "committed": 0})
+    failed_releases = sum(1 for k, s in per.items() if s["failed"] or k in hub_failed)
     return DoraReport(
         window_days=window_days,
         deployments=len(recent),
@@ -170,7 +203,14 @@ def compute_dora(
         release_failure_rate=round(failed_releases / len(per), 4) if per else None,
         mttr_ms=_summary(flips),
         per_release=[
-            {"channel": k[0], "module": k[1], "version": k[2], **v, "issued": by_key[k].issued.isoformat()}
+            {
+                "channel": k[0],
+                "module": k[1],
+                "version": k[2],
+                **v,
+                "issued": by_key[k].issued.isoformat(),
+                "hub_failure": sorted(hub_failed.get(k, set())),
+            }
             for k, v in sorted(per.items())
         ],
     )

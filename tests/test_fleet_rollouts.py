@@ -393,6 +393,19 @@ def test_dora_from_signed_publications_and_device_ledgers(tmp_path: Path) -> Non
     assert d.lead_time_connected_s["median"] == 100 and d.mttr_ms["median"] == 3
 
 
+def test_dora_counts_aborted_rollouts_and_recalls_as_failed_releases(tmp_path: Path) -> None:
+    clock = FakeClock()
+    repo = _repo(tmp_path, clock)
+    svc = RolloutService(repo, clock=clock)
+    svc.start(RolloutSpec(channel="stable", module="clf", version="2.0", soak_s=0))
+    svc.abort("stable", revert=True)  # no device ever failed it: the hub's own record does
+    assert compute_dora(repo, svc.reports).releases_with_failures == 1
+    svc.recall("stable", "clf", ["1.0"], "3.0", "bad calibration")
+    d = compute_dora(repo, svc.reports)
+    why = {p["version"]: p["hub_failure"] for p in d.per_release}
+    assert why["2.0"] == ["reverted"] and why["1.0"] == ["recalled"] and d.releases_with_failures == 2
+
+
 # ---------------------------------------------------------------------------- CLI
 def test_cli_rollout_recall_fleet_status_dora(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     from sre_core.clock import SystemClock
