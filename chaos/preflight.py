@@ -120,6 +120,11 @@ class ActivityInfo:
     module: str | None = None
     background: bool = False
     impact: str = ""
+    target_link: str | None = None
+    """The proxy it acts on (whether or not it cuts it)."""
+    toxic: str | None = None
+    restores_link: str | None = None
+    """For a cleanup activity: the proxy it restores (``*``: every fault)."""
     amount: float | None = 0.0
     """How much of its impact it uses (cpu worker-s, disk MB, clock |offset| s, flips, share-s)."""
 
@@ -615,7 +620,28 @@ class _Static:
         if "active" in spec.targets and module is None:
             module = "*"
         cuts = self._cuts(spec, args, arg)
+        target_link: str | None = None
+        if spec.link_arg or spec.link_default:
+            raw = args.get(spec.link_arg) if spec.link_arg else None
+            raw = spec.link_default if raw is None else raw
+            target_link = "<run-time>" if isinstance(raw, Unresolved) else (str(raw) if raw else None)
+        toxic = args.get(spec.toxic_arg) if spec.toxic_arg else None
+        toxic = None if toxic is None else ("<run-time>" if isinstance(toxic, Unresolved) else str(toxic))
+        restores_link = (target_link or "*") if spec.restores else None
+        managed = target_link is not None and (
+            target_link in self.policy.management_links or target_link == "<run-time>"
+        )
+        if spec.link_effect != "none" and managed:
+            what = "deletes" if spec.link_effect == "removes" else "re-creates (re-points)"
+            self.add("management-cut", path, f"{what} the management link proxy {target_link!r}", name)
         own_time = self._timeout(act, prov)
+        if spec.timeout_arg:
+            t = self._bounded(
+                path, name, spec.timeout_arg, arg(spec.timeout_arg), spec.max_timeout_s, "s", duration=True
+            )
+            waits = _num(arg(spec.size_arg)) if spec.size_arg else 1.0
+            # chaoslib never enforces an activity `timeout`: the probe's own waits bound its time
+            own_time = max(own_time, (t or 0.0) * max(1.0, waits or 1.0)) if t is not None else own_time
         if spec.blocking and duration is not None:
             own_time = max(own_time, duration)
         return ActivityInfo(
@@ -635,7 +661,10 @@ class _Static:
             link=(link if cuts else None),
             module=module,
             impact=spec.impact,
-            amount=_amount_of(spec.impact, size, duration, share),
+            amount=_amount_of(spec.impact, size, duration, share, spec.count),
+            target_link=target_link,
+            toxic=toxic,
+            restores_link=restores_link,
             background=bool(act.get("background")),
         )
 
@@ -767,6 +796,8 @@ class _Static:
     def _http(self, path: str, name: str, kind: str, prov: Mapping[str, Any]) -> None:
         url = self.resolve(prov.get("url"))
         host = None if isinstance(url, _Unresolved) else urlsplit(str(url)).hostname
+        if isinstance(url, str) and (not url.isascii() or any(c in url for c in "\\@ \t\r\n")):
+            host = None  # parsers disagree on such URLs (urllib vs urllib3): the host is not known
         if host is None or not self._loopback(host):
             self.add(
                 "http-non-loopback",
@@ -926,7 +957,7 @@ class _Static:
                 rest += hyp
                 for r, s_r in zip(rollbacks, rb_spans, strict=True):
                     rest = None if s_r is None else rest + s_r
-                    if rest is None or r.key == a.restored_by:
+                    if rest is None or self._undoes(r, a):
                         break
             own = self._span(a)
             until_restored = None if (rest is None or own is None) else rest + own
@@ -962,6 +993,16 @@ class _Static:
                 self.add("management-cut", r.path, "cuts the management link during the rollbacks", r.name)
         self.activities = [updated.get(a.path, a) for a in self.activities]
 
+    def _undoes(self, r: ActivityInfo, a: ActivityInfo) -> bool:
+        """Whether rollback ``r`` undoes the fault ``a``: a catalogued restorer, of the same proxy, and
+        of the same toxic when it names one (restoring a decoy restores nothing)."""
+        spec = self.cat.get(a.key)
+        if spec is None or r.key not in spec.restored_by:
+            return False
+        if r.restores_link not in (None, "*") and r.restores_link != a.target_link:
+            return False
+        return r.toxic is None or r.toxic == a.toxic
+
     def _span(self, a: ActivityInfo) -> float | None:
         if a.duration_s is None:
             return None
@@ -993,14 +1034,16 @@ class _Static:
         return total
 
 
-def _amount_of(impact: str, size: float | None, duration: float | None, share: float | None) -> float | None:
+def _amount_of(
+    impact: str, size: float | None, duration: float | None, share: float | None, count: float = 1.0
+) -> float | None:
     """The quantity of ``impact`` one activity uses (None: not known, other findings say why)."""
     if impact == "cpu":
         return None if size is None or duration is None else abs(size) * duration
     if impact in ("disk", "clock"):
         return None if size is None else abs(size)
     if impact in ("slots", "serving"):
-        return 1.0
+        return count
     if impact == "input":
         return None if duration is None else (1.0 if share is None else share) * duration
     return 0.0

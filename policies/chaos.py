@@ -71,6 +71,13 @@ class ActivitySpec(PolicyModel):
     type_arg: str | None = Field(default=None, description="argument naming the fault type")
     cut_types: tuple[str, ...] = Field(default=(), description="with type_arg: the types that cut the link")
     impact: Impact = Field(default="none", description="what on the device the action changes")
+    count: float = Field(default=1.0, ge=0, description="units of a counted impact per call (slot flips)")
+    link_effect: Literal["none", "removes", "creates"] = Field(
+        default="none", description="removes or (re)creates the proxy it names (judged on management links)"
+    )
+    toxic_arg: str | None = Field(default=None, description="argument naming the toxic it adds or deletes")
+    timeout_arg: str | None = Field(default=None, description="argument bounding each wait (probes)")
+    max_timeout_s: float | None = Field(default=None, gt=0)
     toxic_type: str | None = Field(default=None, description="the Toxiproxy toxic type it adds (fixed)")
     attributes_arg: str | None = Field(default=None, description="argument holding the toxic's attributes")
     attr_args: dict[str, str] = Field(

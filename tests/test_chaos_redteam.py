@@ -1279,19 +1279,8 @@ ALL = DANGEROUS + SAFE
 
 # Filled in after the first run against the current code: case id -> what breaks.
 XFAIL: dict[str, str] = {
-    "sum-slots": "three rollback drills (6 slot flips) pass the max_total.slots 4 budget",
-    "decoy-restore": "a rollback is matched to its fault by module:func only: restore_uplink(proxy='decoy') "
-    "counts as restoring the uplink, so a 300 s pause after it is not counted as cut time",
-    "decoy-delete-toxic": "delete_toxic of another toxic counts as the restore; the timeout toxic stays "
-    "~320 s",
-    "http-backslash-host": "the host is judged with urllib.parse (127.0.0.1) while requests connects to "
-    "10.0.0.1",
-    "delete-management-proxy": "chaostoxi delete_proxy is catalogued as a harmless restore: deleting "
-    "'uplink' in the method is judged run",
-    "recreate-management-proxy": "create_proxy named 'uplink' is not judged as touching the management "
-    "link, and the rollback delete_proxy('uplink') is a 'restore'",
-    "probe-timeout-underestimated": "a probe's own timeout_s is unbounded and the estimate uses the activity "
-    "`timeout`, which chaoslib never enforces",
+    # all seven found on the first run (slot-flip totals, decoy restores of another proxy or toxic, a
+    # backslash URL host, deleting or re-creating the management proxy, probe waits) are fixed
 }
 
 
