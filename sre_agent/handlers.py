@@ -85,6 +85,12 @@ class DaemonHandlers:
         if st.active is None:
             raise NoRemedyError(f"{inc.module} has no active version to roll back from")
         if inc.version and st.active.version != inc.version:
+            # Done already (before a crash, or by the slot manager's start-up fallback from a corrupt
+            # active slot): finish it by blocking the version, or the next reconcile installs it again.
+            sb = st.standby
+            if sb is not None and sb.version == inc.version and sb.sha256 not in st.bad:
+                slots.mark_bad(inc.module, sb.sha256, sb.version, f"rolled back from ({inc.id})"[:300])
+                return f"{inc.module} already serves {st.active.version}; {inc.version} marked bad"
             return f"{inc.module} already serves {st.active.version}, not {inc.version}"
         sb = st.standby
         if sb is None or sb.sha256 in st.bad:

@@ -139,6 +139,7 @@ class Responder:
         fp = incident.fingerprint
         tracked = self.tracker.observe(incident, key=key)
         if tracked == "new":
+            self._save()  # persisted before anything acts: a crash from here on finds it open on restart
             self.audit.append(
                 "incident.opened",
                 id=incident.id,

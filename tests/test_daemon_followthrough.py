@@ -285,10 +285,8 @@ class _Crash(BaseException):
     """Stands for kill -9 inside a handler: nothing after it runs (not even the executor's bookkeeping)."""
 
 
-@pytest.mark.parametrize("crash_after_rollback", [False, True])
-def test_an_action_interrupted_by_a_crash_is_finished_once_after_restart(
-    tmp_path: Path, crash_after_rollback: bool
-) -> None:
+@pytest.mark.parametrize("when", ["before the flip", "after the flip", "before, then start-up fallback"])
+def test_an_action_interrupted_by_a_crash_is_finished_once_after_restart(tmp_path: Path, when: str) -> None:
     """The daemon dies in the middle of a rollback (before or after the flip). On restart the responder
     finishes the interrupted action once through the same idempotent handler: the device rolls back
     exactly once (a second flip would serve the corrupted bytes again) and the incident is closed."""
@@ -299,7 +297,7 @@ def test_an_action_interrupted_by_a_crash_is_finished_once_after_restart(
     real = DaemonHandlers(paths, clock, audit, MemorySink(), lambda: slots).table()
 
     def dying_rollback(inc: Incident) -> str:
-        if crash_after_rollback:
+        if when == "after the flip":
             real[Action.ROLLBACK](inc)
         raise _Crash
 
@@ -316,6 +314,8 @@ def test_an_action_interrupted_by_a_crash_is_finished_once_after_restart(
         first.handle(_signal(slots))
     first._stop.set()
     assert json.loads(incidents_file(paths).read_text())["incidents"][0]["acting"] == "rollback"
+    if when == "before, then start-up fallback":  # the slot manager found the active corrupt on start
+        slots.rollback("clf", reason="active slot failed its re-hash", mark_bad=False)
 
     again = ResponderService(
         paths,
@@ -328,7 +328,9 @@ def test_an_action_interrupted_by_a_crash_is_finished_once_after_restart(
     events = [r.event for r in audit.records()]
     assert events.count("slot.rolled_back") == 1, events
     assert "incident.interrupted_action" in events and "incident.resumed" in events
-    assert slots.status("clf").active.version == "1.0"  # type: ignore[union-attr]
+    st = slots.status("clf")
+    assert st.active is not None and st.active.version == "1.0"
+    assert any(b["version"] == "2.0" for b in st.bad.values())  # blocked, whoever moved off it
     assert again.responder is not None and again.responder.tracker.open_incidents() == []
 
 

@@ -496,8 +496,12 @@ def test_kill_9_while_handling_an_incident_handles_it_exactly_once(live: Live) -
         assert live.names().count("slot.flipped") == live.names()[
             : live.names().index("incident.opened")
         ].count("slot.flipped")  # no flip at all after the incident
-        assert live.status().active.version == "1.0"  # type: ignore[union-attr]
-        assert set(client.last(20)) == {"1.0"}
+        after = [
+            (e["event"], e["data"].get("version"))
+            for e in live.events()[live.names().index("incident.opened") :]
+        ]
+        assert live.status().active.version == "1.0", after  # type: ignore[union-attr]
+        assert set(client.last(20)) == {"1.0"}, (killed_after, after)
         _record(
             "8 kill -9 mid-incident",
             "rolled back exactly once after the restart; incident closed",
