@@ -134,8 +134,9 @@ class SharedNonces(NonceCache):
                 self.store.insert(nonces)
                 .values(key_id=key_id, nonce=nonce, created=created)
                 .on_conflict_do_nothing()
+                .returning(nonces.c.nonce)
             )
-            return bool(res.rowcount == 1)
+            return res.first() is not None  # (rowcount is not reliable for this statement on psycopg)
 
 
 def _refuse(what: str, why: str, fix: str = "upgrade the agent") -> InputError:
@@ -359,8 +360,9 @@ class FleetDB:
                     path=",".join(paths), received=now, arrival=int(arrival) + 1,
                 )
                 .on_conflict_do_nothing()
+                .returning(receipts.c.batch_id)
             )  # fmt: skip
-            if res.rowcount == 1:
+            if res.first() is not None:
                 self._touch_state(conn, device_id, table, tbl.num_rows, now)
                 if table == "feedback":
                     items = [json.loads(b) for b in tbl.column("body").to_pylist()]
