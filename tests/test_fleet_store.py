@@ -10,6 +10,7 @@ How each promise would break, and the test that catches it:
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import subprocess
@@ -286,3 +287,110 @@ def test_replicas_share_replay_protection_and_reports(tmp_path: Path, db_url: st
     finally:
         for a in apps:
             a.stop()
+
+
+class _RoundRobin:
+    """A TCP load balancer on one address: each new connection goes to the next backend."""
+
+    def __init__(self, backends: list[int]) -> None:
+        import socket
+
+        from sre_core.http_server import free_port
+
+        self.port = free_port()
+        self.backends = backends
+        self.n = 0
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            port = self.backends[self.n % len(self.backends)]
+            self.n += 1
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_two_serve_processes_behind_one_address_agree(tmp_path: Path, db_url: str) -> None:
+    from sre_core.http_server import free_port
+
+    repo = HubRepository.init(tmp_path / "repo", channels=("stable",))
+    (repo.dir / "hub.toml").write_text(f'[store]\ndatabase_url = "{db_url}"\n')
+    store = open_store(db_url)
+    key = Ed25519PrivateKey.generate()
+    FleetDB(repo.dir / "fleet", store=store).enroll("dev-a", _pem(key))
+    ports = [free_port(), free_port()]
+    env = {k: v for k, v in _env(db_url).items() if k != ENV_DATABASE_URL}  # from hub.toml this time
+    procs = [
+        subprocess.Popen([*HUB, "serve", "--repo", str(repo.dir), "--port", str(p)], env=env) for p in ports
+    ]
+    lb = _RoundRobin(ports)
+    try:
+        for p in ports:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+        url = f"http://127.0.0.1:{lb.port}"
+        sent = []
+        for i in range(10):
+            body = _batch("dev-a", "metrics", _metrics("dev-a", [datetime.now(UTC) + timedelta(seconds=i)]))
+            sent.append(body)
+            r = _post(url, key, "dev-a", body)
+            assert r.status_code == 200 and r.json()["status"] == "stored", r.text
+        import hashlib
+
+        body = sent[0]
+        full = f"{url}/v1/telemetry/batches/{hashlib.sha256(body).hexdigest()[:40]}"
+        hdrs = sign_request("POST", full, body, key, "dev-a", int(time.time()), "once")
+        answers = [
+            httpx.post(full, content=body, headers=hdrs, timeout=30) for _ in range(4)
+        ]  # both replicas
+        assert answers[0].status_code == 200
+        assert [(a.status_code, a.json().get("refused")) for a in answers[1:]] == [(401, "replayed")] * 3
+        for v in ("1.0", "2.0", "2.0"):  # device reports through the balancer, alternating replicas
+            doc = json.dumps(_report("dev-a", v)).encode()
+            rh = sign_request("POST", f"{url}/v1/fleet/reports", doc, key, "dev-a", int(time.time()),
+                              secrets.token_hex(8), {"content-type": "application/json"})  # fmt: skip
+            assert (
+                httpx.post(f"{url}/v1/fleet/reports", content=doc, headers=rh, timeout=30).status_code == 200
+            )
+        st = FleetDB(repo.dir / "fleet", store=store).state("dev-a")
+        assert st["batches"] == 10 and st["rows"] == {"metrics": 10}  # exact counters
+        from hub.rollouts import ReportStore
+
+        got = ReportStore(repo.dir / "fleet", store).get("dev-a")
+        assert got is not None and got["modules"]["clf"]["version"] == "2.0"
+        assert lb.n >= 16  # every request went through the one address, spread over both processes
+    finally:
+        lb.close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
