@@ -6,9 +6,12 @@ Public API::
                 min_rate_bytes_s=8192, base_deadline_s=120, metadata_deadline_s=60, pull_deadline_s=3600)
         an artifact transfer may take base + length / min rate; a metadata read metadata_deadline_s;
         everything a fetcher does together pull_deadline_s from its creation (one fetcher per pull)
-    HttpFetcher(config=None, client=None, clock=None)      a tuf FetcherInterface over httpx
+    HttpFetcher(config=None, client=None, clock=None, held=None)   a tuf FetcherInterface over httpx;
+        ``held(url)`` returns the device's trusted copy of that metadata file (or None): the request
+        then carries ``If-None-Match`` (the hub's strong ETag is the content sha256) and a 304 answers
+        with those bytes, which the TUF client verifies as if downloaded
     DirectoryFetcher(base_dir, config=None, clock=None)      a tuf FetcherInterface over a bundle directory
-    make_fetcher(source, config=None, clock=None) -> HttpFetcher | DirectoryFetcher
+    make_fetcher(source, config=None, clock=None, held=None) -> HttpFetcher | DirectoryFetcher
     base_urls(source) -> (metadata_base_url, targets_base_url)
     <fetcher>.download_to(url, part, length, validator=None, progress=None, on_validator=None)
         -> DownloadStats(bytes_received, requests, resumes, restarts, etag)
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import socket
 import ssl
@@ -292,8 +296,11 @@ class HttpFetcher(_Resumable, FetcherInterface):
         config: FetchConfig | None = None,
         client: httpx.Client | None = None,
         clock: Clock | None = None,
+        held: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self.config = config or FetchConfig()
+        self.held = held
+        self.not_modified = 0
         self.clock = clock or SystemClock()
         timeout = httpx.Timeout(
             self.config.read_timeout_s,
@@ -373,7 +380,13 @@ class HttpFetcher(_Resumable, FetcherInterface):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         deadline = min(self.clock.monotonic() + self.config.metadata_deadline_s, self.pull_deadline)
-        resp = self._send(url, {}, deadline)
+        mine = self.held(url) if self.held is not None else None
+        cond = {"If-None-Match": f'"{hashlib.sha256(mine).hexdigest()}"'} if mine is not None else {}
+        resp = self._send(url, cond, deadline)
+        if resp.status_code == 304 and mine is not None:
+            self._closer(resp)()
+            self.not_modified += 1
+            return iter([mine])  # unchanged: the TUF client verifies these bytes again
         if resp.status_code != 200:
             self._closer(resp)()
             raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
@@ -494,9 +507,12 @@ def base_urls(source: str) -> tuple[str, str]:
 
 
 def make_fetcher(
-    source: str, config: FetchConfig | None = None, clock: Clock | None = None
+    source: str,
+    config: FetchConfig | None = None,
+    clock: Clock | None = None,
+    held: Callable[[str], bytes | None] | None = None,
 ) -> HttpFetcher | DirectoryFetcher:
     """An HTTP fetcher for ``http(s)://`` sources, else a directory fetcher for a bundle."""
     if _is_url(source):
-        return HttpFetcher(config, clock=clock)
+        return HttpFetcher(config, clock=clock, held=held)
     return DirectoryFetcher(Path(source), config, clock)

@@ -299,6 +299,15 @@ class Puller:
             kind = "refused" if exc.refused else "failed"
             return dataclasses.replace(exc.held, refused=f"pull {kind}: {exc.message}")
 
+    def _held_timestamp(self, url: str) -> bytes | None:
+        """The trusted ``timestamp.json`` (for a conditional poll); other metadata is versioned."""
+        if not url.endswith("/timestamp.json"):
+            return None
+        try:
+            return (self.paths.tuf / "timestamp.json").read_bytes()
+        except OSError:
+            return None
+
     def pull(self) -> PullResult:
         """Refresh, fetch and verify. Returns the new state, or the held one when offline.
 
@@ -314,7 +323,7 @@ class Puller:
             )
         with _pull_lock(self.paths):
             self.store.remove_stale()
-            self._fetcher = make_fetcher(self.source, self.fetch_config, self.clock)
+            self._fetcher = make_fetcher(self.source, self.fetch_config, self.clock, self._held_timestamp)
             started = self.clock.monotonic()
             outcome = "error"
             try:
@@ -509,7 +518,10 @@ class Puller:
             raise self._refuse(
                 exc.what, exc.why, exc.fix, event="pull.future_time_refused" if future else None
             ) from exc
-        trusted.observe(desired.issued, "desired-state")
+        try:
+            trusted.admit(desired.issued, "desired-state", self.tolerance)
+        except FutureSignedTimeError as exc:  # the bound moved on between the two checks: refuse
+            raise self._refuse(exc.what, exc.why, exc.fix, event="pull.future_time_refused") from exc
         return desired, sha
 
     # ----- artifacts ----------------------------------------------------------------------------

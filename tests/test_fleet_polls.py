@@ -43,3 +43,38 @@ def test_static_origin_serves_conditional_polls_with_cache_headers(tmp_path: Pat
         assert again.status_code == 304 and again.headers["cache-control"] == first.headers["cache-control"]
         assert "immutable" in c.get("/metadata/1.root.json").headers["cache-control"]
         assert c.get("/v1/fleet/status").status_code == 404  # the API stays on the hub
+
+
+def test_device_polls_are_conditional_and_a_304_keeps_the_trusted_copy(tmp_path: Path) -> None:
+    from typing import Any
+
+    from _trust_support import make_env
+
+    from deployment.manifest import ModuleManifest
+    from deployment.pull import Puller
+    from hub.server import build_hub_app
+
+    env = make_env(tmp_path)
+    env.server.stop()
+    f = tmp_path / "clf.bin"
+    f.write_bytes(b"1.0" * 64)
+    env.repo.publish("stable", f, ModuleManifest(name="clf", version="1.0", mode="file", filename="m.bin"))
+    env.repo.release("stable", "clf", "1.0")
+    seen: list[tuple[str, int]] = []
+    app = build_hub_app(env.repo.dir)
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        async def send_status(msg: Any) -> None:
+            if msg["type"] == "http.response.start":
+                seen.append((scope["path"], msg["status"]))
+            await send(msg)
+
+        await app(scope, receive, send_status)
+
+    with ServerThread(counting) as server:
+        first = Puller(env.paths, server.url, "stable", clock=env.clock).pull()
+        assert first.online
+        seen.clear()
+        again = Puller(env.paths, server.url, "stable", clock=env.clock).pull()
+        assert again.online and again.trust == first.trust
+        assert ("/metadata/timestamp.json", 304) in seen, seen
