@@ -21,9 +21,11 @@ state seen expired stays expired when the clock is later wound back. The cost: a
 jumped far ahead keeps trusted time there until an operator removes ``clock.json``.
 
 Signed times are bounded: a hub's online timestamp key (or a channel key) signs whatever time it likes,
-so a signed time may raise the mark only up to the device clock plus a policy tolerance
-(:func:`signed_time_bound`); beyond it the time is refused (and the pull with it), never admitted. A
-stolen online key can then withhold updates, not poison the fleet's clocks into safe mode.
+so a signed time beyond the device clock plus a policy tolerance (:func:`signed_time_bound`) is refused
+(and the pull with it), never admitted; one inside the tolerance is admitted as clock skew but raises
+the mark no further than the system clock, unless that clock is known wrong (behind the mark by more
+than the tolerance: an RTC reset). A stolen online key can then withhold updates, not move the fleet's
+clocks into safe mode.
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ class TrustedTime:
     def admit(self, signed_time: datetime, source: str, tolerance: timedelta) -> datetime:
         """:meth:`observe` a signed time unless it lies beyond :meth:`bound`. Returns :meth:`now`.
 
+        While the system clock is sane (not behind the mark by more than the tolerance), an admitted
+        signed time raises the mark only up to the system clock: a time inside the tolerance is clock
+        skew, tolerated, but it may not move trusted time ahead (a stolen online key could otherwise
+        expire a short-lived desired state early). Only a clock known wrong lets signed time lead.
+
         Raises:
             FutureSignedTimeError: the signed time is too far ahead; the mark is unchanged.
         """
@@ -153,7 +160,10 @@ class TrustedTime:
                 "clock (rotate the key if it was stolen); raise trust.yaml max_signed_time_ahead_s only "
                 "if this device's clock is known to lag",
             )
-        return self.observe(signed_time, source)
+        sys_now = self.clock.now()
+        if self._high is not None and self._high - sys_now > tolerance:
+            return self.observe(signed_time, source)  # the clock is known wrong: signed time leads
+        return self.observe(min(signed_time, sys_now), source)
 
     def _write(self, when: datetime, source: str) -> None:
         if self._high is None or when > self._high:

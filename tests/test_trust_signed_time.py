@@ -43,15 +43,21 @@ def test_bound_is_the_device_clock_plus_tolerance_and_never_ratchets_on_signed_t
 def test_admit_refuses_a_far_future_time_and_keeps_the_mark(tmp_path: Path) -> None:
     clock = FakeClock(T0)
     tt = TrustedTime(tmp_path / "clock.json", clock)
-    tt.admit(T0 + timedelta(hours=1), "timestamp", DAY)
+    # Inside the tolerance: admitted as skew, but trusted time does not move ahead of a sane clock
+    # (a stolen online key must not expire a short-lived desired state early).
+    assert tt.admit(T0 + timedelta(hours=20), "timestamp", DAY) == T0
     before = (tmp_path / "clock.json").read_bytes()
     with pytest.raises(FutureSignedTimeError):
         tt.admit(T0 + 30 * 365 * DAY, "timestamp", DAY)
     assert (tmp_path / "clock.json").read_bytes() == before
-    assert TrustedTime(tmp_path / "clock.json", clock).now() == T0 + timedelta(hours=1)
+    clock.advance(timedelta(hours=2))
+    tt.admit(T0 + timedelta(hours=1), "timestamp", DAY)
+    assert TrustedTime(tmp_path / "clock.json", clock).now() == T0 + timedelta(hours=2)
     # Clock-rollback protection stays: winding the clock back does not lower trusted time.
     clock.set(T0 - 10 * DAY)
     assert TrustedTime(tmp_path / "clock.json", clock).now() == T0 + timedelta(hours=1)
+    # A clock known wrong (an RTC reset, 10 days behind the mark): signed time leads, one tolerance at most.
+    assert tt.admit(T0 + timedelta(hours=20), "timestamp", DAY) == T0 + timedelta(hours=20)
 
 
 def _doc(serial: int, issued: datetime, channel: str = "stable") -> bytes:
