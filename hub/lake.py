@@ -85,8 +85,10 @@ class Lake:
         partition; returns the relative paths written. Idempotent: the same name overwrites itself."""
         days = pc.cast(rows.column("ts"), pa.date32())
         written = []
-        for day in pc.unique(days).to_pylist():
-            part = rows.filter(pc.equal(days, pa.scalar(day, pa.date32())))
+        unique = pc.unique(days).to_pylist()
+        for day in unique:
+            # one day (the usual batch): write the rows as they are, no filtered copy
+            part = rows if len(unique) == 1 else rows.filter(pc.equal(days, pa.scalar(day, pa.date32())))
             rel = posixpath.join(f"table={table}", f"date={day.isoformat()}", f"{name}.parquet")
             self._put(self._p(rel), part)
             written.append(rel)
