@@ -115,7 +115,7 @@ def ingest_routes(
     """Starlette routes for batch and attestation upload.
 
     Args:
-        fleet_dir: where devices.json and the lake live (normally ``<repo>/fleet``).
+        fleet_dir: ``<repo>/fleet`` (the store and lake come from ``<repo>/hub.toml``).
         clock: the hub clock for signature freshness.
         window_s: allowed skew of ``created``; nonces are remembered (in the database) twice this long.
         fleet: an existing FleetDB to share (default: one over ``fleet_dir``).

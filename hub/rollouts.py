@@ -5,7 +5,7 @@ Public API::
     RolloutSpec(channel, module, version, waves=[10, 50, 100], gates=None, soak_s=600, min_devices=3,
                 halt_after=1, group=None)   group: device ids (a device-group rollout)
     TRANSITIONS: dict[(state, event), state]      the whole lifecycle; next_state(state, event) -> state
-    ReportStore(fleet_dir)                         latest device reports (``<fleet>/reports/<id>.json``)
+    ReportStore(fleet_dir)                         latest device reports (the hub store)
     RolloutService(repo, fleet_dir=None, clock=None, reports=None, tick_interval_s=5.0)
         .start(spec, actor) -> Rollout ; .approve/.pause/.resume/.ack(channel, actor) -> Rollout
         .abort(channel, revert, actor) -> Rollout
@@ -19,8 +19,8 @@ Public API::
 A rollout is not a new signature scheme: its signed form is :class:`deployment.rollout.RolloutDoc`
 inside the channel's desired state (``<channel>/desired-state.json``), a TUF target signed by the
 channel's delegated role, re-signed (serial + 1) on every state change. Only integers go into it.
-The hub's bookkeeping (history, failures seen, when each wave opened) lives in
-``<repo>/rollouts/<channel>.json`` and is never trusted by devices.
+The hub's bookkeeping (history, failures seen, when each wave opened, per-wave counters) lives in the
+hub store (:mod:`hub.store`) and is never trusted by devices.
 
 Lifecycle (one table, :data:`TRANSITIONS`)::
 
