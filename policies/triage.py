@@ -65,6 +65,8 @@ DEVICE_FACTS = frozenset(
         "standby_recalled",
         "standby_failing",
         "chaos_active",
+        "chaos_explains",
+        "slo_of_model",
     }
 )
 """Facts the triage engine derives from an incident's facts and slot status (``device.<name>``)."""

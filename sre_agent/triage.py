@@ -30,6 +30,8 @@ __all__ = [
     "RuleMatch",
     "TriageDecision",
     "TriageEngine",
+    "chaos_explains",
+    "chaos_targets",
     "device_facts",
     "model_note_problem",
     "resolve_fact",
@@ -105,6 +107,8 @@ class DeviceFacts:
     both_slots_failing: bool
     active_down: bool
     chaos_active: bool
+    chaos_explains: bool
+    slo_of_model: bool
     why_not_rollback: str | None
 
     @property
@@ -136,7 +140,12 @@ def device_facts(incident: Incident) -> DeviceFacts:
       ``fact.bad_versions``/``fact.recalled_versions`` (a version or a comma-separated list);
     - ``fact.active_down``/``fact.active_serving`` (booleans), and a probe failure on the
       active slot seen ``fact.consecutive_failures`` >= 3 times in a row while no experiment runs;
-    - ``fact.chaos_active`` (boolean; false makes ``pause_chaos`` impossible).
+    - ``fact.chaos_active`` (boolean; false makes ``pause_chaos`` impossible);
+    - ``fact.chaos_targets`` (what the running experiment perturbs, comma-separated, in the chaos
+      catalogue's target words: clock, cpu, memory, disk, uplink, input, serving, standby), else the
+      words of ``fact.experiment`` when it is a plain identifier (``clock-skew.yaml``): see
+      :func:`chaos_explains`;
+    - ``fact.slo``: an SLO about the device's sync or policy age is not one a model version moves.
     """
     f = incident.facts
     slot = incident.evidence.slot
@@ -209,8 +218,78 @@ def device_facts(incident: Incident) -> DeviceFacts:
         both_slots_failing=both,
         active_down=active_down,
         chaos_active=chaos is True,
+        chaos_explains=chaos is True and chaos_explains(incident),
+        slo_of_model=incident.kind.value == "slo_burn" and _slo_of_model(f.get("slo")),
         why_not_rollback=why,
     )
+
+
+_TARGET_WORDS: dict[str, frozenset[str]] = {
+    "clock": frozenset({"clock", "time", "ntp", "rtc", "skew"}),
+    "cpu": frozenset({"cpu", "stress", "load"}),
+    "memory": frozenset({"memory", "mem", "oom", "ram"}),
+    "disk": frozenset({"disk", "fill", "ballast", "storage"}),
+    "uplink": frozenset({"uplink", "network", "net", "partition", "blackout", "toxiproxy"}),
+    "input": frozenset({"input", "inputs", "noise"}),
+    "serving": frozenset({"serving", "kill"}),
+    "standby": frozenset({"standby"}),
+}
+"""Words naming what an experiment perturbs, by the chaos catalogue's targets (``chaos.yaml``)."""
+
+_CHECK_DIMENSIONS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("trust.", frozenset({"clock"})),  # the clock, and every horizon and expiry measured with it
+    ("resources.", frozenset({"disk", "memory", "cpu"})),
+    ("drift.", frozenset({"input"})),
+)
+"""What a failing check measures (by check-name prefix): an experiment perturbing that explains it."""
+
+_STARVED = frozenset({"cpu", "memory"})
+"""What a check needs to run at all: an experiment starving it explains an error or timeout."""
+
+_NOT_MODEL_SLOS = frozenset({"sync", "policy"})
+"""SLO subjects no model version moves (the device's sync and policy age, ``sre_agent/slo.py``)."""
+
+
+def chaos_targets(facts: dict[str, FactValue]) -> frozenset[str]:
+    """What the running experiment perturbs: ``fact.chaos_targets``, else the words of an
+    identifier-shaped ``fact.experiment`` mapped through :data:`_TARGET_WORDS` (free text counts for
+    nothing: a name that is not a plain identifier perturbs nothing known)."""
+    declared = facts.get("chaos_targets")
+    if isinstance(declared, str):
+        return frozenset(p.strip().lower() for p in declared.split(",") if p.strip()) & set(_TARGET_WORDS)
+    name = facts.get("experiment")
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+        return frozenset()
+    words = set(_WORD.findall(name.lower().removesuffix(".yaml").removesuffix(".json")))
+    return frozenset(t for t, vocab in _TARGET_WORDS.items() if words & vocab)
+
+
+def chaos_explains(incident: Incident) -> bool:
+    """Whether a verification failure is what the running experiment deliberately causes (pure).
+
+    A failing check explained by an experiment perturbing what it measures (a clock check under clock
+    skew, disk headroom under disk fill, input drift under input noise), or a check that could not run
+    (error, timeout) while an experiment starves the CPU or memory it needs. Whether an experiment runs
+    at all is the caller's ``fact.chaos_active``.
+    """
+    if incident.kind.value != "verification_failure":
+        return False
+    f = incident.facts
+    targets = chaos_targets(f)
+    status = f.get("status")
+    if status in ("error", "timeout"):
+        return bool(targets & _STARVED)
+    check = f.get("check")
+    if not isinstance(check, str):
+        return False
+    return any(check.startswith(prefix) and targets & dims for prefix, dims in _CHECK_DIMENSIONS)
+
+
+def _slo_of_model(slo: FactValue | None) -> bool:
+    """Whether an SLO measures what the served model does (unknown names count as the model's)."""
+    if not isinstance(slo, str):
+        return True
+    return slo.strip().lower().split(".")[0] not in _NOT_MODEL_SLOS
 
 
 def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) -> dict[Action, str]:

@@ -86,16 +86,17 @@ def _with_alternatives(rule: str, *alts: Action) -> TriageEngine:
 
 def test_agent_reads_tools_then_answers_within_the_allowed_choices():
     case = CASES["ca-injection-few-samples"]
-    engine = _with_alternatives("canary-gate-few-samples", Action.OBSERVE)
+    engine = _with_alternatives("canary-gate-failed", Action.OBSERVE)
     model, advisor = _advisor(['{"choice": 1, "summary": "few samples, tell people"}'])
     advice = advisor(case.incident, engine.match(case.incident))
-    # rule canary-gate-few-samples: default alert; its alternative: observe. Index 1 is observe.
+    # rule canary-gate-failed: default quarantine; its alternative: observe. Index 1 is observe.
     assert advice.choice == "observe" and advice.summary == "few samples, tell people"
     ((messages, schema),) = model.calls
     assert schema["properties"]["choice"]["enum"] == [0, 1]
     prompt = "\n".join(m["content"] for m in messages)
     choices_line = prompt.split("Choices:")[1].split("\n")[0]
-    assert "0 = alert" in choices_line and "1 = observe" in choices_line and "safe_mode" not in choices_line
+    assert "0 = quarantine" in choices_line and "1 = observe" in choices_line
+    assert "safe_mode" not in choices_line
     # the read-only tools ran and their data reached the model; log text is marked untrusted; empty
     # results (this incident has no metrics or checks) are left out to keep the prompt short
     assert "read_slot_status: active_version=2.0.0" in prompt and "<untrusted>" in prompt
