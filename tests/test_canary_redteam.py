@@ -41,7 +41,7 @@ from deployment.canary import CanaryConfig, Phase, StepConfig
 from deployment.oip import create_app
 from deployment.oip_grpc import GrpcServer
 from deployment.router import Router
-from deployment.sample_models import erroring_classifier, linear_classifier
+from deployment.sample_models import erroring_classifier, linear_classifier, slow_classifier
 from deployment.serving import CanaryRun, ModelRepository
 from deployment.sessions import load_session
 from sre_core.clock import FakeClock
@@ -405,40 +405,55 @@ def test_routed_requests_timed_to_the_canary_slot_cannot_ban_an_identical_candid
 
 
 # -- 3. a burst of concurrent clients ----------------------------------------------------------------------
+def under_burst(p: Plane, trial: int) -> list[int]:
+    """Drive the canary while six HTTP clients hammer the routed path (batches 1-256); their status codes."""
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(100 * trial + i)
+        with httpx.Client(base_url=p.rest, timeout=60) as http:
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                n = int(rng.choice([1, 1, 8, 64, 256]))
+                try:
+                    codes.append(http.post("/v2/models/m/infer", json=json_body(benign(rng, n))).status_code)
+                except httpx.HTTPError:
+                    codes.append(-1)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        drive(p, np.random.default_rng(trial))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    return codes
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_identical_candidate_survives_a_burst_of_concurrent_clients(trial: int) -> None:
-    """Attack: six HTTP clients hammer the routed path (batches 1-256) for the whole canary."""
     blob = linear_classifier(seed=0, hidden_layers=2)
     with plane(blob, relabel(blob, f"2.0 trial {trial}"), config(), seed=trial) as p:
-        stop = threading.Event()
-        codes: list[int] = []
-
-        def client(i: int) -> None:
-            rng = np.random.default_rng(100 * trial + i)
-            with httpx.Client(base_url=p.rest, timeout=60) as http:
-                for _ in range(100_000):
-                    if stop.is_set():
-                        return
-                    n = int(rng.choice([1, 1, 8, 64, 256]))
-                    try:
-                        codes.append(
-                            http.post("/v2/models/m/infer", json=json_body(benign(rng, n))).status_code
-                        )
-                    except httpx.HTTPError:
-                        codes.append(-1)
-
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
-        for t in threads:
-            t.start()
-        try:
-            drive(p, np.random.default_rng(trial))
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
+        codes = under_burst(p, trial)
         assert codes and set(codes) == {200}
         assert_not_banned(p)
         assert p.run.phase is Phase.PROMOTED, (p.run.last, p.run.controller.history)
+
+
+def test_a_clearly_slower_candidate_is_still_aborted_under_the_same_burst() -> None:
+    """Under-reaction: the burst's noise must not hide a candidate doing several times the work."""
+    base = linear_classifier(seed=0, hidden_layers=2)
+    slow = slow_classifier(seed=0, hidden_layers=2, extra_layers=8, extra_size=512)  # same answers, >3x work
+    with plane(base, slow, config()) as p:
+        under_burst(p, 9)
+        assert p.run.phase is Phase.ABORTED, (p.run.last, p.run.controller.history)
+        assert p.run.last is not None and "latency" in [
+            g.gate for g in p.run.last.gates if g.verdict == "fail"
+        ]
 
 
 # -- 4. under-reaction -------------------------------------------------------------------------------------
