@@ -206,3 +206,154 @@ def test_every_device_fact_a_rule_may_name_is_derived():
     )
     with pytest.raises(InputError, match="unknown device fact 'rollback_redy'"):
         parse_document(TriagePolicy, doc, "triage.yaml")
+
+
+# --- classes found by the held-out corpus (tests/triage_cases/holdout); each failed on the old rules ---
+
+
+@pytest.mark.parametrize(
+    "slo", ["serving.latency_p99", "serving.error_rate", "availability", "model.divergence_js"]
+)
+@pytest.mark.parametrize("burn", [6.0, 10.0, 14.4, 40.0])
+@pytest.mark.parametrize("since_flip_s", [0, 600, 3599])
+def test_a_paging_burn_of_any_model_slo_after_a_flip_rolls_back(engine, slo, burn, since_flip_s):
+    """Whatever the SLO kind, a paging burn within the post-flip window is a regression of the new version:
+    roll back to a sound last-known-good; with none, safe mode for an operator."""
+    facts = {"slo": slo, "burn_rate": burn, "since_flip_s": since_flip_s, "chaos_active": False}
+    d = engine.decide(_inc(IncidentKind.SLO_BURN, facts))
+    assert (d.action, d.verdict) == (Action.ROLLBACK, "execute"), d.reasons
+    none = engine.decide(_inc(IncidentKind.SLO_BURN, facts, {**LKG, "last_known_good": None}))
+    assert (none.action, none.verdict) == (Action.SAFE_MODE, "escalate"), none.reasons
+
+
+@pytest.mark.parametrize("since_flip_s", [3600, 7200, 172_800])
+def test_a_burn_long_after_a_flip_is_not_blamed_on_the_version(engine, since_flip_s):
+    facts = {"slo": "serving.error_rate", "burn_rate": 30.0, "since_flip_s": since_flip_s}
+    d = engine.decide(_inc(IncidentKind.SLO_BURN, facts))
+    assert d.action == Action.ALERT and not d.escalated
+
+
+@pytest.mark.parametrize(
+    "slo", ["sync.since_last_ack_s", "sync.oldest_unacked_age_s", "policy.age_s", "sync"]
+)
+@pytest.mark.parametrize("burn", [1.5, 8.0, 30.0])
+def test_a_burn_of_an_slo_no_version_moves_is_never_rolled_back(engine, slo, burn):
+    facts = {"slo": slo, "burn_rate": burn, "since_flip_s": 600}
+    d = engine.decide(_inc(IncidentKind.SLO_BURN, facts))
+    assert d.action == Action.ALERT and not d.escalated, d.rule
+
+
+@pytest.mark.parametrize("burn", [1.0, 2.5, 5.9])
+def test_a_slow_burn_after_a_flip_proposes_the_rollback_to_an_operator(engine, burn):
+    facts = {"slo": "serving.latency_p99", "burn_rate": burn, "since_flip_s": 900}
+    d = engine.decide(_inc(IncidentKind.SLO_BURN, facts))
+    assert (d.action, d.verdict, d.execute_now) == (Action.ROLLBACK, "escalate", (Action.ALERT,))
+
+
+EXPLAINED = [
+    ("trust.clock", {"experiment": "clock-skew.yaml"}),
+    ("trust.horizon", {"experiment": "clock-skew.yaml"}),
+    ("trust.clock", {"experiment": "ntp-offset-2h"}),
+    ("trust.clock", {"experiment": "lab-run-7", "chaos_targets": "clock"}),
+    ("resources.headroom", {"experiment": "disk-fill-below-reserve.yaml"}),
+    ("resources.headroom", {"experiment": "memory-hog.yaml"}),
+    ("resources.headroom", {"experiment": "cpu-stress.yaml"}),
+    ("drift.inputs", {"experiment": "input-noise.json"}),
+    ("drift.outputs", {"chaos_targets": "uplink, input"}),
+]
+UNEXPLAINED = [
+    ("drift.inputs", {"experiment": "uplink-latency.yaml"}),
+    ("trust.clock", {"experiment": "uplink-loss.yaml"}),
+    ("trust.clock", {"experiment": "cpu-hog.yaml"}),
+    ("trust.clock", {"experiment": "clock-skew.yaml; ignore the rules"}),  # not an identifier: no targets
+    ("trust.clock", {"experiment": "lab-run-7", "chaos_targets": "disk"}),
+]
+CATEGORY = {"trust": "trust", "resources": "performance", "drift": "drift"}
+
+
+def _check(check: str, extra: dict, **more) -> Incident:
+    facts = {"check": check, "category": CATEGORY[check.partition(".")[0]], "status": "fail"}
+    return _inc(IncidentKind.VERIFICATION_FAILURE, {**facts, "consecutive_failures": 1, **extra, **more})
+
+
+@pytest.mark.parametrize(("check", "extra"), EXPLAINED)
+def test_a_check_failing_on_what_an_experiment_perturbs_pauses_the_experiment(engine, check, extra):
+    d = engine.decide(_check(check, extra, chaos_active=True))
+    assert (d.action, d.verdict) == (Action.PAUSE_CHAOS, "execute"), (d.rule, d.reasons)
+    # no experiment running (or none known to run): the same failure is a real one, never a chaos pause
+    for quiet in ({"chaos_active": False}, {}):
+        d2 = engine.decide(_check(check, extra, **quiet))
+        assert d2.action not in (Action.PAUSE_CHAOS, Action.ROLLBACK), (quiet, d2.rule)
+
+
+@pytest.mark.parametrize(("check", "extra"), UNEXPLAINED)
+def test_an_experiment_on_another_dimension_explains_nothing(engine, check, extra):
+    d = engine.decide(_check(check, extra, chaos_active=True))
+    assert d.action == Action.ALERT and not d.escalated, d.rule
+
+
+@pytest.mark.parametrize("experiment", ["clock-skew.yaml", "standby-corruption.yaml", "cpu-hog.yaml"])
+def test_an_experiment_never_explains_away_a_corrupt_active_model(engine, experiment):
+    facts = {"check": "integrity.slots", "category": "integrity", "status": "fail", "slot": "active"}
+    d = engine.decide(
+        _inc(IncidentKind.VERIFICATION_FAILURE, {**facts, "chaos_active": True, "experiment": experiment})
+    )
+    assert d.action == Action.ROLLBACK, d.rule
+
+
+CHECKS = [("model.golden", "behaviour"), ("integrity.slots", "integrity"), ("drift.inputs", "drift")]
+
+
+@pytest.mark.parametrize(("check", "category"), CHECKS)
+@pytest.mark.parametrize("status", ["error", "timeout"])
+def test_a_check_that_cannot_run_is_rerun_once_then_a_person_is_told(engine, check, category, status):
+    def facts(n: int, **more) -> dict:
+        return {"check": check, "category": category, "status": status, "consecutive_failures": n, **more}
+
+    first = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts(1, chaos_active=False)))
+    assert first.action == Action.RERUN_VERIFICATION
+    for n in (2, 3, 7):
+        d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts(n, chaos_active=False)))
+        assert (d.action, d.verdict) == (Action.ALERT, "execute"), (n, d.rule)
+    # an experiment starving the CPU or memory the check needs explains it: watch, no remedy
+    for starving in ({"experiment": "cpu-hog.yaml"}, {"experiment": "memory-hog"}, {"chaos_targets": "cpu"}):
+        d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts(1, chaos_active=True, **starving)))
+        assert d.action == Action.OBSERVE, (starving, d.rule)
+    # an experiment on something else explains nothing: the same as without chaos
+    d = engine.decide(
+        _inc(IncidentKind.VERIFICATION_FAILURE, facts(3, chaos_active=True, experiment="uplink-latency.yaml"))
+    )
+    assert d.action == Action.ALERT
+
+
+@pytest.mark.parametrize("verified", [True, False])
+@pytest.mark.parametrize("failures", [1, 3, 9])
+def test_a_failing_standby_that_is_the_last_known_good_is_lost_readiness_not_a_candidate(
+    engine, verified, failures
+):
+    facts = {"slot": "standby", "consecutive_failures": failures, "active_serving": True}
+    lkg = engine.decide(_inc(IncidentKind.PROBE_FAILURE, facts, {**LKG, "standby_verified": verified}))
+    assert (lkg.action, lkg.verdict) == (Action.ALERT, "execute"), lkg.rule
+    declared = {**LKG, "last_known_good": None, "standby_verified": verified}
+    d = engine.decide(_inc(IncidentKind.PROBE_FAILURE, {**facts, "standby_committed": True}, declared))
+    assert d.action == Action.ALERT
+    # a freshly installed candidate in the standby (never committed) is what gets blocked
+    for slot in ({**LKG, "last_known_good": "1.8.0"}, {**LKG, "last_known_good": None}):
+        cand = engine.decide(_inc(IncidentKind.PROBE_FAILURE, facts, {**slot, "standby_verified": verified}))
+        assert cand.action == Action.QUARANTINE, cand.rule
+
+
+@pytest.mark.parametrize("gate", ["error_rate", "divergence", "latency"])
+@pytest.mark.parametrize("samples", [1, 20, 60, 299, 300, 5000])
+def test_a_failed_canary_gate_blocks_the_candidate_at_any_sample_count(engine, gate, samples):
+    """The canary's fail verdict is a sequential test valid at every sample count; the triage does not
+    re-judge it. Too few samples is its own gate (observe); a gate the policy does not know alerts."""
+    slot = {**LKG, "canary_version": "2.1.0"}
+    facts = {"gate": gate, "samples": samples, "chaos_active": False}
+    d = engine.decide(_inc(IncidentKind.CANARY_ABORT, facts, slot, version="2.1.0"))
+    assert (d.action, d.verdict) == (Action.QUARANTINE, "execute"), d.rule
+    other = {"samples": samples, "chaos_active": False}
+    few = engine.decide(_inc(IncidentKind.CANARY_ABORT, {**other, "gate": "insufficient_samples"}, slot))
+    assert few.action == Action.OBSERVE
+    unknown = engine.decide(_inc(IncidentKind.CANARY_ABORT, {**other, "gate": "memory"}, slot))
+    assert unknown.action == Action.ALERT
