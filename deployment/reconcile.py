@@ -560,7 +560,7 @@ class Reconciler:
         manifest = art.manifest
         if manifest.kind == "model" and manifest.mode == "managed" and self.canary is not None:
             try:
-                view = self.slots.begin_canary(module)
+                view = self.slots.begin_canary(module, recall_target=recall_target)
                 self.canary.start(module, view, self.slots)
             except SlotError as exc:
                 return ModuleOutcome(module, "failed", art.version, previous, exc.message)

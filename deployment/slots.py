@@ -17,7 +17,10 @@ after. ``state.json`` (atomic write, fsync) is written *before* each step with t
 resolves it through the resume map: an interrupted install is discarded, an unjudged flip goes back to
 the version active before it, a rollback is finished; the ``current`` link is always re-pointed at the
 slot ``state.json`` names. Nothing is made active that was not re-hashed against the signed digest
-when it was installed.
+when it was installed, and every transition that makes a slot serve or become active (canary start,
+flip/promote, rollback, the start-up check of the active slot) re-hashes that slot once more right
+before it: bytes that changed since install are refused, audited (``slot.activation_refused`` /
+``slot.corrupt``) and their version is marked bad.
 """
 
 from __future__ import annotations
@@ -360,6 +363,7 @@ class SlotManager:
             stored = st.phase
             target = RESUME[stored]
             done = "nothing pending"
+            checked = False
             if stored is Phase.INSTALLING:
                 slot = str((st.op or {}).get("slot", st.standby))
                 self._discard_slot(mdir, slot)
@@ -377,6 +381,7 @@ class SlotManager:
                     st.op = op | {"kind": "rollback", "reason": f"interrupted while {stored.value}"}
                     self._save(st)
                 done = self._finish_rollback(st, mark_bad=bool(op.get("mark_bad", False)))
+                checked = True  # the slot it went back to was re-hashed just now
                 self.audit.append(
                     "slot.flip_resolved", module=module, stored_phase=stored.value, active=st.active
                 )
@@ -388,7 +393,7 @@ class SlotManager:
                 self.audit.append("slot.canary_dropped", module=module, reason="interrupted")
             if self._discard_staging(mdir):
                 done = done if done != "nothing pending" else "removed stale staging"
-            if st.phase is Phase.IDLE and st.active is not None:
+            if st.phase is Phase.IDLE and st.active is not None and not checked:
                 done = self._check_active(st) or done
             self._point_current(module, st)
             return done
@@ -396,8 +401,10 @@ class SlotManager:
     def _check_active(self, st: _State) -> str:
         """On start, re-hash the active slot; a corrupt one is never served again (empty string: fine).
 
-        It goes back to a verified last-known-good standby, else serves nothing; either way the slot is
-        emptied so the next reconcile reinstalls from the verified cache.
+        Its version is marked bad (so a later pass does not reinstall and canary it blindly: the
+        incident that would have blocked it may have died with the process). It goes back to a
+        last-known-good standby that passes its own re-hash (a standby that fails it is marked bad
+        too), else serves nothing; the corrupt slot is emptied.
         """
         module, bad_slot = st.module, st.active
         if bad_slot is None:
@@ -410,8 +417,18 @@ class SlotManager:
         lkg = st.last_known_good or {}
         sb_rec = st.slots.get(sb)
         fallback: SlotId | None = None
-        if sb_rec is not None and lkg.get("sha256") == sb_rec.sha256 and self._verify(module, sb, sb_rec).ok:
-            fallback = sb
+        if rec is not None:
+            self._mark_corrupt(st, rec, f"slot {bad_slot} failed its re-hash at start")
+        if sb_rec is not None and lkg.get("sha256") == sb_rec.sha256 and sb_rec.sha256 not in st.bad:
+            sb_chk = self._verify(module, sb, sb_rec)
+            if sb_chk.ok:
+                fallback = sb
+            else:
+                self._mark_corrupt(st, sb_rec, f"slot {sb} failed its re-hash at start")
+                self.audit.append(
+                    "slot.corrupt", module=module, slot=sb, version=sb_rec.version,
+                    problems=sb_chk.problems[:20], now_active=None,
+                )  # fmt: skip
         st.slots[bad_slot] = None
         st.active = fallback
         st.last_known_good = None
@@ -420,9 +437,42 @@ class SlotManager:
         self._discard_slot(self.paths.module(module), bad_slot)
         self.audit.append(
             "slot.corrupt", module=module, slot=bad_slot, version=rec.version if rec else None,
-            problems=chk.problems[:20], now_active=fallback,
+            problems=chk.problems[:20], now_active=fallback, marked_bad=rec is not None,
         )  # fmt: skip
         return f"active slot {bad_slot} failed its re-hash; now serving {fallback or 'nothing'}"
+
+    def _mark_corrupt(self, st: _State, rec: SlotRecord, why: str) -> None:
+        st.bad[rec.sha256] = {"version": rec.version, "reason": why, "at": self._now()}
+        if (st.last_known_good or {}).get("sha256") == rec.sha256:
+            st.last_known_good = None
+
+    def _rehash_or_refuse(self, st: _State, slot: SlotId, action: str, actor: str) -> SlotRecord:
+        """Re-hash ``slot`` right before it serves or becomes active (one hash per transition).
+
+        Raises:
+            SlotRefusedError: the slot is empty or its bytes differ from the digests recorded at
+                install; its version is then marked bad (persisted) and ``slot.activation_refused``
+                audited. Nothing else in ``st`` changed.
+        """
+        module = st.module
+        rec = st.slots.get(slot)
+        chk = self._verify(module, slot, rec)
+        if chk.ok and rec is not None:
+            return rec
+        if rec is not None:
+            self._mark_corrupt(st, rec, f"slot {slot} failed its re-hash before {action}")
+            self._save(st)
+        self.audit.append(
+            "slot.activation_refused", actor=actor, module=module, slot=slot, action=action,
+            version=rec.version if rec else None, sha256=rec.sha256 if rec else None,
+            problems=chk.problems[:20], marked_bad=rec is not None,
+        )  # fmt: skip
+        raise SlotRefusedError(
+            f"{action} {module}",
+            f"slot {slot} ({rec.version if rec else 'empty'}) failed its re-hash against the signed "
+            f"digest: {'; '.join(chk.problems[:3])}",
+            "the version is marked bad; publish a new version (or reinstall it and clear-bad)",
+        )
 
     # ----------------------------------------------------------------- install
     def install(self, artifact: VerifiedArtifact, actor: str = "agent") -> SlotView:
@@ -568,6 +618,8 @@ class SlotManager:
             raise SlotRefusedError(f"flip {module}", "the standby slot holds no verified version")
         if rec.sha256 in st.bad:
             raise SlotRefusedError(f"flip {module}", f"standby version {rec.version} is marked bad")
+        self._step(st, event)  # refuse an impossible flip before hashing anything
+        self._rehash_or_refuse(st, sb, "flip", actor)
         st.phase = self._step(st, event)
         st.op = {
             "kind": "flip", "from": st.active, "slot": sb, "version": rec.version, "sha256": rec.sha256,
@@ -654,6 +706,7 @@ class SlotManager:
                         f"roll back {module}",
                         f"the standby holds {rec.version}, which was never committed (no last-known-good)",
                     )
+                self._rehash_or_refuse(st, sb, "roll back", actor)
                 cur = st.slots[st.active]
                 st.op = {
                     "kind": "rollback", "from": sb, "slot": st.active,
@@ -682,6 +735,17 @@ class SlotManager:
         back_slot: SlotId | None = "a" if back == "a" else "b" if back == "b" else None
         if back_slot is not None and st.slots.get(back_slot) is None:
             back_slot = None
+        back_rec = st.slots.get(back_slot) if back_slot else None
+        if back_slot is not None and back_rec is not None:
+            chk = self._verify(st.module, back_slot, back_rec)
+            if not chk.ok:  # never go back to changed bytes: serve nothing rather than them
+                self._mark_corrupt(st, back_rec, f"slot {back_slot} failed its re-hash before roll back")
+                self.audit.append(
+                    "slot.activation_refused", actor=actor, module=st.module, slot=back_slot,
+                    action="roll back", version=back_rec.version, sha256=back_rec.sha256,
+                    problems=chk.problems[:20], marked_bad=True,
+                )  # fmt: skip
+                back_slot = None
         away_sha = op.get("sha256")
         st.active = back_slot
         self._point_current(st.module, st)
@@ -722,17 +786,26 @@ class SlotManager:
         return f"rolled back to {rec.version if rec else 'nothing'} (slot {back_slot})"
 
     # ----------------------------------------------------------------- canary seam (managed serving)
-    def begin_canary(self, module: str, actor: str = "agent") -> SlotView:
-        """Hand the verified standby to a canary driver (phase ``canary``); ``current`` is untouched."""
+    def begin_canary(self, module: str, actor: str = "agent", recall_target: bool = False) -> SlotView:
+        """Hand the standby, re-hashed just now, to a canary driver (phase ``canary``); ``current`` is
+        untouched. With ``recall_target`` (a recall moves the device to this version) its promotion
+        records it as the last-known-good.
+
+        Raises:
+            SlotRefusedError: no good standby, another operation is pending, or the standby's bytes
+                changed since install (then marked bad).
+        """
         with self._locked(module):
             st = self._load(module)
             rec = st.slots.get(st.standby)
             if rec is None or rec.sha256 in st.bad:
                 raise SlotRefusedError(f"start canary for {module}", "no verified, good standby version")
+            self._step(st, Event.CANARY_START)
+            self._rehash_or_refuse(st, st.standby, "start canary", actor)
             st.phase = self._step(st, Event.CANARY_START)
             st.op = {
                 "kind": "canary", "from": st.active, "slot": st.standby, "version": rec.version,
-                "sha256": rec.sha256, "started": self._now(),
+                "sha256": rec.sha256, "started": self._now(), "recall_target": recall_target,
             }  # fmt: skip
             self._save(st)
             self.audit.append(
@@ -743,11 +816,15 @@ class SlotManager:
     def promote_canary(
         self, module: str, actor: str = "canary", evidence: dict[str, Any] | None = None
     ) -> ModuleStatus:
-        """The canary earned 100 %: flip to it and commit (the driver already judged it)."""
+        """The canary earned 100 %: flip to it (re-hashed first) and commit (the driver judged it).
+
+        A recall target's canary commits it as the last-known-good (there is nothing older to go to).
+        """
         with self._locked(module):
             st = self._load(module)
+            recall = bool((st.op or {}).get("recall_target", False))
             self._flip_locked(st, Event.CANARY_PROMOTE, actor)
-        return self.commit(module, actor=actor, evidence=evidence)
+        return self.commit(module, actor=actor, evidence=evidence, as_last_known_good=recall)
 
     def abort_canary(
         self, module: str, reason: str, actor: str = "canary", mark_bad: bool = True
@@ -846,7 +923,8 @@ class SlotManager:
             return True
 
     def leave_safe(self, module: str, actor: str = "agent") -> None:
-        """Serve the active slot again (no-op when the module is not in safe mode)."""
+        """Serve the active slot again, re-hashed first (a corrupt one is handled as at start: marked
+        bad, a good last-known-good or nothing served). No-op when the module is not in safe mode."""
         with self._locked(module):
             st = self._load(module)
             if st.phase is not Phase.SAFE:
@@ -854,6 +932,7 @@ class SlotManager:
             st.phase = self._step(st, Event.LEAVE_SAFE)
             st.op = None
             self._save(st)
+            self._check_active(st)
             self._point_current(module, st)
             rec = st.slots.get(st.active) if st.active else None
             self.audit.append("slot.safe_left", actor=actor, module=module, active=st.active,
