@@ -17,6 +17,7 @@ goal) and the machine's load. On a shared machine the figures are slower than on
     .venv/bin/python benchmarks/triage_eval.py --no-llm          # rules only (instant)
     .venv/bin/python benchmarks/triage_eval.py --choosing-timeout 60   # all modes (minutes on 2 busy cores)
     .venv/bin/python benchmarks/triage_eval.py --cases tests/triage_cases --limit 10
+    .venv/bin/python benchmarks/triage_eval.py --no-llm --cases tests/triage_cases/holdout  # second corpus
 """
 
 from __future__ import annotations
