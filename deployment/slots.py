@@ -689,6 +689,7 @@ class SlotManager:
             event = (
                 Event.PROBES_FAILED if (st.phase is Phase.PROBING and actor == "agent") else Event.ROLLBACK
             )
+            rehashed = False
             if st.phase is Phase.IDLE:
                 sb = st.standby
                 rec = st.slots.get(sb)
@@ -707,6 +708,7 @@ class SlotManager:
                         f"the standby holds {rec.version}, which was never committed (no last-known-good)",
                     )
                 self._rehash_or_refuse(st, sb, "roll back", actor)
+                rehashed = True  # refused before anything changed; not hashed again below
                 cur = st.slots[st.active]
                 st.op = {
                     "kind": "rollback", "from": sb, "slot": st.active,
@@ -725,18 +727,21 @@ class SlotManager:
                 "slot.rollback_started", actor=actor, module=module, reason=reason,
                 version=st.op.get("version"), sha256=st.op.get("sha256"),
             )  # fmt: skip
-            self._finish_rollback(st, mark_bad=mark_bad, actor=actor)
+            self._finish_rollback(st, mark_bad=mark_bad, actor=actor, rehashed=rehashed)
         return self.status(module)
 
-    def _finish_rollback(self, st: _State, mark_bad: bool, actor: str = "agent") -> str:
-        """ROLLING_BACK: point ``current`` at ``op.from`` and settle in idle."""
+    def _finish_rollback(
+        self, st: _State, mark_bad: bool, actor: str = "agent", rehashed: bool = False
+    ) -> str:
+        """ROLLING_BACK: re-hash ``op.from`` (unless ``rehashed``), point ``current`` at it (at nothing
+        when its bytes changed) and settle in idle."""
         op = st.op or {}
         back = op.get("from")
         back_slot: SlotId | None = "a" if back == "a" else "b" if back == "b" else None
         if back_slot is not None and st.slots.get(back_slot) is None:
             back_slot = None
         back_rec = st.slots.get(back_slot) if back_slot else None
-        if back_slot is not None and back_rec is not None:
+        if back_slot is not None and back_rec is not None and not rehashed:
             chk = self._verify(st.module, back_slot, back_rec)
             if not chk.ok:  # never go back to changed bytes: serve nothing rather than them
                 self._mark_corrupt(st, back_rec, f"slot {back_slot} failed its re-hash before roll back")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from deployment.manifest import CanarySpec, CanaryStep
 from deployment.reconcile import Reconciler
 from deployment.sample_models import linear_classifier
 from deployment.serving import ManagedServing, ModelRepository
-from deployment.slots import SlotManager, SlotRefusedError
+from deployment.slots import SlotCheck, SlotManager, SlotRecord, SlotRefusedError
 from sre_agent.provision import provision
 from sre_core.audit import AuditLog
 from sre_core.clock import FakeClock, SystemClock
@@ -275,7 +276,6 @@ def test_kill_9_mid_canary_then_corrupt_standby_is_never_canaried_again(
     assert "slot.activation_refused" in [r.event for r in audit.records()]
 
 
-@pytest.mark.slow
 def test_recall_on_the_canary_path_makes_the_recall_target_last_known_good(
     state: StatePaths, tmp_path: Path
 ) -> None:
@@ -353,3 +353,30 @@ def test_leaving_safe_mode_re_hashes_the_slot_that_serves_again(
     st = slots.status("clf")
     assert st.active is not None and st.active.version == "1.0" and os.readlink(st.current_link) == "a"
     assert slots.served_path("clf").read_bytes() == b"model-one" * 50 and v2 in st.bad
+
+
+class _CountingSlots(SlotManager):
+    """Counts re-hashes (one-method seam): the cost must stay one hash of one slot per transition."""
+
+    hashed: list[str]
+
+    def _verify(self, module: str, slot: str, rec: SlotRecord | None) -> SlotCheck:
+        self.hashed.append(slot)
+        return super()._verify(module, slot, rec)
+
+
+def test_each_transition_hashes_one_slot_once(state: StatePaths, clock: FakeClock, tmp_path: Path) -> None:
+    slots = _CountingSlots(state, AuditLog(state.audit_log, clock), clock)
+    slots.hashed = []
+    two_committed(slots, tmp_path)
+    slots.install(make_artifact(tmp_path / "cas", "clf", "3.0", b"three" * 100))
+    steps: dict[str, Callable[[], object]] = {
+        "canary start": lambda: slots.begin_canary("clf"),
+        "promote": lambda: slots.promote_canary("clf"),
+        "operator rollback": lambda: slots.rollback("clf", reason="drill", actor="chaos", mark_bad=False),
+        "restart": lambda: slots.recover("clf"),
+    }
+    for name, step in steps.items():
+        slots.hashed = []
+        step()
+        assert len(slots.hashed) == 1, name
