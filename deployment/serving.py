@@ -706,7 +706,11 @@ class ManagedServing:
                 module, f"does not load: {exc.why or exc.message}", actor="canary", mark_bad=True
             )
             return
-        slots.promote_canary(module, actor="canary", evidence={"first_version": True})
+        try:
+            slots.promote_canary(module, actor="canary", evidence={"first_version": True})
+        except SreError as exc:  # e.g. its bytes changed since the canary started: never served
+            slots.abort_canary(module, f"flip refused: {exc.message}", actor="canary", mark_bad=True)
+            return
         self.repository.add(session)
 
     def sync(self, slots: SlotManager) -> dict[str, str]:

@@ -380,3 +380,23 @@ def test_each_transition_hashes_one_slot_once(state: StatePaths, clock: FakeCloc
         slots.hashed = []
         step()
         assert len(slots.hashed) == 1, name
+
+
+def test_first_version_whose_bytes_change_while_loading_is_aborted_not_served(
+    state: StatePaths, tmp_path: Path
+) -> None:
+    """No incumbent: the driver promotes after loading; a change between canary start and promote is
+    refused by the promote's re-hash, and the driver ends the canary instead of leaving it open."""
+    clock = SystemClock()
+    sink = MemorySink()
+    audit = AuditLog(state.audit_log, clock)
+    slots = SlotManager(state, audit, clock)
+    v1 = make_artifact(tmp_path / "cas", "clf", "1.0", linear_classifier(seed=0), mode="managed", canary=SPEC)
+    slots.install(v1)
+    view = slots.begin_canary("clf")
+    corrupt(state, "clf", "a")
+    serving = _managed(state, audit, sink)
+    serving.start("clf", view, slots)
+    st = slots.status("clf")
+    assert st.phase is Phase.IDLE and st.active is None and v1.sha256 in st.bad
+    assert serving.repository.get("clf") is None
