@@ -19,6 +19,10 @@ test holds for any traffic volume.
   max_error_rate_increase`` (a relative margin with a small absolute floor, so a 0.5 % version next to a
   0 % incumbent fails): fail when ``LCB(canary) > (1 + rel) * UCB(incumbent) + floor``; pass when
   ``UCB(canary) <= (1 + rel) * LCB(incumbent) + floor``. Routed and mirrored runs count; pinned ones not.
+  The rates are of *discordant* failures: the router checks every failure (an exception, or NaN/Inf
+  outputs) of one version against the other version on the same input, and a failure both had counts
+  for neither (:meth:`VersionStats.evidence`), so inputs that fail everywhere cannot abort a good
+  candidate nor widen the incumbent's margin for a bad one.
 - latency, *paired*: each mirrored request runs on both versions back to back (alternating order) and
   gives one ratio ``t_canary / t_incumbent`` (see ``deployment.router``): same input, same batch size,
   same instant, so cache warmth and load hit both sides alike and no normalisation guesswork is needed.
@@ -542,7 +546,9 @@ class CanaryController:
         # Errors are a property of the model, not of its share: judged on everything since the canary
         # began, in one sequence of looks over the whole canary (so later steps need no fresh thousands
         # of samples to show a rate below the 0.2-point floor, and a failure look never stops).
-        can_all, inc_all = whole.stats(self.candidate), whole.stats(self.incumbent)
+        # Discordant evidence only: a failure both versions had on the same input counts for neither.
+        can_all = whole.stats(self.candidate).evidence()
+        inc_all = whole.stats(self.incumbent).evidence()
         af, ap = budgets("error_rate", can_all.requests, self._error_looks, self._error_passed)
         error = judge_error_rate(
             can_all, inc_all, c.max_error_rate_increase, af, ap, relative=c.error_rate_relative
@@ -574,7 +580,7 @@ class CanaryController:
                 merged.append(replace(kept, n=r.n, detail={**kept.detail, **r.detail}))
             else:
                 merged.append(r)
-        self._samples = can.requests
+        self._samples = can.evidence().requests
         return tuple(merged)
 
     def evaluate(self, snapshot: Snapshot, now: float) -> Decision:
@@ -604,7 +610,7 @@ class CanaryController:
                 "hold", self.phase, self.weight, self.step, f"soaking {elapsed:.0f}/{c.soak_s:.0f} s"
             )
         passed = all(g.verdict in ("pass", "skipped") for g in self.gates)
-        if passed and delta.stats(self.candidate).requests >= step.min_samples:
+        if passed and delta.stats(self.candidate).evidence().requests >= step.min_samples:
             if self.step + 1 < len(c.steps):
                 self._fire(Event.STEP_PASSED)
                 self.step += 1

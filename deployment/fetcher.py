@@ -12,7 +12,7 @@ Public API::
         with those bytes, which the TUF client verifies as if downloaded
     DirectoryFetcher(base_dir, config=None, clock=None)      a tuf FetcherInterface over a bundle directory
     make_fetcher(source, config=None, clock=None, held=None) -> HttpFetcher | DirectoryFetcher
-    base_urls(source) -> (metadata_base_url, targets_base_url)
+    base_urls(source, metadata_url=None, targets_url=None) -> (metadata_base_url, targets_base_url)
     <fetcher>.download_to(url, part, length, validator=None, progress=None, on_validator=None)
         -> DownloadStats(bytes_received, requests, resumes, restarts, etag)
 
@@ -497,13 +497,22 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def base_urls(source: str) -> tuple[str, str]:
-    """Metadata and targets base URLs for a hub URL or a bundle directory."""
+def base_urls(
+    source: str, metadata_url: str | None = None, targets_url: str | None = None
+) -> tuple[str, str]:
+    """Metadata and targets base URLs for a hub URL or a bundle directory; ``metadata_url`` /
+    ``targets_url`` (a CDN or mirror carrying the same signed files) replace the source's."""
     if _is_url(source):
         base = source.rstrip("/")
-        return f"{base}/metadata/", f"{base}/targets/"
-    base_dir = Path(source).resolve()
-    return (base_dir / "metadata").as_uri() + "/", (base_dir / "targets").as_uri() + "/"
+        meta, targets = f"{base}/metadata/", f"{base}/targets/"
+    else:
+        base_dir = Path(source).resolve()
+        meta, targets = (base_dir / "metadata").as_uri() + "/", (base_dir / "targets").as_uri() + "/"
+    if metadata_url:
+        meta = metadata_url.rstrip("/") + "/"
+    if targets_url:
+        targets = targets_url.rstrip("/") + "/"
+    return meta, targets
 
 
 def make_fetcher(

@@ -3,7 +3,9 @@
 Public API::
 
     Puller(paths, source, channel, clock=None, policy=None, fetch_config=None, audit=None, progress=None,
-           telemetry=None)   metrics pull.seconds/bytes/requests/resumes/restarts; events pull.refused/failed
+           telemetry=None, metadata_url=None, targets_url=None)   metrics pull.seconds/bytes/requests/
+           resumes/restarts; events pull.refused/failed. metadata_url/targets_url: a CDN or mirror of the
+           signed files (used when ``source`` is a hub URL; a bundle directory ignores them)
         .pull() -> PullResult              raises PullError (with .held, the last verified state)
         .pull_or_held() -> PullResult      never raises PullError: the held state with ``refused`` set
     load_held(paths, clock, verify=False) -> PullResult    offline: what the device holds and trusts
@@ -235,9 +237,16 @@ class Puller:
         audit: AuditLog | None = None,
         progress: ProgressFactory | None = None,
         telemetry: TelemetrySink | None = None,
+        metadata_url: str | None = None,
+        targets_url: str | None = None,
     ) -> None:
         self.paths = paths
         self.source = source
+        # A CDN or mirror for the signed files (TUF verifies them wherever they come from); a bundle
+        # directory (an operator's `--from DIR`) is read as it is.
+        remote = source.startswith(("http://", "https://"))
+        self.metadata_url = metadata_url if remote else None
+        self.targets_url = targets_url if remote else None
         self.channel = channel
         self.clock = clock or SystemClock()
         self.policy = policy or load_trust_policy(paths.policies)
@@ -364,7 +373,7 @@ class Puller:
         return admit
 
     def _updater(self, trusted: TrustedTime) -> Updater:
-        meta_url, _ = base_urls(self.source)
+        meta_url, _ = base_urls(self.source, self.metadata_url, self.targets_url)
         if self._fetcher is None:
             raise RuntimeError("_updater called outside pull()")
         self.paths.tuf.mkdir(parents=True, exist_ok=True)
@@ -618,7 +627,7 @@ class Puller:
         have = self.store.get(sha, info.length)
         if have is not None:
             return have
-        _, targets_url = base_urls(self.source)
+        _, targets_url = base_urls(self.source, self.metadata_url, self.targets_url)
         dirname, _, base = info.path.rpartition("/")
         url = f"{targets_url}{dirname}/{sha}.{base}"
         resume = self.store.read_resume(sha)

@@ -73,6 +73,8 @@ RATIO_EDGES: tuple[float, ...] = tuple(
 )
 
 
+SHARE_BLOCK = 100
+"""The canary gets exactly ``weight`` of every block of this many routed requests, at shuffled positions."""
 PAIR_EVERY = 4
 """One mirrored request in this many is timed as a latency pair (the others only compare outputs)."""
 CANARY_WARM_RUNS = 3
@@ -143,19 +145,35 @@ class LatencyHistogram:
 
 @dataclass
 class VersionStats:
-    """What one model version did: executions, failures, latency of ``session.run``."""
+    """What one model version did: executions, failures, latency of ``session.run``.
+
+    ``shared``: failures on inputs the other version (canary or incumbent) also failed on. They are
+    real errors for telemetry but no evidence about either version: :meth:`evidence` drops them from
+    both the requests and the errors, so a client sending inputs that fail everywhere can neither
+    inflate the canary's error rate nor the incumbent's baseline.
+    """
 
     requests: int = 0
     errors: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    shared: int = 0
 
     def copy(self) -> VersionStats:
-        return VersionStats(self.requests, self.errors, LatencyHistogram(list(self.latency.counts)))
+        return VersionStats(
+            self.requests, self.errors, LatencyHistogram(list(self.latency.counts)), self.shared
+        )
 
     def minus(self, other: VersionStats) -> VersionStats:
         return VersionStats(
-            self.requests - other.requests, self.errors - other.errors, self.latency.minus(other.latency)
+            self.requests - other.requests,
+            self.errors - other.errors,
+            self.latency.minus(other.latency),
+            self.shared - other.shared,
         )
+
+    def evidence(self) -> VersionStats:
+        """Requests and errors on discordant evidence only: shared failures count for neither side."""
+        return VersionStats(self.requests - self.shared, self.errors - self.shared, self.latency)
 
 
 @dataclass
@@ -268,6 +286,7 @@ class Snapshot:
             LatencyHistogram(
                 [a + b for a, b in zip(routed.latency.counts, pinned.latency.counts, strict=True)]
             ),
+            routed.shared + pinned.shared,
         )
 
     def minus(self, earlier: Snapshot) -> Snapshot:
@@ -340,7 +359,8 @@ class Router:
         name: the model (module) name, used in telemetry labels.
         active: the version to serve.
         sink: where :meth:`flush_telemetry` writes.
-        seed: seeds the mirror sampler (tests reproduce a run exactly).
+        seed: seeds the routing RNG when ``rng`` is not given (tests reproduce a run exactly).
+        rng: the routing RNG (the canary's slots and the mirror sample); injected for tests.
         timer: the latency timer (``time.perf_counter``); a seam for tests, not a wall clock.
         preprocess: applied to every request's inputs before routing (the agent plugs the chaos
             input-noise fault in here; this package cannot import ``chaos``).
@@ -354,13 +374,17 @@ class Router:
         seed: int | None = None,
         timer: Callable[[], float] = time.perf_counter,
         preprocess: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self.preprocess = preprocess
         self.sink: TelemetrySink = sink or NullSink()
         self._routing = Routing(active=active)
-        self._counter = itertools.count()
-        self._rng = random.Random(seed)
+        self._rng = rng if rng is not None else random.Random(seed)
+        self._deck_lock = threading.Lock()  # guards the shuffled block of canary slots
+        self._deck: list[bool] = []
+        self._deck_weight = -1.0
+        self._deck_block = 0
         self._timer = timer
         self._lock = threading.Lock()  # guards the counters below, never held across session.run
         self._stats: dict[str, VersionStats] = {}
@@ -478,29 +502,65 @@ class Router:
         return self._timed(session, feeds, routed)[0]
 
     def _timed(
-        self, session: ModelSession, feeds: Mapping[str, np.ndarray], routed: bool = True, warm: int = 0
-    ) -> tuple[dict[str, np.ndarray] | None, float]:
+        self,
+        session: ModelSession,
+        feeds: Mapping[str, np.ndarray],
+        routed: bool = True,
+        warm: int = 0,
+        finite: bool = False,
+    ) -> tuple[dict[str, np.ndarray] | None, float, bool]:
+        """Run once, timed and counted: (outputs, seconds, failed).
+
+        ``finite``: outputs holding NaN or Inf count as a failure too (during a canary, where the other
+        version decides whether that is this version's fault); the outputs are still returned.
+        """
         for _ in range(warm):
             _warm(session, feeds)
         timer = self._timer
         t0 = timer()
         try:
-            out = session.run(feeds)
+            out: dict[str, np.ndarray] | None = session.run(feeds)
         except Exception:  # the model failed on this input: count it, the caller decides
             out = None
         dt = timer() - t0
+        failed = out is None or (finite and not _all_finite(out))
         with self._lock:
             book = self._stats if routed else self._pinned_stats
             st = book.get(session.version)
             if st is None:
                 st = book[session.version] = VersionStats()
             st.requests += 1
-            if out is None:
+            if failed:
                 st.errors += 1
-            else:  # latency of answers only: a fast failure must not make a version look quick
+            if out is not None:  # latency of answers only: a fast failure must not make a version look quick
                 st.latency.counts[bisect.bisect_left(LATENCY_EDGES, dt)] += 1
                 self.typical_s += 0.05 * (dt - self.typical_s)
-        return out, dt
+        return out, dt, failed
+
+    def _shared(self, *versions: str) -> None:
+        """Both versions failed on the same input: evidence for neither (:meth:`VersionStats.evidence`)."""
+        with self._lock:
+            for v in versions:
+                self._stats.setdefault(v, VersionStats()).shared += 1
+
+    def _to_canary(self, weight: float) -> bool:
+        """Whether this request goes to the canary: ``weight`` of every block of :data:`SHARE_BLOCK`
+        requests (exact), at positions shuffled by the injected RNG, so a client watching which version
+        answered cannot predict the canary's next slot."""
+        if weight <= 0.0:
+            return False
+        if weight >= 1.0:
+            return True
+        with self._deck_lock:
+            if self._deck_weight != weight:
+                self._deck_weight, self._deck_block, self._deck = weight, 0, []
+            if not self._deck:
+                k = self._deck_block
+                hits = math.floor((k + 1) * SHARE_BLOCK * weight) - math.floor(k * SHARE_BLOCK * weight)
+                deck = [True] * hits + [False] * (SHARE_BLOCK - hits)
+                self._rng.shuffle(deck)
+                self._deck, self._deck_block = deck, k + 1
+            return self._deck.pop()
 
     def infer(self, feeds: Mapping[str, np.ndarray], pin: str | None = None) -> Answer:
         """Answer one request (``pin``: this loaded version must answer, bypassing the weights).
@@ -520,8 +580,11 @@ class Router:
             if out is None:
                 raise InferenceError(f"inference on {self.name} {r.active.version}", "the model failed")
             return Answer(out, r.active.version)
-        n = next(self._counter)
-        to_canary = math.floor((n + 1) * r.weight) > math.floor(n * r.weight)
+        # During a canary every failure (an exception, or NaN/Inf outputs) of one version is checked
+        # against the other version on the same input: a failure only the canary has is a canary error,
+        # one only the incumbent has is an incumbent error, one both have counts for neither. So inputs
+        # that fail everywhere, sent at the canary's slots or flooded at the incumbent, move no verdict.
+        to_canary = self._to_canary(r.weight)
         mirrored = r.mirror_share > 0.0 and self._rng.random() < r.mirror_share
         if mirrored:
             # The same request on both versions back to back, the order alternating pair by pair:
@@ -534,30 +597,45 @@ class Router:
             timed = seq % PAIR_EVERY == 0
             c_warm, a_warm = (CANARY_WARM_RUNS, INCUMBENT_WARM_RUNS) if timed else (0, 0)
             if (seq // PAIR_EVERY) % 2:
-                c_out, c_dt = self._timed(canary, feeds, warm=c_warm)
-                a_out, a_dt = self._timed(r.active, feeds, warm=a_warm)
+                c_out, c_dt, c_bad = self._timed(canary, feeds, warm=c_warm, finite=True)
+                a_out, a_dt, a_bad = self._timed(r.active, feeds, warm=a_warm, finite=True)
             else:
-                a_out, a_dt = self._timed(r.active, feeds, warm=a_warm)
-                c_out, c_dt = self._timed(canary, feeds, warm=c_warm)
-            if c_out is not None and a_out is not None:
+                a_out, a_dt, a_bad = self._timed(r.active, feeds, warm=a_warm, finite=True)
+                c_out, c_dt, c_bad = self._timed(canary, feeds, warm=c_warm, finite=True)
+            if c_bad and a_bad:
+                self._shared(canary.version, r.active.version)
+            if c_out is not None and a_out is not None and not c_bad and not a_bad:
                 self._compare(canary.version, c_out, a_out, canary.primary_output, r)
                 if timed and seq >= r.count_pairs_from:
                     self._pair(canary.version, c_dt, a_dt, _rows(feeds))
-            if to_canary and c_out is not None:
+            if to_canary and c_out is not None and not c_bad:
                 return Answer(c_out, canary.version)
             if a_out is not None:
                 return Answer(a_out, r.active.version)
             raise InferenceError(f"inference on {self.name} {r.active.version}", "the model failed")
         if to_canary:
-            out = self._run(canary, feeds)
-            if out is not None:
-                return Answer(out, canary.version)
+            c_out, _, c_bad = self._timed(canary, feeds, finite=True)
+            if c_out is not None and not c_bad:
+                return Answer(c_out, canary.version)
+            # The incumbent runs on every canary failure: the client's fallback (when allowed) and the
+            # evidence whether the failure is the canary's own.
+            a_out, _, a_bad = self._timed(r.active, feeds, finite=True)
+            if a_bad:
+                self._shared(canary.version, r.active.version)
             if not r.fallback:
                 raise InferenceError(f"inference on {self.name} {canary.version}", "the canary failed")
-        out = self._run(r.active, feeds)
-        if out is None:
+            if a_out is not None:
+                return Answer(a_out, r.active.version)
             raise InferenceError(f"inference on {self.name} {r.active.version}", "the model failed")
-        return Answer(out, r.active.version)
+        a_out, _, a_bad = self._timed(r.active, feeds, finite=True)
+        if a_bad:
+            # Evidence only (the incumbent still answers): does the canary fail on this input too?
+            _, _, c_bad = self._timed(canary, feeds, finite=True)
+            if c_bad:
+                self._shared(canary.version, r.active.version)
+        if a_out is None:
+            raise InferenceError(f"inference on {self.name} {r.active.version}", "the model failed")
+        return Answer(a_out, r.active.version)
 
     def _pinned(self, r: Routing, feeds: Mapping[str, np.ndarray], pin: str) -> Answer:
         if r.canary is not None and r.canary.version == pin and not r.allow_pin:
@@ -658,6 +736,11 @@ def _rows(feeds: Mapping[str, np.ndarray]) -> int:
     for v in feeds.values():
         return max(1, int(v.shape[0])) if v.ndim else 1
     return 1
+
+
+def _all_finite(outputs: Mapping[str, np.ndarray]) -> bool:
+    """No NaN or Inf in any floating-point output (other dtypes are always finite)."""
+    return all(v.dtype.kind not in "fc" or bool(np.isfinite(v).all()) for v in outputs.values())
 
 
 def _warm(session: ModelSession, feeds: Mapping[str, np.ndarray]) -> None:

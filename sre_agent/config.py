@@ -59,6 +59,16 @@ class HubSettings(_Section):
     """Where the device pulls from and reports to."""
 
     url: str | None = Field(default=None, description="hub base URL or a bundle directory")
+    metadata_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="TUF metadata base URL (a CDN or mirror); unset: <url>/metadata/",
+    )
+    targets_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="TUF targets base URL (a CDN or mirror); unset: <url>/targets/",
+    )
     channel: str = Field(default="stable", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     pull_interval_s: float = Field(default=300.0, ge=5)

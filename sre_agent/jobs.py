@@ -114,6 +114,8 @@ class PullReconcileJob:
             clock=self.clock,
             audit=self.audit,
             telemetry=self.sink,
+            metadata_url=self.settings.hub.metadata_url,  # a CDN/mirror for the signed files
+            targets_url=self.settings.hub.targets_url,
         ).pull_or_held()
 
     def __call__(self) -> dict[str, Any]:

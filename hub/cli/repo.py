@@ -217,6 +217,14 @@ def register(app: typer.Typer) -> None:
         repo: RepoOpt,
         host: Annotated[str, typer.Option("--host", help="Listen address.")] = "127.0.0.1",
         port: PortOpt = 8080,
+        static_only: Annotated[
+            bool,
+            typer.Option(
+                "--static-only",
+                help="Only the signed files (/metadata, /targets) with cache headers: a CDN/mirror "
+                "origin; no API, no database.",
+            ),
+        ] = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Serve the repository over HTTP (strong ETags, conditional requests, Range) until interrupted.
@@ -224,7 +232,7 @@ def register(app: typer.Typer) -> None:
         Binds the port before it says it serves. Exit 0 when stopped by Ctrl-C/SIGTERM, 1 when the port is
         in use or needs privileges, 2 for a bad port, address or repository.
         """
-        from hub.server import build_hub_app
+        from hub.server import build_hub_app, build_static_app
         from sre_core.http_server import bind_tcp, serve_forever
 
         if not (repo / "repo.json").is_file():
@@ -234,12 +242,16 @@ def register(app: typer.Typer) -> None:
         from sre_core.cli import err_console
 
         sock = bind_tcp(host, port)  # first: a bad or busy port fails before anything else starts
-        asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
+        if static_only:
+            asgi = build_static_app(repo)
+        else:
+            asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
         url = f"http://{host}:{sock.getsockname()[1]}"
         if json_out:
-            emit_json({"url": url, "repo": str(repo)})
+            emit_json({"url": url, "repo": str(repo), "static_only": static_only})
         else:
-            err_console().print(f"serving {repo} on {url} (Ctrl-C stops)")
+            what = "the signed files of " if static_only else ""
+            err_console().print(f"serving {what}{repo} on {url} (Ctrl-C stops)")
         serve_forever(asgi, sock)
 
     @bundle_app.command("export")

@@ -110,7 +110,14 @@ def register(app: typer.Typer) -> None:
         show_bar = not json_out and sys.stderr.isatty()
         try:
             with _progress(show_bar) as factory:
-                result = Puller(paths, src, ch, progress=factory).pull()
+                result = Puller(
+                    paths,
+                    src,
+                    ch,
+                    progress=factory,
+                    metadata_url=settings.hub.metadata_url,
+                    targets_url=settings.hub.targets_url,
+                ).pull()
         except PullError as exc:
             if json_out:
                 emit_json({**exc.to_dict(), "refused": exc.refused, "held": result_dict(exc.held)})

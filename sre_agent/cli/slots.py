@@ -249,7 +249,10 @@ def _source(paths: StatePaths, src: str | None, channel: str | None, config: Pat
         if not where:
             return load_held(paths)
         # Refused or failed: keep enforcing what is held (already audited); the pass reports it.
-        return Puller(paths, where, ch).pull_or_held()
+        hub = settings.hub  # a CDN/mirror for the signed files, when configured
+        return Puller(
+            paths, where, ch, metadata_url=hub.metadata_url, targets_url=hub.targets_url
+        ).pull_or_held()
 
     return pull
 
