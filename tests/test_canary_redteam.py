@@ -465,13 +465,7 @@ def normal(rng: np.random.Generator) -> np.ndarray:
     ("what", "candidate"),
     [
         ("1 % of requests fail", erroring(Z1)),
-        pytest.param(
-            "1 % of answers are NaN",
-            nan_on_tail(Z1),
-            marks=pytest.mark.xfail(
-                strict=False, reason="red team: NaN answers are neither errors nor divergence; promoted"
-            ),
-        ),
+        pytest.param("1 % of answers are NaN", nan_on_tail(Z1)),
     ],
 )
 def test_a_candidate_bad_on_one_percent_of_requests_is_aborted(what: str, candidate: bytes) -> None:
@@ -488,18 +482,11 @@ def test_a_candidate_bad_on_one_percent_of_requests_is_aborted(what: str, candid
         assert len(p.incidents) == 1
 
 
-FLOOD_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="red team: failing inputs sent to the incumbent raise its error rate, and the relative margin "
-    "then lets a candidate failing on 1 % of real traffic through",
-)
-
-
 @pytest.mark.parametrize(
     "path",
     [
         pytest.param("/v2/models/m/versions/1.0/infer", id="pinned-to-incumbent"),
-        pytest.param("/v2/models/m/infer", id="routed", marks=FLOOD_XFAIL),
+        pytest.param("/v2/models/m/infer", id="routed"),
     ],
 )
 def test_flooding_the_incumbent_with_errors_does_not_let_a_one_percent_failing_candidate_through(
