@@ -138,6 +138,8 @@ class LedgerEntry(_Doc):
     link_gap_s: int | None = Field(default=None, ge=0)
     committed_at: datetime | None = None
     rolled_back_at: datetime | None = None
+    left_at: datetime | None = None
+    serving: bool | None = None
     flip_ms: int | None = Field(default=None, ge=0)
     reason: str = Field(default="", max_length=500)
 
@@ -261,7 +263,9 @@ class RolloutLedger:
     """``<state>/rollout.json``: when each module version was first seen, committed or rolled back.
 
     The hub's DORA figures come from it: lead time = committed - issued, of which ``seen - issued`` is
-    time the device was disconnected; MTTR = the local flip time of a rollback.
+    time the device was disconnected; MTTR = the local flip time of a rollback; time to restore = from
+    the hub's failure (halt, abort, recall) to ``left_at``, when the device last stopped serving the
+    failed version (``serving`` marks the version a committed/noop pass serves).
     """
 
     def __init__(self, paths: StatePaths) -> None:
@@ -304,6 +308,11 @@ class RolloutLedger:
                 e["reason"] = o.reason[:200]
                 e["flip_ms"] = self._flip_ms(o.module)
                 changed = True
+            if o.result == "rolled_back" and e.get("left_at") is None:
+                e["serving"], e["left_at"] = False, now  # its canary share, or the flip, ends here
+                changed = True
+            elif o.result in {"committed", "noop"}:
+                changed |= self._serving(entries, o.module, o.version, now)
         if report.online:
             meta["last_online"] = now
             changed = True
@@ -312,6 +321,24 @@ class RolloutLedger:
                 keep = sorted(entries, key=lambda k: str(entries[k].get("seen_at")))[-_LEDGER_MAX:]
                 entries = {k: entries[k] for k in keep}
             atomic_write_json(self.path, {"versions": entries, "meta": meta})
+
+    @staticmethod
+    def _serving(entries: dict[str, dict[str, Any]], module: str, version: str, now: str) -> bool:
+        """Mark ``version`` of ``module`` as the one served; every other version that was served
+        stops at ``now`` (``left_at``). Returns whether anything changed."""
+        changed = False
+        for e in entries.values():
+            if e.get("module") != module:
+                continue
+            if e.get("version") == version:
+                if not e.get("serving"):
+                    e["serving"] = True
+                    changed = True
+            elif e.get("serving"):
+                e["serving"] = False
+                e["left_at"] = now
+                changed = True
+        return changed
 
     def _meta(self) -> dict[str, Any]:
         try:

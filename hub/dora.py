@@ -19,6 +19,10 @@ Definitions (each from evidence the hub holds, not from hub-side guesses):
   halted, aborted (canary abort at fleet level) or reverted, or a recall withdrew it.
 - MTTR: the device's local flip time from the failed version back to the previous one (from its
   audit trail); recovery does not wait for the hub.
+- Time to restore: from a release's failure at the hub (rollout halted, aborted or reverted, or a recall;
+  the earliest in the window) until every affected device (one serving the version at that moment)
+  stopped serving it (the ledger's ``left_at``), per failed release; devices still on it are counted
+  as ``unrestored`` and keep that release's restore open (not in the summary).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = ["DoraReport", "Publication", "compute_dora", "publications"]
 
 
 Key = tuple[str, str, str]
+_FAILED = {"fail_limit": "halted", "abort_keep": "aborted", "abort_revert": "reverted"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ class DoraReport:
     releases_with_failures: int = 0
     release_failure_rate: float | None = None
     mttr_ms: dict[str, float | None] = field(default_factory=dict)
+    time_to_restore_s: dict[str, float | None] = field(default_factory=dict)
+    unrestored_devices: int = 0
     per_release: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,29 +119,81 @@ def _summary(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def _hub_failures(repo: HubRepository, reports: ReportStore, since: datetime) -> dict[Key, set[str]]:
-    """Releases the hub itself saw fail: a canary/rollout halted, aborted or reverted, or recalled."""
+def _hub_failures(
+    repo: HubRepository, reports: ReportStore, since: datetime
+) -> tuple[dict[Key, set[str]], dict[Key, datetime]]:
+    """Releases the hub itself saw fail (a canary/rollout halted, aborted or reverted, or recalled),
+    and when each first failed (where the hub recorded the time)."""
+    import json
+
     from sqlalchemy import select
 
     from hub.rollouts import Rollout
+    from hub.store._schema import recalls as recalls_t
     from hub.store._schema import rollouts as rollouts_t
 
     out: dict[Key, set[str]] = {}
+    first: dict[Key, datetime] = {}
+
+    def failed_at(key: Key, at: Any) -> None:
+        when = _when(at)
+        if when is not None and when >= since and (key not in first or when < first[key]):
+            first[key] = when
+
     with reports.store.tx() as conn:
         bodies = conn.execute(select(rollouts_t.c.body)).scalars().all()
+        recall_bodies = conn.execute(select(recalls_t.c.body)).scalars().all()
     for body in bodies:
         r = Rollout.model_validate_json(body)
         key = (r.spec.channel, r.spec.module, r.spec.version)
-        events = {h.get("event") for h in r.history if str(h.get("at", "")) >= since.isoformat()}
-        for ev, why in (("fail_limit", "halted"), ("abort_keep", "aborted"), ("abort_revert", "reverted")):
-            if ev in events:
+        for h in r.history:
+            why = _FAILED.get(str(h.get("event")))
+            if why is not None and str(h.get("at", "")) >= since.isoformat():
                 out.setdefault(key, set()).add(why)
+                failed_at(key, h.get("at"))
     for ch in repo.channels:
         ds = repo.desired_state(ch)
         for rc in ds.recalls if ds else []:
             for v in rc.get("withdrawn", []):
                 out.setdefault((ch, str(rc.get("module")), str(v)), set()).add("recalled")
-    return out
+    for raw in recall_bodies:
+        doc = json.loads(raw)
+        for v in doc.get("withdrawn", []):
+            failed_at((str(doc.get("channel")), str(doc.get("module")), str(v)), doc.get("at"))
+    return out, first
+
+
+def _restores(
+    reports: list[dict[str, Any]], failed_at: dict[Key, datetime]
+) -> tuple[dict[Key, float | None], dict[Key, int]]:
+    """Per failed release: seconds from its failure until the last affected device left it (None while
+    one is still on it), and how many affected devices are still on it."""
+    worst: dict[Key, float] = {}
+    open_: dict[Key, int] = {}
+    for key, at in failed_at.items():
+        ch, module, version = key
+        for rep in reports:
+            if rep.get("channel") != ch:
+                continue
+            e = (rep.get("ledger") or {}).get(f"{module}@{version}")
+            if not isinstance(e, dict):
+                continue
+            try:
+                served = _when(e.get("committed_at")) or _when(e.get("rolled_back_at"))
+                left = _when(e.get("left_at")) or _when(e.get("rolled_back_at"))
+            except (TypeError, ValueError):
+                continue
+            now_on = ((rep.get("modules") or {}).get(module) or {}).get("version") == version
+            if served is None and not now_on:
+                continue  # never served it
+            if left is not None and left < at and not now_on:
+                continue  # gone before the failure: not affected
+            worst.setdefault(key, 0.0)
+            if now_on or left is None:
+                open_[key] = open_.get(key, 0) + 1
+            else:
+                worst[key] = max(worst[key], (left - at).total_seconds())
+    return {k: (None if open_.get(k) else v) for k, v in worst.items()}, open_
 
 
 def compute_dora(
@@ -183,7 +242,8 @@ def compute_dora(
                 connected.append(max(total - off, 0.0))
     exposures = sum(s["exposed"] for s in per.values())
     failures = sum(s["failed"] for s in per.values())
-    hub_failed = _hub_failures(repo, reports, since)
+    hub_failed, failed_at = _hub_failures(repo, reports, since)
+    restore, unrestored = _restores(list(reports.all().values()), failed_at)
     for key in hub_failed:
         if key in by_key and by_key[key].issued >= since:
             per.setdefault(key, {"exposed": 0, "failed": 0, "committed": 0})
@@ -202,6 +262,8 @@ def compute_dora(
         releases_with_failures=failed_releases,
         release_failure_rate=round(failed_releases / len(per), 4) if per else None,
         mttr_ms=_summary(flips),
+        time_to_restore_s=_summary([v for v in restore.values() if v is not None]),
+        unrestored_devices=sum(unrestored.values()),
         per_release=[
             {
                 "channel": k[0],
@@ -210,6 +272,9 @@ def compute_dora(
                 **v,
                 "issued": by_key[k].issued.isoformat(),
                 "hub_failure": sorted(hub_failed.get(k, set())),
+                "failed_at": failed_at[k].isoformat() if k in failed_at else None,
+                "time_to_restore_s": restore.get(k),
+                "unrestored": unrestored.get(k, 0),
             }
             for k, v in sorted(per.items())
         ],

@@ -340,6 +340,10 @@ def register(app: typer.Typer) -> None:
             else f"{cfr:.2%} ({rep['failures']} of {rep['exposures']} device installs)",
         )
         t.add_row("MTTR (local flip)", fmt(rep["mttr_ms"], "ms"))
+        ttr = fmt(rep["time_to_restore_s"], "s")
+        if rep["unrestored_devices"]:
+            ttr += f"; {rep['unrestored_devices']} device(s) still on a failed release"
+        t.add_row("time to restore (hub failure -> devices off it)", ttr)
         out_console().print(t)
 
     ch = typer.Typer(
