@@ -752,6 +752,13 @@ class RolloutService:
         """
         with self._locked(channel):
             r = self._active(channel)
+            if wave is not None and wave <= r.wave:
+                raise InputError(
+                    f"approve wave {wave} in {channel}",
+                    f"wave {wave} is already open (its gate was passed; the rollout is at wave {r.wave}, "
+                    f"{r.state}): nothing more opens",
+                    f"check `sre-hub rollout status`; --wave {r.wave + 1} opens the next one",
+                )
             if wave is not None and wave != r.wave + 1:
                 raise InputError(
                     f"approve wave {wave} in {channel}",

@@ -74,3 +74,34 @@ def test_time_to_restore_from_a_recall_to_the_device_serving_a_good_version(tmp_
         assert row["time_to_restore_s"] == 1.0, row
         assert d.time_to_restore_s["n"] == 1 and d.time_to_restore_s["max"] == 1.0
         assert d.unrestored_devices == 0
+
+
+def test_cli_approve_names_the_wave_and_a_second_approval_is_refused(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """`sre-hub rollout approve --wave N`: a repeated approval of a passed gate opens nothing more."""
+    import json
+
+    from hub.repository import HubRepository
+    from sre_core.clock import FakeClock, SystemClock
+
+    clock = FakeClock(SystemClock().now().replace(microsecond=0))
+    repo = HubRepository.init(tmp_path / "repo", channels=("stable",), clock=clock)
+    for v in ("1.0", "2.0"):
+        f = tmp_path / f"clf-{v}.bin"
+        f.write_bytes(v.encode() * 10)
+        repo.publish("stable", f, ModuleManifest(name="clf", version=v, mode="file", filename="m.bin"))
+    repo.release("stable", "clf", "1.0")
+    r = str(repo.dir)
+    res = run_cli("sre-hub", "rollout", "start", "--repo", r, "-c", "stable", "-m", "clf", "-v", "2.0",
+                  "--waves", "10,50,100", "--gates", "manual,manual", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    approve = ["sre-hub", "rollout", "approve", "--repo", r, "-c", "stable"]
+    res = run_cli(*approve, "--wave", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["wave"] == 1
+    again = run_cli(*approve, "--wave", "1", "--json")  # a second operator, or a retried click
+    assert again.returncode == 2 and "wave 1 is already open" in json.loads(again.stdout)["why"], again
+    skip = run_cli(*approve, "--wave", "3")
+    assert skip.returncode == 2 and "not the next one" in skip.stderr, skip.stderr
+    st = run_cli("sre-hub", "rollout", "status", "--repo", r, "-c", "stable", "--json")
+    assert json.loads(st.stdout)["wave"] == 1  # nothing more opened
+    assert run_cli(*approve, "--wave", "0").returncode == 2  # below the first gate: a usage error

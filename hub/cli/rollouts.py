@@ -154,7 +154,28 @@ def register(app: typer.Typer) -> None:
         cmd.__doc__ = doc
         ro.command(name)(cmd)
 
-    _verb("approve", "Open the next wave now (a manual gate), or complete after the last wave.")
+    @ro.command("approve")
+    def approve(
+        repo: RepoOpt,
+        channel: ChannelOpt,
+        wave: Annotated[
+            int | None,
+            typer.Option(
+                "--wave",
+                min=1,
+                help="The wave this approval opens (its index in `rollout status`; the number of waves: "
+                "complete). Refused when that gate was already passed, so a repeated approval never "
+                "opens the wave after it.",
+            ),
+        ] = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Open the next wave now (a manual gate), or complete after the last wave."""
+        svc = _service(repo)
+        svc.approve(channel, wave=wave)
+        st = svc.status(channel)
+        emit_json(st.to_dict()) if json_out else _print_rollout(st)
+
     _verb("pause", "Stop opening waves; nobody starts the candidate while paused.")
     _verb("resume", "Resume a paused rollout.")
     _verb(
