@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -74,7 +75,9 @@ RATIO_EDGES: tuple[float, ...] = tuple(
 
 
 SHARE_BLOCK = 100
-"""The canary gets exactly ``weight`` of every block of this many routed requests, at shuffled positions."""
+"""Largest block of routed requests within which the canary's share is exact (positions shuffled)."""
+MIN_SHARE_BLOCK = 20
+"""Smallest such block: short blocks would let a client infer the last slots of a block."""
 PAIR_EVERY = 4
 """One mirrored request in this many is timed as a latency pair (the others only compare outputs)."""
 CANARY_WARM_RUNS = 3
@@ -544,9 +547,9 @@ class Router:
                 self._stats.setdefault(v, VersionStats()).shared += 1
 
     def _to_canary(self, weight: float) -> bool:
-        """Whether this request goes to the canary: ``weight`` of every block of :data:`SHARE_BLOCK`
-        requests (exact), at positions shuffled by the injected RNG, so a client watching which version
-        answered cannot predict the canary's next slot."""
+        """Whether this request goes to the canary: exactly ``weight`` of every block of requests (see
+        :func:`_block_size`), at positions shuffled by the injected RNG, so a client watching which
+        version answered cannot predict the canary's next slot from the ones it saw."""
         if weight <= 0.0:
             return False
         if weight >= 1.0:
@@ -555,9 +558,9 @@ class Router:
             if self._deck_weight != weight:
                 self._deck_weight, self._deck_block, self._deck = weight, 0, []
             if not self._deck:
-                k = self._deck_block
-                hits = math.floor((k + 1) * SHARE_BLOCK * weight) - math.floor(k * SHARE_BLOCK * weight)
-                deck = [True] * hits + [False] * (SHARE_BLOCK - hits)
+                k, size = self._deck_block, _block_size(weight)
+                hits = math.floor((k + 1) * size * weight) - math.floor(k * size * weight)
+                deck = [True] * hits + [False] * (size - hits)
                 self._rng.shuffle(deck)
                 self._deck, self._deck_block = deck, k + 1
             return self._deck.pop()
@@ -736,6 +739,14 @@ def _rows(feeds: Mapping[str, np.ndarray]) -> int:
     for v in feeds.values():
         return max(1, int(v.shape[0])) if v.ndim else 1
     return 1
+
+
+def _block_size(weight: float) -> int:
+    """Requests per shuffled block: a multiple of ``weight``'s denominator (at most
+    :data:`SHARE_BLOCK`) of at least :data:`MIN_SHARE_BLOCK`, so each block holds a whole number of
+    canary slots (0.5: 10 in 20; 0.05: 1 in 20; 0.01: 1 in 100; 0.013: 1 or 2 in 100, exact on average)."""
+    denominator = Fraction(weight).limit_denominator(SHARE_BLOCK).denominator
+    return denominator * max(1, math.ceil(MIN_SHARE_BLOCK / denominator))
 
 
 def _all_finite(outputs: Mapping[str, np.ndarray]) -> bool:

@@ -132,8 +132,8 @@ def test_canary_slots_are_shuffled_by_the_injected_rng_with_an_exact_share() -> 
 
 
 class Unshuffled(random.Random):
-    """An RNG seam that leaves the canary's slots in place: the last ones of every block of 100, so the
-    test knows them as well as a client watching a counter-based router did."""
+    """An RNG seam that leaves the canary's slots in place: the last ones of every block (of 20 at
+    5 %), so the test knows them as well as a client watching a counter-based router did."""
 
     def shuffle(self, x: object) -> None:  # type: ignore[override]
         return None
@@ -152,8 +152,8 @@ def test_inputs_failing_on_both_versions_at_the_known_canary_slots_do_not_ban_an
     for tick in range(1000):
         if run.controller.final:
             break
-        for i in range(100):  # one block of slots per tick; the canary's are 95..99 at 5 %
-            attack = tick < 30 and i >= 98
+        for i in range(100):  # five blocks of 20 per tick; the canary's slot is the last of each
+            attack = tick < 12 and i % 20 == 19
             with contextlib.suppress(Exception):
                 router.infer(poison() if attack else benign(rng))
         clock.advance(0.5)
