@@ -22,6 +22,11 @@ Only routed traffic is evidence: a request pinned to a version (``.../versions/V
 and shows in telemetry, but never counts for the canary verdict; pinning to the canary is refused unless
 the canary was started with ``allow_pin=True`` (a policy option, off by default), so a client cannot
 steer the verdict.
+
+Error evidence is *discordant*: during a canary every failure (an exception, or NaN/Inf outputs) of one
+version is checked against the other version on the same input, and a failure both have counts for
+neither (:meth:`VersionStats.evidence`). The canary's slots are shuffled within exact-share blocks by an
+injectable RNG, so a client cannot aim at them.
 """
 
 from __future__ import annotations
