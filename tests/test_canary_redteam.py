@@ -332,15 +332,7 @@ class TimedAttacker:
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            "fails-on-both-versions",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="red team: inputs that fail on both versions, sent at the canary's observable slot, "
-                "count as canary errors: ~40 such requests abort and ban an identical candidate (~30: "
-                "the step ends inconclusive instead of promoted)",
-            ),
-        ),
+        pytest.param("fails-on-both-versions"),
         "client-errors-nan-and-clean-huge-batches",
     ],
 )
