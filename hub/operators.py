@@ -6,8 +6,10 @@
   telemetry lake, and optionally directories of escalation files carried by hand), checks each one's
   content hash, and keeps the furthest-along copy of each.
 - :meth:`HubEscalations.decide` signs an approval or rejection bound to the escalation's content hash,
-  checks it against the roster exactly as a device will, writes it under ``<repo>/escalations/approvals/``
-  for delivery (``sre-agent escalations apply FILE`` on the device) and audits it.
+  checks it against the roster exactly as a device will, records it in the hub database (the
+  ``escalation_decisions`` table, shared by every hub replica), exports a copy under
+  ``<repo>/escalations/approvals/`` for delivery (``sre-agent escalations apply FILE`` on the device)
+  and audits it.
 
 The hub never imports the agent: the shared format lives in :mod:`policies.approvals`.
 """
@@ -102,7 +104,8 @@ class HubEscalations:
     """The fleet's escalations under one hub repository.
 
     Args:
-        repo: the hub repository (lake under ``<repo>/fleet``; approvals under ``<repo>/escalations``).
+        repo: the hub repository (lake under ``<repo>/fleet``; decisions in its database, with copies to
+            deliver and the audit trail under ``<repo>/escalations``).
         clock: time for signing and expiry checks.
     """
 
@@ -115,6 +118,55 @@ class HubEscalations:
     @property
     def approvals_dir(self) -> Path:
         return self.dir / "approvals"
+
+    def _store(self) -> Any:
+        from hub.fleetdb import FleetDB
+
+        return FleetDB(self.repo / "fleet", self.clock).store
+
+    def decisions(self, esc_id: str | None = None) -> list[dict[str, Any]]:
+        """Signed decisions held in the hub database (all, or one escalation's), oldest first: each with
+        ``escalation_id``, ``decision``, ``operator``, ``signed_at``, ``name`` and the ``approval``."""
+        from sqlalchemy import select
+
+        from hub.store._schema import escalation_decisions as t
+
+        q = select(t).order_by(t.c.signed_at, t.c.escalation_id, t.c.decision, t.c.operator)
+        if esc_id is not None:
+            q = q.where(t.c.escalation_id == esc_id)
+        with self._store().tx() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [
+            {
+                "escalation_id": r["escalation_id"],
+                "decision": r["decision"],
+                "operator": r["operator"],
+                "signed_at": r["signed_at"],
+                "name": f"{r['escalation_id']}.{r['decision']}.{r['operator']}.json",
+                "approval": json.loads(r["body"]),
+            }
+            for r in rows
+        ]
+
+    def _record(self, approval: Approval, esc_id: str, decision: str, operator: str) -> None:
+        """Insert (or, re-signed by the same operator, replace) one decision: one transaction."""
+        from hub.store._schema import escalation_decisions as t
+
+        store = self._store()
+        values = {
+            "escalation_id": esc_id,
+            "decision": decision,
+            "operator": operator,
+            "signed_at": self.clock.now().isoformat(),
+            "body": approval.model_dump_json(),
+        }
+        stmt = store.insert(t).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.escalation_id, t.c.decision, t.c.operator],
+            set_={"signed_at": values["signed_at"], "body": values["body"]},
+        )
+        with store.tx() as conn:
+            conn.execute(stmt)
 
     def _from_lake(self) -> list[tuple[str, dict[str, Any]]]:
         from hub.fleetdb import FleetDB, escalation_document
@@ -160,8 +212,11 @@ class HubEscalations:
             old = found.get(doc["id"])
             if old is None or _progress(doc) > _progress(old):
                 found[doc["id"]] = doc
+        signed: dict[str, list[str]] = {}
+        for d in self.decisions() if found else []:
+            signed.setdefault(d["escalation_id"], []).append(d["name"])
         for esc_id, doc in found.items():
-            doc["hub_decisions"] = sorted(p.name for p in self.approvals_dir.glob(f"{esc_id}.*.json"))
+            doc["hub_decisions"] = sorted(signed.get(esc_id, []))
         return found
 
     def get(self, esc_id: str, sources: list[Path] | None = None) -> dict[str, Any]:
@@ -236,7 +291,8 @@ class HubEscalations:
                 "escalation.sign_refused", actor=operator, id=esc_id, decision=decision, why=exc.why
             )
             raise
-        path = self.approvals_dir / f"{esc_id}.{decision}.{operator}.json"
+        self._record(approval, esc_id, decision, operator)  # the record every replica reads
+        path = self.approvals_dir / f"{esc_id}.{decision}.{operator}.json"  # the copy to deliver
         atomic_write_json(path, json.loads(approval.model_dump_json()))
         self.audit.append(
             f"escalation.{decision}_signed",

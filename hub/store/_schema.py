@@ -9,6 +9,7 @@ from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Tab
 __all__ = [
     "device_state",
     "devices",
+    "escalation_decisions",
     "metadata",
     "nonces",
     "operator_tokens",
@@ -137,4 +138,14 @@ operator_tokens = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("sha256", String(64), nullable=False, unique=True),
+)
+
+escalation_decisions = Table(
+    "escalation_decisions",
+    metadata,
+    Column("escalation_id", String(64), primary_key=True),
+    Column("decision", String(16), primary_key=True),
+    Column("operator", String(128), primary_key=True),
+    Column("signed_at", String(40), nullable=False),
+    Column("body", Text, nullable=False),
 )
