@@ -121,6 +121,15 @@ class DaemonSettings(_Section):
     """How often the daemon's own bookkeeping jobs run."""
 
     slo_interval_s: float = Field(default=60.0, ge=1, description="SLO evaluation period")
+    slo_max_unacked_age_s: float = Field(
+        default=2 * 86400.0, gt=0, description="SLO: oldest telemetry the hub has not acknowledged"
+    )
+    slo_max_since_ack_s: float = Field(
+        default=2 * 86400.0, gt=0, description="SLO: time since the hub last acknowledged anything"
+    )
+    slo_max_policy_age_s: float = Field(
+        default=30 * 86400.0, gt=0, description="SLO: age of the active signed policy module"
+    )
     escalations_interval_s: float = Field(
         default=30.0, ge=1, description="expire escalations, execute verified approvals"
     )

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from deployment.slots import SlotManager
     from sre_agent.services.responder import ResponderService
     from sre_agent.services.serving import ServingPlane
+    from sre_agent.slo import SloTargets
     from sre_agent.telemetry.service import TelemetryService
 
 __all__ = [
@@ -229,7 +230,8 @@ class AttestJob:
 @dataclass
 class SloJob:
     """Evaluate the device SLOs; a breach raises an ``slo_burn`` incident per SLO (facts ``slo``,
-    ``value``, ``target``, ``burn_rate``, the active ``versions``), a met SLO resolves its incident."""
+    ``value``, ``target``, ``burn_rate``, the active ``versions``), a met SLO resolves its incident.
+    ``targets``: the objectives (``[daemon] slo_max_*`` settings; None: the defaults)."""
 
     paths: StatePaths
     clock: Clock
@@ -239,6 +241,7 @@ class SloJob:
     report: Report
     resolve: Resolve
     interval_s: float = SLO_INTERVAL_S
+    targets: SloTargets | None = None
     name: str = "slo"
     _burning: set[str] = field(default_factory=set, repr=False)
 
@@ -269,7 +272,7 @@ class SloJob:
             ack = store.last_ack_us()
             last_ack = datetime.fromtimestamp(ack / 1e6, UTC) if ack else None
         issued = active_policy_issued(self.paths)  # the active signed policy module (None: factory only)
-        results = evaluate_slos(now, oldest, last_ack, issued)
+        results = evaluate_slos(now, oldest, last_ack, issued, targets=self.targets)
         report_slos(self.sink, results, now)
         for r in results:
             key = f"slo:{r.name}"

@@ -153,6 +153,7 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
     from deployment.slots import SlotManager
     from policies.telemetry import load_telemetry_policy
     from sre_agent.respond import build_responder
+    from sre_agent.slo import SloTargets
     from sre_agent.telemetry.service import TelemetryService
     from sre_core.identity import load_identity
     from verification.scheduler import build_service
@@ -298,6 +299,11 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
             responder.report,
             responder.resolve,
             interval_s=settings.daemon.slo_interval_s,
+            targets=SloTargets(
+                max_unacked_age_s=settings.daemon.slo_max_unacked_age_s,
+                max_since_ack_s=settings.daemon.slo_max_since_ack_s,
+                max_policy_age_s=settings.daemon.slo_max_policy_age_s,
+            ),
         ).spec(),
         EscalationsJob(paths, responder, interval_s=settings.daemon.escalations_interval_s).spec(),
         DigestJob(clock, identity, audit, sink, responder, slots_or_none).spec(),

@@ -514,3 +514,129 @@ def test_kill_9_while_handling_an_incident_handles_it_exactly_once(live: Live) -
     finally:
         client.stop()
     _clean_stop(live)
+
+
+def test_disk_below_its_reserve_raises_an_alert_and_loses_nothing_essential(live: Live) -> None:
+    import shutil
+
+    # The reserve sits 2 GiB under today's free space; 4 GiB of ballast written from outside crosses it
+    # (a real shortage without filling the machine's disk). Only the headroom check runs, every 2 s.
+    free_mb = shutil.disk_usage(live.paths.root).free / 2**20
+    (live.paths.policies / "verification.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"interval_s": 300, "jitter_s": 0, "max_parallel": 1},
+                "checks": {"resources.headroom": {"interval_s": 2, "jitter_s": 0, "timeout_s": 30}},
+                "reserves": {
+                    "min_free_disk_mb": max(free_mb - 2048, 1.0),
+                    "min_free_disk_pct": 0.0,
+                    "min_available_memory_mb": 0.0,
+                    "max_load_per_cpu": 1000.0,
+                },
+            }
+        )
+    )
+    live.publish("1.0", linear_classifier(seed=1))
+    client = _serving(live)
+    ballast = live.tmp / "ballast.bin"
+    try:
+        time.sleep(3)  # a few passing headroom runs first
+        assert not live.seen("incident.opened", kind="verification_failure"), live.names()[-10:]
+        head_before = len(live.events())
+        t0 = time.monotonic()
+        with ballast.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 4 * 2**30)
+        t1 = live.wait(
+            lambda: [
+                a
+                for a in live.events()[head_before:]
+                if a["event"] == "triage.action"
+                and a["data"].get("action") == "alert"
+                and a["data"].get("ok")
+            ],
+            "an alert for the disk reserve",
+            60,
+        )
+        opened = [
+            e["data"]
+            for e in live.events()
+            if e["event"] == "incident.opened" and e["data"]["kind"] == "verification_failure"
+        ]
+        assert opened and opened[-1]["facts"].get("check") == "resources.headroom", opened
+        # Nothing essential lost: the model keeps serving, the slots are untouched, the audit chain holds.
+        time.sleep(2)
+        assert client.first_after(t1, "1.0"), "serving stopped on a full disk"
+        assert client.error_kinds(t0) == {}, client.error_kinds(t0)
+        st = live.status()
+        assert st.active is not None and st.active.version == "1.0" and not st.bad
+        n, broken = AuditLog(live.paths.audit_log).verify()
+        assert broken is None and n >= len(live.events()) - 5, broken
+        _record(
+            "5 disk below its reserve",
+            "resources.headroom failed -> alert; serving, slots and audit chain intact",
+            t1 - t0,
+            facts=opened[-1]["facts"],
+        )
+    finally:
+        ballast.unlink(missing_ok=True)
+        client.stop()
+    _clean_stop(live)
+
+
+def test_a_promoted_version_that_burns_its_slo_is_acted_on_with_the_flip_facts(live: Live) -> None:
+    from sre_agent.escalations import EscalationStatus, EscalationStore, escalations_dir
+
+    # The SLOs the device evaluates are its sync and policy-age objectives (sre_agent/slo.py); the time
+    # since the hub last acknowledged telemetry is tightened to 6 s through the daemon's settings, so a
+    # hub that stops acknowledging burns it fast, minutes after 2.0 was promoted. Triage must act by the
+    # matching rule (a sync SLO is never a reason to roll a model back) with the flip facts present.
+    live.env["SRE_AGENT_DAEMON__SLO_MAX_SINCE_ACK_S"] = "6"
+    v1 = linear_classifier(seed=1)
+    live.publish("1.0", v1)
+    client = _serving(live)
+    try:
+        live.publish("2.0", _relabel(v1, "2.0"))
+        live.wait(lambda: client.first_after(0, "2.0"), "the canary of 2.0", timeout=180)
+        live.wait(
+            lambda: live.status().phase.value == "idle" and live.status().active.version == "2.0",  # type: ignore[union-attr]
+            "2.0 promoted",
+        )
+        t0 = time.monotonic()
+        live.hub.stop()  # the hub stops acknowledging: the time since its last ack grows past the SLO
+        store = EscalationStore(escalations_dir(live.paths), AuditLog(live.paths.audit_log), SystemClock())
+
+        def burn() -> dict[str, Any] | None:
+            """The open slo_burn incident, once its rule's action ran or it escalated."""
+            for inc in live.open_incidents():
+                if inc.get("kind") != "slo_burn" or "burn_rate" not in inc.get("facts", {}):
+                    continue
+                if inc.get("actions") or inc.get("escalation") or store.select(EscalationStatus.OPEN):
+                    return inc
+            return None
+
+        t1 = live.wait(burn, "the SLO burn acted on (the rule's action or an escalation)", 90)
+        inc = burn()
+        assert inc is not None
+        facts = inc["facts"]
+        assert "clf=2.0" in str(facts.get("versions")), facts  # the versions present at the burn
+        assert isinstance(facts.get("since_flip_s"), float | int) and facts["since_flip_s"] < 3600, facts
+        decisions = [
+            e["data"]
+            for e in live.events()
+            if e["event"] == "triage.decision" and e["data"].get("incident_id") == inc["incident_id"]
+        ]
+        assert decisions and decisions[-1]["rule"].startswith("slo-"), decisions
+        assert not live.seen("slot.rolled_back"), "a sync SLO rolled the model back"
+        time.sleep(1.0)
+        assert client.first_after(t1, "2.0"), ("2.0 stopped serving", client.error_kinds(t0), client.last(5))
+        _record(
+            "4 promoted version burns its SLO",
+            f"rule {decisions[-1]['rule']} -> {decisions[-1]['action']}"
+            + (" (escalated)" if inc.get("escalation") else ""),
+            max(t1 - t0, 0.0),
+            decided_before_fault=t1 - t0 < 0.5,
+            facts={k: facts.get(k) for k in ("slo", "burn_rate", "since_flip_s", "versions")},
+        )
+    finally:
+        client.stop()
+    _clean_stop(live)
