@@ -11,6 +11,10 @@ trail, the escalations) and records its time to recovery (printed, and appended 
    hub with the uploaded telemetry, while the device keeps serving what it has; an operator approves;
    the daemon enters safe mode and holds it across reconciles until ``safe-mode exit``;
 3. a new version whose health probe hangs -> rolled back, marked bad, the incident reported and closed;
+4. a promoted version, then its SLO burns (the hub stops acknowledging; the sync SLO tightened through
+   the settings) -> the matching rule's action or an escalation, with ``since_flip_s`` and ``versions``;
+5. the disk below the policy's reserve (4 GiB of ballast under a reserve 2 GiB below free space) -> an
+   alert; serving, the slots and the audit chain intact;
 8. ``kill -9`` of the daemon while it handles an incident -> after the restart the incident is handled
    exactly once (one rollback, never a flip back onto the corrupted bytes).
 """
