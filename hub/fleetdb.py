@@ -4,10 +4,16 @@ review queue (all in the hub's relational store, :mod:`hub.store`) and the telem
 
 Ingest is contained: a batch lands only when its table is in the shared registry
 (:mod:`sre_core.telemetry_schema`) and its columns are exactly that table's (plus ``device_id``), every
-row belongs to the signing device, it has between 1 and :data:`MAX_BATCH_ROWS` rows, its declared
-uncompressed size is at most :data:`MAX_UNCOMPRESSED_BYTES` (checked from the Parquet footer before any
-page is decompressed), and record bodies are JSON objects. Readers of record bodies (the escalation
-review) still check each body's shape themselves (:func:`escalation_document`): a table carries several
+row belongs to the signing device, it has between 1 and :data:`MAX_BATCH_ROWS` rows, it decodes to at
+most :data:`MAX_UNCOMPRESSED_BYTES` and record bodies are JSON objects. The decoded size is counted from
+the decoded arrays themselves, a few rows at a time, and decoding stops at the cap: the footer's
+declared sizes are only a cheap first refusal (the sender writes them). Decoding memory is also bounded
+across requests: each decoded chunk is reserved from one shared :class:`DecodeBudget` before it is
+checked and written (streamed into the lake, so one batch never sits in memory whole), and a request
+that cannot get its bytes in time is answered "busy" (:class:`DecodeBusyError`). Attestation
+predicates are validated against :class:`DeviceStatePredicate`; the newest attested ``time`` wins.
+Readers of record bodies (the escalation review) still check each body's shape
+themselves (:func:`escalation_document`): a table carries several
 kinds of record.
 Each row lands in the partition of its own UTC day.
 
@@ -22,10 +28,14 @@ import hashlib
 import io
 import json
 import re
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import duckdb
 import pyarrow as pa
@@ -33,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from sqlalchemy import delete, func, select, update
 
 from hub.lake import Lake
@@ -51,9 +62,13 @@ from sre_core.telemetry_schema import RECORD_TABLES, TABLES
 
 __all__ = [
     "ATTESTATION_PREDICATE",
+    "DECODE_BUDGET_BYTES",
     "MAX_BATCH_ROWS",
     "MAX_UNCOMPRESSED_BYTES",
+    "DecodeBudget",
+    "DecodeBusyError",
     "DeviceRecord",
+    "DeviceStatePredicate",
     "FleetDB",
     "LandResult",
     "SharedNonces",
@@ -62,6 +77,8 @@ __all__ = [
 ATTESTATION_PREDICATE = DEVICE_STATE_PREDICATE
 MAX_BATCH_ROWS = 1_000_000
 MAX_UNCOMPRESSED_BYTES = 256 * 1024 * 1024
+DECODE_BUDGET_BYTES = 128 * 1024 * 1024  # decoded chunks in flight across all requests of one hub process
+DECODE_ROWS = 64  # rows decoded per step: a step holds at most this many rows, whatever their size
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BATCH_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -139,6 +156,114 @@ class SharedNonces(NonceCache):
             return res.first() is not None  # (rowcount is not reliable for this statement on psycopg)
 
 
+class DecodeBusyError(SreError):
+    """The hub-wide decoding budget stayed full: the request should be retried later (HTTP 503)."""
+
+
+class DecodeBudget:
+    """Decoded bytes in flight at once across all requests of one hub process (a counting byte semaphore).
+
+    A request decodes one chunk at a time and reserves it before handing it on; reserving the next chunk
+    first gives back the previous one (already written out), so a request holds at most one chunk and
+    holds nothing while it waits: waiters never deadlock each other. A chunk larger than the whole budget
+    takes the whole budget. A reservation that does not fit within ``timeout_s`` raises
+    :class:`DecodeBusyError` (the hub answers 503 with ``Retry-After``).
+    """
+
+    def __init__(self, total: int = DECODE_BUDGET_BYTES, timeout_s: float = 60.0) -> None:
+        self.total = total
+        self.timeout_s = timeout_s
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
+
+    def _take(self, n: int) -> int:
+        n = min(n, self.total)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._used + n <= self.total, self.timeout_s):
+                raise DecodeBusyError(
+                    "decode a batch", f"the hub is decoding {self._used} bytes already", "retry later"
+                )
+            self._used += n
+        return n
+
+    def _give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """A reserve function for one request: ``reserve(n)`` gives back the previous chunk, then takes
+        ``n`` bytes; what is held is released on exit."""
+        held = 0
+
+        def reserve(n: int) -> None:
+            nonlocal held
+            if held:
+                self._give(held)
+                held = 0
+            held = self._take(n)
+
+        try:
+            yield reserve
+        finally:
+            if held:
+                self._give(held)
+
+
+class _ModuleState(BaseModel):
+    """One module as the device's slot manager reports it (:mod:`sre_agent.attestation`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")  # typed where known; newer agents may add
+    state_sha256: str | None = None
+    error: str | None = None
+    phase: str | None = None
+    serving: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+    tree_sha256: str | None = None
+    slot: str | None = None
+    kind: str | None = None
+    installed_at: str | None = None
+    last_known_good: dict[str, str] | None = None
+    bad_versions: list[str] = []
+
+
+def _iso_text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("time must be an ISO 8601 string")  # noqa: TRY004 (pydantic wants ValueError)
+    return v
+
+
+class DeviceStatePredicate(BaseModel):
+    """The device-state predicate a hub accepts; anything else is refused (never stored, never shown)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    time: Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_iso_text)]  # ISO 8601 with offset
+    policy_version: str
+    trust_status: str
+    audit_head: str
+    safe_mode: bool
+    modules: dict[str, _ModuleState] = {}
+
+
+def _newer(when: datetime, stored: str | None) -> bool:
+    """Whether an attestation made at ``when`` replaces the stored one (ties replace: a re-send).
+
+    A stored time that is not an aware ISO time (written before predicates were validated) is replaced.
+    """
+    try:
+        old = datetime.fromisoformat(stored or "")
+    except ValueError:
+        return True
+    return old.tzinfo is None or when >= old
+
+
 def _refuse(what: str, why: str, fix: str = "upgrade the agent") -> InputError:
     return InputError(what, why, fix)
 
@@ -170,12 +295,12 @@ def escalation_document(body: Any) -> dict[str, Any] | None:
     return doc
 
 
-def validate_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, pa.Table]:
-    """The registry table name and the rows of a sealed batch, or a refusal.
+def open_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, pq.ParquetFile, pa.Schema]:
+    """The registry table, the opened file and the expected schema of a sealed batch (footer checks).
 
     Raises:
-        InputError: not Parquet, unknown table, columns or types not the registry's, rows of another
-            device, no rows, too many rows or too large once decompressed, malformed record bodies.
+        InputError: not Parquet, unknown table, columns or types not the registry's, another device in
+            the metadata, no rows, too many rows or a declared size above the cap.
     """
     what = f"land batch {batch_id[:16]} from {device_id}"
     try:
@@ -194,7 +319,7 @@ def validate_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, 
         raise _refuse(what, "the batch has no rows", "seal batches with at least one row")
     if md.num_rows > MAX_BATCH_ROWS:
         raise _refuse(what, f"{md.num_rows} rows (limit {MAX_BATCH_ROWS})", "seal smaller batches")
-    size = sum(
+    size = sum(  # what the sender declares: a cheap first refusal, never trusted as a bound
         md.row_group(i).column(j).total_uncompressed_size
         for i in range(md.num_row_groups)
         for j in range(md.num_columns)
@@ -207,23 +332,64 @@ def validate_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, 
         not got.field(f.name).type.equals(f.type) for f in expected
     ):
         raise _refuse(what, f"columns are not those of table {table!r}: {got.names}")
-    try:
-        tbl = pf.read().select(expected.names).cast(expected)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise _refuse(what, f"unreadable rows ({exc})", "re-seal the batch") from exc
-    if tbl.num_rows != md.num_rows:
-        raise _refuse(what, "row count does not match the footer", "re-seal the batch")
-    if tbl.column("ts").null_count:
-        raise _refuse(what, "rows without a timestamp")
-    if pc.unique(tbl.column("device_id")).to_pylist() != [device_id]:
-        raise _refuse(what, "rows of another device inside", "a device uploads only its own data")
-    if table in RECORD_TABLES:
-        bodies = tbl.column("body").to_pylist()
-        bad = sum(1 for b in bodies if _json_object(b) is None)
+    return table, pf, expected
 
-        if bad:
-            raise _refuse(what, f"{bad} {table} row(s) whose body is not a valid record")
-    return table, tbl
+
+def checked_rows(
+    device_id: str,
+    batch_id: str,
+    payload: bytes,
+    reserve: Callable[[int], None] | None = None,
+) -> tuple[str, pa.Schema, Iterator[pa.RecordBatch]]:
+    """The registry table, its schema and the checked rows of a batch, :data:`DECODE_ROWS` at a time.
+
+    The decoded bytes are counted from the decoded arrays; decoding stops (a refusal) once they pass
+    :data:`MAX_UNCOMPRESSED_BYTES`. ``reserve(n)`` is called with each chunk's size before it is handed
+    on, after the previous chunk was consumed (a :meth:`DecodeBudget.hold`; it may raise
+    :class:`DecodeBusyError`). A consumer must treat the rows as provisional until the iterator is
+    exhausted: a refusal can come with any chunk.
+
+    Raises:
+        InputError: see :func:`open_batch`; also rows of another device, rows without a timestamp,
+            malformed record bodies, too large once decoded, or unreadable pages.
+    """
+    what = f"land batch {batch_id[:16]} from {device_id}"
+    table, pf, expected = open_batch(device_id, batch_id, payload)
+
+    def rows() -> Iterator[pa.RecordBatch]:
+        decoded = n = 0
+        try:
+            for raw in pf.iter_batches(batch_size=DECODE_ROWS, use_threads=False):
+                decoded += raw.nbytes
+                if decoded > MAX_UNCOMPRESSED_BYTES:
+                    raise _refuse(
+                        what, f"more than {MAX_UNCOMPRESSED_BYTES} bytes once decoded", "seal smaller"
+                    )
+                if reserve is not None:
+                    reserve(raw.nbytes)
+                rb = raw.select(expected.names).cast(expected)
+                n += rb.num_rows
+                if rb.column("ts").null_count:
+                    raise _refuse(what, "rows without a timestamp")
+                if any(d != device_id for d in pc.unique(rb.column("device_id")).to_pylist()):
+                    raise _refuse(what, "rows of another device inside", "a device uploads only its own data")
+                if table in RECORD_TABLES:
+                    bad = sum(1 for b in rb.column("body").to_pylist() if _json_object(b) is None)
+                    if bad:
+                        raise _refuse(what, f"{bad} {table} row(s) whose body is not a valid record")
+                yield rb
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise _refuse(what, f"unreadable rows ({exc})", "re-seal the batch") from exc
+        if n != pf.metadata.num_rows:
+            raise _refuse(what, "row count does not match the footer", "re-seal the batch")
+
+    return table, expected, rows()
+
+
+def validate_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, pa.Table]:
+    """The registry table name and all the rows of a sealed batch, or a refusal (see :func:`checked_rows`)."""
+    table, schema, rows = checked_rows(device_id, batch_id, payload)
+    return table, pa.Table.from_batches(list(rows), schema)
 
 
 class FleetDB:
@@ -336,11 +502,16 @@ class FleetDB:
             r = conn.execute(select(receipts).where(receipts.c.batch_id == batch_id)).first()
         return None if r is None else LandResult("duplicate", batch_id, r.table_name, int(r.rows), r.path)
 
-    def land_batch(self, device_id: str, batch_id: str, payload: bytes) -> LandResult:
+    def land_batch(
+        self, device_id: str, batch_id: str, payload: bytes, budget: DecodeBudget | None = None
+    ) -> LandResult:
         """Validate and land one sealed batch (idempotent by batch id).
+
+        ``budget`` bounds the decoded bytes held by all concurrent landings (default: unbounded).
 
         Raises:
             InputError: the id does not match the content, or the content is refused (see the module).
+            DecodeBusyError: the budget stayed full.
         """
         what = f"land batch {batch_id[:16]} from {device_id}"
         if not _BATCH_RE.match(batch_id) or hashlib.sha256(payload).hexdigest()[:40] != batch_id:
@@ -348,31 +519,38 @@ class FleetDB:
         dup = self._receipt(batch_id)
         if dup is not None:
             return dup
-        table, tbl = validate_batch(device_id, batch_id, payload)
-        paths = self.lake.write(table, batch_id, tbl)
+        rows, items = 0, []
+        with (budget or DecodeBudget()).hold() as reserve:
+            table, schema, batches = checked_rows(device_id, batch_id, payload, reserve)
+            with self.lake.writer(table, batch_id, schema) as out:
+                for rb in batches:  # streamed: only a few chunks are in memory at once
+                    out.write(rb)
+                    rows += rb.num_rows
+                    if table == "feedback":
+                        items += [json.loads(b) for b in rb.column("body").to_pylist()]
+                paths = out.commit()  # reached only when every chunk passed its checks
         now = self.clock.now().isoformat()
         with self.store.tx() as conn:
             arrival = conn.execute(select(func.coalesce(func.max(receipts.c.arrival), 0))).scalar_one()
             res = conn.execute(
                 self.store.insert(receipts)
                 .values(
-                    batch_id=batch_id, device_id=device_id, table_name=table, rows=tbl.num_rows,
+                    batch_id=batch_id, device_id=device_id, table_name=table, rows=rows,
                     path=",".join(paths), received=now, arrival=int(arrival) + 1,
                 )
                 .on_conflict_do_nothing()
                 .returning(receipts.c.batch_id)
             )  # fmt: skip
             if res.first() is not None:
-                self._touch_state(conn, device_id, table, tbl.num_rows, now)
+                self._touch_state(conn, device_id, table, rows, now)
                 if table == "feedback":
-                    items = [json.loads(b) for b in tbl.column("body").to_pylist()]
                     conn.execute(
                         self.store.insert(review_queue)
                         .values(batch_id=batch_id, device_id=device_id, status="pending",
                                 items_json=json.dumps(items))
                         .on_conflict_do_nothing()
                     )  # fmt: skip
-                return LandResult("stored", batch_id, table, tbl.num_rows, ",".join(paths))
+                return LandResult("stored", batch_id, table, rows, ",".join(paths))
         found = self._receipt(batch_id)  # landed concurrently by another request or replica
         if found is None:
             raise SreError(what, "the receipt vanished while landing", "retry the upload")
@@ -464,7 +642,16 @@ class FleetDB:
             raise SignatureRefused("malformed", f"not a device-state statement ({exc})") from exc
         if not ok or subject.get("digest", {}).get("sha256") != digest:
             raise SignatureRefused("malformed", "statement type, subject or digest does not match")
-        t = str(predicate.get("time", ""))[:64]
+        try:
+            state = DeviceStatePredicate.model_validate(predicate)
+        except ValidationError as exc:
+            errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+            raise InputError(
+                f"land attestation from {device_id}",
+                f"the device-state predicate is mistyped ({errs})"[:500],
+                "upgrade the agent",
+            ) from exc
+        when = state.time
         with self.store.tx() as conn:
             conn.execute(
                 self.store.insert(device_state)
@@ -474,11 +661,11 @@ class FleetDB:
             st = conn.execute(
                 select(device_state).where(device_state.c.device_id == device_id).with_for_update()
             ).one()
-            if t >= (st.attested_time or ""):
+            if _newer(when, st.attested_time):
                 conn.execute(
                     update(device_state)
                     .where(device_state.c.device_id == device_id)
-                    .values(attested_json=json.dumps(predicate), attested_time=t,
+                    .values(attested_json=json.dumps(predicate), attested_time=when.isoformat(),
                             attested_received=self.clock.now().isoformat())
                 )  # fmt: skip
         return dict(predicate)

@@ -6,9 +6,11 @@ the hub database. Nothing is buffered before it is authenticated: the declared `
 checked against the limit and the signature over the headers (which covers ``Content-Digest``) is
 verified first; only then is the body read, bounded by the declared length, and matched against the
 signed digest. Refusals: 401 (unsigned, malformed, forged, stale, replayed, unknown device), 403
-(revoked), 400 (content that is not a batch of that device, see :mod:`hub.fleetdb`), 411 (no length),
-413 (too large), 415 (content-encoded bodies). Batches are idempotent by id: a second upload of the
-same id answers 200 "duplicate".
+(revoked), 400 (content that is not a batch of that device, or an attestation whose predicate is not
+the documented device state, see :mod:`hub.fleetdb`), 411 (no length), 413 (a body above
+:data:`MAX_BODY_BYTES`, 64 MiB), 415 (content-encoded bodies), 503 with ``Retry-After`` (the hub-wide
+decoding budget, shared by all requests of the process, stayed full). Batches are idempotent by id: a
+second upload of the same id answers 200 "duplicate".
 
 Plug into the hub app with ``build_hub_app(repo, extra_routes=ingest_routes(repo / "fleet"))``.
 """
@@ -27,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from hub.fleetdb import FleetDB
+from hub.fleetdb import DecodeBudget, DecodeBusyError, FleetDB
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
 from sre_core.signing import SignatureRefused, verify_request
@@ -37,6 +39,7 @@ __all__ = ["ATTEST_PATH", "BATCH_PATH", "MAX_BODY_BYTES", "ingest_routes"]
 BATCH_PATH = "/v1/telemetry/batches/{batch_id}"
 ATTEST_PATH = "/v1/telemetry/attestations/{att_id}"
 MAX_BODY_BYTES = 64 * 1024 * 1024
+_RETRY_AFTER_S = 30
 _log = logging.getLogger(__name__)
 
 
@@ -111,6 +114,7 @@ def ingest_routes(
     window_s: float = 300.0,
     fleet: FleetDB | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    decode_budget: DecodeBudget | None = None,
 ) -> list[Route]:
     """Starlette routes for batch and attestation upload.
 
@@ -119,7 +123,11 @@ def ingest_routes(
         clock: the hub clock for signature freshness.
         window_s: allowed skew of ``created``; nonces are remembered (in the database) twice this long.
         fleet: an existing FleetDB to share (default: one over ``fleet_dir``).
+        max_body_bytes: the largest batch body accepted (413 above).
+        decode_budget: decoded bytes all batch requests may hold at once (default: one
+            :class:`~hub.fleetdb.DecodeBudget` of the per-batch cap for these routes).
     """
+    budget = decode_budget or DecodeBudget()
     clk = clock or SystemClock()
     db = fleet or FleetDB(fleet_dir, clk)
     nonces = db.nonces(window_s)
@@ -147,7 +155,7 @@ def ingest_routes(
         batch_id = request.path_params["batch_id"]
         try:
             device, body = await _authenticated_body(request, max_body_bytes)
-            res = await run_in_threadpool(db.land_batch, device, batch_id, body)
+            res = await run_in_threadpool(db.land_batch, device, batch_id, body, budget)
         except _TooLargeError:
             return JSONResponse({"error": "batch too large", "limit": max_body_bytes}, status_code=413)
         except _NoLengthError:
@@ -159,6 +167,13 @@ def ingest_routes(
             return _refused(exc)
         except InputError as exc:
             return JSONResponse(exc.to_dict(), status_code=400)
+        except DecodeBusyError as exc:
+            _log.warning("busy, batch %s deferred: %s", batch_id[:16], exc)
+            return JSONResponse(
+                {**exc.to_dict(), "retry_after_s": _RETRY_AFTER_S},
+                status_code=503,
+                headers={"Retry-After": str(_RETRY_AFTER_S)},
+            )
         return JSONResponse(
             {"status": res.status, "batch_id": res.batch_id, "table": res.table, "rows": res.rows}
         )
@@ -176,6 +191,8 @@ def ingest_routes(
         except SignatureRefused as exc:
             _log.warning("refused attestation: %s", exc)
             return _refused(exc)
+        except InputError as exc:
+            return JSONResponse(exc.to_dict(), status_code=400)
         return JSONResponse({"status": "verified", "device_id": device, "time": predicate.get("time")})
 
     return [

@@ -4,6 +4,7 @@ Public API::
 
     Lake(url)                         a local directory (default) or an object-store URL (``s3://...``)
       .write(table, batch_id, rows) -> list[str]     one file per day the rows fall on
+      .writer(table, batch_id, schema) -> LakeWriter  the same, fed record batch by record batch
       .compact(max_files=1, table=None) -> dict       merge each partition's files into one
       .tables() -> list[str] ; .partitions(table) -> list[str] ; .files(table) -> list[str]
       .connect() -> duckdb connection with one view per table
@@ -32,7 +33,77 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["Lake"]
+__all__ = ["Lake", "LakeWriter"]
+
+FLUSH_BYTES = 8 * 1024 * 1024  # rows buffered per day before they are written out as one row group
+
+
+class LakeWriter:
+    """Streams one batch's rows into hidden per-day temporary files; :meth:`commit` moves them into place.
+
+    Memory stays at about :data:`FLUSH_BYTES` per day plus the batch being written, however many rows
+    come. Nothing is visible before :meth:`commit`; :meth:`abort` (or leaving a ``with`` block on an
+    exception) deletes the temporary files.
+    """
+
+    def __init__(self, lake: Lake, table: str, name: str, schema: pa.Schema) -> None:
+        self._lake, self._table, self._name, self._schema = lake, table, name, schema
+        self._open: dict[Any, tuple[str, Any, Any, list[pa.RecordBatch], int]] = {}
+
+    def __enter__(self) -> LakeWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _flush(self, day: Any) -> None:
+        tmp, out, w, pending, _ = self._open[day]
+        if pending:
+            w.write_table(pa.Table.from_batches(pending, self._schema))
+        self._open[day] = (tmp, out, w, [], 0)
+
+    def write(self, rows: pa.RecordBatch) -> None:
+        """Append ``rows`` (with a UTC ``ts`` column, no nulls) under each row's own day."""
+        days = pc.cast(rows.column("ts"), pa.date32())
+        unique = pc.unique(days).to_pylist()
+        for day in unique:
+            part = rows if len(unique) == 1 else rows.filter(pc.equal(days, pa.scalar(day, pa.date32())))
+            if day not in self._open:
+                d = self._lake._p(f"table={self._table}", f"date={day.isoformat()}")
+                self._lake.fs.create_dir(d, recursive=True)
+                tmp = posixpath.join(d, f".tmp-{secrets.token_hex(8)}")
+                out = self._lake.fs.open_output_stream(tmp)
+                self._open[day] = (tmp, out, pq.ParquetWriter(out, self._schema, compression="zstd"), [], 0)
+            tmp, out, w, pending, size = self._open[day]
+            self._open[day] = (tmp, out, w, [*pending, part], size + part.nbytes)
+            if size + part.nbytes >= FLUSH_BYTES:
+                self._flush(day)
+
+    def commit(self) -> list[str]:
+        """Close every day's file and move it into place; the relative paths written."""
+        written = []
+        for day in sorted(self._open):
+            self._flush(day)
+            _tmp, out, w, _, _ = self._open[day]
+            w.close()
+            out.close()
+        for day in sorted(self._open):
+            rel = posixpath.join(f"table={self._table}", f"date={day.isoformat()}", f"{self._name}.parquet")
+            self._lake.fs.move(self._open[day][0], self._lake._p(rel))
+            written.append(rel)
+        self._open.clear()
+        return written
+
+    def abort(self) -> None:
+        """Drop every temporary file (nothing was visible)."""
+        for tmp, out, w, _, _ in self._open.values():
+            try:
+                w.close()
+                out.close()
+            finally:
+                self._lake.fs.delete_file(tmp)
+        self._open.clear()
 
 
 class Lake:
@@ -93,6 +164,10 @@ class Lake:
             self._put(self._p(rel), part)
             written.append(rel)
         return written
+
+    def writer(self, table: str, name: str, schema: pa.Schema) -> LakeWriter:
+        """A streaming :meth:`write`: feed record batches, then ``commit()`` (see :class:`LakeWriter`)."""
+        return LakeWriter(self, table, name, schema)
 
     def compact(self, max_files: int = 1, table: str | None = None) -> dict[str, Any]:
         """Merge the files of every partition holding more than ``max_files`` into one file."""
