@@ -291,6 +291,7 @@ FACT_PRODUCERS: dict[str, str] = {
     "persisted_after_cleanup": "sre_agent.services.chaos:ChaosSchedule._raise",
     "recovered": "sre_agent.services.chaos:ChaosSchedule._raise",
     "chaos_active": "sre_agent.services.responder:ResponderService._enrich",
+    "chaos_targets": "sre_agent.services.responder:ResponderService._enrich",
     "active_serving": "sre_agent.services.responder:ResponderService._enrich",
     "active_down": "sre_agent.services.responder:ResponderService._enrich",
     "since_flip_s": "sre_agent.services.responder:slot_facts",

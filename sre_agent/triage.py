@@ -224,7 +224,7 @@ def device_facts(incident: Incident) -> DeviceFacts:
     )
 
 
-_TARGET_WORDS: dict[str, frozenset[str]] = {
+TARGET_WORDS: dict[str, frozenset[str]] = {
     "clock": frozenset({"clock", "time", "ntp", "rtc", "skew"}),
     "cpu": frozenset({"cpu", "stress", "load"}),
     "memory": frozenset({"memory", "mem", "oom", "ram"}),
@@ -252,16 +252,16 @@ _NOT_MODEL_SLOS = frozenset({"sync", "policy"})
 
 def chaos_targets(facts: dict[str, FactValue]) -> frozenset[str]:
     """What the running experiment perturbs: ``fact.chaos_targets``, else the words of an
-    identifier-shaped ``fact.experiment`` mapped through :data:`_TARGET_WORDS` (free text counts for
+    identifier-shaped ``fact.experiment`` mapped through :data:`TARGET_WORDS` (free text counts for
     nothing: a name that is not a plain identifier perturbs nothing known)."""
     declared = facts.get("chaos_targets")
     if isinstance(declared, str):
-        return frozenset(p.strip().lower() for p in declared.split(",") if p.strip()) & set(_TARGET_WORDS)
+        return frozenset(p.strip().lower() for p in declared.split(",") if p.strip()) & set(TARGET_WORDS)
     name = facts.get("experiment")
     if not isinstance(name, str) or not _IDENT.fullmatch(name):
         return frozenset()
     words = set(_WORD.findall(name.lower().removesuffix(".yaml").removesuffix(".json")))
-    return frozenset(t for t, vocab in _TARGET_WORDS.items() if words & vocab)
+    return frozenset(t for t, vocab in TARGET_WORDS.items() if words & vocab)
 
 
 def chaos_explains(incident: Incident) -> bool:

@@ -223,7 +223,12 @@ class ResponderService:
         """Facts every rule may read that only the daemon knows: chaos in flight, the module's slots
         (time since the flip, committed/bad/recalled standby), whether it serves. A producer's own
         value for a fact wins."""
-        facts: dict[str, FactValue] = {"chaos_active": (self.paths.run / "chaos.lease").exists()}
+        lease = self.paths.run / "chaos.lease"
+        facts: dict[str, FactValue] = {"chaos_active": lease.exists()}
+        if lease.exists():
+            targets = _running_chaos_targets(lease)
+            if targets:
+                facts["chaos_targets"] = targets
         try:
             slots = self._slots()
             if slots is not None and sig.module in slots.modules():
@@ -375,3 +380,29 @@ class ResponderService:
         r = self.responder
         doc["open_incidents"] = [e.to_dict() for e in r.tracker.open_incidents()] if r is not None else []
         return doc
+
+
+def _running_chaos_targets(lease: Path) -> str | None:
+    """What the running experiment perturbs, from the functions of the document the runner is
+    executing (``<chaos>/runs/<run_id>/experiment.json``), as the comma-separated target names
+    :func:`sre_agent.triage.chaos_targets` reads. None when it cannot be read."""
+    import json
+    import re
+
+    from chaos.faults import chaos_dir
+    from sre_agent.triage import TARGET_WORDS
+
+    try:
+        run_id = str(json.loads(lease.read_text())["run_id"])
+        root = Path(json.loads(lease.read_text())["state_dir"])
+        doc = json.loads((chaos_dir(root) / "runs" / run_id / "experiment.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    words: set[str] = set()
+    acts = [*(doc.get("method") or []), *(doc.get("rollbacks") or [])]
+    for act in acts:
+        func = (act.get("provider") or {}).get("func") if isinstance(act, dict) else None
+        if isinstance(func, str):
+            words |= set(re.findall(r"[a-z]+", func.lower()))
+    found = sorted(t for t, vocab in TARGET_WORDS.items() if words & vocab)
+    return ",".join(found) or None
