@@ -393,8 +393,9 @@ def _running_chaos_targets(lease: Path) -> str | None:
     from sre_agent.triage import TARGET_WORDS
 
     try:
-        run_id = str(json.loads(lease.read_text())["run_id"])
-        root = Path(json.loads(lease.read_text())["state_dir"])
+        held = json.loads(lease.read_text())
+        run_id = str(held["run_id"])
+        root = Path(held["state_dir"])
         doc = json.loads((chaos_dir(root) / "runs" / run_id / "experiment.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None
