@@ -7,8 +7,10 @@ verification results) is context for people and the model: log and event text is
 instruction, and no rule can match on it.
 
 :class:`IncidentTracker` is pure bookkeeping (values in, verdict out, the clock injected): the same
-fingerprint while an incident is open is a duplicate; a fingerprint that was closed less than the cooldown
-ago is suppressed, so a flapping check does not raise a storm of incidents.
+fingerprint while an incident is open is a duplicate; the same fingerprint after its incident closed is a
+new occurrence (``recurred``), never silently dropped: the tracker keeps each fingerprint's earlier
+occurrences and the actions they took within a window, so the responder can tell a failed remedy or a
+flapping fault (escalated to a human) from a first sighting.
 """
 
 from __future__ import annotations
@@ -139,10 +141,19 @@ class Incident(_Model):
     @property
     def fingerprint(self) -> str:
         """Stable identity of "the same problem": kind, module, version and the chosen facts."""
+        return self._digest(with_version=True)
+
+    @property
+    def family(self) -> str:
+        """The fingerprint without the version: "the same problem" across versions (a fault that follows
+        every version a remedy moves to, e.g. the active slot's bytes corrupted again and again)."""
+        return self._digest(with_version=False)
+
+    def _digest(self, with_version: bool) -> str:
         key = {
             "kind": self.kind.value,
             "module": self.module,
-            "version": self.version,
+            "version": self.version if with_version else "*",
             "facts": {k: self.facts.get(k) for k in sorted(self.fingerprint_keys)},
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -300,11 +311,17 @@ FACT_PRODUCERS: dict[str, str] = {
     "standby_recalled": "sre_agent.services.responder:slot_facts",
     "bad_versions": "sre_agent.services.responder:slot_facts",
     "recalled_versions": "sre_agent.services.responder:slot_facts",
+    "occurrences": "sre_agent.respond:Responder._recurred",
 }
 """Fact name -> the production code that emits it (``module:qualname``). Every fact a triage rule or the
 triage engine reads must be here; tests check that each producer exists and names its fact."""
 
-TrackVerdict = Literal["new", "duplicate", "suppressed"]
+TrackVerdict = Literal["new", "duplicate", "recurred"]
+"""``new``: first sighting (or none within the window); ``duplicate``: the incident is open (or its remedy
+did not hold); ``recurred``: it closed and is back, a new occurrence with earlier ones in the window."""
+
+MAX_HISTORY = 20
+"""Earlier occurrences kept per fingerprint (the newest)."""
 
 
 @dataclass
@@ -337,6 +354,15 @@ class TrackedIncident:
     closed_why: str = ""
     closed_by_remedy: bool = False
     """Closed because an action ran (not because the producer saw it recover): a repeat reopens it."""
+    family: str = ""
+    """The fingerprint without the version (:attr:`Incident.family`)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Earlier occurrences of this fingerprint (newest last, bounded): ``opened_at``, ``closed_at`` (ISO),
+    ``why``, ``actions``, ``failed``."""
+
+    def earlier(self, since: datetime) -> list[dict[str, Any]]:
+        """Earlier occurrences opened at or after ``since``."""
+        return [h for h in self.history if datetime.fromisoformat(str(h["opened_at"])) >= since]
 
     @property
     def open(self) -> bool:
@@ -359,28 +385,34 @@ class TrackedIncident:
 
 @dataclass
 class IncidentTracker:
-    """Dedup, follow-through and cooldown by fingerprint (pure apart from the injected clock).
+    """Dedup, follow-through and recurrence by fingerprint (pure apart from the injected clock).
 
     An incident stays open until the code that resolves it calls :meth:`close` (the check passes again,
     the SLO is met, an escalation is answered, the action that ends it succeeded). The same fingerprint
-    while open is a duplicate (the responder decides whether that means a failed remedy); a fingerprint
-    closed less than ``cooldown`` ago is suppressed, so a flapping check does not raise a storm.
+    while open is a duplicate (the responder decides whether that means a failed remedy). After it
+    closed, the same fingerprint is a new occurrence: ``recurred`` when earlier occurrences fall within
+    ``window`` (kept with the actions they took, so the responder can escalate a flapping fault or a
+    remedy that did not hold), else ``new``. Nothing is dropped: a flapping check is bounded by the
+    responder escalating it once, not by silence.
 
     Args:
         clock: time source.
-        cooldown: after an incident closes, the same fingerprint is suppressed this long.
+        cooldown: an incident an action closed (``by_remedy``) that is seen again within this long is
+            reopened as the same incident (its remedy did not hold).
+        window: how far back earlier occurrences and actions count.
         reopen_after: when set, an open incident not seen for this long closes by itself (None: never).
         max_entries: bound on tracked fingerprints (oldest closed ones are forgotten first).
     """
 
     clock: Clock
     cooldown: timedelta = timedelta(minutes=30)
+    window: timedelta = timedelta(hours=1)
     reopen_after: timedelta | None = None
     max_entries: int = 10_000
     _entries: dict[str, TrackedIncident] = field(default_factory=dict)
 
     def observe(self, incident: Incident, key: str = "") -> TrackVerdict:
-        """Record a sighting. ``new`` means triage it; otherwise it is only counted."""
+        """Record a sighting. ``new`` and ``recurred`` mean triage it; ``duplicate`` is counted."""
         now = self.clock.now()
         fp = incident.fingerprint
         entry = self._entries.get(fp)
@@ -398,24 +430,60 @@ class IncidentTracker:
             and now - entry.closed_at < self.cooldown
         ):  # the remedy did not hold: the same problem again, reopened
             entry.closed_at, entry.closed_why, entry.closed_by_remedy = None, "", False
-        if entry is None or (entry.closed_at is not None and now - entry.closed_at >= self.cooldown):
-            self._entries[fp] = TrackedIncident(
-                fingerprint=fp,
-                incident_id=incident.id,
-                opened_at=now,
-                last_seen=now,
-                kind=incident.kind.value,
-                module=incident.module,
-                version=incident.version,
-                title=incident.title,
-                key=key,
-                facts=dict(incident.facts),
-            )
-            self._prune()
-            return "new"
-        entry.last_seen = now
-        entry.count += 1
-        return "duplicate" if entry.closed_at is None else "suppressed"
+        if entry is not None and entry.closed_at is None:
+            entry.last_seen = now
+            entry.count += 1
+            return "duplicate"
+        history: list[dict[str, Any]] = []
+        escalation = None
+        if entry is not None:  # closed, and back: a new occurrence that remembers the earlier ones
+            history = [*entry.history, _occurrence(entry)][-MAX_HISTORY:]
+            history = [h for h in history if datetime.fromisoformat(str(h["opened_at"])) >= now - self.window]
+            escalation = entry.escalation
+        self._entries[fp] = TrackedIncident(
+            fingerprint=fp,
+            incident_id=incident.id,
+            opened_at=now,
+            last_seen=now,
+            kind=incident.kind.value,
+            module=incident.module,
+            version=incident.version,
+            title=incident.title,
+            key=key,
+            facts=dict(incident.facts),
+            family=incident.family,
+            history=history,
+            escalation=escalation,
+        )
+        self._prune()
+        return "recurred" if history else "new"
+
+    def occurrences(self, fingerprint: str) -> int:
+        """Occurrences of this fingerprint within the window, the current one included (0: unknown)."""
+        entry = self._entries.get(fingerprint)
+        if entry is None:
+            return 0
+        return 1 + len(entry.earlier(self.clock.now() - self.window))
+
+    def earlier_actions(self, fingerprint: str) -> list[str]:
+        """Actions that ran (or failed) for earlier occurrences of this fingerprint within the window."""
+        entry = self._entries.get(fingerprint)
+        if entry is None:
+            return []
+        since = self.clock.now() - self.window
+        return [a for h in entry.earlier(since) for a in [*h.get("actions", []), *h.get("failed", [])]]
+
+    def family_actions(self, family: str) -> list[str]:
+        """Actions that succeeded for any incident of this family (any version) within the window."""
+        since = self.clock.now() - self.window
+        out: list[str] = []
+        for e in self._entries.values():
+            if e.family != family or not family:
+                continue
+            out += [a for h in e.earlier(since) for a in h.get("actions", [])]
+            if e.opened_at >= since:
+                out += e.actions
+        return out
 
     def get(self, fingerprint: str) -> TrackedIncident | None:
         return self._entries.get(fingerprint)
@@ -478,6 +546,19 @@ class IncidentTracker:
         while len(self._entries) > self.max_entries:
             oldest = min(self._entries, key=lambda fp: self._entries[fp].last_seen)
             del self._entries[oldest]
+
+
+def _occurrence(e: TrackedIncident) -> dict[str, Any]:
+    """An earlier occurrence as :attr:`TrackedIncident.history` keeps it."""
+    return {
+        "incident_id": e.incident_id,
+        "opened_at": e.opened_at.isoformat(),
+        "closed_at": e.closed_at.isoformat() if e.closed_at else None,
+        "why": e.closed_why,
+        "count": e.count,
+        "actions": list(e.actions),
+        "failed": list(e.failed),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ decision (telemetry table ``triage_decisions``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -34,6 +35,9 @@ from sre_core.telemetry import NullSink, TelemetrySink
 __all__ = [
     "CLOSED_BY_REMEDY",
     "CLOSING_ACTIONS",
+    "FIXES",
+    "MAX_FAMILY_FIXES",
+    "MAX_OCCURRENCES",
     "REMEDIES",
     "Advisor",
     "LazyLlmAdvisor",
@@ -56,6 +60,14 @@ CLOSED_BY_REMEDY = frozenset({IncidentKind.CANARY_ABORT, IncidentKind.PROBE_FAIL
 """Incident kinds no producer reports recovery for: the remedy that blocks the version closes them."""
 CLOSING_ACTIONS = frozenset({Action.ROLLBACK, Action.SAFE_MODE})
 """Actions that resolve any incident once they succeed: the suspect version no longer serves."""
+FIXES = frozenset({Action.QUARANTINE, Action.ROLLBACK, Action.SAFE_MODE})
+"""Remedies that change what the device serves (a re-run only looks again; pausing chaos stops a cause)."""
+MAX_OCCURRENCES = 3
+"""A fault that closed and came back more often than this within the tracker's window is flapping: the
+next occurrence goes to a human (once; later ones join that escalation) instead of being remedied again."""
+MAX_FAMILY_FIXES = 3
+"""Fixes (rollbacks, quarantines...) for one problem across versions within the window; beyond this the
+next fix waits for a human (a fault that follows every version is not cured by rolling back forever)."""
 
 Advisor = Callable[[Incident, RuleMatch], Advice]
 """Given the incident and the matched rule, say which allowed action and why. May raise; may be slow."""
@@ -85,6 +97,8 @@ class Responder:
         advisor: the local model (None = rules only).
         telemetry: sink for decision rows.
         store_path: where the tracked incidents persist (None: memory only).
+        max_occurrences: occurrences within the tracker's window before a recurring fault is flapping.
+        max_family_fixes: fixes for one problem (any version) within the window before a human decides.
     """
 
     def __init__(
@@ -97,7 +111,11 @@ class Responder:
         advisor: Advisor | None = None,
         telemetry: TelemetrySink | None = None,
         store_path: Path | None = None,
+        max_occurrences: int = MAX_OCCURRENCES,
+        max_family_fixes: int = MAX_FAMILY_FIXES,
     ) -> None:
+        self.max_occurrences = max_occurrences
+        self.max_family_fixes = max_family_fixes
         self.engine = engine
         self.executor = executor
         self.escalations = escalations
@@ -132,12 +150,19 @@ class Responder:
           has it; after a remedy ran (rollback, quarantine, ...) the repeat means the remedy failed, and
           the incident moves on to the next allowed action or to an operator. A repeat after a re-run of
           verification is triaged again with ``consecutive_failures`` = sightings.
-        - A repeat within the cooldown after it closed is suppressed.
+        - A repeat after it closed is a new occurrence (never dropped): joined to an escalation an operator
+          still has; escalated to a human when it flaps (more than ``max_occurrences`` in the window);
+          followed up to the next allowed action when an earlier occurrence's fix did not hold; else
+          triaged again with ``occurrences`` in its facts.
 
         ``key`` is the resolve key: a later :meth:`resolve` with it closes the incident.
         """
         fp = incident.fingerprint
         tracked = self.tracker.observe(incident, key=key)
+        if tracked == "recurred":
+            out = self._recurred(incident)
+            self._save()
+            return out
         if tracked == "new":
             self._save()  # persisted before anything acts: a crash from here on finds it open on restart
             self.audit.append(
@@ -199,6 +224,47 @@ class Responder:
         self._save()
         return self._counted(incident, tracked, "")
 
+    def _recurred(self, incident: Incident) -> Outcome:
+        """A fault whose incident closed is back: a new occurrence, audited, and always acted on."""
+        fp = incident.fingerprint
+        entry = self.tracker.get(fp)
+        occurrences = self.tracker.occurrences(fp)
+        earlier = self.tracker.earlier_actions(fp)
+        incident = incident.model_copy(update={"facts": {**incident.facts, "occurrences": occurrences}})
+        pending = entry.escalation if entry and entry.escalation else None
+        if pending is not None and not self._escalation_pending(pending):
+            pending = None
+        if entry is not None:
+            entry.facts = dict(incident.facts)
+        self._save()  # persisted before anything acts
+        self.audit.append(
+            "incident.recurred",
+            id=incident.id,
+            kind=incident.kind.value,
+            module=incident.module,
+            version=incident.version,
+            fingerprint=fp,
+            occurrences=occurrences,
+            earlier_actions=earlier,
+            escalation=pending,
+            facts=dict(incident.facts),
+        )
+        if pending is not None:  # an operator already has this problem: the occurrence joins it
+            esc = self.escalations.get(pending)
+            return Outcome(incident.id, "recurred", escalation=esc, notes=(f"joins escalation {pending}",))
+        if occurrences > self.max_occurrences:
+            return self._triage(
+                incident, "recurred", hold=f"flapping: {occurrences} occurrences within the window"
+            )
+        fixes = [Action(a) for a in earlier if Action(a) in FIXES]
+        if fixes:
+            why = f"it recurred after {fixes[-1].value} (occurrence {occurrences})"
+            self.audit.append(
+                "incident.remedy_failed", id=incident.id, fingerprint=fp, action=fixes[-1].value
+            )
+            return self._follow_up(incident, "recurred", why)
+        return self._triage(incident, "recurred")
+
     def _counted(self, incident: Incident, tracked: TrackVerdict, why: str) -> Outcome:
         fp = incident.fingerprint
         return Outcome(
@@ -247,8 +313,24 @@ class Responder:
                 (entry.actions if r.ok else entry.failed).append(a.value)
         return tuple(results)
 
-    def _triage(self, incident: Incident, tracked: TrackVerdict) -> Outcome:
+    def _triage(self, incident: Incident, tracked: TrackVerdict, hold: str = "") -> Outcome:
+        """Decide and act. ``hold``: why this decision must wait for a human (a flapping fault); the same
+        holds when the fixes for this problem across versions reached ``max_family_fixes``."""
         decision = self.engine.decide(incident, self.advise(incident))
+        fixes_done = [a for a in self.tracker.family_actions(incident.family) if Action(a) in FIXES]
+        if not hold and len(fixes_done) >= self.max_family_fixes and set(decision.execute_now) & FIXES:
+            hold = f"flapping: {len(fixes_done)} fixes for this problem within the window ({fixes_done[-1]})"
+        if hold:
+            decision = dataclasses.replace(
+                decision,
+                verdict="escalate",
+                execute_now=tuple(
+                    dict.fromkeys(
+                        [self.engine.policy.on_escalate, *(a for a in decision.execute_now if a not in FIXES)]
+                    )
+                ),
+                reasons=(*decision.reasons, hold[:300]),
+            )
         self.audit.append("triage.decision", **decision.to_dict())
         self.telemetry.record("triage_decisions", decision.to_dict())
         results = self._run(incident, decision.execute_now)
@@ -290,6 +372,7 @@ class Responder:
         an escalation proposing it (or, with nothing left to try, an escalation to look at it)."""
         entry = self.tracker.get(incident.fingerprint)
         tried = {Action(a) for a in [*(entry.actions if entry else []), *(entry.failed if entry else [])]}
+        tried |= {Action(a) for a in self.tracker.earlier_actions(incident.fingerprint)}
         alert = self.executor.execute(Action.ALERT, incident)
         rule = self.engine.match(incident).rule
         policy = self.engine.policy

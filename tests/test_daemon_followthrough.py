@@ -450,3 +450,107 @@ def test_on_start_an_incident_about_a_version_that_no_longer_serves_is_closed(
     assert any(r.event == "incident.closed" and "no longer serves" in r.data["why"] for r in audit.records())
     blocked = any(b["version"] == "2.0" for b in slots.status("clf").bad.values())
     assert blocked is (check == "integrity.slots")
+
+
+def _reactions(audit: AuditLog, since: int) -> list[str]:
+    """What the responder did about one occurrence (audit records after index ``since``): an alert, an
+    escalation created, or the occurrence joined to an escalation an operator still has."""
+    out = []
+    for r in list(audit.records())[since:]:
+        if r.event == "triage.action" and r.data.get("action") == "alert" and r.data.get("ok"):
+            out.append("alert")
+        elif r.event == "escalation.created":
+            out.append("escalated")
+        elif r.event == "incident.recurred" and r.data.get("escalation"):
+            out.append("joined " + str(r.data["escalation"]))
+    return out
+
+
+def test_a_fault_that_recurs_after_its_incident_closed_is_acted_on_every_time(tmp_path: Path) -> None:
+    """How it broke: the standby slot's bytes are corrupted, the check fails (an alert), the bytes are
+    restored, the check passes (closed), then the same corruption again: every later occurrence within
+    the cooldown was dropped as "suppressed" (1 reaction for 10 faults). Each occurrence must now be
+    alerted on, and a fault that keeps coming back goes to a human once (later occurrences join it)."""
+    paths, clock, audit, _src, _rec = _device(tmp_path)
+    sink = MemorySink()
+    slots = SlotManager(paths, audit, clock)
+    settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
+    handlers = DaemonHandlers(paths, clock, audit, sink, lambda: slots).table()
+    svc = ResponderService(
+        paths,
+        clock,
+        lambda: build_responder(paths, settings, clock=clock, audit=audit, handlers=handlers),
+        lambda: slots,
+    )
+    tee = IncidentTee(lambda: sink, svc.submit, svc.resolved)
+    resolved = {
+        "source": "verification",
+        "check": "integrity.slots",
+        "dedup_key": "verification:integrity.slots",
+    }
+    per_occurrence: list[list[str]] = []
+    svc.start()
+    try:
+        for _ in range(6):
+            mark = len(list(audit.records()))
+            _integrity_event(tee, active_ok=True, standby_ok=False)  # the standby corrupted again
+            _wait(svc)
+            tee.event("incident_resolved", "integrity.slots passes again", attrs=resolved)  # restored
+            _wait(svc)
+            per_occurrence.append(_reactions(audit, mark))
+            clock.advance(timedelta(minutes=2))
+    finally:
+        svc.stop()
+    assert all(per_occurrence), per_occurrence  # every occurrence handled or escalated
+    assert [r[0] for r in per_occurrence[:3]] == ["alert"] * 3, per_occurrence
+    assert "escalated" in per_occurrence[3], per_occurrence  # the 4th within the hour: flapping
+    (esc,) = EscalationStore(escalations_dir(paths), audit, clock).select(EscalationStatus.OPEN)
+    assert all(f"joined {esc.id}" in r for r in per_occurrence[4:]), per_occurrence
+    recurred = [r.data for r in audit.records() if r.event == "incident.recurred"]
+    assert [r["occurrences"] for r in recurred] == [2, 3, 4, 5, 6]
+    st = slots.status("clf")
+    assert st.active is not None and st.active.version == "2.0" and not st.bad  # nothing rolled back
+
+
+def test_a_fault_that_follows_every_version_escalates_instead_of_rolling_back_forever(
+    tmp_path: Path,
+) -> None:
+    """How it breaks: something keeps corrupting whatever version is active; each new version is another
+    fingerprint, so each corruption is "new" and is rolled back, forever. After ``MAX_FAMILY_FIXES``
+    fixes for the same problem within the window the next one waits for a human (with an alert)."""
+    from sre_agent.respond import MAX_FAMILY_FIXES
+
+    paths, clock, audit, src, rec = _device(tmp_path)
+    sink = MemorySink()
+    slots = SlotManager(paths, audit, clock)
+    settings = AgentSettings.model_validate({"state_dir": str(paths.root), "llm": {"enabled": False}})
+    handlers = DaemonHandlers(paths, clock, audit, sink, lambda: slots).table()
+    svc = ResponderService(
+        paths,
+        clock,
+        lambda: build_responder(paths, settings, clock=clock, audit=audit, handlers=handlers),
+        lambda: slots,
+    )
+    tee = IncidentTee(lambda: sink, svc.submit, svc.resolved)
+    cas = tmp_path / "cas"
+    svc.start()
+    try:
+        for i in range(MAX_FAMILY_FIXES + 1):
+            if i:  # the hub releases a fix; the device installs and promotes it
+                version = f"{3 + i}.0"
+                src.set([make_artifact(cas, "clf", version, linear_classifier(seed=3 + i))], serial=2 + i)
+                rec.run_once()
+                assert slots.status("clf").active.version == version  # type: ignore[union-attr]
+            _corrupt_active(paths, audit, clock)
+            _integrity_event(tee, active_ok=False, standby_ok=True)
+            _wait(svc)
+            clock.advance(timedelta(minutes=5))
+    finally:
+        svc.stop()
+    events = [r.event for r in audit.records()]
+    assert events.count("slot.rolled_back") == MAX_FAMILY_FIXES, events
+    (esc,) = EscalationStore(escalations_dir(paths), audit, clock).select(EscalationStatus.OPEN)
+    assert esc.proposed_action == "rollback"  # the fix the rule would have run, for a human to approve
+    last = [r.data for r in audit.records() if r.event == "triage.decision"][-1]
+    assert last["verdict"] == "escalate" and any("flapping" in why for why in last["reasons"]), last
+    assert last["execute_now"] == ["alert"]

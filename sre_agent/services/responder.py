@@ -186,6 +186,7 @@ class ResponderService:
             "escalated": 0,
             "duplicates": 0,
             "followed_up": 0,
+            "recurred": 0,
             "closed": 0,
         }
         self.recent: list[dict[str, Any]] = []
@@ -318,10 +319,10 @@ class ResponderService:
                 self.counts["failed"] += 1
             return
         with self._lock:
-            if out.tracked != "new" and out.decision is None and not out.results:
+            if out.tracked == "duplicate" and out.decision is None and not out.results:
                 self.counts["duplicates"] += 1
                 return
-            self.counts["handled" if out.tracked == "new" else "followed_up"] += 1
+            self.counts[{"new": "handled", "recurred": "recurred"}.get(out.tracked, "followed_up")] += 1
             if out.escalation is not None:
                 self.counts["escalated"] += 1
             self.recent = [
