@@ -1,9 +1,13 @@
-"""Agent configuration: provisioning, a TOML file and ``SRE_AGENT_*`` environment variables (env wins).
+"""Agent configuration: provisioning, a TOML file, signed config modules and ``SRE_AGENT_*`` variables.
 
 Precedence, lowest first: defaults, what ``sre-agent init`` wrote to ``<state>/device.json`` (hub URL,
-channel), the TOML file, the environment, command-line flags. Every reader of a setting goes through
-:func:`load_settings`, so provisioning and configuration cannot disagree; :func:`load_effective` also says
-where each value came from. An unknown ``SRE_AGENT_*`` variable is an error naming the closest valid one.
+channel), the TOML file, the signed layer (committed ``kind: config`` modules,
+``<state>/config/signed.json``), the environment, command-line flags. The local file is the factory
+default the hub's signed config wins over; the environment and flags stay an on-device operator
+override. Every reader of a setting goes through :func:`load_settings`, so provisioning and
+configuration cannot disagree; :func:`load_effective` also says where each value came from (``config
+show`` names a signed value's module and version). An unknown ``SRE_AGENT_*`` variable is an error
+naming the closest valid one.
 
 Nested keys use ``__`` in the environment: ``SRE_AGENT_SERVING__PORT=8001`` sets ``[serving] port``.
 The file is ``--config FILE``, else ``$SRE_AGENT_CONFIG``, else ``<state>/agent.toml`` when present.
@@ -17,8 +21,9 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -33,18 +38,26 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from sre_core.errors import ConfigError
 
+if TYPE_CHECKING:
+    from deployment.config_modules import ConfigCheck
+
 __all__ = [
+    "LIVE_KEYS",
+    "SIGNED_FORBIDDEN",
     "AgentSettings",
     "ChaosSettings",
     "EffectiveSettings",
     "HubSettings",
+    "LiveConfig",
     "LlmSettings",
     "ServingSettings",
     "UplinkSettings",
+    "apply_live",
     "env_names",
     "load_effective",
     "load_settings",
     "provisioning_values",
+    "signed_layer_check",
 ]
 
 ENV_PREFIX = "SRE_AGENT_"
@@ -155,7 +168,19 @@ class AgentSettings(BaseSettings):
 
 
 # Where a value can come from, lowest precedence first.
-SOURCES = ("default", "provisioning", "file", "env", "flag")
+SOURCES = ("default", "provisioning", "file", "signed", "env", "flag")
+
+SIGNED_FORBIDDEN = frozenset(
+    {"state_dir", "hub.url", "hub.urls", "hub.mirrors", "hub.metadata_url", "hub.targets_url", "hub.channel"}
+)
+"""Keys a signed config module may not set: where the device keeps its state and where it pulls (and so
+gets its fixes) from belong to provisioning; a bad signed value there would cut the device off."""
+
+LIVE_KEYS = frozenset(
+    {"log_level", "uplink.bandwidth_kbps", "llm.timeout_s", "llm.max_tokens", "llm.max_requests"}
+)
+"""Keys a running daemon applies without a restart (read on every use). Every other key is read when a
+service or job is built: a change to it is recorded as ``restart_required`` until the agent restarts."""
 
 
 def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -252,12 +277,15 @@ class _Layers:
     flag: Mapping[str, Any]
     toml_file: Path | None
     device_file: Path
+    signed: Mapping[str, Any] = dataclass_field(default_factory=dict)
+    signed_labels: Mapping[str, str] = dataclass_field(default_factory=dict)
 
     def source_of(self, path: tuple[str, ...]) -> str:
         """The highest-precedence source that set ``path`` (or a section above it)."""
         for name, layer in (
             ("flag", self.flag),
             ("env", self.env),
+            ("signed", self.signed),
             ("file", self.file),
             ("provisioning", self.provisioning),
         ):
@@ -275,6 +303,8 @@ class _Layers:
 
     def where(self, path: tuple[str, ...]) -> str:
         """Where to fix ``path``, in words."""
+        while len(path) > 1 and path[-1].isdigit():  # an item of a list: the list's own key
+            path = path[:-1]
         source = self.source_of(path)
         if source == "env":
             return "$" + ENV_PREFIX + "__".join(path).upper()
@@ -282,6 +312,8 @@ class _Layers:
             return str(self.toml_file)
         if source == "provisioning":
             return f"{self.device_file} (written by `sre-agent init`)"
+        if source == "signed":
+            return f"the signed config module {self.signed_labels.get('.'.join(path), '')}".rstrip()
         if source == "flag":
             return "the command line"
         return "the default"
@@ -351,9 +383,14 @@ def load_effective(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
     state_dir: Path | None = None,
+    *,
+    signed_layer: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> EffectiveSettings:
-    """Like :func:`load_settings`, and say where every value came from."""
+    """Like :func:`load_settings`, and say where every value came from.
+
+    ``signed_layer`` replaces the signed layer read from ``<state>/config/signed.json`` (a candidate
+    being checked before activation)."""
     environ = dict(os.environ if env is None else env)
     scoped = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
     _check_env_names(scoped)
@@ -390,7 +427,10 @@ def load_effective(
     provisioned = provisioning_values(root)
     toml_file = Path(config_file) if config_file else None
     env_layer = _nest({tuple(k[len(ENV_PREFIX) :].lower().split("__")): v for k, v in scoped.items()})
-    layers = _Layers(provisioned, file_values, env_layer, dict(overrides), toml_file, root / "device.json")
+    signed, labels = _signed_values(root, signed_layer)
+    layers = _Layers(
+        provisioned, file_values, env_layer, dict(overrides), toml_file, root / "device.json", signed, labels
+    )
 
     class _MappingEnv(EnvSettingsSource):
         """Reads the injected mapping instead of the process environment."""
@@ -412,6 +452,8 @@ def load_effective(
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             sources: list[PydanticBaseSettingsSource] = [init_settings, _MappingEnv(settings_cls)]
+            if signed:
+                sources.append(InitSettingsSource(settings_cls, init_kwargs=dict(signed)))
             if toml_file is not None:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
             if provisioned:
@@ -430,4 +472,108 @@ def load_effective(
     settings = AgentSettings.model_validate(loaded.model_dump())
     flat = _flatten(json.loads(settings.model_dump_json()))
     sources = {".".join(k): layers.source_of(k) for k in flat}
+    for key, source in sources.items():
+        if source == "signed":  # `config show` names the module and version
+            sources[key] = f"signed {labels.get(key, '')}".rstrip()
     return EffectiveSettings(settings, sources, toml_file)
+
+
+def _signed_values(root: Path, candidate: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The signed layer (committed config modules), less any key a signed layer may not set."""
+    from deployment.config_modules import signed_layer
+    from sre_core.paths import StatePaths
+
+    if candidate is not None:
+        values, labels = dict(candidate), {".".join(k): "(candidate)" for k in _flatten(candidate)}
+    else:
+        try:
+            values, labels = signed_layer(StatePaths(root))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"read the signed configuration in {root / 'config'}", str(exc), "run `sre-agent reconcile`"
+            ) from exc
+    flat = {k: v for k, v in _flatten(values).items() if ".".join(k) not in SIGNED_FORBIDDEN}
+    return _nest(flat), labels
+
+
+def signed_layer_check(
+    state_dir: Path, config_file: Path | None = None, env: Mapping[str, str] | None = None
+) -> ConfigCheck:
+    """The :class:`deployment.config_modules.ConfigCheck` for this agent: the whole effective configuration
+    must load with the candidate layer; keys in :data:`SIGNED_FORBIDDEN` are refused; returns the changed
+    keys a running agent applies only at its next start (not in :data:`LIVE_KEYS`).
+
+    Raises:
+        ConfigError: a forbidden key, an unknown key or a bad value (named with its source).
+    """
+
+    def check(layer: dict[str, Any], previous: dict[str, Any]) -> list[str]:
+        forbidden = sorted(".".join(k) for k in _flatten(layer) if ".".join(k) in SIGNED_FORBIDDEN)
+        if forbidden:
+            raise ConfigError(
+                "check the signed configuration",
+                f"a signed config module may not set {', '.join(forbidden)}",
+                "these belong to provisioning (`sre-agent init`)",
+            )
+        new = load_effective(config_file, env, state_dir, signed_layer=layer).settings
+        old = load_effective(config_file, env, state_dir, signed_layer=previous).settings
+        return _restart_keys(old, new)
+
+    return check
+
+
+def _restart_keys(old: AgentSettings, new: AgentSettings) -> list[str]:
+    a = _flatten(json.loads(old.model_dump_json()))
+    b = _flatten(json.loads(new.model_dump_json()))
+    return sorted(
+        ".".join(k) for k in set(a) | set(b) if a.get(k) != b.get(k) and ".".join(k) not in LIVE_KEYS
+    )
+
+
+def apply_live(target: AgentSettings, fresh: AgentSettings) -> dict[str, list[str]]:
+    """Copy the :data:`LIVE_KEYS` of ``fresh`` into ``target`` in place (every service holds ``target``
+    or one of its sections, and reads these keys on each use). Returns what was applied and which other
+    changed keys wait for a restart."""
+    import logging
+
+    applied: list[str] = []
+    for key in sorted(LIVE_KEYS):
+        *parents, last = key.split(".")
+        src: Any = fresh
+        dst: Any = target
+        for part in parents:
+            src, dst = getattr(src, part), getattr(dst, part)
+        if getattr(dst, last) != getattr(src, last):
+            setattr(dst, last, getattr(src, last))
+            applied.append(key)
+    if "log_level" in applied:
+        logging.getLogger().setLevel(target.log_level.upper())
+    return {"applied": applied, "restart_required": _restart_keys(target, fresh)}
+
+
+@dataclass
+class LiveConfig:
+    """The daemon job that applies a newly activated signed layer to the running agent.
+
+    Cheap when nothing changed (one ``stat``); on a change it reloads the effective configuration and
+    applies :data:`LIVE_KEYS` in place (:func:`apply_live`).
+    """
+
+    settings: AgentSettings
+    config_file: Path | None = None
+    env: Mapping[str, str] | None = None
+    _seen: tuple[int, int] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        from deployment.config_modules import LAYER_FILE
+
+        try:
+            st = (self.settings.state_dir / LAYER_FILE).stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        if stamp == self._seen:
+            return {"changed": False}
+        self._seen = stamp
+        fresh = load_effective(self.config_file, self.env, self.settings.state_dir).settings
+        return {"changed": True, **apply_live(self.settings, fresh)}

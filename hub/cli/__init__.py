@@ -22,6 +22,7 @@ TOPICS = [
     "hub.cli.escalations",
     "hub.cli.rollouts",
     "hub.cli.report",
+    "hub.cli.regional",
 ]
 
 HELP = (
