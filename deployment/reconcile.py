@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from deployment.artifacts import PullResult, TrustStatus, VerifiedArtifact
+from deployment.config_modules import ConfigActivator, ConfigCheck, ConfigModuleError, config_document
 from deployment.lifecycle import Phase
 from deployment.manifest import Constraints, DesiredState, version_key
 from deployment.policy_modules import PolicyActivator, PolicyModuleError, slot_documents
@@ -350,6 +351,9 @@ class Reconciler:
         agent_version: compared with ``min_agent_version`` constraints.
         local_tz: the device's time zone for maintenance windows (default: the system's).
         disk_free: free bytes at a path (default: ``shutil.disk_usage``).
+        config_check: the agent's check of a signed config layer
+            (``sre_agent.config.signed_layer_check``); None refuses ``kind: config`` modules (not bad:
+            a process that has the check applies them).
     """
 
     def __init__(
@@ -364,6 +368,7 @@ class Reconciler:
         agent_version: str = "0.1.0",
         local_tz: tzinfo | None = None,
         disk_free: Callable[[Path], int] | None = None,
+        config_check: ConfigCheck | None = None,
     ) -> None:
         self.paths = paths
         self.source = source
@@ -380,6 +385,7 @@ class Reconciler:
         self.probes = ProbeRunner(self.policy.probes, self.clock)
         self.planner = Planner()
         self.policies = PolicyActivator(paths, self.audit, self.clock)
+        self.configs = ConfigActivator(paths, self.audit, config_check, self.clock)
         self._recovered = False
 
     def recover(self) -> dict[str, str]:
@@ -389,6 +395,8 @@ class Reconciler:
         self.safe.sync_slots()
         for module, what in self.policies.sync(self.slots).items():
             done[module] = f"{done.get(module, 'nothing pending')}; policy {what}"
+        for module, what in self.configs.sync(self.slots).items():
+            done[module] = f"{done.get(module, 'nothing pending')}; {what}"
         self._recovered = True
         changed = {m: d for m, d in done.items() if d != "nothing pending"}
         if changed:
@@ -398,8 +406,9 @@ class Reconciler:
     def run_once(self) -> ReconcileReport:
         """One reconcile pass. Never raises for a module's failure: it is reported in the outcome."""
         recovered = {} if self._recovered else self.recover()
-        if recovered == {}:  # an operator rollback between passes may have moved a policy module
+        if recovered == {}:  # an operator rollback between passes may have moved a policy/config module
             self.policies.sync(self.slots)
+            self.configs.sync(self.slots)
         started = self.clock.now()
         last = read_last_reconcile(self.paths)
         pull = self._pull(last)
@@ -523,6 +532,15 @@ class Reconciler:
                 self.slots.mark_bad(art.module, art.sha256, art.version, f"invalid policy: {exc.why}"[:300])
                 self.audit.append("policy.refused", module=art.module, version=art.version, why=exc.message)
                 return ModuleOutcome(art.module, "refused", art.version, previous, exc.message)
+        if manifest.kind == "config":
+            try:
+                self.configs.check(art)
+            except ConfigModuleError as exc:
+                if self.configs.checker is not None:  # invalid for the agent's own model: never retried
+                    why = f"invalid config: {exc.why}"[:300]
+                    self.slots.mark_bad(art.module, art.sha256, art.version, why)
+                self.audit.append("config.refused", module=art.module, version=art.version, why=exc.message)
+                return ModuleOutcome(art.module, "refused", art.version, previous, exc.message)
         if manifest.kind == "model" and manifest.mode == "managed" and self.canary is None:
             why = (
                 "a managed model is committed only with canary evidence, and no canary driver runs here: "
@@ -566,10 +584,21 @@ class Reconciler:
                 return ModuleOutcome(module, "failed", art.version, previous, exc.message)
             return ModuleOutcome(module, "canary", art.version, previous, "handed to the canary driver")
         prior = self.policies.active().get(module, {})
+        prior_config = self.configs.active().get(module, {})
         status = self.slots.flip(module)
+        restart: list[str] = []
         if manifest.kind == "policy":
             # In effect before the probes run, so the probes judge the new policy.
             self.policies.activate(module, art.version, art.sha256, slot_documents(standby.path), issued)
+        elif manifest.kind == "config":
+            try:  # likewise: the signed layer is in effect while the probes judge it
+                values = config_document(standby.artifact_path, manifest)
+                restart = self.configs.activate(module, art.version, art.sha256, values, issued)
+            except ConfigModuleError as exc:
+                self.slots.rollback(module, reason=exc.message[:300])
+                self._restore_config(module, before, prior_config)
+                self.audit.append("config.refused", module=module, version=art.version, why=exc.message)
+                return ModuleOutcome(module, "rolled_back", art.version, previous, exc.message)
         swapped_ns = status.current_link.lstat().st_mtime_ns
         ctx = ProbeContext(module, art.version, standby.artifact_path, standby.path, swapped_ns)
         probe_report = self.probes.run_all(manifest.probes, ctx)
@@ -584,13 +613,18 @@ class Reconciler:
             self.telemetry.event(
                 "deployment", f"{module} {art.version} committed", attrs={"previous": previous}
             )
-            return ModuleOutcome(module, "committed", art.version, previous, "probes passed", results)
+            why = "probes passed" + (
+                f"; applied at the next restart: {', '.join(restart)}" if restart else ""
+            )
+            return ModuleOutcome(module, "committed", art.version, previous, why, results)
         failed = probe_report.failed()
         why = f"{failed.kind} probe {failed.outcome}: {failed.detail}" if failed else "probes failed"
         # Roll back first (its state is persisted before it acts), then record the verdict: MTTR counts.
         self.slots.rollback(module, reason=why)
         if manifest.kind == "policy":
             self._restore_policy(module, before, prior)
+        elif manifest.kind == "config":
+            self._restore_config(module, before, prior_config)
         self.audit.append("probe.completed", module=module, version=art.version, ok=False, results=results)
         self.telemetry.event(
             "deployment", f"{module} {art.version} rolled back: {why}", severity="error",
@@ -607,6 +641,18 @@ class Reconciler:
             self.policies.restore(module, slot_documents(prev.path), prev.version, prev.sha256, issued)
         else:
             self.policies.restore(module, None)
+
+    def _restore_config(self, module: str, before: ModuleStatus, prior: dict[str, Any]) -> None:
+        """After a config module rolled back: the layer of the version active before it, or none."""
+        prev = before.active
+        if (
+            prev is not None
+            and prev.record.manifest.get("kind") == "config"
+            and prior.get("sha256") == prev.sha256
+        ):
+            self.configs.restore(module, prior.get("values"), prev.version, prev.sha256, prior.get("issued"))
+        else:
+            self.configs.restore(module, None)
 
     def _record(self, report: ReconcileReport, pull: PullResult, last: dict[str, Any]) -> None:
         rec = {

@@ -121,6 +121,7 @@ class PullReconcileJob:
 
     def __call__(self) -> dict[str, Any]:
         from deployment.reconcile import Reconciler
+        from sre_agent.config import signed_layer_check
 
         plane = self.plane
         if self._reconciler is None:
@@ -132,6 +133,7 @@ class PullReconcileJob:
                 audit=self.audit,
                 canary=plane.serving if plane is not None else None,
                 telemetry=self.sink,
+                config_check=signed_layer_check(self.paths.root),  # kind: config modules
             )
         report = self._reconciler.run_once()
         for o in report.outcomes:

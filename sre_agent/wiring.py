@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sre_agent.config import AgentSettings
+from sre_agent.config import AgentSettings, LiveConfig
 from sre_agent.daemon import Daemon, JobSpec, Service
 from sre_agent.handlers import DaemonHandlers
 from sre_agent.jobs import (
@@ -307,6 +307,8 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
         ).spec(),
         EscalationsJob(paths, responder, interval_s=settings.daemon.escalations_interval_s).spec(),
         DigestJob(clock, identity, audit, sink, responder, slots_or_none).spec(),
+        # A committed signed config module's live keys apply in place (sre_agent.config.LIVE_KEYS).
+        JobSpec("signed-config", LiveConfig(settings), 5.0, misfire_grace_s=5.0),
     ]
     return Assembly(
         settings=settings,

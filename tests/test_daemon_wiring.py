@@ -182,7 +182,8 @@ def test_every_job_of_a_built_daemon_runs_without_a_hub(tmp_path: Path) -> None:
     )
     daemon = build_daemon(settings, paths, SystemClock(), heartbeat_s=3600)
     jobs = {j.name: j for j in daemon.jobs}
-    assert set(jobs) == {"pull-reconcile", "attest", "uplink", "slo", "escalations", "digest"}  # no chaos dir
+    expected = {"pull-reconcile", "attest", "uplink", "slo", "escalations", "digest", "signed-config"}
+    assert set(jobs) == expected  # no chaos dir
     daemon.start()
     try:
         assert "no hub" in jobs["uplink"].func()["skipped"]  # type: ignore[index]

@@ -328,7 +328,12 @@ def register(app: typer.Typer) -> None:
             )
         paths = _paths(state, config)
         policy = load_deployment_policy(paths.policies / "deployment.yaml")
-        report = Reconciler(paths, _source(paths, source, channel, config), policy=policy).run_once()
+        from sre_agent.config import signed_layer_check
+
+        check = signed_layer_check(paths.root, config)  # kind: config modules are checked by this agent
+        report = Reconciler(
+            paths, _source(paths, source, channel, config), policy=policy, config_check=check
+        ).run_once()
         data = report.to_dict()
         data["report"] = _report_to_hub(paths, report.online, source, channel, config)
         if json_out:
@@ -383,6 +388,10 @@ def register(app: typer.Typer) -> None:
         from deployment.policy_modules import PolicyActivator
 
         PolicyActivator(paths, audit).sync(slots)  # a policy module's documents follow at once
+        from deployment.config_modules import ConfigActivator
+        from sre_agent.config import signed_layer_check
+
+        ConfigActivator(paths, audit, signed_layer_check(paths.root, config)).sync(slots)  # and config
         if json_out:
             emit_json(st.to_dict())
         else:
