@@ -471,15 +471,21 @@ class ManagedServing:
             "allow_pin": p.allow_pin_to_canary,
         }
 
-    def load(self, module: str, artifact: Path, manifest: ModuleManifest) -> ModelSession:
-        """Load an artifact into a session (providers from the manifest, CPU fallback)."""
+    def load(
+        self, module: str, artifact: Path, manifest: ModuleManifest, sha256: str | None = None
+    ) -> ModelSession:
+        """Load an artifact into a session (providers from the manifest, CPU fallback); with ``sha256``
+        the bytes loaded are the bytes hashed (:func:`deployment.sessions.load_session`)."""
         return load_session(
-            artifact, name=module, version=manifest.version, runtime=manifest.runtime, options=self.options
-        )
+            artifact, name=module, version=manifest.version, runtime=manifest.runtime, options=self.options,
+            expected_sha256=sha256,
+        )  # fmt: skip
 
-    def serve(self, module: str, artifact: Path, manifest: ModuleManifest) -> Router:
+    def serve(
+        self, module: str, artifact: Path, manifest: ModuleManifest, sha256: str | None = None
+    ) -> Router:
         """Serve a version directly (start-up, file-less first install, rollback to a loaded version)."""
-        return self.repository.add(self.load(module, artifact, manifest))
+        return self.repository.add(self.load(module, artifact, manifest, sha256))
 
     def admit(self, module: str, artifact: Path) -> None:
         """Memory admission: refuse a candidate whose estimated resident size would exceed the budget.
@@ -500,7 +506,9 @@ class ManagedServing:
                 "raise canary.memory_budget_mb, enable canary.unload_standby, or publish a smaller model",
             )
 
-    def prepare(self, module: str, artifact: Path, manifest: ModuleManifest) -> CanaryRun:
+    def prepare(
+        self, module: str, artifact: Path, manifest: ModuleManifest, sha256: str | None = None
+    ) -> CanaryRun:
         """Load the candidate and set up its canary against the version served now.
 
         Raises:
@@ -517,7 +525,7 @@ class ManagedServing:
         self.admit(module, artifact)
         if self.policy.unload_standby:
             router.drop_standby()
-        candidate = self.load(module, artifact, manifest)
+        candidate = self.load(module, artifact, manifest, sha256)
         config = CanaryConfig.from_spec(
             manifest.canary, self.policy_steps, self._gate_defaults(), **self.overrides
         )
@@ -566,7 +574,7 @@ class ManagedServing:
     def _background(self, module: str, standby: SlotView, slots: CanarySlots, stop: threading.Event) -> None:
         manifest = standby.manifest
         try:
-            run = self.prepare(module, standby.artifact_path, manifest)
+            run = self.prepare(module, standby.artifact_path, manifest, standby.artifact_sha256)
         except (SreError, ValueError) as exc:  # does not load, over budget, or unusable settings
             why = exc.message if isinstance(exc, SreError) else str(exc)
             over = isinstance(exc, AdmissionError)
@@ -700,7 +708,7 @@ class ManagedServing:
     def _first_version(self, module: str, standby: SlotView, slots: CanarySlots) -> None:
         manifest = standby.manifest
         try:
-            session = self.load(module, standby.artifact_path, manifest)
+            session = self.load(module, standby.artifact_path, manifest, standby.artifact_sha256)
         except SreError as exc:
             slots.abort_canary(
                 module, f"does not load: {exc.why or exc.message}", actor="canary", mark_bad=True
@@ -741,7 +749,7 @@ class ManagedServing:
                 done[module] = f"switched back to loaded {st.active.version}"
                 continue
             try:
-                self.serve(module, st.active.artifact_path, manifest)
+                self.serve(module, st.active.artifact_path, manifest, st.active.artifact_sha256)
             except SreError as exc:
                 done[module] = f"failed: {exc.message}"
                 self.sink.event(

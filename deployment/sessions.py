@@ -8,6 +8,7 @@ model published for a GPU device still serves on a CPU-only one. Thread counts a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,11 +152,17 @@ def load_session(
     version: str,
     runtime: RuntimeSpec | None = None,
     options: SessionOptions | None = None,
+    expected_sha256: str | None = None,
 ) -> ModelSession:
     """Load ``model`` (serialized bytes or a file path) into an ONNX Runtime session.
 
+    A path is read once into memory and the session is built from those bytes, so with
+    ``expected_sha256`` the bytes hashed are exactly the bytes loaded: a file swapped after a slot's
+    re-hash (or during this read) is refused, never served.
+
     Raises:
-        SessionError: onnxruntime refused the model.
+        SessionError: onnxruntime refused the model, the file cannot be read, or its bytes do not match
+            ``expected_sha256``.
     """
     options = options or SessionOptions()
     runtime = runtime or RuntimeSpec()
@@ -166,9 +173,18 @@ def load_session(
     so.inter_op_num_threads = options.inter_op_threads
     # Model errors surface as exceptions the router counts; ORT's own stderr logging would only add noise.
     so.log_severity_level = 4
-    source = str(model) if isinstance(model, Path) else model
     try:
-        sess = ort.InferenceSession(source, sess_options=so, providers=providers)
+        data = model.read_bytes() if isinstance(model, Path) else model
+    except OSError as exc:
+        raise SessionError(f"load model {name} {version}", f"cannot read it: {exc}") from exc
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise SessionError(
+            f"load model {name} {version}",
+            "its bytes do not match the signed sha256 (changed after verification); not loaded",
+            "the version is refused; reinstall it from the hub",
+        )
+    try:
+        sess = ort.InferenceSession(data, sess_options=so, providers=providers)
     except Exception as exc:  # onnxruntime raises several unrelated exception types
         raise SessionError(
             f"load model {name} {version}",
@@ -186,5 +202,5 @@ def load_session(
         outputs=outputs,
         providers=tuple(sess.get_providers()),
         primary_output=primary,
-        resident_bytes=estimate_resident_bytes(model),
+        resident_bytes=estimate_resident_bytes(data),
     )

@@ -203,6 +203,16 @@ class SlotView:
     def manifest(self) -> ModuleManifest:
         return ModuleManifest.model_validate(self.record.manifest)
 
+    @property
+    def artifact_sha256(self) -> str | None:
+        """The signed digest of the file at :attr:`artifact_path` (what a loader must hash; None when the
+        artifact is a directory)."""
+        try:
+            rel = self.artifact_path.relative_to(self.path).as_posix()
+        except ValueError:
+            return None
+        return self.record.files.get(rel)
+
 
 @dataclass(frozen=True)
 class ModuleStatus:
