@@ -93,3 +93,548 @@ The hostile tier of the first part needs no regional implementation: :class:`Hos
 fleet API, ingest) that applies each tampering; devices are real (Puller, Reconciler, file-mode slots,
 telemetry Store + Uplink, send_report, EscalationStore).
 """
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from regional_attack_support import MODULE, Device, Site, Up
+
+from deployment.rollout import device_report, send_report
+from hub.operators import HubEscalations, keygen
+from policies.approvals import (
+    Approval,
+    ApprovalError,
+    OperatorRoster,
+    generate_operator_key,
+    key_id,
+    load_approval,
+    sign_approval,
+)
+from policies.triage import Action, default_triage_policy
+from sre_agent.actions import ActionExecutor
+from sre_agent.escalations import Escalation, EscalationStatus
+from sre_agent.triage import TriageEngine
+from sre_agent.triage_eval import load_cases
+from sre_core.errors import InputError
+from sre_core.identity import load_or_create_identity
+from sre_core.paths import StatePaths
+from sre_core.signing import sign_request
+
+CASES = Path(__file__).parent / "triage_cases"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """The root with clf 1.0 released, two devices on it through the (still honest) tier."""
+    s = Site(tmp_path, n=2)
+    try:
+        s.publish("1.0")
+        for d in s.devices:
+            s.sync(d)
+            assert d.version() == "1.0"
+        yield s
+    finally:
+        s.close()
+
+
+def _json_edit(fn: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes]:
+    def edit(body: bytes) -> bytes:
+        doc = json.loads(body)
+        fn(doc)
+        return json.dumps(doc).encode()
+
+    return edit
+
+
+def _refused_nothing_applied(site: Site, d: Device, version: str, held: bytes | None, n_audit: int) -> None:
+    """REFUSED-DEVICE: audited refusal, the same version served, the held record unchanged."""
+    site.sync(d)
+    new = d.audit_events()[n_audit:]
+    assert "pull.refused" in new or "pull.future_time_refused" in new, new
+    assert "slot.committed" not in new, new
+    assert d.version() == version
+    assert d.held() == held, "a refused pull changed the held record"
+    cas = d.paths.cas / "sha256"
+    from _trust_support import sha256
+
+    assert all(sha256(p) == p.name for p in cas.glob("*")), "an unverified blob reached the CAS"
+
+
+# ---------------------------------------------------------------------------- down: metadata (D1-D8)
+def _timestamp_edit(doc: dict[str, Any]) -> None:
+    doc["signed"]["meta"]["snapshot.json"]["version"] += 7
+
+
+def _snapshot_edit(doc: dict[str, Any]) -> None:
+    doc["signed"]["meta"]["stable.json"]["version"] += 1
+
+
+def _far_future(doc: dict[str, Any]) -> None:
+    doc["signed"]["x-sre-issued"] = "2036-01-01T00:00:00+00:00"
+    doc["signed"]["expires"] = "2036-01-02T00:00:00Z"
+
+
+EVIL = b"evil model\n" * 64
+
+
+def _role_edit(doc: dict[str, Any]) -> None:
+    import hashlib
+
+    for name, tf in doc["signed"]["targets"].items():
+        if name.endswith("model.bin"):
+            tf["hashes"] = {"sha256": hashlib.sha256(EVIL).hexdigest()}
+            tf["length"] = len(EVIL)
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern", "edit"),
+    [
+        ("D1 timestamp", r"/metadata/timestamp\.json$", _json_edit(_timestamp_edit)),
+        ("D2 snapshot", r"/metadata/\d+\.snapshot\.json$", _json_edit(_snapshot_edit)),
+        ("D3 channel role", r"/metadata/\d+\.stable\.json$", _json_edit(_role_edit)),
+        ("D5 far future", r"/metadata/timestamp\.json$", _json_edit(_far_future)),
+    ],
+)
+def test_metadata_altered_by_the_tier_is_refused(
+    site: Site, case: str, pattern: str, edit: Callable[[bytes], bytes]
+) -> None:
+    d = site.devices[0]
+    held, n = d.held(), len(d.audit_events())
+    clock_before = d.paths.clock_file.read_bytes() if d.paths.clock_file.exists() else None
+    site.publish("1.1")
+    site.tier.down = [(pattern, edit)]
+    _refused_nothing_applied(site, d, "1.0", held, n)
+    after = d.paths.clock_file.read_bytes() if d.paths.clock_file.exists() else None
+    if case.startswith("D5"):
+        assert after == clock_before, "a signed time the tier edited moved the device's trusted time"
+    # once the tier relays honestly, the same device takes the release: nothing was poisoned
+    site.tier.down = []
+    site.sync(d)
+    assert d.version() == "1.1"
+
+
+def test_d4_desired_state_swapped_for_another_signed_version_is_refused(site: Site) -> None:
+    d = site.devices[0]
+    old_ds = next(site.repo.targets_dir.glob("stable/*.desired-state.json")).read_bytes()
+    site.publish("1.1")
+    held, n = d.held(), len(d.audit_events())
+    site.tier.down = [(r"/targets/stable/[0-9a-f]+\.desired-state\.json$", lambda _b: old_ds)]
+    _refused_nothing_applied(site, d, "1.0", held, n)
+
+
+def test_d8_another_channels_signed_role_served_as_this_channel_is_refused(site: Site) -> None:
+    d = site.devices[0]
+    site.publish("9.0", channel="beta")
+    beta = max(site.repo.metadata_dir.glob("*.beta.json"), key=lambda p: int(p.name.split(".")[0]))
+    site.publish("1.1")
+    held, n = d.held(), len(d.audit_events())
+    site.tier.down = [(r"/metadata/\d+\.stable\.json$", lambda _b: beta.read_bytes())]
+    _refused_nothing_applied(site, d, "1.0", held, n)
+
+
+def test_d6_rollback_to_an_older_signed_repository_is_refused(site: Site, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    site.tier.freeze(site.repo.dir, old)
+    site.tier.frozen = None
+    site.publish("1.1")
+    d = site.devices[0]
+    site.sync(d)
+    assert d.version() == "1.1"
+    site.publish("1.2")
+    site.repo.timestamp()
+    held, n = d.held(), len(d.audit_events())
+    site.tier.frozen = old  # the tier's copy from before 1.1, still validly signed and unexpired
+    _refused_nothing_applied(site, d, "1.1", held, n)
+    assert any("BadVersionNumber" in json.dumps(r) for r in _audit(d)[n:]), _audit(d)[n:]
+
+
+def _audit(d: Device) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in d.paths.audit_log.read_text().splitlines()]
+
+
+def test_d7_s1_freeze_is_visible_at_the_root_and_ends_at_the_replayed_expiry(
+    site: Site, tmp_path: Path
+) -> None:
+    """A tier that stops following the root (and may say it is in sync) cannot hide it: the devices'
+    own signed reports show drift, and the replayed timestamp's signed expiry ends the freeze."""
+    d = site.devices[0]
+    site.tier.freeze(site.repo.dir, tmp_path / "frozen")
+    site.publish("1.1")
+    site.sync(d)
+    assert d.version() == "1.0"  # withheld: signatures cannot force a tier to relay
+    st = site.device_status(d)
+    assert st["drift"] == [MODULE], st  # 1.0 is no longer what the channel names: visible at the root
+    assert site.status()["summary"]["drifting"] >= 1
+    held, n = d.held(), len(d.audit_events())
+    site.clock.advance(timedelta(days=1, minutes=5))  # past the replayed timestamp's expiry
+    site.repo.timestamp()  # the root re-signs freshness; the tier keeps serving its copy
+    _refused_nothing_applied(site, d, "1.0", held, n)
+    assert any("ExpiredMetadata" in json.dumps(r) for r in _audit(d)[n:])
+    assert site.device_status(d)["trust"] != "fresh"
+
+
+# ---------------------------------------------------------------------------- down: targets (D9)
+@pytest.mark.parametrize("how", ["altered", "truncated", "extended", "swapped"])
+def test_d9_target_bytes_tampered_by_the_tier_are_never_installed(site: Site, how: str) -> None:
+    d = site.devices[0]
+    v10 = site.target_file(f"stable/{MODULE}-1.0-model.bin").read_bytes()
+    site.publish("1.1")
+    edits: dict[str, Callable[[bytes], bytes]] = {
+        "altered": lambda b: b[:10] + bytes([b[10] ^ 1]) + b[11:],
+        "truncated": lambda b: b[: len(b) // 2],
+        "extended": lambda b: b + b"x" * 4096,
+        "swapped": lambda _b: v10,
+    }
+    site.tier.down = [(r"/targets/stable/[0-9a-f]+\.clf-1\.1-model\.bin$", edits[how])]
+    held, n = d.held(), len(d.audit_events())
+    site.sync(d)
+    new = d.audit_events()[n:]
+    assert {"pull.refused", "pull.failed"} & set(new), new
+    assert "slot.committed" not in new and d.version() == "1.0" and d.held() == held
+    from _trust_support import sha256
+
+    assert all(sha256(p) == p.name for p in (d.paths.cas / "sha256").glob("*"))
+    site.tier.down = []
+    site.sync(d)
+    assert d.version() == "1.1"
+
+
+# ---------------------------------------------------------------------------- down: recall (D10)
+def test_d10_a_replayed_pre_recall_repository_does_not_revive_the_withdrawn_version(
+    site: Site, tmp_path: Path
+) -> None:
+    a, b = site.devices
+    site.publish("1.1")
+    for d in (a, b):
+        site.sync(d)
+        assert d.version() == "1.1"
+    pre = site.tier.freeze(site.repo.dir, tmp_path / "pre-recall")
+    site.tier.frozen = None
+    site.service.recall(site.channel, MODULE, ["1.1"], "1.0", "bad release", "alice")
+    site.sync(a)
+    assert a.version() == "1.0"
+    held, n = a.held(), len(a.audit_events())
+    site.tier.frozen = pre
+    _refused_nothing_applied(site, a, "1.0", held, n)  # a saw the recall: the older copy is a rollback
+    site.sync(b)  # b never saw it: frozen on the withdrawn version, but the root sees it
+    assert b.version() == "1.1"
+    assert site.device_status(b)["drift"] == [MODULE]
+    assert site.device_status(a)["drift"] == []
+
+
+# ---------------------------------------------------------------------------- up: batches (U1-U5)
+def _write_metrics(d: Device, n: int, name: str = "m") -> None:
+    for i in range(n):
+        d.writer.metric(name, float(i))
+    d.writer.flush()
+    d.store.seal()
+
+
+def _batches(site: Site) -> list[Up]:
+    return [u for u in site.tier.captured if u.path.startswith("/v1/telemetry/batches/")]
+
+
+def _tier_identity(site: Site) -> Any:
+    """The tier's own key, enrolled at the root (a regional identity, or a stolen key of its site)."""
+    ident, _ = load_or_create_identity(StatePaths(site.tmp / "tier-key"), "regional-1")
+    site.fleet.enroll(ident.device_id, ident.public_pem)
+    return ident
+
+
+def _resigned(site: Site, ident: Any) -> Callable[[Up], Up]:
+    def resign(up: Up) -> Up:
+        host = up.header("host") or ""
+        headers = sign_request(
+            "POST", f"http://{host}{up.path}", up.body, ident.private_key, ident.device_id,
+            int(site.clock.now().timestamp()), f"tier-{len(site.tier.captured)}",
+            {"content-type": up.header("content-type") or "application/octet-stream",
+             "content-length": str(len(up.body))},
+        )  # fmt: skip
+        return Up(up.method, up.path, [("host", host), *headers.items()], up.body)
+
+    return resign
+
+
+def test_u1_batch_altered_on_the_way_up_never_lands_and_stays_with_the_device(site: Site) -> None:
+    d = site.devices[0]
+    _write_metrics(d, 20)
+
+    def flip(up: Up) -> Up:
+        body = bytearray(up.body)
+        body[len(body) // 2] ^= 0xFF
+        return up.with_body(bytes(body))
+
+    site.tier.up = flip
+    rep = d.uplink.flush(max_attempts=1)
+    assert rep.refused is not None and rep.refused.startswith("401"), rep.to_dict()
+    assert site.lake_rows() == {} and site.fleet.receipts() == []
+    assert rep.pending_after >= 1  # the device keeps it
+    site.tier.up = None
+    assert d.uplink.flush().pending_after == 0
+    assert site.lake_rows() == {d.id: 20}
+
+
+def test_u2_batch_and_report_re_signed_with_the_tiers_own_key_are_refused(site: Site) -> None:
+    d = site.devices[0]
+    _write_metrics(d, 20)
+    site.tier.up = _resigned(site, _tier_identity(site))
+    rep = d.uplink.flush(max_attempts=1)
+    assert rep.rejected, rep.to_dict()  # 400: rows of another device than the signer
+    assert site.lake_rows() == {} and site.fleet.receipts() == []
+    before = site.service.reports.get(d.id)
+    report = device_report(d.paths, site.channel, site.clock)
+    report["modules"][MODULE]["version"] = "6.6.6"
+    with pytest.raises(httpx.HTTPStatusError) as info:
+        send_report(site.tier.url, d.paths, report, site.clock)
+    assert info.value.response.status_code == 400
+    assert site.service.reports.get(d.id) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap U3: the device drops a batch from its outbox on any 200 'stored' from the next tier; no "
+    "root-signed receipt travels back and the root has no per-device sequence to see the gap, so a tier "
+    "that acknowledges without forwarding loses device data silently",
+)
+def test_u3_a_tier_that_acknowledges_without_forwarding_does_not_make_data_disappear_silently(
+    site: Site,
+) -> None:
+    d = site.devices[0]
+    _write_metrics(d, 20)
+    site.tier.fake_ack = True
+    lied = d.uplink.flush()
+    assert lied.uploaded  # the device believed the tier
+    site.tier.fake_ack = False
+    d.uplink.flush()
+    recoverable = site.lake_rows().get(d.id) == 20 or bool(d.store.pending())
+    assert recoverable, (
+        "20 rows acknowledged by the tier are neither at the root nor kept by the device, and nothing "
+        "at the root shows the gap"
+    )
+
+
+def test_u4_u5_duplicated_replayed_and_reordered_batches_land_exactly_once(site: Site) -> None:
+    d = site.devices[0]
+    for i in range(3):
+        _write_metrics(d, 10 + i, name=f"m{i}")
+    site.tier.hold = True
+    assert d.uplink.flush(max_attempts=1).pending_after == 3
+    held = list(site.tier.held)
+    assert len(held) == 1  # the flush stops at the first busy answer; take the rest from the outbox
+    site.tier.hold = False
+    # reordered: the tier forwards the newest first, then the held one, each twice
+    site.tier.fake_ack = True
+    d.uplink.flush()  # the device hands everything to the tier (acked, not forwarded)
+    site.tier.fake_ack = False
+    caught = {u.path: u for u in _batches(site)}
+    assert len(caught) == 3
+    order = sorted(caught.values(), key=lambda u: u.path, reverse=True)
+    answers = [site.tier.forward(u).status_code for u in order]
+    answers += [site.tier.forward(u).status_code for u in order]  # the same signed requests again
+    assert answers[:3] == [200, 200, 200], answers
+    assert set(answers[3:]) <= {200, 401}, answers  # duplicate (200) or replayed nonce (401)
+    assert site.lake_rows() == {d.id: 33}
+    assert len(site.fleet.receipts()) == 3
+
+
+# ---------------------------------------------------------------------------- up: reports, attestations
+def test_u6_report_altered_on_the_way_up_is_refused(site: Site) -> None:
+    d = site.devices[0]
+    before = site.service.reports.get(d.id)
+
+    def lie(up: Up) -> Up:
+        if up.path != "/v1/fleet/reports":
+            return up
+        doc = json.loads(up.body)
+        doc["modules"][MODULE]["bad"] = []
+        doc["modules"][MODULE]["version"] = "9.9"
+        return up.with_body(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+    site.tier.up = lie
+    with pytest.raises(httpx.HTTPStatusError) as info:
+        send_report(site.tier.url, d.paths, device_report(d.paths, site.channel, site.clock), site.clock)
+    assert info.value.response.status_code == 401
+    assert site.service.reports.get(d.id) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap U7: the root stores the last report to *arrive* (ReportStore.put overwrites, received_at), "
+    "not the newest by the device's signed 'time'; a tier that reorders two fresh reports sets the root's "
+    "view of a device (versions, bad versions, rollout flags) back in time",
+)
+def test_u7_an_older_report_delivered_after_a_newer_one_does_not_replace_it(site: Site) -> None:
+    """The tier holds two signed reports and delivers them newest first (both inside the signature
+    window): the root must keep the device's newest state, not the last one to arrive."""
+    d = site.devices[0]
+    site.tier.hold = True
+    older = device_report(d.paths, site.channel, site.clock)
+    for body in (older,):
+        with pytest.raises(httpx.HTTPStatusError):
+            send_report(site.tier.url, d.paths, body, site.clock)
+    site.clock.advance(timedelta(seconds=30))
+    site.publish("1.1")
+    site.tier.hold = False
+    site.sync(d)  # now on 1.1, and the report saying so is delivered
+    assert d.version() == "1.1"
+    assert site.device_status(d)["versions"] == {MODULE: "1.1"}
+    (held,) = [u for u in site.tier.held if u.path == "/v1/fleet/reports"]
+    assert site.tier.forward(held).status_code == 200  # the older report, still inside the window
+    assert site.device_status(d)["versions"] == {MODULE: "1.1"}, "the root now believes the older state"
+
+
+def test_u8_u9_attestations_altered_replayed_older_or_rewrapped_are_refused(site: Site) -> None:
+    from sre_agent.attestation import DeviceState, queue_attestation
+
+    d, other = site.devices
+
+    def state(t: str, version: str) -> DeviceState:
+        return DeviceState(time=t, policy_version="1", trust_status="fresh", audit_head="0" * 64,
+                           safe_mode=False, modules={MODULE: {"version": version}})  # fmt: skip
+
+    site.tier.hold = True
+    queue_attestation(d.store, d.ident, state("2026-01-01T00:00:00+00:00", "1.0"))
+    d.uplink.flush(max_attempts=1, seal=False)
+    site.tier.hold = False
+    (old,) = [u for u in site.tier.held if "/attestations/" in u.path]
+    queue_attestation(d.store, d.ident, state("2026-01-02T00:00:00+00:00", "1.0"))
+    d.uplink.flush(seal=False)
+    assert site.fleet.state(d.id)["attested"]["time"].startswith("2026-01-02")
+    # U8: the older one, held back and delivered last (its request is still fresh)
+    assert site.tier.forward(old).status_code == 200
+    assert site.fleet.state(d.id)["attested"]["time"].startswith("2026-01-02")
+    # U8: altered in flight (the device's request signature kept)
+    queue_attestation(d.store, d.ident, state("2026-01-03T00:00:00+00:00", "6.6"))
+
+    def flip(up: Up) -> Up:
+        env = json.loads(up.body)
+        stmt = json.loads(base64.b64decode(env["payload"]))
+        stmt["predicate"]["modules"][MODULE]["version"] = "1.0"  # hide what the device runs
+        env["payload"] = base64.b64encode(json.dumps(stmt).encode()).decode()
+        return up.with_body(json.dumps(env).encode())
+
+    site.tier.up = flip
+    d.uplink.flush(max_attempts=1, seal=False)
+    assert site.tier.seen[-1][2] == 401
+    assert site.fleet.state(d.id)["attested"]["time"].startswith("2026-01-02")
+    # U9: the other device's genuine envelope, wrapped in the tier's own signed request
+    site.tier.up = _resigned(site, _tier_identity(site))
+    queue_attestation(other.store, other.ident, state("2026-01-04T00:00:00+00:00", "6.6"))
+    other.uplink.flush(max_attempts=1, seal=False)
+    assert site.tier.seen[-1][2] in (400, 401), site.tier.seen[-1]
+    assert "attested" not in site.fleet.state(other.id)
+    assert "attested" not in site.fleet.state("regional-1")
+
+
+# ---------------------------------------------------------------------------- down: approvals (A1-A5)
+class Ops:
+    """An operator at the root (key + roster), one device escalation that reached the root's lake."""
+
+    def __init__(self, site: Site, d: Device) -> None:
+        self.site = site
+        files = keygen(site.tmp / "ops", "alice")
+        self.key_path = files.key_path
+        self.roster = OperatorRoster.model_validate({"version": 1, "max_ttl_s": 7200,
+                                                     "operators": [files.entry]})  # fmt: skip
+        self.roster_path = site.tmp / "ops" / "operators.yaml"
+        self.roster_path.write_text(yaml.safe_dump(self.roster.model_dump(mode="json", exclude_none=True)))
+        self.hub = HubEscalations(site.repo.dir, site.clock)
+        self.ran: list[str] = []
+        self.executor = ActionExecutor({a: self._handler(a) for a in Action}, audit=None)
+        self.device = d
+        self.esc = self.escalate(d)
+
+    def _handler(self, action: Action) -> Callable[[Any], str]:
+        def run(_incident: Any) -> str:
+            self.ran.append(action.value)
+            return "done"
+
+        return run
+
+    def escalate(self, d: Device, case: str = "pf-active-nolkg") -> Escalation:
+        incident = {c.name: c for c in load_cases(CASES)}[case].incident
+        esc = d.escalations.create(incident, TriageEngine(default_triage_policy()).decide(incident))
+        d.writer.flush()
+        assert d.uplink.flush().pending_after == 0  # up through the tier, into the root's lake
+        return esc
+
+    def approve(self, esc: Escalation, action: str = "alert") -> bytes:
+        """Sign at the root; the copy to deliver (what the tier carries down)."""
+        _, path = self.hub.decide(esc.id, key_path=self.key_path, operator="alice", decision="approve",
+                                  roster_path=self.roster_path, action=action)  # fmt: skip
+        return path.read_bytes()
+
+    def deliver(self, d: Device, data: bytes) -> Escalation:
+        """What ``sre-agent escalations apply`` does with the delivered file."""
+        return d.escalations.decide(load_approval(data), self.roster)
+
+
+def _edited(data: bytes, **changes: Any) -> bytes:
+    doc = json.loads(data)
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+def test_a1_a5_approvals_altered_or_forged_by_the_tier_are_refused(site: Site) -> None:
+    ops = Ops(site, site.devices[0])
+    d, esc = ops.device, ops.esc
+    genuine = ops.approve(esc, "alert")
+    n = len(d.audit_events())
+    # A1: the approved action swapped for a more severe one
+    with pytest.raises(ApprovalError):
+        ops.deliver(d, _edited(genuine, action="safe_mode"))
+    # A5: forged with the tier's own key, claiming to be alice
+    tier_key = generate_operator_key()
+    forged = sign_approval(tier_key, operator="alice", escalation_id=esc.id, escalation_hash=esc.content_hash,
+                           decision="approve", action="safe_mode", now=site.clock.now(),
+                           ttl=timedelta(minutes=30))  # fmt: skip
+    with pytest.raises(ApprovalError):
+        ops.deliver(d, forged.model_dump_json().encode())
+    assert forged.key_id == key_id(tier_key.public_key())
+    refused = [e for e in d.audit_events()[n:] if e == "escalation.approval_refused"]
+    assert len(refused) == 2
+    assert d.escalations.get(esc.id).status is EscalationStatus.OPEN
+    assert ops.ran == []
+
+
+def test_a2_an_approval_for_another_devices_escalation_is_refused(site: Site) -> None:
+    a, b = site.devices
+    ops = Ops(site, a)
+    esc_b = ops.escalate(b)
+    assert esc_b.id != ops.esc.id  # the content names the device
+    for_b = ops.approve(esc_b, "safe_mode")
+    with pytest.raises(InputError):  # unknown here
+        ops.deliver(a, for_b)
+    with pytest.raises(ApprovalError):  # renamed to a's escalation: bound to b's id and hash
+        ops.deliver(a, _edited(for_b, escalation_id=ops.esc.id))
+    assert a.escalations.get(ops.esc.id).status is EscalationStatus.OPEN
+
+
+def test_a3_a4_replayed_and_held_back_approvals_are_refused(site: Site) -> None:
+    a, b = site.devices
+    ops = Ops(site, a)
+    genuine = ops.approve(ops.esc, "alert")
+    assert ops.deliver(a, genuine).status is EscalationStatus.APPROVED
+    a.escalations.execute_approved(ops.executor, ops.roster)
+    assert ops.ran == ["alert"]
+    with pytest.raises(InputError):  # A3: the same file again
+        ops.deliver(a, genuine)
+    a.escalations.execute_approved(ops.executor, ops.roster)
+    assert ops.ran == ["alert"], "an approval replayed by the tier ran the action twice"
+    # A4: the tier holds an approval until it lapsed, then delivers it
+    esc_b = ops.escalate(b)
+    late = ops.approve(esc_b, "alert")
+    site.clock.advance(timedelta(hours=2))
+    with pytest.raises((ApprovalError, InputError)):
+        ops.deliver(b, late)
+    assert b.escalations.get(esc_b.id).status in (EscalationStatus.OPEN, EscalationStatus.EXPIRED)
+    assert Approval.model_validate_json(late).expires_at < site.clock.now()
