@@ -6,12 +6,13 @@ Public API::
                 min_rate_bytes_s=8192, base_deadline_s=120, metadata_deadline_s=60, pull_deadline_s=3600)
         an artifact transfer may take base + length / min rate; a metadata read metadata_deadline_s;
         everything a fetcher does together pull_deadline_s from its creation (one fetcher per pull)
-    HttpFetcher(config=None, client=None, clock=None, held=None)   a tuf FetcherInterface over httpx;
+    HttpFetcher(config=None, client=None, clock=None, held=None, transport=None)   a tuf FetcherInterface
+        over httpx (``transport``: an httpx transport for the client it builds, e.g. a link simulator);
         ``held(url)`` returns the device's trusted copy of that metadata file (or None): the request
         then carries ``If-None-Match`` (the hub's strong ETag is the content sha256) and a 304 answers
         with those bytes, which the TUF client verifies as if downloaded
     DirectoryFetcher(base_dir, config=None, clock=None)      a tuf FetcherInterface over a bundle directory
-    make_fetcher(source, config=None, clock=None, held=None) -> HttpFetcher | DirectoryFetcher
+    make_fetcher(source, config=None, clock=None, held=None, transport=None) -> HttpFetcher | DirectoryFetcher
     base_urls(source, metadata_url=None, targets_url=None) -> (metadata_base_url, targets_base_url)
     <fetcher>.download_to(url, part, length, validator=None, progress=None, on_validator=None)
         -> DownloadStats(bytes_received, requests, resumes, restarts, etag)
@@ -297,6 +298,7 @@ class HttpFetcher(_Resumable, FetcherInterface):
         client: httpx.Client | None = None,
         clock: Clock | None = None,
         held: Callable[[str], bytes | None] | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.config = config or FetchConfig()
         self.held = held
@@ -315,6 +317,7 @@ class HttpFetcher(_Resumable, FetcherInterface):
             trust_env=False,
             verify=_ssl_context(),
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            transport=transport,
         )
         self.requests = 0
         self.pull_deadline = self.clock.monotonic() + self.config.pull_deadline_s
@@ -520,8 +523,9 @@ def make_fetcher(
     config: FetchConfig | None = None,
     clock: Clock | None = None,
     held: Callable[[str], bytes | None] | None = None,
+    transport: httpx.BaseTransport | None = None,
 ) -> HttpFetcher | DirectoryFetcher:
     """An HTTP fetcher for ``http(s)://`` sources, else a directory fetcher for a bundle."""
     if _is_url(source):
-        return HttpFetcher(config, clock=clock, held=held)
+        return HttpFetcher(config, clock=clock, held=held, transport=transport)
     return DirectoryFetcher(Path(source), config, clock)

@@ -3,9 +3,11 @@
 Public API::
 
     Puller(paths, source, channel, clock=None, policy=None, fetch_config=None, audit=None, progress=None,
-           telemetry=None, metadata_url=None, targets_url=None)   metrics pull.seconds/bytes/requests/
-           resumes/restarts; events pull.refused/failed. metadata_url/targets_url: a CDN or mirror of the
-           signed files (used when ``source`` is a hub URL; a bundle directory ignores them)
+           telemetry=None, metadata_url=None, targets_url=None, fallbacks=(), transport=None,
+           sticky_s=900)   metrics pull.seconds/bytes/requests/resumes/restarts; events
+           pull.refused/failed. metadata_url/targets_url: a CDN or mirror of the signed files (used when
+           ``source`` is a hub URL; a bundle directory ignores them). fallbacks: more hubs or mirrors,
+           tried in order after ``source`` (see :mod:`deployment.sources` for order and deadline shares)
         .pull() -> PullResult              raises PullError (with .held, the last verified state)
         .pull_or_held() -> PullResult      never raises PullError: the held state with ``refused`` set
     load_held(paths, clock, verify=False) -> PullResult    offline: what the device holds and trusts
@@ -29,6 +31,15 @@ Every read has a wall-clock deadline (metadata: ``metadata_deadline_s``; artifac
 and ``min_rate_bytes_s``) and the whole pull has ``pull_deadline_s``: a mirror that trickles a byte a
 second ends the pull as *offline*, so expiry and safe mode still happen on time.
 
+Several sources (a regional hub, the root hub, mirrors): the metadata walk (refresh through the
+desired state) runs against one source at a time; a source that cannot be reached, or whose bytes fail
+any check, is audited with its URL (``pull.source_offline`` / ``pull.refused``) and the next is tried
+with a fresh updater over the same trusted metadata (what a bad source sent was never persisted).
+Artifacts come from the source that served the metadata, falling back to the others on a transfer
+failure or bytes that do not match the signed length and digest. The pull is refused only when no
+source succeeded and one of them was refused; offline when none could be reached. The source of the
+last successful pull is tried first while ``sticky_s`` has not passed.
+
 Offline (the hub cannot be reached): keep what is held and say so; python-tuf has no offline mode, so
 the trust status of held state is our logic: fresh while the held timestamp metadata is unexpired by
 trusted time, stale after, expired once the desired state's own expiry passed (the reconcile loop turns
@@ -43,11 +54,12 @@ import fcntl
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, TargetFile, Timestamp
@@ -61,10 +73,11 @@ from deployment.desired_verifier import (
     HeldFacts,
     verify_desired_state,
 )
-from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
+from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, make_fetcher
 from deployment.manifest import DesiredState, ModuleManifest, manifest_from_custom
 from deployment.rollout import effective_desired
 from deployment.signatures import SignatureError, cosign_verify, verify_attestation
+from deployment.sources import Source, SourceMemory, order_sources, share_s, sources_for
 from deployment.trusted_time import FutureSignedTimeError, TrustedTime
 from deployment.tuf_adapter import DurableUpdater, set_reference_time
 from policies.trust import TrustPolicy, load_trust_policy
@@ -192,6 +205,10 @@ def load_held(paths: StatePaths, clock: Clock | None = None, verify: bool = Fals
     )
 
 
+class _SourceOffline(Exception):  # noqa: N818 (an outcome, not a crash)
+    """One source could not be reached (the message says how); the next one is tried."""
+
+
 class _FutureTimestampError(exceptions.RepositoryError):
     """A verified timestamp's signing time is beyond the admissible bound (refused before persisting)."""
 
@@ -239,9 +256,17 @@ class Puller:
         telemetry: TelemetrySink | None = None,
         metadata_url: str | None = None,
         targets_url: str | None = None,
+        fallbacks: Sequence[str] = (),
+        transport: httpx.BaseTransport | None = None,
+        sticky_s: float = 900.0,
     ) -> None:
         self.paths = paths
         self.source = source
+        self.sources: list[Source] = sources_for(source, fallbacks, metadata_url, targets_url)
+        self.transport = transport
+        self.sticky_s = sticky_s
+        self._at = source  # the source being tried (audit records name it)
+        self._targets_order: list[Source] = self.sources[:1]
         # A CDN or mirror for the signed files (TUF verifies them wherever they come from); a bundle
         # directory (an operator's `--from DIR`) is read as it is.
         remote = source.startswith(("http://", "https://"))
@@ -264,7 +289,8 @@ class Puller:
         self.telemetry: TelemetrySink = telemetry or NullSink()
         self.store = ContentStore(paths.cas)
         self.stats: dict[str, int] = {"requests": 0, "bytes": 0, "resumes": 0, "restarts": 0}
-        self._fetcher: HttpFetcher | DirectoryFetcher | None = None
+        self._fetchers: dict[str, HttpFetcher | DirectoryFetcher] = {}
+        self._deadline = 0.0
         self._anchor = ""
 
     # ----- outcomes ------------------------------------------------------------------------------
@@ -273,7 +299,7 @@ class Puller:
     ) -> PullError:
         self.audit.append(
             event or ("pull.refused" if refused else "pull.failed"),
-            source=self.source,
+            source=self._at,
             channel=self.channel,
             what=what,
             why=why,
@@ -286,8 +312,9 @@ class Puller:
         msg = f"offline: {reason}; keeping what is held"
         if held.desired is not None:
             msg += f" (desired state serial {held.desired.serial}, trust {trust})"
+        extra: dict[str, Any] = {"sources": [s.name for s in self.sources]} if len(self.sources) > 1 else {}
         self.audit.append(
-            "pull.offline", source=self.source, channel=self.channel, reason=reason, trust=str(trust)
+            "pull.offline", source=self.source, channel=self.channel, reason=reason, trust=str(trust), **extra
         )
         return PullResult(
             trust,
@@ -332,8 +359,9 @@ class Puller:
             )
         with _pull_lock(self.paths):
             self.store.remove_stale()
-            self._fetcher = make_fetcher(self.source, self.fetch_config, self.clock, self._held_timestamp)
+            self._fetchers = {}
             started = self.clock.monotonic()
+            self._deadline = started + self.fetch_config.pull_deadline_s
             outcome = "error"
             try:
                 result = self._pull()
@@ -345,12 +373,14 @@ class Puller:
                     f"pull.{outcome}",
                     exc.message,
                     severity="error" if exc.refused else "warning",
-                    attrs={"channel": self.channel, "source": self.source},
+                    attrs={"channel": self.channel, "source": self._at},
                 )
                 raise
             finally:
-                self.stats["requests"] += self._fetcher.requests
-                self._fetcher.close()
+                for fetcher in self._fetchers.values():
+                    self.stats["requests"] += fetcher.requests
+                    fetcher.close()
+                self._fetchers = {}
                 labels = {"channel": self.channel, "outcome": outcome}
                 self.telemetry.metric("pull.seconds", self.clock.monotonic() - started, labels)
                 for key in ("bytes", "requests", "resumes", "restarts"):
@@ -372,10 +402,22 @@ class Puller:
 
         return admit
 
-    def _updater(self, trusted: TrustedTime) -> Updater:
-        meta_url, _ = base_urls(self.source, self.metadata_url, self.targets_url)
-        if self._fetcher is None:
-            raise RuntimeError("_updater called outside pull()")
+    def _fetcher(self, src: Source, untried: int) -> HttpFetcher | DirectoryFetcher | None:
+        """The fetcher for ``src``, its deadline set to this attempt's share of what is left of the pull
+        (None when nothing is left)."""
+        share = share_s(self._deadline - self.clock.monotonic(), untried)
+        if share <= 0:
+            return None
+        fetcher = self._fetchers.get(src.name)
+        if fetcher is None:
+            config = dataclasses.replace(self.fetch_config, pull_deadline_s=share)
+            fetcher = make_fetcher(src.name, config, self.clock, self._held_timestamp, self.transport)
+            self._fetchers[src.name] = fetcher
+        fetcher.pull_deadline = self.clock.monotonic() + share
+        return fetcher
+
+    def _updater(self, trusted: TrustedTime, src: Source, fetcher: HttpFetcher | DirectoryFetcher) -> Updater:
+        meta_url = src.metadata_url
         self.paths.tuf.mkdir(parents=True, exist_ok=True)
         config = UpdaterConfig(targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024)
         updater: Updater | None = None
@@ -393,10 +435,10 @@ class Puller:
             # The cached root may be newer than the pinned one (rotation); if it is unreadable, start again
             # from the pinned anchor and walk the root chain.
             with contextlib.suppress(exceptions.RepositoryError, OSError, ValueError):
-                updater = DurableUpdater(str(self.paths.tuf), meta_url, self._fetcher, config, None, admit)
+                updater = DurableUpdater(str(self.paths.tuf), meta_url, fetcher, config, None, admit)
         if updater is None:
             try:
-                updater = DurableUpdater(str(self.paths.tuf), meta_url, self._fetcher, config, pinned, admit)
+                updater = DurableUpdater(str(self.paths.tuf), meta_url, fetcher, config, pinned, admit)
             except exceptions.RepositoryError as exc:
                 raise self._refuse(
                     f"load the pinned trust anchor {self.paths.root_json}",
@@ -428,15 +470,20 @@ class Puller:
         except exceptions.RepositoryError as exc:
             raise self._refuse(what, f"{type(exc).__name__}: {exc}", _repository_advice(exc)) from exc
 
-    def _pull(self) -> PullResult:
-        trusted = TrustedTime(self.paths.clock_file, self.clock)
-        trusted.checkpoint()
-        held = _read_held(self.paths)
-        updater = self._updater(trusted)
+    def _metadata(
+        self, src: Source, fetcher: HttpFetcher | DirectoryFetcher, trusted: TrustedTime, held: Any
+    ) -> tuple[Updater, Timestamp, DesiredState | None, str]:
+        """The metadata walk against one source: refresh, then the channel's desired state.
+
+        Raises:
+            _SourceOffline: the source could not be reached (or was too slow).
+            PullError: its data failed a check (refused) or the desired state did not download.
+        """
+        updater = self._updater(trusted, src, fetcher)
         try:
-            self._tuf(f"refresh signed metadata from {self.source}", updater.refresh)
+            self._tuf(f"refresh signed metadata from {src.name}", updater.refresh)
         except exceptions.DownloadError as exc:
-            return self._offline(f"cannot refresh metadata from {self.source} ({exc})")
+            raise _SourceOffline(f"cannot refresh metadata from {src.name} ({exc})") from exc
         ts_bytes = (self.paths.tuf / "timestamp.json").read_bytes()
         ts = Metadata[Timestamp].from_bytes(ts_bytes).signed
         issued = signing_time(ts_bytes)
@@ -449,17 +496,65 @@ class Puller:
         try:
             info = self._tuf(f"look up {ds_target}", lambda: updater.get_targetinfo(ds_target))
         except exceptions.DownloadError as exc:
-            return self._offline(f"cannot fetch {self.channel} metadata ({exc})")
-        now = trusted.now()
+            raise _SourceOffline(f"cannot fetch {self.channel} metadata ({exc})") from exc
         if info is None:
-            self.audit.append("pull.empty", source=self.source, channel=self.channel)
+            return updater, ts, None, ""
+        desired, ds_sha = self._desired_state(info, held, trusted, [src])
+        return updater, ts, desired, ds_sha
+
+    def _pull(self) -> PullResult:
+        trusted = TrustedTime(self.paths.clock_file, self.clock)
+        trusted.checkpoint()
+        held = _read_held(self.paths)
+        several = len(self.sources) > 1
+        memory = SourceMemory(self.paths.run / "pull_source.json")
+        order = order_sources(
+            self.sources, memory.last_good() if several else None, self.clock.now(), self.sticky_s
+        )
+        refusals: list[PullError] = []
+        offline: list[str] = []
+        found: tuple[Updater, Timestamp, DesiredState | None, str] | None = None
+        good = order[0]
+        for i, src in enumerate(order):
+            self._at = src.name
+            fetcher = self._fetcher(src, len(order) - i)
+            if fetcher is None:
+                offline.append(f"{src.name}: the pull deadline passed before it was tried")
+                continue
+            try:
+                found = self._metadata(src, fetcher, trusted, held)
+            except _SourceOffline as exc:
+                offline.append(str(exc))
+                if several:
+                    self.audit.append(
+                        "pull.source_offline", source=src.name, channel=self.channel, reason=str(exc)
+                    )
+                continue
+            except PullError as exc:  # audited with this source's URL; the next source may serve good bytes
+                refusals.append(exc)
+                continue
+            good = src
+            break
+        if found is None:
+            self._at = self.source
+            if refusals:
+                first = refusals[0]
+                if not several:
+                    raise first
+                why = f"{first.why} (no source served verified metadata; {len(order)} tried)"
+                raise PullError(first.what, why, first.fix, first.held, first.refused) from first
+            return self._offline("; ".join(offline))
+        self._at = good.name
+        self._targets_order = [good, *(s for s in order if s is not good)]
+        updater, ts, desired, ds_sha = found
+        if desired is None:
+            self.audit.append("pull.empty", source=good.name, channel=self.channel)
             return PullResult(
                 TrustStatus.NONE,
                 online=True,
-                trusted_now=now,
+                trusted_now=trusted.now(),
                 messages=[f"channel {self.channel} has no released desired state yet"],
             )
-        desired, ds_sha = self._desired_state(info, held, trusted)
         now = trusted.now()
         artifacts: dict[str, VerifiedArtifact] = {}
         records: dict[str, Any] = {}
@@ -477,7 +572,7 @@ class Puller:
         atomic_write_json(
             _held_path(self.paths),
             {
-                "source": self.source,
+                "source": good.name,
                 "channel": self.channel,
                 "desired": desired.model_dump(mode="json"),
                 "desired_sha256": ds_sha,
@@ -495,9 +590,13 @@ class Puller:
             messages.append(
                 f"the desired state expired at {desired.expires.isoformat()}: the hub must release again"
             )
+        if several:
+            memory.remember(good.name, self.clock.now())
+            if good is not order[0] or refusals or offline:
+                messages.append(f"pulled from {good.name} ({len(refusals) + len(offline)} sources skipped)")
         self.audit.append(
             "pull.verified",
-            source=self.source,
+            source=good.name,
             channel=self.channel,
             serial=desired.serial,
             trust=str(trust),
@@ -509,9 +608,9 @@ class Puller:
 
     # ----- desired state ------------------------------------------------------------------------
     def _desired_state(
-        self, info: TargetFile, held: dict[str, Any] | None, trusted: TrustedTime
+        self, info: TargetFile, held: dict[str, Any] | None, trusted: TrustedTime, sources: list[Source]
     ) -> tuple[DesiredState, str]:
-        path = self._download(info, self.policy.max_desired_state_bytes)
+        path = self._download(info, self.policy.max_desired_state_bytes, sources)
         sha = info.hashes["sha256"]
         try:
             desired = verify_desired_state(
@@ -612,12 +711,16 @@ class Puller:
                     )
             except SignatureError as exc:
                 self.audit.append(
-                    "pull.refused", source=self.source, channel=self.channel, what=exc.what, why=exc.why
+                    "pull.refused", source=self._at, channel=self.channel, what=exc.what, why=exc.why
                 )
                 raise PullError(exc.what, exc.why, exc.fix, load_held(self.paths, self.clock)) from exc
 
-    def _download(self, info: TargetFile, cap: int) -> Path:
-        """Fetch a signed target into the CAS (resuming a partial), verify length and sha256."""
+    def _download(self, info: TargetFile, cap: int, sources: list[Source] | None = None) -> Path:
+        """Fetch a signed target into the CAS (resuming a partial), verify length and sha256.
+
+        Tries ``sources`` in order (default: the one that served the metadata first, then the others);
+        a transfer failure or bytes that fail verification move on to the next source, audited.
+        """
         sha = info.hashes["sha256"]
         what = info.path
         if info.length > cap:
@@ -627,9 +730,29 @@ class Puller:
         have = self.store.get(sha, info.length)
         if have is not None:
             return have
-        _, targets_url = base_urls(self.source, self.metadata_url, self.targets_url)
+        attempts = sources if sources is not None else self._targets_order
+        first_error: PullError | None = None
+        for i, src in enumerate(attempts):
+            self._at = src.name
+            fetcher = self._fetcher(src, len(attempts) - i)
+            if fetcher is None:
+                break
+            try:
+                return self._download_from(src, fetcher, info)
+            except PullError as exc:  # audited with this source's URL
+                if first_error is None or (exc.refused and not first_error.refused):
+                    first_error = exc
+        if first_error is None:
+            raise self._refuse(
+                f"download {what}", "the pull deadline passed", "run pull again: it resumes", refused=False
+            )
+        raise first_error
+
+    def _download_from(self, src: Source, fetcher: HttpFetcher | DirectoryFetcher, info: TargetFile) -> Path:
+        sha = info.hashes["sha256"]
+        what = info.path
         dirname, _, base = info.path.rpartition("/")
-        url = f"{targets_url}{dirname}/{sha}.{base}"
+        url = f"{src.targets_url}{dirname}/{sha}.{base}"
         resume = self.store.read_resume(sha)
         # The partial is named by the signed digest, so it may come from another mirror; If-Range with the
         # old validator makes a server whose file differs answer 200 (restart) instead of splicing.
@@ -638,10 +761,8 @@ class Puller:
         if validator is None and part.exists():
             part.unlink()
         advance = self.progress(info.path, info.length) if self.progress else None
-        if self._fetcher is None:
-            raise RuntimeError("_download called outside pull()")
         try:
-            stats = self._fetcher.download_to(
+            stats = fetcher.download_to(
                 url,
                 part,
                 info.length,
@@ -665,7 +786,7 @@ class Puller:
             return self.store.commit(sha, info.length, what)
         except HashMismatchError as exc:
             self.audit.append(
-                "pull.refused", source=self.source, channel=self.channel, what=exc.what, why=exc.why
+                "pull.refused", source=src.name, channel=self.channel, what=exc.what, why=exc.why
             )
             raise PullError(exc.what, exc.why, exc.fix, load_held(self.paths, self.clock)) from exc
 

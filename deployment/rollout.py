@@ -11,7 +11,8 @@ Public API::
     effective_desired(paths, desired) -> DesiredState          resolve() with the device's own facts
     RolloutLedger(paths).observe(report) ; .entries()          seen/committed/rolled-back times per version
     device_report(paths, channel, clock) -> dict               what the device reports to the hub
-    send_report(hub_url, paths, report, clock, client=None) -> dict   RFC 9421-signed POST
+    send_report(hub_url, paths, report, clock, client=None) -> dict   RFC 9421-signed POST; ``hub_url``
+        may list several hubs (a regional first): the first that takes the report answers
 
 A rollout and the channel's recalls travel *inside* the channel's desired state
 (``<channel>/desired-state.json``), a TUF target signed by the channel's delegated role: no second
@@ -40,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -415,7 +416,7 @@ def device_report(
 
 
 def send_report(
-    hub_url: str,
+    hub_url: str | Sequence[str],
     paths: StatePaths,
     report: dict[str, Any],
     clock: Clock | None = None,
@@ -424,33 +425,47 @@ def send_report(
 ) -> dict[str, Any]:
     """POST the report, signed with the device key (RFC 9421). Returns the hub's JSON answer.
 
+    With several hubs, each is tried in order until one answers 2xx (each request is signed for its
+    own URL); a hub that cannot be reached or answers an error passes the report to the next.
+
     Raises:
-        httpx.HTTPError: transport failure or a refusal (the caller retries at the next sync).
+        httpx.HTTPError: no hub took it: the last hub's transport failure or refusal (the caller retries
+            at the next sync).
     """
     from sre_core.identity import load_identity
     from sre_core.signing import sign_request
 
+    hubs = [hub_url] if isinstance(hub_url, str) else list(hub_url)
+    if not hubs:
+        raise ValueError("send_report needs at least one hub URL")
     clock = clock or SystemClock()
     ident = load_identity(paths)
     body = json.dumps(report, sort_keys=True, separators=(",", ":")).encode()
-    url = hub_url.rstrip("/") + REPORT_PATH
-    headers = sign_request(
-        "POST",
-        url,
-        body,
-        ident.private_key,
-        ident.device_id,
-        int(clock.now().timestamp()),
-        secrets.token_hex(12),
-        {"content-type": "application/json"},
-    )
     own = client is None
     c = client or httpx.Client(timeout=timeout_s)
     try:
-        resp = c.post(url, content=body, headers=headers, timeout=timeout_s)
-        resp.raise_for_status()
-        answer: dict[str, Any] = resp.json()
-        return answer
+        for i, hub in enumerate(hubs):
+            url = hub.rstrip("/") + REPORT_PATH
+            headers = sign_request(
+                "POST",
+                url,
+                body,
+                ident.private_key,
+                ident.device_id,
+                int(clock.now().timestamp()),
+                secrets.token_hex(12),
+                {"content-type": "application/json"},
+            )
+            try:
+                resp = c.post(url, content=body, headers=headers, timeout=timeout_s)
+                resp.raise_for_status()
+            except httpx.HTTPError:
+                if i + 1 == len(hubs):
+                    raise
+                continue
+            answer: dict[str, Any] = resp.json()
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
     finally:
         if own:
             c.close()

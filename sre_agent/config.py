@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -68,6 +68,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_HttpUrl = Annotated[str, Field(pattern=r"^https?://")]
+
+
 class HubSettings(_Section):
     """Where the device pulls from and reports to."""
 
@@ -82,10 +85,33 @@ class HubSettings(_Section):
         pattern=r"^https?://",
         description="TUF targets base URL (a CDN or mirror); unset: <url>/targets/",
     )
+    urls: list[_HttpUrl] = Field(
+        default_factory=list,
+        description="hubs in order of preference (a regional hub first, the root last); hub.url is "
+        "tried after them when it is not listed",
+    )
+    mirrors: list[_HttpUrl] = Field(
+        default_factory=list,
+        description="mirrors of the signed files (metadata/ and targets/ under each), tried after the hubs",
+    )
+    sticky_s: float = Field(
+        default=900.0, ge=0, description="the last good source is tried first this long; 0: configured order"
+    )
     channel: str = Field(default="stable", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     pull_interval_s: float = Field(default=300.0, ge=5)
     pull_jitter_s: float = Field(default=60.0, ge=0)
+
+    def hubs(self) -> list[str]:
+        """The hubs to upload and report to, in order: ``urls``, then ``url`` when not among them."""
+        out = list(self.urls)
+        if self.url and self.url.rstrip("/") not in {u.rstrip("/") for u in out}:
+            out.append(self.url)
+        return out
+
+    def pull_fallbacks(self) -> list[str]:
+        """What a pull tries after the first hub: the other hubs, then the mirrors."""
+        return [*self.hubs()[1:], *self.mirrors]
 
 
 class ServingSettings(_Section):

@@ -48,6 +48,7 @@ __all__ = [
     "UplinkJob",
     "channel_of",
     "hub_url_of",
+    "other_hubs",
 ]
 
 SLO_INTERVAL_S = 60.0
@@ -64,7 +65,13 @@ def hub_url_of(paths: StatePaths, settings: AgentSettings) -> str | None:
     environment, as ``config show`` reports; device.json is read here only for settings built in code."""
     from sre_agent.provision import read_device_file
 
-    return str(settings.hub.url or read_device_file(paths).get("hub") or "") or None
+    hubs = settings.hub.hubs()  # [hub] urls in order, then url: the first is the preferred hub
+    return str((hubs[0] if hubs else None) or read_device_file(paths).get("hub") or "") or None
+
+
+def other_hubs(settings: AgentSettings) -> list[str]:
+    """The hubs after the preferred one, in order (uploads and reports fall back to them)."""
+    return [u for u in settings.hub.hubs()[1:] if u.startswith(("http://", "https://"))]
 
 
 def channel_of(paths: StatePaths, settings: AgentSettings) -> str:
@@ -117,6 +124,8 @@ class PullReconcileJob:
             telemetry=self.sink,
             metadata_url=self.settings.hub.metadata_url,  # a CDN/mirror for the signed files
             targets_url=self.settings.hub.targets_url,
+            fallbacks=self.settings.hub.pull_fallbacks(),  # other hubs, then mirrors
+            sticky_s=self.settings.hub.sticky_s,
         ).pull_or_held()
 
     def __call__(self) -> dict[str, Any]:
@@ -160,7 +169,7 @@ class PullReconcileJob:
 
             try:  # the fleet's rollout gates and halt rule run on these reports (docs/fleet.md)
                 doc = device_report(self.paths, channel_of(self.paths, self.settings), self.clock)
-                send_report(where, self.paths, doc, self.clock)
+                send_report([where, *other_hubs(self.settings)], self.paths, doc, self.clock)
             except Exception as exc:  # the hub hears from us at the next sync
                 out["report_error"] = f"{type(exc).__name__}: {exc}"[:200]
         return out
@@ -188,8 +197,9 @@ class UplinkJob:
             report: dict[str, Any] = {"skipped": "no hub URL to upload to"}
         else:
             bw = self.settings.uplink.bandwidth_kbps
+            hubs = [where, *other_hubs(self.settings)]  # a regional hub first, the root as fallback
             report = self.telemetry.flush_uplink(
-                self.identity, where, bandwidth_bps=bw * 1000 / 8 if bw else None
+                self.identity, hubs, bandwidth_bps=bw * 1000 / 8 if bw else None
             )
         store = self.telemetry.store
         backlog = sum(b.rows for b in store.pending()) if store is not None else 0

@@ -7,6 +7,14 @@ evicted by the local byte budget (counted). A flush tries while the link answers
 back off with jitter and honour ``Retry-After``; after ``max_attempts`` consecutive failures the flush
 ends and the next one (scheduled) carries on. 401/403 mean the hub refuses this device: the flush stops
 and the batches stay.
+
+Several hubs (a regional hub first, the root as fallback): each entry goes to the first hub that takes
+it, in configured order, starting from the hub that took the previous entry of this flush. A hub that
+cannot be reached, answers 5xx/429, refuses or rejects passes the entry on to the next one; an entry is
+refused or rejected only when every hub refused or rejected it, and one attempt has failed only when no
+hub took it. The same batch id goes to every hub, so an entry a regional hub stored but whose answer
+was lost, then sent to the root, lands once at the root (the root deduplicates by id, and the regional
+hub's forwarded copy answers "duplicate").
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
@@ -81,6 +90,7 @@ class FlushReport:
     rejected: list[str] = field(default_factory=list)
     pending_after: int = 0
     link_down: bool = False
+    by_hub: Counter[str] = field(default_factory=Counter)  # entries acknowledged, per hub URL
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -93,6 +103,7 @@ class FlushReport:
             "rejected": self.rejected,
             "pending_after": self.pending_after,
             "link_down": self.link_down,
+            "by_hub": dict(self.by_hub),
         }
 
 
@@ -122,7 +133,7 @@ class Uplink:
     Args:
         store: the telemetry store.
         identity: the device key (signs every request).
-        hub_url: hub base URL.
+        hub_url: hub base URL, or several in order of preference (a regional hub first).
         clock: for signature ``created`` and backoff sleeps.
         client: an httpx client (default: one with a 30 s timeout).
         bandwidth_bps: optional cap on upload bytes per second.
@@ -134,7 +145,7 @@ class Uplink:
         self,
         store: Store,
         identity: DeviceIdentity,
-        hub_url: str,
+        hub_url: str | Sequence[str],
         clock: Clock,
         client: httpx.Client | None = None,
         bandwidth_bps: float | None = None,
@@ -143,7 +154,12 @@ class Uplink:
     ) -> None:
         self.store = store
         self.identity = identity
-        self.hub_url = hub_url.rstrip("/")
+        urls = [hub_url] if isinstance(hub_url, str) else list(hub_url)
+        if not urls:
+            raise ValueError("Uplink needs at least one hub URL")
+        self.hub_urls = [u.rstrip("/") for u in urls]
+        self.hub_url = self.hub_urls[0]
+        self._current = 0  # the hub that took the last entry
         self.clock = clock
         self.client = client or httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
         self.retry = retry or RetryPolicy()
@@ -153,13 +169,14 @@ class Uplink:
     def close(self) -> None:
         self.client.close()
 
-    def _url(self, b: BatchInfo) -> str:
+    def _url(self, b: BatchInfo, hub: str | None = None) -> str:
         path = BATCH_PATH if b.kind == "batch" else ATTEST_PATH
-        return f"{self.hub_url}{path}{b.batch_id}"
+        return f"{hub or self.hub_url}{path}{b.batch_id}"
 
-    def send(self, b: BatchInfo, payload: bytes) -> httpx.Response:
-        """One signed POST of one outbox entry (raises httpx.TransportError on link failure)."""
-        url = self._url(b)
+    def send(self, b: BatchInfo, payload: bytes, hub: str | None = None) -> httpx.Response:
+        """One signed POST of one outbox entry to ``hub`` (default: the first); raises
+        httpx.TransportError on link failure."""
+        url = self._url(b, hub)
         headers = sign_request(
             "POST",
             url,
@@ -199,31 +216,44 @@ class Uplink:
         report.pending_after = len(self.store.pending())
         return report
 
+    def _order(self) -> list[int]:
+        """Hubs to try: the one that took the last entry, then the others in configured order."""
+        return [self._current, *(k for k in range(len(self.hub_urls)) if k != self._current)]
+
     def _deliver(self, b: BatchInfo, max_attempts: int, report: FlushReport) -> str:
         """Upload one entry, retrying transient failures. Returns ok, rejected, refused or link_down."""
         payload = self.store.payload(b.batch_id)
         for attempt in range(max_attempts):
             retry_after: float | None = None
-            try:
-                resp = self.send(b, payload)
-                status = resp.status_code
-                retry_after = parse_retry_after(resp.headers.get("retry-after"), self.clock.now().timestamp())
-            except httpx.TransportError:
-                status = 0
-            if status == 200:
-                body = resp.json()
-                dup = body.get("status") == "duplicate"
-                (report.duplicates if dup else report.uploaded).append(b.batch_id)
-                self.store.ack(b.batch_id)
-                report.rows += b.rows
-                report.bytes += b.bytes
-                return "ok"
-            if status in (401, 403):
-                report.refused = f"{status} {resp.text[:200]}"
+            answers: list[tuple[int, str]] = []
+            for k in self._order():
+                try:
+                    resp = self.send(b, payload, self.hub_urls[k])
+                    status = resp.status_code
+                    after = parse_retry_after(resp.headers.get("retry-after"), self.clock.now().timestamp())
+                    if after is not None:
+                        retry_after = after if retry_after is None else min(retry_after, after)
+                except httpx.TransportError:
+                    status = 0
+                if status == 200:
+                    body = resp.json()
+                    dup = body.get("status") == "duplicate"
+                    (report.duplicates if dup else report.uploaded).append(b.batch_id)
+                    self.store.ack(b.batch_id)
+                    report.rows += b.rows
+                    report.bytes += b.bytes
+                    report.by_hub[self.hub_urls[k]] += 1
+                    self._current = k
+                    return "ok"
+                answers.append((status, resp.text[:200] if status else ""))
+            statuses = {st for st, _ in answers}
+            if statuses <= {401, 403}:
+                st, text = answers[0]
+                report.refused = f"{st} {text}"
                 self.store.defer(b.batch_id, _us(self.clock) + int(self.retry.max_s * 1e6))
                 return "refused"
-            if status in (400, 413, 422):
-                # The hub will never take this entry; keep it (nothing is dropped silently) and move on.
+            if statuses <= {400, 401, 403, 413, 422}:
+                # No hub will ever take this entry; keep it (nothing is dropped silently) and move on.
                 report.rejected.append(b.batch_id)
                 self.store.defer(b.batch_id, _us(self.clock) + int(self.retry.max_s * 1e6))
                 return "rejected"

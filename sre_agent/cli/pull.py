@@ -83,7 +83,11 @@ def register(app: typer.Typer) -> None:
         state: StateOpt = None,
         source: Annotated[
             str | None,
-            typer.Option("--from", help="Hub URL or bundle directory (default: the provisioned hub)."),
+            typer.Option(
+                "--from",
+                help="Hub URL or bundle directory, the only source tried (default: [hub] urls, url, "
+                "then mirrors, in order).",
+            ),
         ] = None,
         channel: Annotated[
             str | None, typer.Option("--channel", help="Channel (default: the provisioned one).")
@@ -97,7 +101,10 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_for(state, config)
         paths = StatePaths(settings.state_dir)
-        src = source or settings.hub.url  # settings include what `init` provisioned
+        # settings include what `init` provisioned; --from pulls from that one source only
+        hubs = settings.hub.hubs()
+        src = source or (hubs[0] if hubs else None)
+        fallbacks = [] if source else settings.hub.pull_fallbacks()
         ch = channel or settings.hub.channel
         if not src:
             raise InputError(
@@ -117,6 +124,8 @@ def register(app: typer.Typer) -> None:
                     progress=factory,
                     metadata_url=settings.hub.metadata_url,
                     targets_url=settings.hub.targets_url,
+                    fallbacks=fallbacks,
+                    sticky_s=settings.hub.sticky_s,
                 ).pull()
         except PullError as exc:
             if json_out:

@@ -242,7 +242,9 @@ def _source(paths: StatePaths, src: str | None, channel: str | None, config: Pat
     from deployment.pull import Puller, load_held
 
     settings = settings_for(paths.root, config)
-    where = src or settings.hub.url  # settings include what `init` provisioned
+    hubs = settings.hub.hubs()  # settings include what `init` provisioned
+    where = src or (hubs[0] if hubs else None)
+    fallbacks = [] if src else settings.hub.pull_fallbacks()  # --from: that source only
     ch = channel or settings.hub.channel
 
     def pull() -> Any:
@@ -251,7 +253,13 @@ def _source(paths: StatePaths, src: str | None, channel: str | None, config: Pat
         # Refused or failed: keep enforcing what is held (already audited); the pass reports it.
         hub = settings.hub  # a CDN/mirror for the signed files, when configured
         return Puller(
-            paths, where, ch, metadata_url=hub.metadata_url, targets_url=hub.targets_url
+            paths,
+            where,
+            ch,
+            metadata_url=hub.metadata_url,
+            targets_url=hub.targets_url,
+            fallbacks=fallbacks,
+            sticky_s=hub.sticky_s,
         ).pull_or_held()
 
     return pull
@@ -266,12 +274,12 @@ def _report_to_hub(
     from sre_core.clock import SystemClock
 
     settings = settings_for(paths.root, config)
-    where = src or settings.hub.url
-    if not online or not where or not where.startswith(("http://", "https://")):
+    hubs = [src] if src else [u for u in settings.hub.hubs() if u.startswith(("http://", "https://"))]
+    if not online or not hubs or not hubs[0].startswith(("http://", "https://")):
         return "offline"
     clock = SystemClock()
-    try:
-        send_report(where, paths, device_report(paths, channel or settings.hub.channel, clock), clock)
+    try:  # the first hub that takes it (a regional hub first, the root as fallback)
+        send_report(hubs, paths, device_report(paths, channel or settings.hub.channel, clock), clock)
     except Exception as exc:  # the hub hears from us at the next pass
         return f"{type(exc).__name__}: {exc}"[:200]
     return "sent"

@@ -178,7 +178,9 @@ def register(app: typer.Typer) -> None:
     def flush(
         state: StateOpt = None,
         config: ConfigOpt = None,
-        hub: Annotated[str | None, typer.Option("--hub", help="Hub URL (default: [hub] url).")] = None,
+        hub: Annotated[
+            str | None, typer.Option("--hub", help="Hub URL (default: [hub] urls, then url, in order).")
+        ] = None,
         attempts: Annotated[int, typer.Option("--attempts", min=1, max=100, help="Retries per batch.")] = 5,
         json_out: JsonOpt = False,
     ) -> None:
@@ -190,16 +192,16 @@ def register(app: typer.Typer) -> None:
         from sre_core.paths import StatePaths
 
         settings = settings_for(state, config)
-        url = hub or settings.hub.url
-        if not url or not url.startswith(("http://", "https://")):
-            raise InputError("uplink flush", f"no hub URL ({url!r})", "pass --hub URL or set [hub] url")
+        hubs = [hub] if hub else [u for u in settings.hub.hubs() if u.startswith(("http://", "https://"))]
+        if not hubs or not hubs[0].startswith(("http://", "https://")):
+            raise InputError("uplink flush", f"no hub URL ({hub!r})", "pass --hub URL or set [hub] url")
         paths = StatePaths(settings.state_dir)
         ident = load_identity(paths)
         clock = SystemClock()
         store = Store(paths.telemetry_db, _policy(paths.root), clock, ident.device_id)
         bw = settings.uplink.bandwidth_kbps
         try:
-            uplink = Uplink(store, ident, url, clock, bandwidth_bps=bw * 1000 / 8 if bw else None)
+            uplink = Uplink(store, ident, hubs, clock, bandwidth_bps=bw * 1000 / 8 if bw else None)
             try:
                 report = uplink.flush(max_attempts=attempts)
             finally:

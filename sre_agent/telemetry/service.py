@@ -12,6 +12,7 @@ Wiring (``sre_agent/wiring.py``)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from policies.telemetry import TelemetryPolicy
@@ -77,7 +78,7 @@ class TelemetryService:
         return queue_attestation(self.store, identity, state)
 
     def flush_uplink(
-        self, identity: DeviceIdentity, hub_url: str, bandwidth_bps: float | None = None
+        self, identity: DeviceIdentity, hub_url: str | Sequence[str], bandwidth_bps: float | None = None
     ) -> dict[str, Any]:
         """One uplink window: commit what is buffered, seal, upload. Returns the report as a dict."""
         from sre_agent.uplink import Uplink
