@@ -41,7 +41,7 @@ from policies.deployment import DeploymentPolicy
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
-from sre_core.errors import InputError
+from sre_core.errors import InputError, SreError
 from sre_core.paths import StatePaths
 from sre_core.telemetry import NullSink, TelemetrySink
 
@@ -391,6 +391,7 @@ class Reconciler:
     def recover(self) -> dict[str, str]:
         """Resolve interrupted installs and flips, re-apply safe mode (done by the first pass)."""
         self.audit.head()  # drops a torn final line left by kill -9 (it was never acknowledged)
+        self._discard_poisoned_time()
         done = self.slots.recover_all()
         self.safe.sync_slots()
         for module, what in self.policies.sync(self.slots).items():
@@ -402,6 +403,28 @@ class Reconciler:
         if changed:
             self.audit.append("reconcile.recovered", modules=changed)
         return done
+
+    def _discard_poisoned_time(self) -> None:
+        """A trusted time poisoned before signed times were bounded is dropped at start (audited)."""
+        from datetime import timedelta
+
+        from deployment.trusted_time import TrustedTime
+        from policies.trust import load_trust_policy
+
+        try:
+            tolerance = timedelta(seconds=load_trust_policy(self.paths.policies).max_signed_time_ahead_s)
+            held = read_last_reconcile(self.paths).get("desired")
+            desired = DesiredState.model_validate(held) if held else None
+            trusted = TrustedTime(self.paths.clock_file, self.clock)
+        except (SreError, ValueError) as exc:  # an unreadable clock.json stays an error for the pull
+            self.audit.append("trusted_time.check_failed", why=str(exc)[:300])
+            return
+        done = trusted.discard_unbacked(
+            tolerance, desired.issued if desired else None, desired.expires if desired else None
+        )
+        if done is not None:
+            self.audit.append("trusted_time.discarded", **done)
+            self.telemetry.event("deployment", f"trusted time reset: {done['why']}"[:300], severity="warning")
 
     def run_once(self) -> ReconcileReport:
         """One reconcile pass. Never raises for a module's failure: it is reported in the outcome."""

@@ -10,7 +10,9 @@ Public API::
         .admit(signed_time, source, tolerance) -> datetime   observe() a signed time, refusing one
                                      beyond :func:`signed_time_bound` (raises FutureSignedTimeError)
         .high_water -> datetime | None
+        .discard_unbacked(tolerance, held_issued, held_expires) -> dict | None   drop a poisoned mark
     signed_time_bound(system_now, high_water, tolerance) -> datetime   pure: the latest admissible time
+    unbacked_mark(record, system_now, tolerance, held_issued, held_expires) -> str | None   pure
     FutureSignedTimeError(SreError)  a signed time is too far ahead of the device clock (refused)
 
 The mark lives in ``<state>/clock.json`` and only moves forward, so winding the system clock back (a bad
@@ -26,6 +28,16 @@ so a signed time beyond the device clock plus a policy tolerance (:func:`signed_
 the mark no further than the system clock, unless that clock is known wrong (behind the mark by more
 than the tolerance: an RTC reset). A stolen online key can then withhold updates, not move the fleet's
 clocks into safe mode.
+
+A mark written before the bound existed may already be poisoned (a far-future signed time admitted as
+it came). :func:`unbacked_mark` recognises one without weakening the rollback protection: the mark is
+beyond the device clock plus the tolerance *now*, it was already that far ahead of the device clock
+*when it was written* (only an unbounded signed time does that: a checkpoint or a bounded admission
+writes at most the device clock), no held verified desired state says the device clock is behind
+(issued beyond it: an RTC reset, where the mark is needed), and no held desired state is still valid at
+the mark. Such a mark is replaced (at start, by :meth:`TrustedTime.discard_unbacked`, audited) with the
+device clock it was written at or the held desired state's issue time, whichever is later. A clock wound
+back after a good mark never matches: that mark agreed with the device clock when it was written.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from sre_core.atomic import atomic_write_json
 from sre_core.clock import Clock
 from sre_core.errors import SreError
 
-__all__ = ["FutureSignedTimeError", "TrustedTime", "signed_time_bound"]
+__all__ = ["FutureSignedTimeError", "TrustedTime", "signed_time_bound", "unbacked_mark"]
 
 
 class FutureSignedTimeError(SreError):
@@ -56,6 +68,37 @@ def signed_time_bound(system_now: datetime, high_water: datetime | None, toleran
     if high_water is not None and high_water - system_now > tolerance:
         return high_water + tolerance
     return system_now + tolerance
+
+
+def unbacked_mark(
+    record: dict[str, object],
+    system_now: datetime,
+    tolerance: timedelta,
+    held_issued: datetime | None,
+    held_expires: datetime | None,
+) -> str | None:
+    """Why a stored ``clock.json`` record is a poisoned mark to discard (None: keep it). Pure.
+
+    See the module docstring for the four conditions; each one that fails keeps the mark.
+    """
+    try:
+        high = datetime.fromisoformat(str(record["high_water"]))
+        written_at = datetime.fromisoformat(str(record["system_clock_at_update"]))
+    except (KeyError, ValueError):
+        return None  # no evidence of how it was written: keep it
+    if high.tzinfo is None or written_at.tzinfo is None or high <= system_now + tolerance:
+        return None
+    if high - written_at <= tolerance:
+        return None  # it agreed with the device clock when written: the clock went back since (rollback)
+    if held_issued is not None and held_issued > system_now + tolerance:
+        return None  # a verified desired state says the device clock is behind: the mark is needed
+    if held_expires is not None and high < held_expires:
+        return None  # the held desired state is still valid at the mark: it expires nothing held
+    return (
+        f"the stored trusted time {high.isoformat()} (from {record.get('source') or 'unknown'}) was "
+        f"{high - written_at} ahead of the device clock when written and no held signed document is "
+        f"valid at it: a far-future signed time admitted before signed times were bounded"
+    )
 
 
 class TrustedTime:
@@ -164,6 +207,36 @@ class TrustedTime:
         if self._high is not None and self._high - sys_now > tolerance:
             return self.observe(signed_time, source)  # the clock is known wrong: signed time leads
         return self.observe(min(signed_time, sys_now), source)
+
+    def discard_unbacked(
+        self, tolerance: timedelta, held_issued: datetime | None, held_expires: datetime | None
+    ) -> dict[str, str] | None:
+        """Replace a poisoned mark (:func:`unbacked_mark`) with a bounded one. Returns what changed (for
+        the audit entry), or None when the mark is kept."""
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        why = unbacked_mark(record, self.clock.now(), tolerance, held_issued, held_expires)
+        if why is None or self._high is None:
+            return None
+        floor = datetime.fromisoformat(str(record["system_clock_at_update"]))
+        if held_issued is not None and held_issued > floor:
+            floor = held_issued
+        discarded = self._high
+        atomic_write_json(
+            self.path,
+            {
+                "high_water": floor.isoformat(),
+                "source": "recovered",
+                "system_clock_at_update": self.clock.now().isoformat(),
+                "discarded": discarded.isoformat(),
+            },
+        )
+        self._high, self._source = floor, "recovered"
+        return {"discarded": discarded.isoformat(), "now_high_water": floor.isoformat(), "why": why}
 
     def _write(self, when: datetime, source: str) -> None:
         if self._high is None or when > self._high:
