@@ -6,12 +6,14 @@ Ingest is contained: a batch lands only when its table is in the shared registry
 (:mod:`sre_core.telemetry_schema`) and its columns are exactly that table's (plus ``device_id``), every
 row belongs to the signing device, it has between 1 and :data:`MAX_BATCH_ROWS` rows, it decodes to at
 most :data:`MAX_UNCOMPRESSED_BYTES` and record bodies are JSON objects. The decoded size is counted from
-the decoded arrays themselves, a few rows at a time, and decoding stops at the cap: the footer's
-declared sizes are only a cheap first refusal (the sender writes them). Decoding memory is also bounded
-across requests: each decoded chunk is reserved from one shared :class:`DecodeBudget` before it is
-checked and written (streamed into the lake, so one batch never sits in memory whole), and a request
-that cannot get its bytes in time is answered "busy" (:class:`DecodeBusyError`). Attestation
-predicates are validated against :class:`DeviceStatePredicate`; the newest attested ``time`` wins.
+the decoded arrays themselves, step by step, and decoding stops at the cap: the footer's declared sizes
+are only a cheap first refusal (the sender writes them). Decoding memory is also bounded across
+requests: before anything is decompressed, the page headers (:mod:`hub.parquet_bounds`) bound what
+each decoding step can take; the largest step (plus the lake writer's buffer) is reserved from one
+shared :class:`DecodeBudget` *before* decoding starts and held until the batch is written (streamed
+into the lake, so one batch never sits in memory whole). A request that cannot get its bytes in time
+is answered "busy" (:class:`DecodeBusyError`); one that needs more than the whole budget is refused.
+Attestation predicates are validated against :class:`DeviceStatePredicate`; the newest attested ``time`` wins.
 Readers of record bodies (the escalation review) still check each body's shape
 themselves (:func:`escalation_document`): a table carries several
 kinds of record.
@@ -25,7 +27,6 @@ means the device's retry writes the same bytes again.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import threading
@@ -46,7 +47,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from sqlalchemy import delete, func, select, update
 
-from hub.lake import Lake
+from hub.lake import FLUSH_BYTES, Lake
+from hub.parquet_bounds import PageError, scan_pages
 from hub.store import HubStore, open_store, store_config
 from hub.store._schema import device_state, devices, nonces, receipts, review_queue
 from sre_core.clock import Clock, SystemClock
@@ -78,7 +80,8 @@ ATTESTATION_PREDICATE = DEVICE_STATE_PREDICATE
 MAX_BATCH_ROWS = 1_000_000
 MAX_UNCOMPRESSED_BYTES = 256 * 1024 * 1024
 DECODE_BUDGET_BYTES = 128 * 1024 * 1024  # decoded chunks in flight across all requests of one hub process
-DECODE_ROWS = 64  # rows decoded per step: a step holds at most this many rows, whatever their size
+DECODE_CHUNK_BYTES = 8 * 1024 * 1024  # what one decoding step may take (rows per step are planned to fit)
+DECODE_MAX_ROWS = 8192  # rows per step at most, however small
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BATCH_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -163,10 +166,11 @@ class DecodeBusyError(SreError):
 class DecodeBudget:
     """Decoded bytes in flight at once across all requests of one hub process (a counting byte semaphore).
 
-    A request decodes one chunk at a time and reserves it before handing it on; reserving the next chunk
-    first gives back the previous one (already written out), so a request holds at most one chunk and
-    holds nothing while it waits: waiters never deadlock each other. A chunk larger than the whole budget
-    takes the whole budget. A reservation that does not fit within ``timeout_s`` raises
+    A request reserves, before it decodes anything, what its decoding can take at most (planned from the
+    page headers, see :func:`checked_rows`) and holds it until it is done; a new reservation first gives
+    back the previous one, so a request never waits while holding budget: waiters never deadlock each
+    other. A reservation larger than the whole budget is refused (:class:`~sre_core.errors.InputError`:
+    the batch can never be decoded here); one that does not fit within ``timeout_s`` raises
     :class:`DecodeBusyError` (the hub answers 503 with ``Retry-After``).
     """
 
@@ -182,7 +186,12 @@ class DecodeBudget:
             return self._used
 
     def _take(self, n: int) -> int:
-        n = min(n, self.total)
+        if n > self.total:
+            raise InputError(
+                "decode a batch",
+                f"decoding it may take {n} bytes at once, more than the hub's budget of {self.total}",
+                "seal the batch with smaller pages (smaller values per page)",
+            )
         with self._cond:
             if not self._cond.wait_for(lambda: self._used + n <= self.total, self.timeout_s):
                 raise DecodeBusyError(
@@ -198,8 +207,8 @@ class DecodeBudget:
 
     @contextmanager
     def hold(self) -> Iterator[Callable[[int], None]]:
-        """A reserve function for one request: ``reserve(n)`` gives back the previous chunk, then takes
-        ``n`` bytes; what is held is released on exit."""
+        """A reserve function for one request: ``reserve(n)`` gives back what it held, then takes ``n``
+        bytes; what is held is released on exit."""
         held = 0
 
         def reserve(n: int) -> None:
@@ -304,7 +313,7 @@ def open_batch(device_id: str, batch_id: str, payload: bytes) -> tuple[str, pq.P
     """
     what = f"land batch {batch_id[:16]} from {device_id}"
     try:
-        pf = pq.ParquetFile(io.BytesIO(payload))
+        pf = pq.ParquetFile(pa.BufferReader(payload))  # zero-copy: column chunks are slices of the body
         md = pf.metadata
     except (pa.ArrowInvalid, OSError) as exc:
         raise _refuse(what, f"not a Parquet file ({exc})", "re-seal the batch") from exc
@@ -343,41 +352,59 @@ def checked_rows(
 ) -> tuple[str, pa.Schema, Iterator[pa.RecordBatch]]:
     """The registry table, its schema and the checked rows of a batch, :data:`DECODE_ROWS` at a time.
 
-    The decoded bytes are counted from the decoded arrays; decoding stops (a refusal) once they pass
-    :data:`MAX_UNCOMPRESSED_BYTES`. ``reserve(n)`` is called with each chunk's size before it is handed
-    on, after the previous chunk was consumed (a :meth:`DecodeBudget.hold`; it may raise
-    :class:`DecodeBusyError`). A consumer must treat the rows as provisional until the iterator is
+    Before anything is decompressed, the page headers are walked (:mod:`hub.parquet_bounds`; each
+    dictionary page's size is passed to ``reserve`` before it is read): they bound what decoding any
+    ``k`` rows can take, so each row group is decoded in steps planned to stay within
+    :data:`DECODE_CHUNK_BYTES` (a single row may need more: a huge page). Then ``reserve(n)`` is called
+    once, *before* the first step is decoded, with the largest step's bound, and the reservation is
+    meant to be held until the iterator is done (a :meth:`DecodeBudget.hold`; it may raise
+    :class:`DecodeBusyError`, or InputError above the whole budget). Each step's rows are let go of
+    before the next step decodes; what a consumer keeps must be in its own reservation. The decoded
+    bytes are also counted from the decoded arrays; decoding stops (a refusal) once they pass
+    :data:`MAX_UNCOMPRESSED_BYTES`. A consumer must treat the rows as provisional until the iterator is
     exhausted: a refusal can come with any chunk.
 
     Raises:
-        InputError: see :func:`open_batch`; also rows of another device, rows without a timestamp,
-            malformed record bodies, too large once decoded, or unreadable pages.
+        InputError: see :func:`open_batch`; also page headers that are malformed or disagree with the
+            footer, rows of another device, rows without a timestamp, malformed record bodies, a row
+            or a batch too large once decoded, or unreadable pages.
     """
     what = f"land batch {batch_id[:16]} from {device_id}"
     table, pf, expected = open_batch(device_id, batch_id, payload)
+    try:
+        plan = scan_pages(payload, pf.metadata, pf.schema_arrow, reserve)
+    except PageError as exc:
+        raise _refuse(what, f"unreadable page headers ({exc})", "re-seal the batch") from exc
+    steps = plan.chunks(DECODE_CHUNK_BYTES, DECODE_MAX_ROWS)
 
     def rows() -> Iterator[pa.RecordBatch]:
         decoded = n = 0
+        if reserve is not None:
+            reserve(max((s.bytes for s in steps), default=0))  # before anything is decoded; held to the end
         try:
-            for raw in pf.iter_batches(batch_size=DECODE_ROWS, use_threads=False):
-                decoded += raw.nbytes
-                if decoded > MAX_UNCOMPRESSED_BYTES:
-                    raise _refuse(
-                        what, f"more than {MAX_UNCOMPRESSED_BYTES} bytes once decoded", "seal smaller"
-                    )
-                if reserve is not None:
-                    reserve(raw.nbytes)
-                rb = raw.select(expected.names).cast(expected)
-                n += rb.num_rows
-                if rb.column("ts").null_count:
-                    raise _refuse(what, "rows without a timestamp")
-                if any(d != device_id for d in pc.unique(rb.column("device_id")).to_pylist()):
-                    raise _refuse(what, "rows of another device inside", "a device uploads only its own data")
-                if table in RECORD_TABLES:
-                    bad = sum(1 for b in rb.column("body").to_pylist() if _json_object(b) is None)
-                    if bad:
-                        raise _refuse(what, f"{bad} {table} row(s) whose body is not a valid record")
-                yield rb
+            for step in steps:
+                it = pf.iter_batches(batch_size=step.rows, row_groups=[step.row_group], use_threads=False)
+                while (raw := next(it, None)) is not None:
+                    decoded += raw.nbytes
+                    if decoded > MAX_UNCOMPRESSED_BYTES:
+                        raise _refuse(
+                            what, f"more than {MAX_UNCOMPRESSED_BYTES} bytes once decoded", "seal smaller"
+                        )
+                    rb = raw.select(expected.names).cast(expected)
+                    del raw
+                    n += rb.num_rows
+                    if rb.column("ts").null_count:
+                        raise _refuse(what, "rows without a timestamp")
+                    if any(d != device_id for d in pc.unique(rb.column("device_id")).to_pylist()):
+                        raise _refuse(
+                            what, "rows of another device inside", "a device uploads only its own data"
+                        )
+                    if table in RECORD_TABLES:
+                        bad = sum(1 for b in rb.column("body").to_pylist() if _json_object(b) is None)
+                        if bad:
+                            raise _refuse(what, f"{bad} {table} row(s) whose body is not a valid record")
+                    yield rb
+                    del rb  # not held while the next step decodes
         except (pa.ArrowInvalid, OSError) as exc:
             raise _refuse(what, f"unreadable rows ({exc})", "re-seal the batch") from exc
         if n != pf.metadata.num_rows:
@@ -521,13 +548,17 @@ class FleetDB:
             return dup
         rows, items = 0, []
         with (budget or DecodeBudget()).hold() as reserve:
-            table, schema, batches = checked_rows(device_id, batch_id, payload, reserve)
+            # the reservation also covers the rows the lake writer buffers (below FLUSH_BYTES)
+            table, schema, batches = checked_rows(
+                device_id, batch_id, payload, lambda n: reserve(n + FLUSH_BYTES)
+            )
             with self.lake.writer(table, batch_id, schema) as out:
-                for rb in batches:  # streamed: only a few chunks are in memory at once
+                while (rb := next(batches, None)) is not None:  # streamed, one step at a time
                     out.write(rb)
                     rows += rb.num_rows
                     if table == "feedback":
                         items += [json.loads(b) for b in rb.column("body").to_pylist()]
+                    del rb  # let go of the step before the next one is decoded
                 paths = out.commit()  # reached only when every chunk passed its checks
         now = self.clock.now().isoformat()
         with self.store.tx() as conn:

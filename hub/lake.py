@@ -33,22 +33,29 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["Lake", "LakeWriter"]
+__all__ = ["FLUSH_BYTES", "Lake", "LakeWriter"]
 
-FLUSH_BYTES = 8 * 1024 * 1024  # rows buffered per day before they are written out as one row group
+FLUSH_BYTES = 8 * 1024 * 1024  # rows buffered (all days together) before they are written out
 
 
 class LakeWriter:
     """Streams one batch's rows into hidden per-day temporary files; :meth:`commit` moves them into place.
 
-    Memory stays at about :data:`FLUSH_BYTES` per day plus the batch being written, however many rows
-    come. Nothing is visible before :meth:`commit`; :meth:`abort` (or leaving a ``with`` block on an
-    exception) deletes the temporary files.
+    Rows held in memory stay below :data:`FLUSH_BYTES` (all days together, see :attr:`pending_bytes`)
+    plus the record batch being written, however many rows come. Nothing is visible before
+    :meth:`commit`; :meth:`abort` (or leaving a ``with`` block on an exception) deletes the temporary
+    files.
     """
 
     def __init__(self, lake: Lake, table: str, name: str, schema: pa.Schema) -> None:
         self._lake, self._table, self._name, self._schema = lake, table, name, schema
         self._open: dict[Any, tuple[str, Any, Any, list[pa.RecordBatch], int]] = {}
+        self._pending = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of rows written but still buffered in memory (every day's file together)."""
+        return self._pending
 
     def __enter__(self) -> LakeWriter:
         return self
@@ -58,10 +65,11 @@ class LakeWriter:
             self.abort()
 
     def _flush(self, day: Any) -> None:
-        tmp, out, w, pending, _ = self._open[day]
+        tmp, out, w, pending, size = self._open[day]
         if pending:
             w.write_table(pa.Table.from_batches(pending, self._schema))
         self._open[day] = (tmp, out, w, [], 0)
+        self._pending -= size
 
     def write(self, rows: pa.RecordBatch) -> None:
         """Append ``rows`` (with a UTC ``ts`` column, no nulls) under each row's own day."""
@@ -77,7 +85,9 @@ class LakeWriter:
                 self._open[day] = (tmp, out, pq.ParquetWriter(out, self._schema, compression="zstd"), [], 0)
             tmp, out, w, pending, size = self._open[day]
             self._open[day] = (tmp, out, w, [*pending, part], size + part.nbytes)
-            if size + part.nbytes >= FLUSH_BYTES:
+            self._pending += part.nbytes
+        if self._pending >= FLUSH_BYTES:
+            for day in list(self._open):
                 self._flush(day)
 
     def commit(self) -> list[str]:
@@ -93,6 +103,7 @@ class LakeWriter:
             self._lake.fs.move(self._open[day][0], self._lake._p(rel))
             written.append(rel)
         self._open.clear()
+        self._pending = 0
         return written
 
     def abort(self) -> None:
@@ -104,6 +115,7 @@ class LakeWriter:
             finally:
                 self._lake.fs.delete_file(tmp)
         self._open.clear()
+        self._pending = 0
 
 
 class Lake:
