@@ -25,7 +25,9 @@ import hmac
 import json
 import logging
 import secrets
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import delete, select
@@ -38,6 +40,7 @@ from deployment.rollout import DeviceReport
 from hub.fleetdb import FleetDB
 from hub.repository import HubRepository
 from hub.rollouts import RolloutService, RolloutSpec
+from hub.sites import SiteRegistry, relay_fresh, relay_target
 from hub.store import HubStore, open_store, store_config
 from hub.store._schema import operator_tokens
 from sre_core.clock import Clock, SystemClock
@@ -121,6 +124,13 @@ def fleet_routes(
     db = fleet or FleetDB(svc.fleet_dir, clk, store=svc.store)
     nonces = db.nonces(window_s)
     tokens = OperatorTokens(repo_dir, svc.store)
+    sites = SiteRegistry(svc.store, clk)
+
+    def _newer_than_held(report: dict[str, Any]) -> bool:
+        held = svc.reports.get(str(report["device_id"]))
+        if held is None or not report.get("time") or not held.get("time"):
+            return held is None or not held.get("time")
+        return datetime.fromisoformat(str(report["time"])) > datetime.fromisoformat(str(held["time"]))
 
     async def report(request: Request) -> JSONResponse:
         declared = request.headers.get("content-length")
@@ -132,10 +142,15 @@ def fleet_routes(
             if len(body) > MAX_REPORT_BYTES:
                 return JSONResponse({"error": "report too large"}, status_code=413)
         try:
+            # forwarded by a regional hub (site token): verified over the URI the device signed (hub.sites)
+            relay = await run_in_threadpool(relay_target, request.headers, str(request.url), sites)
             vr = await run_in_threadpool(
-                verify_request, request.method, str(request.url), list(request.headers.items()), body,
-                db.resolve_key, clk.now().timestamp(), nonces,
+                verify_request, request.method, relay.uri if relay else str(request.url),
+                list(request.headers.items()), body, db.resolve_key, clk.now().timestamp(),
+                relay.nonces if relay else nonces,
             )  # fmt: skip
+            if relay:
+                relay_fresh(vr.created, clk.now().timestamp(), window_s)
         except SignatureRefused as exc:
             _log.warning("refused fleet report: %s", exc)
             status = 403 if exc.reason == "revoked" else 401
@@ -154,6 +169,10 @@ def fleet_routes(
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
             return JSONResponse({"error": f"bad report: {where}: {err['msg']}"}, status_code=400)
+        if relay and not await run_in_threadpool(_newer_than_held, clean):
+            # a relayed report is applied only when newer than the one held (delayed, re-forwarded or
+            # replayed copies are no-ops): the device's signed time orders them
+            return JSONResponse({"status": "duplicate", "events": []})
         try:
             events = await run_in_threadpool(svc.observe, clean)
         except InputError as exc:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from hub.fleetdb import DecodeBudget, DecodeBusyError, FleetDB
+from hub.sites import SiteRegistry, relay_fresh, relay_target
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
 from sre_core.signing import SignatureRefused, verify_request
@@ -131,22 +132,27 @@ def ingest_routes(
     clk = clock or SystemClock()
     db = fleet or FleetDB(fleet_dir, clk)
     nonces = db.nonces(window_s)
+    sites = SiteRegistry(db.store, clk)
 
     async def _authenticated_body(request: Request, limit: int) -> tuple[str, bytes]:
         """Verify the signed headers, then read and digest-check the body (see the module docstring)."""
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise _EncodedError()
         length = declared_length(request.headers, limit)
+        # forwarded by a regional hub (site token): verified over the URI the device signed, see hub.sites
+        relay = await run_in_threadpool(relay_target, request.headers, str(request.url), sites)
         vr = await run_in_threadpool(
             verify_request,
             request.method,
-            str(request.url),
+            relay.uri if relay else str(request.url),
             [(k, v) for k, v in request.headers.items()],
             cast(bytes, None),  # headers only: the body is not read yet
             db.resolve_key,
             clk.now().timestamp(),
-            nonces,
+            relay.nonces if relay else nonces,
         )
+        if relay:
+            relay_fresh(vr.created, clk.now().timestamp(), window_s)
         body = await read_declared(request, length)
         check_digest(request.headers.get("content-digest"), body)
         return vr.key_id, body

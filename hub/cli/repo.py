@@ -245,7 +245,10 @@ def register(app: typer.Typer) -> None:
         if static_only:
             asgi = build_static_app(repo)
         else:
-            asgi = build_hub_app(repo, extra_routes=[*ingest_routes(repo / "fleet"), *fleet_routes(repo)])
+            from hub.sites import site_routes
+
+            routes = [*ingest_routes(repo / "fleet"), *fleet_routes(repo), *site_routes(repo)]
+            asgi = build_hub_app(repo, extra_routes=routes)
         url = f"http://{host}:{sock.getsockname()[1]}"
         if json_out:
             emit_json({"url": url, "repo": str(repo), "static_only": static_only})

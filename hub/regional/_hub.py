@@ -4,11 +4,12 @@ Public API::
 
     RegionalConfig(upstream, root, state, store_url=None, prefetch_bytes=16 GiB, site="site",
                    site_token=None, channels=None, fetch=None, window_s=300)
-    RegionalHub(config, clock=None, transport=None)
+    RegionalHub(config, clock=None, client=None)
         .sync_down() -> SyncResult       mirror the upstream's signed repository (never raises offline)
         .forward_up() -> ForwardResult   forward what devices sent, store-and-forward (see _relay.py)
-        .sync_once() -> dict             both, then the site report to the root
+        .sync_once() -> dict             down-sync, roster, forward, then the site report to the root
         .status() -> dict                last sync, backlog, served timestamp
+        .relay                           the spool (accept, backlog, site_reports; see _relay.py)
         .close()
 """
 
@@ -20,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from deployment.fetcher import FetchConfig
 from hub.regional._mirror import Mirror, MirrorOfflineError, MirrorRefusedError, SyncResult
+from hub.regional._relay import ForwardResult, Relay
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
@@ -78,7 +82,9 @@ class RegionalConfig:
 class RegionalHub:
     """One regional hub: a verified mirror served downwards, a durable relay upwards."""
 
-    def __init__(self, config: RegionalConfig, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: RegionalConfig, clock: Clock | None = None, client: httpx.Client | None = None
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         state = Path(config.state)
@@ -99,6 +105,16 @@ class RegionalHub:
             config.channels,
             config.prefetch_bytes,
             self.audit,
+        )
+        self.relay = Relay(
+            state,
+            config.store_url,
+            config.upstream,
+            config.site,
+            config.site_token,
+            self.clock,
+            self.audit,
+            client,
         )
         self._status_file = state / "sync.json"
         self._lock = threading.Lock()
@@ -126,10 +142,28 @@ class RegionalHub:
                 )
         return result
 
+    def forward_up(self, max_items: int = 500) -> ForwardResult:
+        """Forward what the site's devices sent (store-and-forward; see :class:`Relay`)."""
+        return self.relay.forward_up(max_items)
+
     def sync_once(self) -> dict[str, Any]:
-        """One full step: down-sync (later: forward, site report). Returns what happened."""
+        """One full step: down-sync, roster, forward, site report. Returns what happened."""
         down = self.sync_down()
-        return {"down": down.to_dict()}
+        roster = self.relay.refresh_roster()
+        up = self.forward_up()
+        reported = self.relay.report_status(self._site_status())
+        return {"down": down.to_dict(), "roster": roster, "up": up.to_dict(), "reported": reported}
+
+    def _site_status(self) -> dict[str, Any]:
+        st = self.status()
+        served = st["served_timestamp"] or {}
+        return {
+            "timestamp_version": served.get("version"),
+            "last_sync": st["last_sync"],
+            "backlog": st["backlog"],
+            "root_unreachable_since": self.relay.unreachable_since,
+            "devices": len(self.relay.site_reports()),
+        }
 
     def status(self) -> dict[str, Any]:
         """Where this site stands: last successful sync, served timestamp, backlog."""
@@ -143,7 +177,10 @@ class RegionalHub:
             "last_sync": synced.get("last_sync"),
             "served_timestamp": self.mirror.served_timestamp(),
             "last_error": self.last_sync.error if self.last_sync is not None else None,
+            "backlog": self.relay.backlog(),
+            "roster": self.relay.roster_ready(),
         }
 
     def close(self) -> None:
         """Release what the hub holds open."""
+        self.relay.close()

@@ -21,6 +21,7 @@ __all__ = [
     "rollout_counters",
     "rollout_members",
     "rollouts",
+    "sites",
 ]
 
 metadata = MetaData()
@@ -148,4 +149,15 @@ escalation_decisions = Table(
     Column("operator", String(128), primary_key=True),
     Column("signed_at", String(40), nullable=False),
     Column("body", Text, nullable=False),
+)
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("added_at", String(40), nullable=False),
+    Column("last_seen", String(40), nullable=True),
+    Column("last_sync", String(40), nullable=True),
+    Column("status", Text, nullable=True),
 )
