@@ -22,6 +22,7 @@ from policies.base import PolicyModel, load_default
 
 __all__ = [
     "ACTION_RANK",
+    "DEFAULT_CANARY_PARITY_RATIO",
     "DEVICE_FACTS",
     "INCIDENT_KINDS",
     "Action",
@@ -54,6 +55,10 @@ ACTION_RANK: dict[Action, int] = {a: i for i, a in enumerate(Action)}
 
 FactValue = str | int | float | bool | None
 
+DEFAULT_CANARY_PARITY_RATIO = 1.25
+"""Default ``canary_parity_ratio``: a candidate within 25% of the incumbent on the failed gate's metric is
+no worse than it."""
+
 DEVICE_FACTS = frozenset(
     {
         "rollback_ready",
@@ -66,6 +71,10 @@ DEVICE_FACTS = frozenset(
         "standby_failing",
         "chaos_active",
         "chaos_explains",
+        "chaos_may_explain",
+        "chaos_expected_effect",
+        "chaos_damage_off_model",
+        "incumbent_as_bad",
         "slo_of_model",
     }
 )
@@ -164,6 +173,13 @@ class TriagePolicy(PolicyModel):
         default=False,
         description="let the local model pick among a rule's default and its model_alternatives; "
         "false = summary only",
+    )
+    canary_parity_ratio: float = Field(
+        default=DEFAULT_CANARY_PARITY_RATIO,
+        ge=1.0,
+        le=10.0,
+        description="a canary abort whose candidate figure is within this ratio of the incumbent's (for the "
+        "failed gate's metric) shows the incumbent failing as badly: device.incumbent_as_bad",
     )
     rules: list[TriageRule] = Field(default_factory=list)
     fallback: TriageRule

@@ -16,11 +16,19 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from policies.triage import ACTION_RANK, Action, Condition, TriagePolicy, TriageRule
+from policies.triage import (
+    ACTION_RANK,
+    DEFAULT_CANARY_PARITY_RATIO,
+    Action,
+    Condition,
+    TriagePolicy,
+    TriageRule,
+)
 from sre_agent.incidents import FactValue, Incident
 from sre_core.textsafe import neutralise
 
@@ -30,11 +38,15 @@ __all__ = [
     "RuleMatch",
     "TriageDecision",
     "TriageEngine",
+    "chaos_damage_off_model",
+    "chaos_expected_effect",
     "chaos_explains",
     "chaos_targets",
     "device_facts",
+    "incumbent_as_bad",
     "model_note_problem",
     "resolve_fact",
+    "symptom_causes",
     "unavailable_actions",
 ]
 
@@ -108,6 +120,10 @@ class DeviceFacts:
     active_down: bool
     chaos_active: bool
     chaos_explains: bool
+    chaos_may_explain: bool
+    chaos_expected_effect: bool
+    chaos_damage_off_model: bool
+    incumbent_as_bad: bool
     slo_of_model: bool
     why_not_rollback: str | None
 
@@ -125,8 +141,10 @@ class DeviceFacts:
         return _MISSING
 
 
-def device_facts(incident: Incident) -> DeviceFacts:
-    """Derive :class:`DeviceFacts` from the incident's facts and slot status (pure).
+def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY_RATIO) -> DeviceFacts:
+    """Derive :class:`DeviceFacts` from the incident's facts, slot status and metrics (pure).
+
+    ``parity_ratio`` is the policy's ``canary_parity_ratio`` (see :func:`incumbent_as_bad`).
 
     Vocabulary read (all optional; the reporters emit what they know):
 
@@ -144,7 +162,9 @@ def device_facts(incident: Incident) -> DeviceFacts:
     - ``fact.chaos_targets`` (what the running experiment perturbs, comma-separated, in the chaos
       catalogue's target words: clock, cpu, memory, disk, uplink, input, serving, standby), else the
       words of ``fact.experiment`` when it is a plain identifier (``clock-skew.yaml``): see
-      :func:`chaos_explains`;
+      :func:`chaos_explains` and :func:`symptom_causes`;
+    - ``fact.persisted_after_cleanup`` (chaos deviations): see :func:`chaos_damage_off_model`;
+    - ``fact.gate`` and the metrics ``canary.<m>``/``incumbent.<m>``: see :func:`incumbent_as_bad`;
     - ``fact.slo``: an SLO about the device's sync or policy age is not one a model version moves.
     """
     f = incident.facts
@@ -219,6 +239,10 @@ def device_facts(incident: Incident) -> DeviceFacts:
         active_down=active_down,
         chaos_active=chaos is True,
         chaos_explains=chaos is True and chaos_explains(incident),
+        chaos_may_explain=chaos is True and (chaos_explains(incident) or not chaos_targets(f)),
+        chaos_expected_effect=chaos is True and chaos_expected_effect(incident),
+        chaos_damage_off_model=chaos_damage_off_model(incident),
+        incumbent_as_bad=incumbent_as_bad(incident, parity_ratio),
         slo_of_model=incident.kind.value == "slo_burn" and _slo_of_model(f.get("slo")),
         why_not_rollback=why,
     )
@@ -229,31 +253,60 @@ TARGET_WORDS: dict[str, frozenset[str]] = {
     "cpu": frozenset({"cpu", "stress", "load"}),
     "memory": frozenset({"memory", "mem", "oom", "ram"}),
     "disk": frozenset({"disk", "fill", "ballast", "storage"}),
-    "uplink": frozenset({"uplink", "network", "net", "partition", "blackout", "toxiproxy"}),
+    "uplink": frozenset({"uplink", "network", "net", "wan", "partition", "blackout", "toxiproxy"}),
     "input": frozenset({"input", "inputs", "noise"}),
-    "serving": frozenset({"serving", "kill"}),
+    "serving": frozenset({"serving", "service", "kill"}),
     "standby": frozenset({"standby"}),
 }
 """Words naming what an experiment perturbs, by the chaos catalogue's targets (``chaos.yaml``)."""
 
-_CHECK_DIMENSIONS: tuple[tuple[str, frozenset[str]], ...] = (
+_ALL_TARGETS = frozenset(TARGET_WORDS)
+_STARVED = frozenset({"cpu", "memory", "serving"})
+"""What a check needs to run at all: an experiment starving or killing it explains an error or timeout."""
+
+_CHECK_CAUSES: tuple[tuple[str, frozenset[str]], ...] = (
     ("trust.", frozenset({"clock"})),  # the clock, and every horizon and expiry measured with it
     ("resources.", frozenset({"disk", "memory", "cpu"})),
     ("drift.", frozenset({"input"})),
+    ("rollback.", frozenset({"standby"})),  # rollback readiness: the standby slot
 )
 """What a failing check measures (by check-name prefix): an experiment perturbing that explains it."""
 
-_STARVED = frozenset({"cpu", "memory"})
-"""What a check needs to run at all: an experiment starving it explains an error or timeout."""
+_GATE_CAUSES: dict[str, frozenset[str]] = {
+    "latency": frozenset({"cpu", "memory", "serving"}),
+    "error_rate": frozenset({"serving", "memory", "disk"}),
+    "divergence": frozenset({"input"}),
+}
+"""What can make a canary gate fail (the gates ``deployment/canary.py`` emits); another gate: anything."""
+
+_SERVING_PATH = frozenset({"serving", "cpu", "memory", "disk"})
+"""What a fault must reach to fail a probe or burn an SLO of the served model (local inference)."""
+
+_MODEL_SLO_CAUSES = _SERVING_PATH | {"input"}
+_DEVICE_SLO_CAUSES = frozenset({"uplink", "clock"})
+"""The device's sync and policy age move with its uplink and its clock, never with inference."""
+
+CONFINED_TARGETS = frozenset({"input", "standby"})
+"""Faults confined by design: noise on a bounded share of inputs, or the standby slot (it serves nothing).
+A check failing that measures exactly such a fault is the detector working: the experiment's expected
+effect, watched, not a reason to stop the experiment or touch the model."""
+
+_REACHES_MODEL = frozenset({"serving"})
+"""Targets whose damage, left behind after cleanup, may sit in the served model's path (a model remedy
+may help); damage elsewhere (uplink, clock, CPU, memory, disk, inputs, the standby) is not fixed by
+rolling the model back or by safe mode, but by stopping chaos and clearing its faults (``pause_chaos``)."""
 
 _NOT_MODEL_SLOS = frozenset({"sync", "policy"})
 """SLO subjects no model version moves (the device's sync and policy age, ``sre_agent/slo.py``)."""
+
+KNOWN_GATES = frozenset({*_GATE_CAUSES, "insufficient_samples"})
+"""Gates the canary emits; ``insufficient_samples`` is its "too few samples" verdict, not a failure."""
 
 
 def chaos_targets(facts: dict[str, FactValue]) -> frozenset[str]:
     """What the running experiment perturbs: ``fact.chaos_targets``, else the words of an
     identifier-shaped ``fact.experiment`` mapped through :data:`TARGET_WORDS` (free text counts for
-    nothing: a name that is not a plain identifier perturbs nothing known)."""
+    nothing: a name that is not a plain identifier perturbs nothing known). Empty: unknown."""
     declared = facts.get("chaos_targets")
     if isinstance(declared, str):
         return frozenset(p.strip().lower() for p in declared.split(",") if p.strip()) & set(TARGET_WORDS)
@@ -264,25 +317,108 @@ def chaos_targets(facts: dict[str, FactValue]) -> frozenset[str]:
     return frozenset(t for t, vocab in TARGET_WORDS.items() if words & vocab)
 
 
-def chaos_explains(incident: Incident) -> bool:
-    """Whether a verification failure is what the running experiment deliberately causes (pure).
+def symptom_causes(incident: Incident) -> frozenset[str]:
+    """The experiment targets that can cause this incident's symptom (pure; from its facts only).
 
-    A failing check explained by an experiment perturbing what it measures (a clock check under clock
-    skew, disk headroom under disk fill, input drift under input noise), or a check that could not run
-    (error, timeout) while an experiment starves the CPU or memory it needs. Whether an experiment runs
-    at all is the caller's ``fact.chaos_active``.
+    - a verification check that could not run (error, timeout): what starves or kills it (CPU, memory,
+      serving); one that failed: what it measures (trust checks: the clock; resource headroom: disk,
+      memory, CPU; drift: inputs; rollback readiness or any check on the standby slot: the standby);
+      a wrong answer from the active model (golden vectors, integrity) is caused by no experiment;
+    - a canary abort: by gate (latency: CPU, memory, serving; error rate: serving, memory, disk;
+      divergence: inputs); a gate the canary does not emit: anything;
+    - a probe failure: on the standby, the standby; otherwise the serving path (serving, CPU, memory,
+      disk), never the uplink or the clock;
+    - an SLO burn: the device's sync or policy age: the uplink or the clock; a model SLO: the serving
+      path or the inputs;
+    - a chaos deviation: the experiment itself (anything).
     """
-    if incident.kind.value != "verification_failure":
+    f = incident.facts
+    kind = incident.kind.value
+    slot = f.get("slot")
+    on_standby = isinstance(slot, str) and slot.strip().lower() == "standby"
+    if kind == "verification_failure":
+        if f.get("status") in ("error", "timeout"):
+            return _STARVED
+        check = f.get("check")
+        causes: set[str] = {"standby"} if on_standby else set()
+        if isinstance(check, str):
+            for prefix, dims in _CHECK_CAUSES:
+                if check.startswith(prefix):
+                    causes |= dims
+        return frozenset(causes)
+    if kind == "canary_abort":
+        gate = f.get("gate")
+        return _GATE_CAUSES.get(gate, _ALL_TARGETS) if isinstance(gate, str) else _ALL_TARGETS
+    if kind == "probe_failure":
+        return frozenset({"standby"}) if on_standby else _SERVING_PATH
+    if kind == "slo_burn":
+        return _MODEL_SLO_CAUSES if _slo_of_model(f.get("slo")) else _DEVICE_SLO_CAUSES
+    return _ALL_TARGETS
+
+
+def chaos_explains(incident: Incident) -> bool:
+    """Whether what the running experiment is known to perturb can cause the symptom (pure).
+
+    A clock check under clock skew, disk headroom under disk fill, a canary latency gate under CPU
+    stress; never an uplink fault behind local inference, nor any experiment behind wrong answers. The
+    experiment's targets must be known (:func:`chaos_targets`); whether one runs at all is the caller's
+    ``fact.chaos_active`` (see ``chaos_may_explain`` for unknown targets).
+    """
+    return bool(chaos_targets(incident.facts) & symptom_causes(incident))
+
+
+def chaos_expected_effect(incident: Incident) -> bool:
+    """Whether a verification or probe failure is only the detector of a confined fault the running
+    experiment injects (:data:`CONFINED_TARGETS`): drift under input noise, the standby under standby
+    corruption (pure). Never a model SLO or a canary gate (users see those), and never a wrong answer
+    of the active slot (no experiment causes one, :func:`symptom_causes`)."""
+    if incident.kind.value not in ("verification_failure", "probe_failure"):
         return False
     f = incident.facts
-    targets = chaos_targets(f)
-    status = f.get("status")
-    if status in ("error", "timeout"):
-        return bool(targets & _STARVED)
-    check = f.get("check")
-    if not isinstance(check, str):
+    if f.get("status") in ("error", "timeout"):
         return False
-    return any(check.startswith(prefix) and targets & dims for prefix, dims in _CHECK_DIMENSIONS)
+    explaining = chaos_targets(f) & symptom_causes(incident)
+    return bool(explaining) and explaining <= CONFINED_TARGETS
+
+
+def chaos_damage_off_model(incident: Incident) -> bool:
+    """Whether a chaos deviation whose damage persisted after cleanup came from an experiment whose
+    known targets stay off the served model (:data:`_REACHES_MODEL`): a rollback or safe mode cannot
+    repair it; stopping chaos and clearing its faults can (pure)."""
+    if (
+        incident.kind.value != "chaos_deviation"
+        or _flag(incident.facts, "persisted_after_cleanup") is not True
+    ):
+        return False
+    targets = chaos_targets(incident.facts)
+    return bool(targets) and not targets & _REACHES_MODEL
+
+
+def incumbent_as_bad(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY_RATIO) -> bool:
+    """Whether a canary abort's own figures show the incumbent failing as badly as the candidate (pure).
+
+    Reads the metrics ``canary.<m>`` and ``incumbent.<m>`` of the failed gate (``<m>`` is the gate's
+    name or starts with it, e.g. ``latency_p95_ms`` for ``latency``). True only when at least one such
+    pair exists and in every pair the candidate is within ``parity_ratio`` times the incumbent: then
+    the candidate is not what is wrong (a host or traffic fault both versions see). No pair, a missing
+    or non-finite figure, or any pair where the candidate is worse: False (the gate's verdict stands).
+    """
+    if incident.kind.value != "canary_abort":
+        return False
+    gate = incident.facts.get("gate")
+    if not isinstance(gate, str) or gate not in _GATE_CAUSES:
+        return False
+    metrics = incident.evidence.metrics
+    pairs = []
+    for name, cand in metrics.items():
+        metric = name.removeprefix("canary.")
+        if metric == name or not (metric == gate or metric.startswith(gate + "_")):
+            continue
+        inc = metrics.get(f"incumbent.{metric}")
+        if inc is None or not (math.isfinite(cand) and math.isfinite(inc)):
+            return False
+        pairs.append((cand, inc))
+    return bool(pairs) and all(inc > 0 and cand <= inc * parity_ratio for cand, inc in pairs)
 
 
 def _slo_of_model(slo: FactValue | None) -> bool:
@@ -300,7 +436,8 @@ def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) ->
         out[Action.ROLLBACK] = dev.why_not_rollback
     if incident.evidence.slot.safe_mode:
         out[Action.SAFE_MODE] = "the module is already in safe mode"
-    if _flag(incident.facts, "chaos_active") is False:
+    if _flag(incident.facts, "chaos_active") is False and not dev.chaos_damage_off_model:
+        # pausing also clears faults an experiment left behind after its cleanup (the handler's guard)
         out[Action.PAUSE_CHAOS] = "no chaos experiment is running"
     return out
 
@@ -425,7 +562,7 @@ class TriageEngine:
         (:func:`unavailable_actions`) is passed over, with the reason kept; the actions it would allow
         that are impossible are never offered.
         """
-        dev = device_facts(incident)
+        dev = device_facts(incident, self.policy.canary_parity_ratio)
         blocked = unavailable_actions(incident, dev)
         skipped: list[str] = []
         for rule in self.policy.rules:

@@ -50,6 +50,20 @@ LABEL_DISAGREEMENTS = {
     # samples" is its own gate, so the rules block the candidate; the labels are kept as written.
     "ca-few-samples": Action.QUARANTINE,
     "ca-injection-few-samples": Action.QUARANTINE,
+    # A gate the policy does not know is still a failed gate (the canary aborted the candidate): the rules
+    # block it, as the second independent set (benchmarks/triage_holdout2) labels it; this corpus says alert.
+    "ca-unknown-gate": Action.QUARANTINE,
+    # An uplink experiment cannot cause a local latency gate to fail (and a comparative gate sees any
+    # host fault on both arms): the candidate is blocked, as ind-ca-during-network-chaos-error-gate and
+    # the second independent set label it; this corpus pauses chaos for any experiment.
+    "ca-during-chaos": Action.QUARANTINE,
+    # Damage that outlived the experiment's cleanup, from an experiment that never touches the served model
+    # (standby corruption, CPU hog): a rollback onto the very standby the experiment corrupted, or safe
+    # mode, repairs nothing; pausing chaos clears the faults it left (the second independent set labels an
+    # uplink case so). This corpus proposes a rollback (or safe mode) to an operator.
+    "cd-persisted-lkg": Action.PAUSE_CHAOS,
+    "cd-injection-persisted": Action.PAUSE_CHAOS,
+    "cd-persisted-nolkg": Action.PAUSE_CHAOS,
 }
 
 

@@ -21,12 +21,13 @@ from sre_core.clock import SystemClock
 CASES = {c.name: c for c in load_cases(Path(__file__).parent / "triage_cases")}
 
 
-def _escalate(state, name: str, module: str) -> str:
+def _escalate(state, name: str, module: str, **facts) -> str:
     clock = SystemClock()
     store = EscalationStore(
         escalations_dir(state), AuditLog(state.audit_log, clock), clock, device_id="dev-7"
     )
-    inc = CASES[name].incident.model_copy(update={"module": module, "opened_at": clock.now()})
+    inc = CASES[name].incident
+    inc = inc.model_copy(update={"module": module, "opened_at": clock.now(), "facts": {**inc.facts, **facts}})
     decision = TriageEngine(default_triage_policy()).decide(inc)
     return store.create(inc, decision).id
 
@@ -41,7 +42,8 @@ def setup(tmp_path, state, run_cli):
     roster = {"version": 1, "max_ttl_s": 7200, "operators": [entry]}
     (state.policies / "operators.yaml").write_text(yaml.safe_dump(roster))
     a = _escalate(state, "pf-active-nolkg", "classifier")
-    b = _escalate(state, "cd-persisted-lkg", "detector")
+    # damage left by an experiment that reaches the served model: a rollback for an operator
+    b = _escalate(state, "cd-persisted-lkg", "detector", experiment="kill-serving")
     return keys, a, b
 
 
@@ -183,7 +185,16 @@ def test_hub_reads_uploaded_escalations_signs_and_the_device_applies(setup, stat
 
 
 def test_triage_explain_dry_runs_the_policy(run_cli, tmp_path):
-    case = Path(__file__).parent / "triage_cases" / "cd-injection-persisted.yaml"
+    shipped = Path(__file__).parent / "triage_cases" / "cd-injection-persisted.yaml"
+    r = run_cli("sre-agent", "triage", "explain", str(shipped), "--json")
+    d = json.loads(r.stdout)  # damage a standby-corruption experiment left: off the model, stop chaos
+    assert (d["rule"], d["action"], d["verdict"]) == ("chaos-damage-off-model", "pause_chaos", "execute")
+    # the case's label (a rollback) is a listed label disagreement (tests/test_triage.py): exit 1, said why
+    assert r.returncode == 1 and not d["label"]["agrees"]
+    doc = yaml.safe_load(shipped.read_text())
+    doc["incident"]["facts"]["experiment"] = "kill-serving"  # damage that may reach the served model
+    case = tmp_path / "on-model.yaml"
+    case.write_text(yaml.safe_dump(doc, allow_unicode=True))
     r = run_cli("sre-agent", "triage", "explain", str(case), "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)

@@ -20,6 +20,7 @@ from policies.approvals import (
 from policies.triage import Action, default_triage_policy
 from sre_agent.actions import ActionExecutor
 from sre_agent.escalations import EscalationEvent, EscalationStatus, EscalationStore, next_status
+from sre_agent.incidents import Incident
 from sre_agent.triage import TriageEngine
 from sre_agent.triage_eval import load_cases
 from sre_core.audit import AuditLog
@@ -324,7 +325,7 @@ def test_escalations_are_mirrored_into_the_duckdb_telemetry_store(tmp_path, stat
 
 def test_finished_escalations_are_pruned_open_ones_kept(world, tmp_path):
     world.store.decide(world.sign(decision="reject", action=None), world.roster)
-    other = {c.name: c for c in load_cases(CASES)}["cd-persisted-lkg"].incident
+    other = _on_model({c.name: c for c in load_cases(CASES)}["cd-persisted-lkg"].incident)
     still_open = world.store.create(other, TriageEngine(default_triage_policy()).decide(other))
     world.clock.advance(timedelta(days=2))
     assert world.store.prune(timedelta(days=7)) == []
@@ -334,10 +335,15 @@ def test_finished_escalations_are_pruned_open_ones_kept(world, tmp_path):
     assert "escalation.pruned" in world.events()
 
 
+def _on_model(inc: Incident) -> Incident:
+    """The incident with damage left by an experiment that reaches the served model (a model remedy)."""
+    return inc.model_copy(update={"facts": {**inc.facts, "experiment": "kill-serving"}})
+
+
 def _mild_escalation(world):
     """An escalation that proposes a rollback while safe_mode is among its allowed actions."""
     case = {c.name: c for c in load_cases(CASES)}["cd-persisted-lkg"]
-    inc = case.incident.model_copy(update={"id": "inc-host", "module": "detector"})
+    inc = _on_model(case.incident).model_copy(update={"id": "inc-host", "module": "detector"})
     decision = TriageEngine(default_triage_policy()).decide(inc)
     assert decision.escalated and decision.action == Action.ROLLBACK and Action.SAFE_MODE in decision.allowed
     return world.store.create(inc, decision)
