@@ -36,6 +36,7 @@ from deployment.rollout import device_report, send_report
 from hub.fleet_api import fleet_routes
 from hub.fleetdb import FleetDB
 from hub.ingest import ingest_routes
+from hub.regional import RegionalConfig, RegionalHub, build_regional_app
 from hub.repository import HubRepository
 from hub.rollouts import RolloutService
 from hub.server import build_hub_app
@@ -208,7 +209,9 @@ class Site:
     Call :meth:`close` (or use as a context manager).
     """
 
-    def __init__(self, tmp: Path, n: int = 2, channels: tuple[str, ...] = ("stable", "beta")) -> None:
+    def __init__(
+        self, tmp: Path, n: int = 2, channels: tuple[str, ...] = ("stable", "beta"), regional: bool = False
+    ) -> None:
         self.tmp = Path(tmp)
         # Near real time: signatures carry `created` from this clock and the root checks them against it.
         self.clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
@@ -221,7 +224,18 @@ class Site:
             *ingest_routes(self.service.fleet_dir, clock=self.clock, fleet=self.fleet),
         ]
         self.root = ServerThread(build_hub_app(self.repo.dir, routes)).start()
-        self.tier = HostileTier(self.root.url).__enter__()
+        self.regional: RegionalHub | None = None
+        self.regional_server: ServerThread | None = None
+        upstream = self.root.url
+        if regional:
+            conf = RegionalConfig(upstream=self.root.url, root=self.repo.metadata_dir / "1.root.json",
+                                  state=self.tmp / "regional", site="site-a")  # fmt: skip
+            self.regional = RegionalHub(conf, clock=self.clock)
+            self.regional_server = ServerThread(build_regional_app(self.regional)).start()
+            upstream = self.regional_server.url
+        self.tier = HostileTier(upstream).__enter__()
+        # Reports go through the tier (and the regional relay) once the relay forwards them to the root.
+        self.report_url = self.tier.url if not regional else self.root.url
         self.devices = [self._device(i) for i in range(n)]
 
     def _device(self, i: int) -> Device:
@@ -254,6 +268,10 @@ class Site:
             d.uplink.close()
             d.store.close()
         self.tier.__exit__()
+        if self.regional_server is not None:
+            self.regional_server.stop()
+        if self.regional is not None:
+            self.regional.close()
         self.root.stop()
 
     # ------------------------------------------------------------------ root side
@@ -267,6 +285,17 @@ class Site:
         if release:
             self.repo.release(ch, MODULE, version)
         return pub.target
+
+    @property
+    def served_dir(self) -> Path:
+        """The repository directory devices are served from (the regional mirror's, or the root's)."""
+        return self.regional.mirror.repo_dir if self.regional is not None else self.repo.dir
+
+    def sync_region(self) -> None:
+        """One down-sync of the regional hub (nothing without one)."""
+        if self.regional is not None:
+            res = self.regional.sync_down()
+            assert res.error is None, res.to_dict()
 
     def target_file(self, target: str, channel: str | None = None) -> Path:
         ch = channel or self.channel
@@ -290,12 +319,15 @@ class Site:
 
     # ------------------------------------------------------------------ device side
     def sync(self, d: Device) -> Any:
-        """One reconcile pass and a signed report, both through the tier (returns the reconcile report)."""
+        """The regional hub's down-sync (when there is one), then one reconcile pass and a signed report
+        through the tier (returns the reconcile report)."""
+        if self.regional is not None:
+            self.regional.sync_down()
         rep = d.rec.run_once()
         body = device_report(d.paths, self.channel, self.clock)
         d.reports.append(body)
         try:
-            send_report(self.tier.url, d.paths, body, self.clock)
+            send_report(self.report_url, d.paths, body, self.clock)
         except httpx.HTTPError:
             pass
         return rep

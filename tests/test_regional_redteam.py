@@ -130,12 +130,17 @@ from sre_core.paths import StatePaths
 from sre_core.signing import sign_request
 
 CASES = Path(__file__).parent / "triage_cases"
+BOTH = pytest.mark.parametrize(
+    "site", ["relay", pytest.param("regional", marks=pytest.mark.slow)], indirect=True
+)
+"""Down-path attacks run twice: the tier in front of the root, and in front of a real regional hub."""
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    """The root with clf 1.0 released, two devices on it through the (still honest) tier."""
-    s = Site(tmp_path, n=2)
+def site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """The root with clf 1.0 released, two devices on it through the (still honest) tier; with
+    ``regional`` the tier relays a real regional hub (RegionalHub + its app) instead of the root."""
+    s = Site(tmp_path, n=2, regional=getattr(request, "param", "relay") == "regional")
     try:
         s.publish("1.0")
         for d in s.devices:
@@ -195,6 +200,7 @@ def _role_edit(doc: dict[str, Any]) -> None:
             tf["length"] = len(EVIL)
 
 
+@BOTH
 @pytest.mark.parametrize(
     ("case", "pattern", "edit"),
     [
@@ -222,6 +228,7 @@ def test_metadata_altered_by_the_tier_is_refused(
     assert d.version() == "1.1"
 
 
+@BOTH
 def test_d4_desired_state_swapped_for_another_signed_version_is_refused(site: Site) -> None:
     d = site.devices[0]
     old_ds = next(site.repo.targets_dir.glob("stable/*.desired-state.json")).read_bytes()
@@ -231,6 +238,7 @@ def test_d4_desired_state_swapped_for_another_signed_version_is_refused(site: Si
     _refused_nothing_applied(site, d, "1.0", held, n)
 
 
+@BOTH
 def test_d8_another_channels_signed_role_served_as_this_channel_is_refused(site: Site) -> None:
     d = site.devices[0]
     site.publish("9.0", channel="beta")
@@ -241,9 +249,10 @@ def test_d8_another_channels_signed_role_served_as_this_channel_is_refused(site:
     _refused_nothing_applied(site, d, "1.0", held, n)
 
 
+@BOTH
 def test_d6_rollback_to_an_older_signed_repository_is_refused(site: Site, tmp_path: Path) -> None:
     old = tmp_path / "old"
-    site.tier.freeze(site.repo.dir, old)
+    site.tier.freeze(site.served_dir, old)
     site.tier.frozen = None
     site.publish("1.1")
     d = site.devices[0]
@@ -261,13 +270,14 @@ def _audit(d: Device) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in d.paths.audit_log.read_text().splitlines()]
 
 
+@BOTH
 def test_d7_s1_freeze_is_visible_at_the_root_and_ends_at_the_replayed_expiry(
     site: Site, tmp_path: Path
 ) -> None:
     """A tier that stops following the root (and may say it is in sync) cannot hide it: the devices'
     own signed reports show drift, and the replayed timestamp's signed expiry ends the freeze."""
     d = site.devices[0]
-    site.tier.freeze(site.repo.dir, tmp_path / "frozen")
+    site.tier.freeze(site.served_dir, tmp_path / "frozen")
     site.publish("1.1")
     site.sync(d)
     assert d.version() == "1.0"  # withheld: signatures cannot force a tier to relay
@@ -283,6 +293,7 @@ def test_d7_s1_freeze_is_visible_at_the_root_and_ends_at_the_replayed_expiry(
 
 
 # ---------------------------------------------------------------------------- down: targets (D9)
+@BOTH
 @pytest.mark.parametrize("how", ["altered", "truncated", "extended", "swapped"])
 def test_d9_target_bytes_tampered_by_the_tier_are_never_installed(site: Site, how: str) -> None:
     d = site.devices[0]
@@ -309,6 +320,7 @@ def test_d9_target_bytes_tampered_by_the_tier_are_never_installed(site: Site, ho
 
 
 # ---------------------------------------------------------------------------- down: recall (D10)
+@BOTH
 def test_d10_a_replayed_pre_recall_repository_does_not_revive_the_withdrawn_version(
     site: Site, tmp_path: Path
 ) -> None:
@@ -317,7 +329,7 @@ def test_d10_a_replayed_pre_recall_repository_does_not_revive_the_withdrawn_vers
     for d in (a, b):
         site.sync(d)
         assert d.version() == "1.1"
-    pre = site.tier.freeze(site.repo.dir, tmp_path / "pre-recall")
+    pre = site.tier.freeze(site.served_dir, tmp_path / "pre-recall")
     site.tier.frozen = None
     site.service.recall(site.channel, MODULE, ["1.1"], "1.0", "bad release", "alice")
     site.sync(a)
