@@ -644,3 +644,71 @@ def test_a_promoted_version_that_burns_its_slo_is_acted_on_with_the_flip_facts(l
     finally:
         client.stop()
     _clean_stop(live)
+
+
+def test_a_fault_that_recurs_after_its_incident_closed_is_acted_on_every_time(live: Live) -> None:
+    """The standby slot's bytes corrupted from outside, detected, restored, and again, five times: every
+    occurrence gets a reaction (an alert, an escalation, or joins the escalation an operator has);
+    nothing is swallowed as a duplicate of the closed incident."""
+    live.publish("1.0", linear_classifier(seed=1))
+    live.publish("1.0", b"threshold=0.5\n" * 8, module="cfg", canary=False, mode="file")
+    client = _serving(live)
+    try:
+        live.wait(lambda: live.status("cfg").active is not None, "cfg 1.0 installed")
+        live.publish("2.0", b"threshold=0.7\n" * 8, module="cfg", canary=False, mode="file")
+        live.wait(
+            lambda: (
+                live.status("cfg").phase.value == "idle"
+                and live.status("cfg").active.version == "2.0"  # type: ignore[union-attr]
+                and live.status("cfg").standby is not None
+            ),
+            "cfg 2.0 active, 1.0 standby",
+            60,
+        )
+        standby = live.status("cfg").standby
+        assert standby is not None
+        original = standby.artifact_path.read_bytes()
+        reactions: list[str] = []
+        ttrs: list[float] = []
+        for n in range(5):
+            mark = len(live.events())
+            t0 = time.monotonic()
+            standby.artifact_path.write_bytes(b"\xff" * 16 + original[16:])  # corrupted from outside
+
+            def reacted(mark: int = mark) -> str | None:
+                """The strongest reaction so far: escalated > joined an escalation > alerted."""
+                seen = set()
+                for e in live.events()[mark:]:
+                    d = e["data"]
+                    if e["event"] == "triage.action" and d.get("action") == "alert" and d.get("ok"):
+                        seen.add("alert")
+                    if e["event"] == "escalation.created":
+                        seen.add("escalated")
+                    if e["event"] == "incident.recurred" and d.get("escalation"):
+                        seen.add("joined")
+                return next((r for r in ("escalated", "joined", "alert") if r in seen), None)
+
+            ttrs.append(live.wait(reacted, f"a reaction to occurrence {n + 1}", 30) - t0)
+            reactions.append(str(reacted()))
+            standby.artifact_path.write_bytes(original)  # restored from outside
+            live.wait(lambda: not live.open_incidents(), f"occurrence {n + 1} closed", 30)
+        assert reactions[:3] == ["alert"] * 3, reactions
+        assert reactions[3] == "escalated" and reactions[4] == "joined", reactions
+        recurred = [e["data"] for e in live.events() if e["event"] == "incident.recurred"]
+        assert [r["occurrences"] for r in recurred] == [2, 3, 4, 5], recurred
+        assert set(client.last(10)) == {"1.0"}
+        cfg = live.status("cfg")
+        assert cfg.active is not None and cfg.active.version == "2.0" and not cfg.bad, (
+            cfg,
+            live.names()[-30:],
+        )
+        _record(
+            "1b a fault recurring after its incident closed",
+            f"5 occurrences, 5 reactions: {reactions}",
+            max(ttrs),
+            reactions=reactions,
+            ttr_each_s=[round(t, 2) for t in ttrs],
+        )
+    finally:
+        client.stop()
+    _clean_stop(live)
