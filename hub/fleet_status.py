@@ -2,7 +2,9 @@
 
 Public API::
 
-    fleet_status(service, sync_slo_s=86400) -> dict     built from enrolled devices + latest reports
+    fleet_status(service, sync_slo_s=86400, site_max_age_s=3600) -> dict
+        built from enrolled devices + latest reports; ``sites``: each regional hub's last sync age,
+        backlog, in-sync flag and drift-SLO breach (see :mod:`hub.sites`)
 
 Open escalations: the larger of what the device reports and the open escalations it uploaded (the
 telemetry lake, :class:`hub.operators.HubEscalations`). Drift SLOs per device: time since its last
@@ -22,7 +24,9 @@ from hub.rollouts import RolloutService
 __all__ = ["fleet_status"]
 
 
-def fleet_status(service: RolloutService, sync_slo_s: int = 86400) -> dict[str, Any]:
+def fleet_status(
+    service: RolloutService, sync_slo_s: int = 86400, site_max_age_s: float = 3600.0
+) -> dict[str, Any]:
     """A JSON-ready summary of the fleet (see the module docstring)."""
     now = service.clock.now()
     reports = service.reports.all()
@@ -92,7 +96,21 @@ def fleet_status(service: RolloutService, sync_slo_s: int = 86400) -> dict[str, 
         "open_escalations": sum(d["open_escalations"] for d in devices),
         "versions": {m: dict(c.most_common()) for m, c in sorted(versions.items())},
     }
-    return {"time": now.isoformat(), "summary": summary, "channels": channels, "devices": devices}
+    from hub.sites import SiteRegistry, current_timestamp
+
+    sites = SiteRegistry(service.store, service.clock).rows(
+        current_timestamp(service.repo.dir), site_max_age_s
+    )
+    summary["sites"] = len(sites)
+    summary["sites_out_of_sync"] = sum(1 for x in sites if not x["in_sync"])
+    summary["site_sync_breaches"] = sum(1 for x in sites if x["breach"])
+    return {
+        "time": now.isoformat(),
+        "summary": summary,
+        "channels": channels,
+        "devices": devices,
+        "sites": sites,
+    }
 
 
 def _open_escalations(service: RolloutService) -> Counter[str]:

@@ -9,6 +9,7 @@ Public API::
         .record(name, status, current_timestamp) the site's report (last sync, backlog, served version)
         .rows(current_timestamp, max_age_s) -> list[dict]   age, in-sync flag, drift-SLO breach per site
     relay_target(headers, url, registry) -> Relay | None    how to verify a device request a site forwards
+    current_timestamp(repo_dir) -> int | None       the timestamp version the root serves now
     site_routes(repo_dir, store=None, clock=None) -> list[Route]
         POST /v1/sites/{name}/status     (site token) the site's sync state and backlog
         GET  /v1/sites/roster            (site token) enrolled device keys and operator token hashes
@@ -56,6 +57,7 @@ __all__ = [
     "RELAY_WINDOW_S",
     "Relay",
     "SiteRegistry",
+    "current_timestamp",
     "relay_fresh",
     "relay_target",
     "site_routes",
@@ -204,6 +206,11 @@ def relay_fresh(created: int, now: float, window_s: float) -> None:
     """
     if created > now + window_s:
         raise SignatureRefused("stale", f"created {created} is {created - now:+.0f} s ahead of the hub clock")
+
+
+def current_timestamp(repo_dir: Path) -> int | None:
+    """The version of the timestamp the hub at ``repo_dir`` serves now (None when unreadable)."""
+    return _current_timestamp(repo_dir)
 
 
 def _current_timestamp(repo_dir: Path) -> int | None:

@@ -316,3 +316,31 @@ def test_kill_9_of_the_regional_hub_mid_forward_lands_the_batch_once(root: Root,
         proc2.wait(timeout=30)
     assert [r["batch_id"] for r in root.receipts()] == [batch_id]  # exactly once
     assert root.fleet.query("SELECT count(*) AS n FROM metrics").column("n")[0].as_py() == 50
+
+
+def test_the_root_shows_each_site_sync_age_backlog_and_in_sync_flag(
+    root: Root, tmp_path: Path, run_cli: Any
+) -> None:
+    from hub.sites import current_timestamp
+
+    hub = _regional(root, tmp_path)
+    out = hub.sync_once()
+    assert out["reported"] is True and out["down"]["published"], out
+    reg = SiteRegistry(root.svc.store)
+    (row,) = reg.rows(current_timestamp(root.repo.dir))
+    assert row["site"] == "site-a" and row["in_sync"] and not row["breach"] and row["backlog"] == 0, row
+    root.repo.timestamp()  # the root moves on; the site has not synced since
+    (row,) = reg.rows(current_timestamp(root.repo.dir), max_age_s=0.0)
+    assert not row["in_sync"] and row["breach"], row
+    cli = run_cli("sre-hub", "sites", "list", "--repo", str(root.repo.dir), "--json")
+    assert cli.returncode == 0, cli.stderr
+    listed = json.loads(cli.stdout)
+    assert listed["sites"][0]["site"] == "site-a" and listed["sites"][0]["in_sync"] is False
+    status = run_cli("sre-hub", "fleet", "status", "--repo", str(root.repo.dir))
+    assert status.returncode == 0 and "site-a" in status.stdout, status.stderr
+    hub.sync_once()
+    (row,) = reg.rows(current_timestamp(root.repo.dir))
+    assert row["in_sync"], row
+    # a site token that was removed can no longer report or forward
+    assert run_cli("sre-hub", "sites", "remove", "--repo", str(root.repo.dir), "site-a").returncode == 0
+    assert hub.sync_once()["reported"] is False

@@ -1,4 +1,5 @@
-"""`sre-hub regional`: run a regional hub (a verified mirror + store-and-forward relay for one site)."""
+"""`sre-hub regional` (run a regional hub: a verified mirror + store-and-forward relay for one site) and
+`sre-hub sites add | list | remove` (the sites the root hub knows, their sync age and backlog)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import os
 import random
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from sre_core.cli import JsonOpt, emit_json, err_console
+from sre_core.cli import JsonOpt, emit_json, err_console, out_console
 from sre_core.errors import InputError
 
-__all__ = ["register"]
+__all__ = ["register", "sites_table"]
+
+RepoOpt = Annotated[
+    Path, typer.Option("--repo", help="Hub repository directory (created by `sre-hub init`).")
+]
 
 SITE_TOKEN_ENV = "SRE_HUB_SITE_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 
@@ -29,7 +34,90 @@ def _site_token(token_file: Path | None) -> str | None:
     return os.environ.get(SITE_TOKEN_ENV) or None
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def sites_table(rows: list[dict[str, Any]]) -> Any:
+    """A rich table of :meth:`hub.sites.SiteRegistry.rows`."""
+    from rich.table import Table
+
+    t = Table(title="regional sites")
+    for c in ("site", "last sync", "age", "in sync", "sync SLO", "backlog", "timestamp", "last seen"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(
+            r["site"], r["last_sync"] or "never", _age(r["sync_age_s"]),
+            "yes" if r["in_sync"] else "[yellow]no[/yellow]",
+            "[red]breach[/red]" if r["breach"] else "[green]ok[/green]",
+            "-" if r["backlog"] is None else str(r["backlog"]),
+            "-" if r["timestamp_version"] is None else f"v{r['timestamp_version']}",
+            r["last_seen"] or "never",
+        )  # fmt: skip
+    return t
+
+
+def _registry(repo: Path) -> Any:
+    from hub.sites import SiteRegistry
+    from hub.store import open_store, store_config
+
+    if not (repo / "repo.json").is_file():
+        raise InputError(f"open {repo}", "not a hub repository", "run `sre-hub init --repo DIR` first")
+    return SiteRegistry(open_store(store_config(repo).database_url))
+
+
 def register(app: typer.Typer) -> None:
+    sites = typer.Typer(help="Regional hub sites: tokens, last sync, backlog.", no_args_is_help=True)
+    app.add_typer(sites, name="sites")
+
+    @sites.command("add")
+    def sites_add(
+        repo: RepoOpt,
+        name: Annotated[str, typer.Argument(help="Site name (letters, digits, . _ -).")],
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Issue a site token (printed once; the hub keeps its sha256). Replaces the site's old token."""
+        token = _registry(repo).add(name)
+        if json_out:
+            emit_json({"site": name, "token": token})
+        else:
+            print(token)
+
+    @sites.command("remove")
+    def sites_remove(
+        repo: RepoOpt, name: Annotated[str, typer.Argument(help="Site name.")], json_out: JsonOpt = False
+    ) -> None:
+        """Revoke a site's token (its regional hub can no longer forward or report). Exit 2 if unknown."""
+        if not _registry(repo).remove(name):
+            raise InputError(f"remove site {name}", "no such site", "see sre-hub sites list")
+        if json_out:
+            emit_json({"site": name, "removed": True})
+        else:
+            out_console().print(f"site {name} removed")
+
+    @sites.command("list")
+    def sites_list(
+        repo: RepoOpt,
+        max_age: Annotated[
+            float, typer.Option("--max-age", help="Seconds since a site's last sync before SLO breach.")
+        ] = 3600.0,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Each site: last sync and its age, whether it serves the current timestamp, backlog."""
+        from hub.sites import current_timestamp
+
+        rows = _registry(repo).rows(current_timestamp(repo), max_age)
+        if json_out:
+            emit_json({"current_timestamp": current_timestamp(repo), "max_age_s": max_age, "sites": rows})
+        else:
+            out_console().print(sites_table(rows))
+
     @app.command()
     def regional(
         upstream: Annotated[

@@ -251,14 +251,17 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--sync-slo", help="Seconds since last sync before SLO breach.")
         ] = 86400,
         limit: Annotated[int, typer.Option("--limit", help="Device rows to show.")] = 50,
+        site_max_age: Annotated[
+            float, typer.Option("--site-max-age", help="Seconds since a site's last sync before SLO breach.")
+        ] = 3600.0,
         json_out: JsonOpt = False,
     ) -> None:
-        """Devices, versions, last sync, drift SLOs, safe mode, open escalations."""
+        """Devices, versions, last sync, drift SLOs, safe mode, open escalations, regional sites."""
         from rich.table import Table
 
         from hub.fleet_status import fleet_status as build
 
-        doc = build(_service(repo), sync_slo)
+        doc = build(_service(repo), sync_slo, site_max_age)
         if json_out:
             emit_json(doc)
             return
@@ -307,6 +310,10 @@ def register(app: typer.Typer) -> None:
                 str(d["open_escalations"]),
             )  # fmt: skip
         con.print(dt)
+        if doc["sites"]:
+            from hub.cli.regional import sites_table
+
+            con.print(sites_table(doc["sites"]))
 
     @fleet.command("token")
     def token(
