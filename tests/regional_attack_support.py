@@ -40,6 +40,7 @@ from hub.regional import RegionalConfig, RegionalHub, build_regional_app
 from hub.repository import HubRepository
 from hub.rollouts import RolloutService
 from hub.server import build_hub_app
+from hub.sites import SiteRegistry, site_routes
 from policies.telemetry import TelemetryPolicy
 from policies.trust import TrustPolicy
 from sre_agent.escalations import EscalationStore, escalations_dir
@@ -222,21 +223,23 @@ class Site:
         routes = [
             *fleet_routes(self.repo.dir, self.service, self.clock, self.fleet),
             *ingest_routes(self.service.fleet_dir, clock=self.clock, fleet=self.fleet),
+            *site_routes(self.repo.dir, self.service.store, self.clock),
         ]
         self.root = ServerThread(build_hub_app(self.repo.dir, routes)).start()
         self.regional: RegionalHub | None = None
         self.regional_server: ServerThread | None = None
         upstream = self.root.url
+        self.sites = SiteRegistry(self.service.store, self.clock)
         if regional:
+            token = self.sites.add("site-a")
             conf = RegionalConfig(upstream=self.root.url, root=self.repo.metadata_dir / "1.root.json",
-                                  state=self.tmp / "regional", site="site-a")  # fmt: skip
+                                  state=self.tmp / "regional", site="site-a", site_token=token)  # fmt: skip
             self.regional = RegionalHub(conf, clock=self.clock)
             self.regional_server = ServerThread(build_regional_app(self.regional)).start()
             upstream = self.regional_server.url
         self.tier = HostileTier(upstream).__enter__()
-        # Reports go through the tier (and the regional relay) once the relay forwards them to the root.
-        self.report_url = self.tier.url if not regional else self.root.url
         self.devices = [self._device(i) for i in range(n)]
+        self.roster()
 
     def _device(self, i: int) -> Device:
         paths = StatePaths(self.tmp / "dev" / f"d{i}")
@@ -291,11 +294,14 @@ class Site:
         """The repository directory devices are served from (the regional mirror's, or the root's)."""
         return self.regional.mirror.repo_dir if self.regional is not None else self.repo.dir
 
-    def sync_region(self) -> None:
-        """One down-sync of the regional hub (nothing without one)."""
+    def roster(self) -> None:
+        """The regional hub mirrors the root's device roster now (after an enrolment)."""
         if self.regional is not None:
-            res = self.regional.sync_down()
-            assert res.error is None, res.to_dict()
+            assert self.regional.relay.refresh_roster()
+
+    def forward(self) -> Any:
+        """One store-and-forward round of the regional hub (None without one)."""
+        return self.regional.forward_up() if self.regional is not None else None
 
     def target_file(self, target: str, channel: str | None = None) -> Path:
         ch = channel or self.channel
@@ -327,7 +333,8 @@ class Site:
         body = device_report(d.paths, self.channel, self.clock)
         d.reports.append(body)
         try:
-            send_report(self.report_url, d.paths, body, self.clock)
+            send_report(self.tier.url, d.paths, body, self.clock)
         except httpx.HTTPError:
             pass
+        self.forward()
         return rep
