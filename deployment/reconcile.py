@@ -14,7 +14,9 @@ the pass not ``ok``.
 Managed mode seam: a :class:`CanaryDriver` gets the verified standby after
 :meth:`deployment.slots.SlotManager.begin_canary`; it later calls ``promote_canary`` or
 ``abort_canary`` on the slot manager. Without a driver a managed model is never committed: the pass
-reports ``needs_canary`` (run the daemon or ``sre-agent serve``, which canary it).
+reports ``needs_canary`` (run the daemon or ``sre-agent serve``, which canary it). A recall's target is
+the exception: it is a rollback (as in RAUC or Mender), so it is verified, flipped, probed and committed
+as the last-known-good at once, never canaried against the withdrawn version it replaces.
 """
 
 from __future__ import annotations
@@ -539,7 +541,9 @@ class Reconciler:
                 return f"needs {dep} >= {minimum} (active: {have or 'none'})"
         return ""
 
-    def _refusal(self, art: VerifiedArtifact, previous: str | None) -> ModuleOutcome | None:
+    def _refusal(
+        self, art: VerifiedArtifact, previous: str | None, recall_target: bool = False
+    ) -> ModuleOutcome | None:
         """Every check that can refuse this release without touching a slot (None: all passed)."""
         manifest = art.manifest
         try:
@@ -564,7 +568,12 @@ class Reconciler:
                     self.slots.mark_bad(art.module, art.sha256, art.version, why)
                 self.audit.append("config.refused", module=art.module, version=art.version, why=exc.message)
                 return ModuleOutcome(art.module, "refused", art.version, previous, exc.message)
-        if manifest.kind == "model" and manifest.mode == "managed" and self.canary is None:
+        if (
+            manifest.kind == "model"
+            and manifest.mode == "managed"
+            and self.canary is None
+            and not recall_target
+        ):
             why = (
                 "a managed model is committed only with canary evidence, and no canary driver runs here: "
                 "start the daemon (sre-agent run) or sre-agent serve, which canary it against the "
@@ -591,7 +600,7 @@ class Reconciler:
         held = hold(module, art.version) if hold is not None and art.manifest.mode == "managed" else None
         if held:
             return ModuleOutcome(module, "blocked", art.version, previous, held)
-        refused = self._refusal(art, previous)
+        refused = self._refusal(art, previous, recall_target)
         if refused is not None:
             return refused
         try:
@@ -599,10 +608,13 @@ class Reconciler:
         except SlotError as exc:
             return ModuleOutcome(module, "failed", art.version, previous, exc.message)
         manifest = art.manifest
-        if manifest.kind == "model" and manifest.mode == "managed" and self.canary is not None:
+        # A recall's target is a rollback (as RAUC/Mender roll back): verified, flipped and probed at
+        # once, never canaried against the withdrawn incumbent it replaces.
+        driver = self.canary if manifest.kind == "model" and manifest.mode == "managed" else None
+        if driver is not None and not recall_target:
             try:
                 view = self.slots.begin_canary(module, recall_target=recall_target)
-                self.canary.start(module, view, self.slots)
+                driver.start(module, view, self.slots)
             except SlotError as exc:
                 return ModuleOutcome(module, "failed", art.version, previous, exc.message)
             return ModuleOutcome(module, "canary", art.version, previous, "handed to the canary driver")
@@ -633,6 +645,8 @@ class Reconciler:
                 evidence={"probes": len(results), "recall_target": recall_target},
                 as_last_known_good=recall_target,
             )
+            if recall_target:
+                self.audit.append("recall.rolled_back", module=module, version=art.version, previous=previous)
             self.telemetry.event(
                 "deployment", f"{module} {art.version} committed", attrs={"previous": previous}
             )

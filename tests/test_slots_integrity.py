@@ -276,7 +276,7 @@ def test_kill_9_mid_canary_then_corrupt_standby_is_never_canaried_again(
     assert "slot.activation_refused" in [r.event for r in audit.records()]
 
 
-def test_recall_on_the_canary_path_makes_the_recall_target_last_known_good(
+def test_recall_of_a_canaried_version_makes_the_recall_target_last_known_good(
     state: StatePaths, tmp_path: Path
 ) -> None:
     clock = SystemClock()
@@ -326,8 +326,10 @@ def test_recall_on_the_canary_path_makes_the_recall_target_last_known_good(
                 ]
             }
         )
-        assert rec.run_once().outcomes[0].result == "canary"
-        assert serving.wait("clf", 120) is CanaryPhase.PROMOTED
+        # A recall is a rollback: committed at once, never canaried against the recalled 2.0.
+        assert rec.run_once().outcomes[0].result == "committed"
+        serving.sync(rec.slots)
+        assert router.routing.active.version == "1.0"
     finally:
         stop.set()
         worker.join(10)
