@@ -202,6 +202,10 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         and failures >= 3
     )
     chaos = _flag(f, "chaos_active")
+    left_behind = _flag(f, "persisted_after_cleanup") is True
+    # an experiment acts while it runs, and after its cleanup when its faults outlived it
+    in_effect = chaos is True or left_behind
+    targets = chaos_targets(f)
     # Probes failing again and again mean "down", unless an experiment is injecting faults right now: then
     # they may be its effect, and only an explicit "not serving" from the producer says the model is down.
     active_down = (
@@ -213,6 +217,8 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
     why: str | None = None
     if sb is None:
         why = "there is no standby version to roll back to"
+    elif in_effect and "standby" in targets:
+        why = f"the experiment in effect perturbs the standby {_ident(sb)}"
     elif both:
         why = "the same fault is seen on both slots (a runtime or host fault): a rollback cannot fix it"
     elif standby_failing:
@@ -238,9 +244,9 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         both_slots_failing=both,
         active_down=active_down,
         chaos_active=chaos is True,
-        chaos_explains=chaos is True and chaos_explains(incident),
-        chaos_may_explain=chaos is True and (chaos_explains(incident) or not chaos_targets(f)),
-        chaos_expected_effect=chaos is True and chaos_expected_effect(incident),
+        chaos_explains=in_effect and chaos_explains(incident),
+        chaos_may_explain=in_effect and (chaos_explains(incident) or not targets),
+        chaos_expected_effect=in_effect and chaos_expected_effect(incident),
         chaos_damage_off_model=chaos_damage_off_model(incident),
         incumbent_as_bad=incumbent_as_bad(incident, parity_ratio),
         slo_of_model=incident.kind.value == "slo_burn" and _slo_of_model(f.get("slo")),
@@ -251,11 +257,12 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
 TARGET_WORDS: dict[str, frozenset[str]] = {
     "clock": frozenset({"clock", "time", "ntp", "rtc", "skew"}),
     "cpu": frozenset({"cpu", "stress", "load"}),
-    "memory": frozenset({"memory", "mem", "oom", "ram"}),
-    "disk": frozenset({"disk", "fill", "ballast", "storage"}),
-    "uplink": frozenset({"uplink", "network", "net", "wan", "partition", "blackout", "toxiproxy"}),
-    "input": frozenset({"input", "inputs", "noise"}),
-    "serving": frozenset({"serving", "service", "kill"}),
+    "memory": frozenset({"memory", "mem", "oom", "ram", "leak"}),
+    "disk": frozenset({"disk", "fill", "ballast", "storage", "io", "iops", "inode"}),
+    "uplink": frozenset({"uplink", "network", "net", "wan", "link", "partition", "blackout", "toxiproxy"})
+    | frozenset({"packet", "loss", "dns", "bandwidth", "peer", "wifi", "lte", "cellular", "satellite"}),
+    "input": frozenset({"input", "inputs", "noise", "noisy", "gaussian", "perturb", "perturbation"}),
+    "serving": frozenset({"serving", "service", "server", "worker", "process", "kill", "crash", "sigkill"}),
     "standby": frozenset({"standby"}),
 }
 """Words naming what an experiment perturbs, by the chaos catalogue's targets (``chaos.yaml``)."""
@@ -274,10 +281,11 @@ _CHECK_CAUSES: tuple[tuple[str, frozenset[str]], ...] = (
 
 _GATE_CAUSES: dict[str, frozenset[str]] = {
     "latency": frozenset({"cpu", "memory", "serving"}),
-    "error_rate": frozenset({"serving", "memory", "disk"}),
-    "divergence": frozenset({"input"}),
+    "error_rate": frozenset({"serving", "memory", "disk", "standby"}),
+    "divergence": frozenset({"input", "standby"}),
 }
-"""What can make a canary gate fail (the gates ``deployment/canary.py`` emits); another gate: anything."""
+"""What can make a canary gate fail (the gates ``deployment/canary.py`` emits); another gate: anything.
+During a canary the candidate sits in the standby slot: corrupting the standby corrupts its answers."""
 
 _SERVING_PATH = frozenset({"serving", "cpu", "memory", "disk"})
 """What a fault must reach to fail a probe or burn an SLO of the served model (local inference)."""
@@ -317,6 +325,11 @@ def chaos_targets(facts: dict[str, FactValue]) -> frozenset[str]:
     return frozenset(t for t, vocab in TARGET_WORDS.items() if words & vocab)
 
 
+def _slot_named(facts: dict[str, FactValue]) -> str | None:
+    where = facts.get("slot")
+    return where.strip().lower() if isinstance(where, str) else None
+
+
 def symptom_causes(incident: Incident) -> frozenset[str]:
     """The experiment targets that can cause this incident's symptom (pure; from its facts only).
 
@@ -324,18 +337,18 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
       serving); one that failed: what it measures (trust checks: the clock; resource headroom: disk,
       memory, CPU; drift: inputs; rollback readiness or any check on the standby slot: the standby);
       a wrong answer from the active model (golden vectors, integrity) is caused by no experiment;
-    - a canary abort: by gate (latency: CPU, memory, serving; error rate: serving, memory, disk;
-      divergence: inputs); a gate the canary does not emit: anything;
+    - a canary abort: by gate (latency: CPU, memory, serving; error rate: serving, memory, disk, the
+      standby; divergence: inputs, the standby); a gate the canary does not emit: anything;
     - a probe failure: on the standby, the standby; otherwise the serving path (serving, CPU, memory,
-      disk), never the uplink or the clock;
+      disk; on the canary slot also the standby it lives in), never the uplink or the clock;
     - an SLO burn: the device's sync or policy age: the uplink or the clock; a model SLO: the serving
       path or the inputs;
     - a chaos deviation: the experiment itself (anything).
     """
     f = incident.facts
     kind = incident.kind.value
-    slot = f.get("slot")
-    on_standby = isinstance(slot, str) and slot.strip().lower() == "standby"
+    slot = _slot_named(f)
+    on_standby = slot == "standby"
     if kind == "verification_failure":
         if f.get("status") in ("error", "timeout"):
             return _STARVED
@@ -350,7 +363,9 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
         gate = f.get("gate")
         return _GATE_CAUSES.get(gate, _ALL_TARGETS) if isinstance(gate, str) else _ALL_TARGETS
     if kind == "probe_failure":
-        return frozenset({"standby"}) if on_standby else _SERVING_PATH
+        if on_standby:
+            return frozenset({"standby"})
+        return _SERVING_PATH | {"standby"} if slot == "canary" else _SERVING_PATH
     if kind == "slo_burn":
         return _MODEL_SLO_CAUSES if _slo_of_model(f.get("slo")) else _DEVICE_SLO_CAUSES
     return _ALL_TARGETS
@@ -377,6 +392,8 @@ def chaos_expected_effect(incident: Incident) -> bool:
     f = incident.facts
     if f.get("status") in ("error", "timeout"):
         return False
+    if incident.kind.value == "probe_failure" and _slot_named(f) != "standby":
+        return False  # a probe of the active or canary slot fails what users are served
     explaining = chaos_targets(f) & symptom_causes(incident)
     return bool(explaining) and explaining <= CONFINED_TARGETS
 
@@ -436,9 +453,10 @@ def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) ->
         out[Action.ROLLBACK] = dev.why_not_rollback
     if incident.evidence.slot.safe_mode:
         out[Action.SAFE_MODE] = "the module is already in safe mode"
-    if _flag(incident.facts, "chaos_active") is False and not dev.chaos_damage_off_model:
+    left_behind = _flag(incident.facts, "persisted_after_cleanup") is True
+    if _flag(incident.facts, "chaos_active") is False and not left_behind:
         # pausing also clears faults an experiment left behind after its cleanup (the handler's guard)
-        out[Action.PAUSE_CHAOS] = "no chaos experiment is running"
+        out[Action.PAUSE_CHAOS] = "no chaos experiment is running and none left faults behind"
     return out
 
 

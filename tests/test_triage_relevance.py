@@ -207,8 +207,12 @@ def test_an_experiment_endangering_the_device_is_paused_not_observed(engine, che
 
 def test_a_corrupt_active_model_is_never_an_expected_effect(engine):
     facts = {"check": "integrity.slots", "category": "integrity", "status": "fail", "slot": "active"}
+    for targets in ("input", "clock"):
+        running = {**facts, "chaos_active": True, "chaos_targets": targets}
+        assert engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, running)).action == Action.ROLLBACK
+    # an experiment corrupting the standby: no rollback onto it either, an operator decides on safe mode
     inc = _inc(IncidentKind.VERIFICATION_FAILURE, {**facts, "chaos_active": True, "chaos_targets": "standby"})
-    assert engine.decide(inc).action == Action.ROLLBACK
+    assert _decide(engine, inc) == (Action.SAFE_MODE, "escalate")
 
 
 # --- SLO evidence: a burn from a handful of requests is no evidence for a remedy ----------------------
@@ -312,3 +316,62 @@ def test_damage_that_may_reach_the_model_is_a_model_remedy_for_an_operator(engin
     assert (d.action, d.verdict) == (Action.ROLLBACK, "escalate")
     d2 = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, NO_LKG))
     assert (d2.action, d2.verdict) == (Action.SAFE_MODE, "escalate")
+
+
+# --- an experiment perturbing the standby makes it no rollback target ---------------------------------
+
+
+@pytest.mark.parametrize("extra", [{"chaos_targets": "standby"}, {"experiment": "standby-bitflip.yaml"}])
+def test_never_a_rollback_onto_a_standby_the_running_experiment_perturbs(engine, extra):
+    down = {"slot": "active", "consecutive_failures": 6, "active_serving": False, "chaos_active": True}
+    inc = _inc(IncidentKind.PROBE_FAILURE, {**down, **extra})
+    assert device_facts(inc).why_not_rollback is not None
+    d = engine.decide(inc)
+    assert d.action != Action.ROLLBACK and Action.ROLLBACK not in d.allowed, d.rule
+    assert (d.action, d.verdict) == (Action.SAFE_MODE, "escalate")
+    # the experiment over, the standby is a sound target again
+    over = _inc(IncidentKind.PROBE_FAILURE, {**down, **extra, "chaos_active": False})
+    assert engine.decide(over).action == Action.ROLLBACK
+
+
+@pytest.mark.parametrize("gate", ["error_rate", "divergence"])
+def test_a_candidate_in_the_standby_slot_the_experiment_corrupts_is_not_blamed(engine, gate):
+    """During a canary the candidate lives in the standby slot: corrupting it explains wrong outputs."""
+    facts = {"gate": gate, "samples": 900, "chaos_active": True, "chaos_targets": "standby"}
+    inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, version="4.1.0")
+    assert _decide(engine, inc) == (Action.PAUSE_CHAOS, "execute")
+    latency = _inc(IncidentKind.CANARY_ABORT, {**facts, "gate": "latency"}, CANARY_SLOT, version="4.1.0")
+    assert engine.decide(latency).action == Action.QUARANTINE
+
+
+def test_damage_left_behind_counts_as_chaos_in_effect(engine):
+    """An experiment whose faults outlived its cleanup still acts: a disk it left full explains both slots
+    failing to load (pause chaos, which clears its faults), not a safe-mode request."""
+    both = {"slot": "both", "consecutive_failures": 4, "active_serving": False, "chaos_active": False}
+    left = {**both, "persisted_after_cleanup": True, "chaos_targets": "disk"}
+    assert _decide(engine, _inc(IncidentKind.PROBE_FAILURE, left)) == (Action.PAUSE_CHAOS, "execute")
+    gone = _inc(IncidentKind.PROBE_FAILURE, {**both, "chaos_targets": "disk"})
+    assert engine.decide(gone).action == Action.SAFE_MODE
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("packet-loss-30pct.yaml", "uplink"),
+        ("dns-failure.json", "uplink"),
+        ("bandwidth-cap.yaml", "uplink"),
+        ("memory-leak.yaml", "memory"),
+        ("oom-pressure", "memory"),
+        ("io-saturation.yaml", "disk"),
+        ("crash-model-server.yaml", "serving"),
+        ("restart-worker.json", "serving"),
+        ("noisy-inputs.yaml", "input"),
+        ("gaussian-perturbation.json", "input"),
+        ("ntp-offset.yaml", "clock"),
+        ("cpu-burn.yaml", "cpu"),
+    ],
+)
+def test_common_experiment_names_name_their_targets(name, target):
+    from sre_agent.triage import chaos_targets
+
+    assert target in chaos_targets({"experiment": name}), name
