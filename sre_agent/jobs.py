@@ -321,6 +321,7 @@ class EscalationsJob:
     responder: ResponderService
     interval_s: float = ESCALATIONS_INTERVAL_S
     name: str = "escalations"
+    hubs: Callable[[], list[str]] | None = None  # where signed decisions are fetched (regional first)
 
     def spec(self) -> JobSpec:
         return JobSpec(self.name, self, self.interval_s, jitter_s=min(3.0, self.interval_s * 0.1))
@@ -329,7 +330,13 @@ class EscalationsJob:
         r = self.responder.responder
         if r is None:
             return 0
-        return len(r.process_escalations(self.paths.policies / "operators.yaml"))
+        roster = self.paths.policies / "operators.yaml"
+        hubs = self.hubs() if self.hubs is not None else []
+        if hubs:  # approvals come down from the hub, verified as `escalations apply` verifies them
+            from sre_agent.approvals_sync import sync_approvals
+
+            sync_approvals(hubs, self.paths, r.escalations, roster, r.escalations.clock)
+        return len(r.process_escalations(roster))
 
 
 @dataclass

@@ -305,7 +305,12 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
                 max_policy_age_s=settings.daemon.slo_max_policy_age_s,
             ),
         ).spec(),
-        EscalationsJob(paths, responder, interval_s=settings.daemon.escalations_interval_s).spec(),
+        EscalationsJob(
+            paths,
+            responder,
+            interval_s=settings.daemon.escalations_interval_s,
+            hubs=lambda: [h for h in [link_url(), *settings.hub.hubs()[1:]] if h],
+        ).spec(),
         DigestJob(clock, identity, audit, sink, responder, slots_or_none).spec(),
         # A committed signed config module's live keys apply in place (sre_agent.config.LIVE_KEYS).
         JobSpec("signed-config", LiveConfig(settings), 5.0, misfire_grace_s=5.0),

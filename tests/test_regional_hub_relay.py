@@ -23,6 +23,7 @@ import pytest
 from telemetry_support import device, metric_columns, small_policy
 
 from deployment.rollout import REPORT_PATH
+from hub.approvals_api import approval_routes
 from hub.fleet_api import fleet_routes, issue_operator_token
 from hub.fleetdb import FleetDB
 from hub.ingest import BATCH_PATH, ingest_routes
@@ -84,6 +85,7 @@ def root(tmp_path: Path) -> Iterator[Root]:
         *ingest_routes(svc.fleet_dir, clock=clock, fleet=fleet),
         *fleet_routes(repo.dir, svc, clock, fleet),
         *site_routes(repo.dir, svc.store, clock),
+        *approval_routes(repo.dir, fleet, clock),
     ]
     hold = threading.Event()
     hold.set()
@@ -344,3 +346,71 @@ def test_the_root_shows_each_site_sync_age_backlog_and_in_sync_flag(
     # a site token that was removed can no longer report or forward
     assert run_cli("sre-hub", "sites", "remove", "--repo", str(root.repo.dir), "site-a").returncode == 0
     assert hub.sync_once()["reported"] is False
+
+
+def _escalated(paths: Any, ident: DeviceIdentity) -> tuple[Any, Any]:
+    from policies.triage import default_triage_policy
+    from sre_agent.escalations import EscalationStore, escalations_dir
+    from sre_agent.triage import TriageEngine
+    from sre_agent.triage_eval import load_cases
+    from sre_core.audit import AuditLog
+
+    clock = SystemClock()
+    store = EscalationStore(escalations_dir(paths), AuditLog(paths.audit_log, clock), clock, ident.device_id)
+    case = {c.name: c for c in load_cases(Path(__file__).parent / "triage_cases")}["pf-active-nolkg"]
+    return store, store.create(case.incident, TriageEngine(default_triage_policy()).decide(case.incident))
+
+
+def test_approvals_come_down_through_the_regional_hub_and_from_its_cache_with_the_root_down(
+    root: Root, tmp_path: Path
+) -> None:
+    import yaml
+
+    from hub.operators import HubEscalations, keygen
+    from sre_agent.approvals_sync import sync_approvals
+    from sre_agent.escalations import EscalationStatus, escalations_dir
+
+    keys = keygen(tmp_path / "ops", "alice")
+    roster = tmp_path / "operators.yaml"
+    roster.write_text(yaml.safe_dump({"version": 1, "max_ttl_s": 7200, "operators": [keys.entry]}))
+    devs = {}
+    for name in ("a", "b"):
+        paths, ident = device(tmp_path / name)
+        root.fleet.enroll(ident.device_id, ident.public_pem)
+        store, esc = _escalated(paths, ident)
+        HubEscalations(root.repo.dir).decide(
+            esc.id, key_path=keys.key_path, operator="alice", decision="approve", roster_path=roster,
+            sources=[escalations_dir(paths)],
+        )  # fmt: skip
+        devs[name] = (paths, ident, store, esc)
+    hub = _regional(root, tmp_path)
+    hub.sync_once()
+    with ServerThread(build_regional_app(hub)) as regional:
+        paths, ident, store, esc = devs["a"]
+        got = sync_approvals([regional.url, root.url], paths, store, roster)
+        assert got.hub == regional.url and got.applied == [esc.id], got
+        assert store.get(esc.id).status == EscalationStatus.APPROVED
+        # device b asks while it has no roster yet: nothing applied, but the site now holds its approvals
+        paths, ident, store, esc = devs["b"]
+        early = sync_approvals([regional.url], paths, store, tmp_path / "missing.yaml")
+        assert early.applied == [] and early.errors, early
+        root.server.stop()
+        # a decision altered at the site is refused by the device (operator signature), nothing changes
+        from sqlalchemy import select, update
+
+        from hub.regional._relay import approvals_cache
+
+        with hub.relay.engine.begin() as conn:
+            (body,) = conn.execute(
+                select(approvals_cache.c.body).where(approvals_cache.c.device_id == ident.device_id)
+            ).one()
+            forged = json.dumps({**json.loads(body), "reason": "site says so"})
+            conn.execute(update(approvals_cache).where(approvals_cache.c.body == body).values(body=forged))
+        bad = sync_approvals([regional.url], paths, store, roster)
+        assert bad.applied == [] and esc.id in bad.refused, bad
+        assert store.get(esc.id).status == EscalationStatus.OPEN
+        with hub.relay.engine.begin() as conn:
+            conn.execute(update(approvals_cache).where(approvals_cache.c.body == forged).values(body=body))
+        late = sync_approvals([regional.url], paths, store, roster)  # the root is down: from the site's cache
+        assert late.applied == [esc.id], late
+        assert store.get(esc.id).status == EscalationStatus.APPROVED

@@ -245,9 +245,15 @@ def register(app: typer.Typer) -> None:
         if static_only:
             asgi = build_static_app(repo)
         else:
+            from hub.approvals_api import approval_routes
             from hub.sites import site_routes
 
-            routes = [*ingest_routes(repo / "fleet"), *fleet_routes(repo), *site_routes(repo)]
+            routes = [
+                *ingest_routes(repo / "fleet"),
+                *fleet_routes(repo),
+                *site_routes(repo),
+                *approval_routes(repo),
+            ]
             asgi = build_hub_app(repo, extra_routes=routes)
         url = f"http://{host}:{sock.getsockname()[1]}"
         if json_out:

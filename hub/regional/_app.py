@@ -5,7 +5,8 @@ demand when signed and not yet held), ``GET /healthz``, ``GET /v1/regional/statu
 the root's paths (``POST`` :data:`hub.ingest.BATCH_PATH`, :data:`hub.ingest.ATTEST_PATH`,
 :data:`deployment.rollout.REPORT_PATH`): verified against the mirrored roster (signature, window,
 nonce), the body digest-checked, stored durably, then answered 200 ``queued`` (or ``duplicate``);
-``GET /v1/fleet/status`` (root operator token): the site's devices from the reports held here.
+``GET /v1/fleet/status`` (root operator token): the site's devices from the reports held here;
+``GET /v1/devices/{id}/approvals`` (device-signed): relayed to the root, cached for when it is down.
 
 Refusals as at the root: 401 (unsigned, forged, stale, replayed, unknown device), 403 (revoked), 400
 (a batch whose id is not its content hash, a report of another device), 411, 413, 415; and 503 with
@@ -28,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from deployment.rollout import REPORT_PATH
+from hub.approvals_api import APPROVALS_PATH, MAX_IDS, parse_ids
 from hub.http import FileServer, repository_routes, target_cache_control
 from hub.ingest import ATTEST_PATH, BATCH_PATH, MAX_BODY_BYTES
 from hub.regional._hub import RegionalHub
@@ -153,6 +155,34 @@ def build_regional_app(hub: RegionalHub) -> Starlette:
 
         return endpoint
 
+    async def approvals(request: Request) -> JSONResponse:
+        """A device's approvals, relayed to the root (cached here for when the root is unreachable)."""
+        if not relay.roster_ready():
+            return JSONResponse(
+                {"error": "this regional hub has no device roster from the root yet"},
+                status_code=503,
+                headers={"Retry-After": str(_RETRY_AFTER_S)},
+            )
+        url = str(request.url)
+        try:
+            vr = await run_in_threadpool(
+                verify_request, "GET", url, list(request.headers.items()), b"",
+                relay.resolve_key, hub.clock.now().timestamp(), nonces,
+            )  # fmt: skip
+        except SignatureRefused as exc:
+            status = 403 if exc.reason == "revoked" else 401
+            return JSONResponse({"refused": exc.reason, "detail": exc.detail}, status_code=status)
+        device = request.path_params["device_id"]
+        if vr.key_id != device:
+            return JSONResponse({"refused": "another device's approvals"}, status_code=403)
+        ids = parse_ids(request.query_params.get("ids", ""))
+        if ids is None:
+            return JSONResponse({"error": f"ids: up to {MAX_IDS} escalation ids"}, status_code=400)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        status, doc = await run_in_threadpool(relay.approvals, device, path, url, headers, ids)
+        return JSONResponse(doc, status_code=status)
+
     async def fleet_status(request: Request) -> JSONResponse:
         if not await run_in_threadpool(relay.operator, request.headers.get("authorization")):
             return JSONResponse(
@@ -181,6 +211,7 @@ def build_regional_app(hub: RegionalHub) -> Starlette:
         Route(ATTEST_PATH, _upload("attestation"), methods=["POST"]),
         Route(REPORT_PATH, _upload("report"), methods=["POST"]),
         Route("/v1/fleet/status", fleet_status, methods=["GET"]),
+        Route(APPROVALS_PATH, approvals, methods=["GET"]),
         Route("/targets/{path:path}", get_target, methods=["GET", "HEAD"]),
         *meta,
     ]

@@ -110,6 +110,16 @@ site_reports = Table(
     Column("received_at", String(40), nullable=False),
 )
 
+approvals_cache = Table(
+    "approvals_cache",
+    _meta,
+    Column("device_id", String(128), primary_key=True),
+    Column("escalation_id", String(80), primary_key=True),
+    Column("digest", String(64), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("fetched_at", String(40), nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class SpoolItem:
@@ -386,6 +396,59 @@ class Relay:
                     attempts=attempts, next_at=self.clock.now().timestamp() + delay, last_error=error[:500]
                 )
             )
+
+    def approvals(
+        self, device_id: str, path: str, uri: str, headers: dict[str, str], ids: list[str]
+    ) -> tuple[int, dict[str, Any]]:
+        """Relay a device's (signed) approvals request to the root; cache what comes back per device.
+
+        Returns (status, answer). When the root cannot be reached (or fails), the cached approvals for
+        ``ids`` are answered with ``"source": "regional-cache"``; a root refusal is passed on as it is.
+        """
+        if self.site_token:
+            try:
+                resp = self.client.get(
+                    f"{self.upstream}{path}", headers={**headers, **self._auth(), RELAY_URI_HEADER: uri}
+                )
+            except httpx.HTTPError:
+                resp = None
+            if resp is not None and resp.status_code == 200:
+                doc = _json(resp)
+                self._cache_approvals(device_id, doc.get("approvals") or [])
+                return 200, {**doc, "source": "root"}
+            if resp is not None and resp.status_code < 500 and resp.status_code != 429:
+                return resp.status_code, _json(resp)
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(approvals_cache.c.body).where(
+                    approvals_cache.c.device_id == device_id, approvals_cache.c.escalation_id.in_(ids)
+                )
+            ).all()
+        return 200, {
+            "device_id": device_id,
+            "approvals": [json.loads(r.body) for r in rows],
+            "source": "regional-cache",
+        }
+
+    def _cache_approvals(self, device_id: str, approvals: list[Any]) -> None:
+        now = self.clock.now().isoformat()
+        with self.engine.begin() as conn:
+            for a in approvals[:256]:
+                if not isinstance(a, dict) or not isinstance(a.get("escalation_id"), str):
+                    continue
+                body = json.dumps(a, sort_keys=True)
+                digest = hashlib.sha256(body.encode()).hexdigest()
+                conn.execute(
+                    delete(approvals_cache).where(
+                        approvals_cache.c.device_id == device_id, approvals_cache.c.digest == digest
+                    )
+                )
+                conn.execute(
+                    insert(approvals_cache).values(
+                        device_id=device_id, escalation_id=a["escalation_id"][:80], digest=digest, body=body,
+                        fetched_at=now,
+                    )
+                )  # fmt: skip
 
     def report_status(self, status: dict[str, Any]) -> bool:
         """Tell the root this site's sync state and backlog (site token). False when not delivered."""
