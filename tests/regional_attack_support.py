@@ -89,6 +89,7 @@ class HostileTier:
         frozen: a directory holding ``metadata/`` and ``targets/``: GETs under those prefixes are served
             from it (what a tier that stopped following the root serves), never from the root.
         up: applied to each upload (POST) before forwarding; returning None drops it.
+        requests / captured: every request / every upload as received (headers included).
         fake_ack: answer every POST ``200 {"status": "stored"}`` without forwarding.
         hold: keep every POST in :attr:`held` (answered 503 ``Retry-After``) instead of forwarding.
     """
@@ -102,6 +103,7 @@ class HostileTier:
         self.hold = False
         self.held: list[Up] = []
         self.captured: list[Up] = []
+        self.requests: list[Up] = []
         self.seen: list[tuple[str, str, int]] = []
         self._client = httpx.Client(timeout=30.0)
         self.server = ServerThread(
@@ -142,6 +144,7 @@ class HostileTier:
         return resp
 
     def _answer(self, up: Up) -> Response:
+        self.requests.append(up)
         if up.method == "POST":
             self.captured.append(up)
             if self.fake_ack:

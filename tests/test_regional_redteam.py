@@ -690,3 +690,227 @@ def test_a3_a4_replayed_and_held_back_approvals_are_refused(site: Site) -> None:
         ops.deliver(b, late)
     assert b.escalations.get(esc_b.id).status in (EscalationStatus.OPEN, EscalationStatus.EXPIRED)
     assert Approval.model_validate_json(late).expires_at < site.clock.now()
+
+
+# ---------------------------------------------------------------------------- the real regional hub only
+# Written after reading hub/regional and hub/sites.py (the design: a site token, a spool, a mirrored
+# roster with operator token hashes, site status reports): O1, S1 and R1-R4 attack what it adds.
+@pytest.fixture
+def region(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path, n=2, regional=True)
+    try:
+        s.publish("1.0")
+        for d in s.devices:
+            s.sync(d)
+            assert d.version() == "1.0"
+        yield s
+    finally:
+        s.close()
+
+
+def _role_file(site: Site, role: str = "stable") -> Path:
+    md = site.served_dir / "metadata"
+    return max(md.glob(f"*.{role}.json"), key=lambda p: int(p.name.split(".")[0]))
+
+
+@pytest.mark.slow
+def test_r1_mirrored_metadata_edited_on_the_regional_disk_is_refused_then_healed(region: Site) -> None:
+    d = region.devices[0]
+    region.publish("1.1")
+    assert region.regional is not None and region.regional.sync_down().published
+    for f in (_role_file(region), region.served_dir / "metadata" / "timestamp.json"):
+        f.chmod(0o644)
+    f = _role_file(region)
+    f.write_bytes(_json_edit(_role_edit)(f.read_bytes()))
+    held, n = d.held(), len(d.audit_events())
+    d.rec.run_once()  # the regional hub serves what its disk holds now
+    new = d.audit_events()[n:]
+    assert "pull.refused" in new and "slot.committed" not in new, new
+    assert d.version() == "1.0" and d.held() == held
+    assert region.regional.sync_down().error is None  # republishes the verified bytes it holds
+    d.rec.run_once()
+    assert d.version() == "1.1"
+
+
+def _served_target(site: Site, version: str) -> Path:
+    (f,) = (site.served_dir / "targets" / "stable").glob(f"*.{MODULE}-{version}-model.bin")
+    return f
+
+
+@pytest.mark.slow
+def test_r2_a_target_edited_on_the_regional_disk_is_never_installed(region: Site) -> None:
+    d = region.devices[0]
+    region.publish("1.1")
+    assert region.regional is not None and region.regional.sync_down().published
+    f = _served_target(region, "1.1")
+    f.chmod(0o644)
+    f.write_bytes(EVIL[: f.stat().st_size].ljust(f.stat().st_size, b"!"))  # same length, other bytes
+    held, n = d.held(), len(d.audit_events())
+    d.rec.run_once()
+    new = d.audit_events()[n:]
+    assert "pull.refused" in new and "slot.committed" not in new, new
+    assert d.version() == "1.0" and d.held() == held
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap R2 (availability): the mirror's 'held' check is the file size only (Mirror._held), so a "
+    "served target altered at rest (same length: tampering or bit rot) is never re-fetched; every device "
+    "of the site refuses the release until someone deletes the file by hand",
+)
+def test_r2b_the_regional_hub_heals_a_target_altered_at_rest_on_its_next_sync(region: Site) -> None:
+    d = region.devices[0]
+    region.publish("1.1")
+    assert region.regional is not None and region.regional.sync_down().published
+    f = _served_target(region, "1.1")
+    f.chmod(0o644)
+    f.write_bytes(b"\0" * f.stat().st_size)
+    d.rec.run_once()
+    assert d.version() == "1.0"
+    region.regional.sync_down()
+    d.rec.run_once()
+    assert d.version() == "1.1", "the site still serves the altered bytes"
+
+
+def _spool(site: Site) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from hub.regional._relay import spool
+
+    assert site.regional is not None
+    with site.regional.relay.engine.begin() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(spool).order_by(spool.c.seq))]
+
+
+def _spool_update(site: Site, key: str, **values: Any) -> None:
+    from sqlalchemy import update
+
+    from hub.regional._relay import spool
+
+    assert site.regional is not None
+    with site.regional.relay.engine.begin() as conn:
+        conn.execute(update(spool).where(spool.c.key == key).values(**values))
+
+
+@pytest.mark.slow
+def test_r3_uploads_edited_in_the_regional_spool_never_land(region: Site) -> None:
+    """The spool on the regional disk: a batch body, a report body, the device header, all edited."""
+    a, b = region.devices
+    _write_metrics(a, 20)
+    assert a.uplink.flush().pending_after == 0  # queued at the site: the device has let go
+    send_report(region.tier.url, a.paths, device_report(a.paths, region.channel, region.clock), region.clock)
+    _write_metrics(b, 5)
+    assert b.uplink.flush().pending_after == 0
+    items = {(i["kind"], i["device_id"]): i for i in _spool(region)}
+    batch_a, report_a, batch_b = items["batch", a.id], items["report", a.id], items["batch", b.id]
+    body = bytearray(batch_a["body"])
+    body[len(body) // 2] ^= 0xFF
+    _spool_update(region, batch_a["key"], body=bytes(body))
+    rep = json.loads(report_a["body"])
+    rep["modules"][MODULE]["version"] = "6.6"
+    _spool_update(
+        region, report_a["key"], body=json.dumps(rep, sort_keys=True, separators=(",", ":")).encode()
+    )
+    headers = json.loads(batch_b["headers"])
+    headers = {k: (a.id if k.lower() == "x-sre-device" else v) for k, v in headers.items()}
+    _spool_update(region, batch_b["key"], headers=json.dumps(headers), device_id=a.id)
+    before = region.service.reports.get(a.id)
+    region.forward()
+    assert region.lake_rows() == {} and region.fleet.receipts() == []
+    assert region.service.reports.get(a.id) == before
+    assert _refused_at_the_regional(region) <= {400, 401} and len(region.regional.relay.refused_items()) == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_r4_spool_duplicated_reordered_and_replayed_by_the_site_lands_once_newest_wins(region: Site) -> None:
+    """The site token lets a relayed request be 30 days old with no nonce memory: replays must be no-ops."""
+    from sqlalchemy import insert
+
+    from hub.regional._relay import spool
+
+    a = region.devices[0]
+    _write_metrics(a, 7)
+    assert a.uplink.flush().pending_after == 0
+    older = device_report(a.paths, region.channel, region.clock)
+    send_report(region.tier.url, a.paths, older, region.clock)
+    region.clock.advance(timedelta(seconds=30))
+    region.publish("1.1")
+    region.sync(a)  # its newer report (on 1.1) is queued and forwarded now
+    assert a.version() == "1.1"
+    items = _spool(region)
+    assert items == [], items
+    # the site kept copies of everything it relayed: it puts them back, in another order, twice
+    region.clock.advance(timedelta(days=20))
+    assert region.regional is not None
+    captured = [u for u in region.tier.captured if u.path.startswith(("/v1/telemetry/", "/v1/fleet/reports"))]
+    for n, up in enumerate(reversed(captured * 2)):
+        from hub.regional._relay import FORWARDED_HEADERS
+
+        with region.regional.relay.engine.begin() as conn:
+            conn.execute(
+                insert(spool).values(
+                    key=f"replay-{n}", kind="report" if "reports" in up.path else "batch",
+                    device_id=a.id, path=up.path, uri=f"http://{up.header('host')}{up.path}",
+                    headers=json.dumps({k: v for k, v in up.headers if k.lower() in FORWARDED_HEADERS}),
+                    body=up.body, received_at=region.clock.now().isoformat(), attempts=0, next_at=0.0,
+                )
+            )  # fmt: skip
+    region.forward()
+    assert region.lake_rows() == {a.id: 7} and len(region.fleet.receipts()) == 1
+    assert region.device_status(a)["versions"] == {MODULE: "1.1"}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap O1: the regional hub's GET /v1/fleet/status takes the root operator's bearer token (checked "
+    "against mirrored hashes), so a compromised site (or its network) receives a credential that is valid "
+    "at the root for every operator verb (recall, rollout start/abort/approve); a site view needs its own "
+    "site-scoped credential, or a signed request that cannot be replayed at the root",
+)
+def test_o1_an_operator_token_shown_to_a_regional_hub_is_no_root_credential(region: Site) -> None:
+    from hub.fleet_api import issue_operator_token
+
+    region.publish("1.1")
+    token = issue_operator_token(region.repo.dir, "alice")
+    region.roster()
+    r = httpx.get(f"{region.tier.url}/v1/fleet/status", headers={"authorization": f"Bearer {token}"})
+    assert r.status_code == 200  # the documented use: the site's view for an operator at the site
+    (seen,) = [u.header("authorization") for u in region.tier.requests if u.path == "/v1/fleet/status"]
+    assert seen is not None
+    stolen = httpx.post(
+        f"{region.root.url}/v1/recalls/{region.channel}",
+        json={"module": MODULE, "withdrawn": ["1.1"], "to_version": "1.0", "reason": "site"},
+        headers={"authorization": seen},
+    )
+    assert stolen.status_code in (401, 403), stolen.text
+    ds = region.repo.desired_state(region.channel)
+    assert ds is not None and ds.recalls == []
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap S1: the root's site row (in_sync, last_sync, sync age) is the regional hub's own claim "
+    "(POST /v1/sites/<name>/status, timestamp_version); the signed reports relayed by that site, whose "
+    "desired-state serial contradicts it, are not used, so a site that serves a frozen repository shows "
+    "as in sync (only the per-device drift gives it away)",
+)
+def test_s1_a_site_claiming_sync_while_its_devices_hold_an_old_serial_is_not_shown_in_sync(
+    region: Site,
+) -> None:
+    from hub.sites import current_timestamp
+
+    d = region.devices[0]
+    region.tier.freeze(region.served_dir, region.tmp / "frozen")
+    region.publish("1.1")
+    region.sync(d)
+    assert d.version() == "1.0"
+    assert region.device_status(d)["drift"] == [MODULE]  # detectable per device
+    current = current_timestamp(region.repo.dir)
+    assert region.regional is not None
+    claim = {"timestamp_version": current, "last_sync": region.clock.now().isoformat(), "backlog": 0}
+    assert region.regional.relay.report_status(claim)
+    (row,) = region.sites.rows(current)
+    assert not row["in_sync"], row
