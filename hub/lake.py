@@ -30,12 +30,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["FLUSH_BYTES", "Lake", "LakeWriter"]
 
 FLUSH_BYTES = 8 * 1024 * 1024  # rows buffered (all days together) before they are written out
+COMPACT_ROWS = 1_000_000  # rows per row group of a compacted file (and about what compaction holds)
 
 
 class LakeWriter:
@@ -181,6 +183,35 @@ class Lake:
         """A streaming :meth:`write`: feed record batches, then ``commit()`` (see :class:`LakeWriter`)."""
         return LakeWriter(self, table, name, schema)
 
+    def _merge(self, d: str, paths: list[str], out_path: str) -> None:
+        """Stream ``paths`` into one file (row groups of about :data:`COMPACT_ROWS`): memory stays near
+        one row group however many rows the partition holds."""
+        schema = pa.unify_schemas(
+            [pq.read_schema(p, filesystem=self.fs) for p in paths], promote_options="default"
+        )
+        tmp = posixpath.join(d, f".tmp-{secrets.token_hex(8)}")
+        try:
+            with (
+                self.fs.open_output_stream(tmp) as out,
+                pq.ParquetWriter(out, schema, compression="zstd") as w,
+            ):
+                held: list[pa.RecordBatch] = []
+                rows = 0
+                # an explicit schema: a file lacking a column reads it as nulls
+                data = ds.dataset(paths, schema=schema, filesystem=self.fs, format="parquet")
+                for rb in data.to_batches():
+                    held.append(rb)
+                    rows += rb.num_rows
+                    if rows >= COMPACT_ROWS:
+                        w.write_table(pa.Table.from_batches(held, schema))
+                        held, rows = [], 0
+                if held:
+                    w.write_table(pa.Table.from_batches(held, schema))
+        except BaseException:
+            self.fs.delete_file(tmp)
+            raise
+        self.fs.move(tmp, out_path)
+
     def compact(self, max_files: int = 1, table: str | None = None) -> dict[str, Any]:
         """Merge the files of every partition holding more than ``max_files`` into one file."""
         merged = removed = 0
@@ -191,11 +222,8 @@ class Lake:
                 if len(names) <= max(1, max_files):
                     continue
                 paths = [posixpath.join(d, f) for f in names]
-                rows = pa.concat_tables(
-                    [pq.read_table(p, filesystem=self.fs) for p in paths], promote_options="default"
-                )
                 digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:40]
-                self._put(posixpath.join(d, f"compact-{digest}.parquet"), rows)
+                self._merge(d, paths, posixpath.join(d, f"compact-{digest}.parquet"))
                 for p in paths:
                     self.fs.delete_file(p)
                 merged += 1
@@ -216,8 +244,6 @@ class Lake:
                     "hive_partitioning = true, hive_types = {'date': DATE}, union_by_name = true)"
                 )
             else:
-                import pyarrow.dataset as ds
-
                 data = ds.dataset(self._p(f"table={t}"), filesystem=self.fs, format="parquet",
                                   partitioning="hive")  # fmt: skip
                 con.register(f"_arrow_{t}", data)

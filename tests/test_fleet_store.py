@@ -256,6 +256,30 @@ def test_compaction_bounds_files_per_partition_and_keeps_rows(tmp_path: Path) ->
     assert lake.connect().sql("SELECT count(*), min(date), max(date) FROM metrics").fetchall() == before
 
 
+def test_compaction_streams_row_groups_and_unions_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merging is streamed (several row groups, not one table in memory); a file lacking a column
+    (an older schema) reads it as nulls, and every row and value survives."""
+    import pyarrow.parquet as pq
+
+    import hub.lake
+
+    monkeypatch.setattr(hub.lake, "COMPACT_ROWS", 25)  # a row group per ~25 rows: the streaming path
+    lake = Lake(str(tmp_path / "lake"))
+    base = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    for i in range(12):
+        rows = _metrics(f"d{i}", [base + timedelta(minutes=i * 10 + k) for k in range(10)])
+        lake.write("metrics", f"b{i:03d}", rows.drop_columns(["series"]) if i % 3 == 0 else rows)
+    sql = "SELECT count(*), count(series), sum(value), count(DISTINCT device_id) FROM metrics"
+    before = lake.connect().sql(sql).fetchall()
+    assert lake.compact(max_files=1) == {"partitions_merged": 1, "files_removed": 12}
+    (merged,) = lake.files("metrics")
+    assert pq.ParquetFile(merged).metadata.num_row_groups >= 4
+    assert lake.connect().sql(sql).fetchall() == before == [(120, 80, before[0][2], 12)]
+    assert [p.name for p in (tmp_path / "lake").rglob(".tmp-*")] == []
+
+
 def test_replicas_share_replay_protection_and_reports(tmp_path: Path, db_url: str) -> None:
     repo = HubRepository.init(tmp_path / "repo", channels=("stable",))
     store = open_store(db_url)
