@@ -158,12 +158,14 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
       ``fact.bad_versions``/``fact.recalled_versions`` (a version or a comma-separated list);
     - ``fact.active_down``/``fact.active_serving`` (booleans), and a probe failure on the
       active slot seen ``fact.consecutive_failures`` >= 3 times in a row while no experiment runs;
-    - ``fact.chaos_active`` (boolean; false makes ``pause_chaos`` impossible);
+    - ``fact.chaos_active`` (boolean) and ``fact.persisted_after_cleanup`` (the experiment's faults
+      outlived its cleanup): an experiment is *in effect* when either holds; false and no faults left
+      behind make ``pause_chaos`` impossible;
     - ``fact.chaos_targets`` (what the running experiment perturbs, comma-separated, in the chaos
       catalogue's target words: clock, cpu, memory, disk, uplink, input, serving, standby), else the
       words of ``fact.experiment`` when it is a plain identifier (``clock-skew.yaml``): see
-      :func:`chaos_explains` and :func:`symptom_causes`;
-    - ``fact.persisted_after_cleanup`` (chaos deviations): see :func:`chaos_damage_off_model`;
+      :func:`chaos_explains` and :func:`symptom_causes`; an experiment in effect on the standby makes it
+      no rollback target; :func:`chaos_damage_off_model` for damage left behind;
     - ``fact.gate`` and the metrics ``canary.<m>``/``incumbent.<m>``: see :func:`incumbent_as_bad`;
     - ``fact.slo``: an SLO about the device's sync or policy age is not one a model version moves.
     """
