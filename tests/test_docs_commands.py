@@ -30,6 +30,7 @@ PROGS = {"sre-agent": sre_agent.cli, "sre-hub": hub.cli}
 NOT_RUN: dict[tuple[str, ...], str] = {
     ("sre-agent", "run"): "the daemon runs until SIGTERM (tests/test_operability_systemd.py starts it)",
     ("sre-hub", "serve"): "serves until SIGTERM (tests/test_operability_servers.py starts it)",
+    ("sre-hub", "regional"): "serves until SIGTERM; needs a root hub (tests/test_regional_hub.py runs it)",
     ("sre-agent", "chaos", "run"): "a real guarded run needs a serving device (tests/test_chaos_runner*.py)",
     ("sre-agent", "chaos", "approve"): "needs an operator key and a reviewed escalated file",
     ("sre-agent", "reconcile"): "installs into slots and probes (tests/test_reconcile_e2e.py)",
