@@ -33,6 +33,7 @@ from deployment.manifest import ModuleManifest
 from deployment.pull import Puller
 from deployment.reconcile import Reconciler
 from deployment.rollout import device_report, send_report
+from hub.approvals_api import approval_routes
 from hub.fleet_api import fleet_routes
 from hub.fleetdb import FleetDB
 from hub.ingest import ingest_routes
@@ -227,6 +228,7 @@ class Site:
             *fleet_routes(self.repo.dir, self.service, self.clock, self.fleet),
             *ingest_routes(self.service.fleet_dir, clock=self.clock, fleet=self.fleet),
             *site_routes(self.repo.dir, self.service.store, self.clock),
+            *approval_routes(self.repo.dir, self.fleet, self.clock),
         ]
         self.root = ServerThread(build_hub_app(self.repo.dir, routes)).start()
         self.regional: RegionalHub | None = None

@@ -121,6 +121,7 @@ from policies.approvals import (
 )
 from policies.triage import Action, default_triage_policy
 from sre_agent.actions import ActionExecutor
+from sre_agent.approvals_sync import ApprovalSync, sync_approvals
 from sre_agent.escalations import Escalation, EscalationStatus
 from sre_agent.triage import TriageEngine
 from sre_agent.triage_eval import load_cases
@@ -623,8 +624,12 @@ class Ops:
         return path.read_bytes()
 
     def deliver(self, d: Device, data: bytes) -> Escalation:
-        """What ``sre-agent escalations apply`` does with the delivered file."""
+        """What ``sre-agent escalations apply`` does with a file the tier handed over."""
         return d.escalations.decide(load_approval(data), self.roster)
+
+    def fetch(self, d: Device) -> ApprovalSync:
+        """The device's escalations job: fetch the decisions on its open escalations through the tier."""
+        return sync_approvals([self.site.tier.url], d.paths, d.escalations, self.roster_path, self.site.clock)
 
 
 def _edited(data: bytes, **changes: Any) -> bytes:
@@ -914,3 +919,65 @@ def test_s1_a_site_claiming_sync_while_its_devices_hold_an_old_serial_is_not_sho
     assert region.regional.relay.report_status(claim)
     (row,) = region.sites.rows(current)
     assert not row["in_sync"], row
+
+
+APPROVALS = r"/v1/devices/[^/]+/approvals"
+
+
+def _answer_edit(fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> Callable[[bytes], bytes]:
+    return _json_edit(lambda doc: doc.update(approvals=fn(doc["approvals"])))
+
+
+@BOTH
+def test_a1_a2_a5_approvals_fetched_through_a_tier_that_alters_them_are_refused(site: Site) -> None:
+    """The escalations job's own fetch (GET .../approvals, relayed by the tier): every alteration the
+    tier makes to the answer is refused by the device, audited, and the escalation stays open."""
+    a, b = site.devices
+    ops = Ops(site, a)
+    esc_b = ops.escalate(b)
+    ops.approve(ops.esc, "alert")
+    for_b = json.loads(ops.approve(esc_b, "safe_mode"))
+    forged = sign_approval(generate_operator_key(), operator="alice", escalation_id=ops.esc.id,
+                           escalation_hash=ops.esc.content_hash, decision="approve", action="safe_mode",
+                           now=site.clock.now(), ttl=timedelta(minutes=30))  # fmt: skip
+    attacks: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
+        "A1 more severe action": lambda ap: [{**x, "action": "safe_mode"} for x in ap],
+        "A2 another device's approval": lambda _ap: [{**for_b, "escalation_id": ops.esc.id}],
+        "A5 forged by the tier": lambda _ap: [json.loads(forged.model_dump_json())],
+    }
+    for case, edit in attacks.items():
+        n = len(a.audit_events())
+        site.tier.down = [(APPROVALS, _answer_edit(edit))]
+        out = ops.fetch(a)
+        assert out.hub == site.tier.url and not out.applied and ops.esc.id in out.refused, (case, out)
+        assert "escalation.approval_refused" in a.audit_events()[n:], case
+        assert a.escalations.get(ops.esc.id).status is EscalationStatus.OPEN, case
+    site.tier.down = []
+    assert ops.fetch(a).applied == [ops.esc.id]  # the genuine decision still works
+    a.escalations.execute_approved(ops.executor, ops.roster)
+    assert ops.ran == ["alert"]
+
+
+@BOTH
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap A6: the hub signs a rejection after an approval of the same open escalation (no check of "
+    "the decisions it already holds), serves its decisions oldest first (HubEscalations.decisions), and "
+    "sync_approvals applies the first one that verifies: the device executes an approval its operator has "
+    "since rejected (a tier or a regional cache need only keep serving the older one)",
+)
+def test_a6_a_rejection_that_supersedes_an_approval_is_not_bypassed(site: Site) -> None:
+    """The operator approves, then changes their mind and rejects before the device fetched: the tier
+    serves both signed decisions (or only the older one, from its cache): the device must not act."""
+    a = site.devices[0]
+    ops = Ops(site, a)
+    ops.approve(ops.esc, "safe_mode")
+    site.clock.advance(timedelta(minutes=5))
+    try:
+        ops.hub.decide(ops.esc.id, key_path=ops.key_path, operator="alice", decision="reject",
+                       roster_path=ops.roster_path, reason="changed my mind")  # fmt: skip
+    except InputError:
+        return  # the hub refuses a second, conflicting decision: the operator is told at once
+    ops.fetch(a)
+    a.escalations.execute_approved(ops.executor, ops.roster)
+    assert ops.ran == [], "the device executed an approval its operator had since rejected"
