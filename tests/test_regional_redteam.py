@@ -49,6 +49,10 @@ D10   recalled version: after a recall, the tier replays the        REFUSED-DEVI
                                                                     root shows the drift
 D11   on-disk edits of a regional mirror (metadata, targets,        same as D1-D9: nothing is re-signed,
       partial files) served to devices                              so every edit is caught
+D12   a whole repository re-signed with the tier's own keys         REFUSED-DEVICE (no chain to the
+                                                                    pinned root)
+F1    a device listing several hubs meets a tier that alters a      REFUSED for that source (audited with
+      target                                                        its URL); the next source delivers
 A1    approval altered on the way down: the action changed to a     REFUSED-DEVICE (signature);
       more severe one                                               escalation stays open, nothing runs
 A2    a valid approval for another device's escalation delivered    REFUSED-DEVICE (bound to the other
@@ -87,6 +91,27 @@ S1    the tier lies about site sync (claims in sync while it        DETECTABLE: 
                                                                     serial) and the root's own records
                                                                     of the site, never the tier's claim
 ====  ===========================================================  ===================================
+
+Added after reading the regional hub (hub/regional, hub/sites.py, hub/approvals_api.py), against what it adds
+
+====  ===========================================================  ===================================
+R1    mirrored metadata edited on the regional disk                 REFUSED-DEVICE; the next down-sync
+                                                                    republishes the verified bytes
+R2    a served target edited at rest, same length                   REFUSED-DEVICE; the next down-sync
+                                                                    heals it (gap: it never does)
+R3    spooled batch/report bodies and the device header edited      REFUSED-ROOT, recorded as refused at
+      in the regional spool                                         the site; nothing lands
+R4    spool items duplicated, reordered and replayed 20 days        lands once; the newest report wins
+      later (a site token relays 30-day-old requests, no nonce)     (relayed requests are idempotent)
+U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
+      reported with another site's token
+O1    an operator's root token presented to the regional hub        the token is no root credential
+      (its documented fleet-status view), replayed at the root      (gap: it is, for every operator verb)
+A6    the operator approves, then rejects before the device         the device does not act (gap: it
+      fetched; the tier serves both (or its cached older one)       executes the superseded approval)
+====  ===========================================================  ===================================
+
+Gaps (xfail strict, each names the mechanism): U3, U7 (direct path only), R2 (heal), O1, S1, A6.
 
 The hostile tier of the first part needs no regional implementation: :class:`HostileTier`
 (tests/regional_attack_support.py) is a loopback HTTP relay in front of a real root hub (TUF repository,
@@ -981,3 +1006,72 @@ def test_a6_a_rejection_that_supersedes_an_approval_is_not_bypassed(site: Site) 
     ops.fetch(a)
     a.escalations.execute_approved(ops.executor, ops.roster)
     assert ops.ran == [], "the device executed an approval its operator had since rejected"
+
+
+def test_d12_a_repository_re_signed_with_the_tiers_own_keys_is_refused(site: Site) -> None:
+    """The tier builds its own repository (its own root, targets and channel keys) naming its own 1.1:
+    every signature is valid, none chains to the device's pinned root."""
+    from hub.repository import HubRepository
+
+    evil = HubRepository.init(site.tmp / "evil", channels=("stable",), clock=site.clock)
+    f = site.tmp / "evil.bin"
+    f.write_bytes(EVIL)
+    from deployment.manifest import ModuleManifest
+
+    evil.publish("stable", f, ModuleManifest(name=MODULE, version="1.1", mode="file", filename="model.bin"))
+    evil.release("stable", MODULE, "1.1")
+    d = site.devices[0]
+    held, n = d.held(), len(d.audit_events())
+    site.tier.frozen = evil.dir
+    _refused_nothing_applied(site, d, "1.0", held, n)
+    assert any("UnsignedMetadata" in json.dumps(r) or "root" in json.dumps(r) for r in _audit(d)[n:])
+
+
+def test_f1_a_device_falls_back_past_a_tampering_tier_to_the_genuine_release(site: Site) -> None:
+    """Devices list several hubs (the site's first, the root last): bytes the first one altered are
+    refused and audited with its URL, and the next source delivers the release."""
+    from deployment.pull import Puller
+    from deployment.reconcile import Reconciler
+    from policies.trust import TrustPolicy
+
+    d = site.devices[0]
+    site.publish("1.1")
+    site.tier.down = [(r"/targets/stable/[0-9a-f]+\.clf-1\.1-model\.bin$", lambda b: b[::-1])]
+    puller = Puller(d.paths, site.tier.url, site.channel, clock=site.clock, fallbacks=[site.root.url],
+                    policy=TrustPolicy(max_stalled_attempts=1))  # fmt: skip
+    rec = Reconciler(d.paths, puller.pull, site.clock, disk_free=lambda _p: 1 << 40)
+    n = len(d.audit_events())
+    rec.run_once()
+    assert d.version() == "1.1"
+    refusals = [r for r in _audit(d)[n:] if r["event"] == "pull.refused"]
+    assert refusals and all(r["data"].get("source") == site.tier.url for r in refusals), refusals
+    from _trust_support import sha256
+
+    assert all(sha256(p) == p.name for p in (d.paths.cas / "sha256").glob("*"))
+
+
+@pytest.mark.slow
+def test_s2_u10_a_site_token_reports_only_its_own_site_and_relays_only_the_signed_path(region: Site) -> None:
+    """A site token is no wildcard: another site's status is refused, and a relayed device request
+    whose signed URI names another path (a report signed for the reports route, sent to ingest) is
+    refused as forged."""
+    other_token = region.sites.add("site-b")
+    r = httpx.post(f"{region.root.url}/v1/sites/site-a/status", json={"timestamp_version": 1},
+                   headers={"authorization": f"Bearer {other_token}"})  # fmt: skip
+    assert r.status_code == 403
+    d = region.devices[0]
+    region.tier.hold = True
+    with pytest.raises(httpx.HTTPStatusError):
+        send_report(
+            region.tier.url, d.paths, device_report(d.paths, region.channel, region.clock), region.clock
+        )
+    (up,) = [u for u in region.tier.held if u.path == "/v1/fleet/reports"]
+    from hub.sites import RELAY_URI_HEADER
+
+    headers = {k: v for k, v in up.headers if k.lower() not in {"host", "content-length"}}
+    headers.update(
+        {"authorization": f"Bearer {other_token}", RELAY_URI_HEADER: f"http://{up.header('host')}{up.path}"}
+    )
+    moved = httpx.post(f"{region.root.url}/v1/telemetry/attestations/x", content=up.body, headers=headers)
+    assert moved.status_code == 401 and moved.json()["refused"] == "forged", moved.text
+    assert "attested" not in region.fleet.state(d.id)
