@@ -33,6 +33,7 @@ from sre_agent.incidents import FactValue, Incident
 from sre_core.textsafe import neutralise
 
 __all__ = [
+    "CATALOGUE_TARGETS",
     "Advice",
     "DeviceFacts",
     "RuleMatch",
@@ -268,6 +269,22 @@ TARGET_WORDS: dict[str, frozenset[str]] = {
     "standby": frozenset({"standby"}),
 }
 """Words naming what an experiment perturbs, by the chaos catalogue's targets (``chaos.yaml``)."""
+
+CATALOGUE_TARGETS: dict[str, str] = {
+    "uplink": "uplink",
+    "link": "uplink",
+    "input": "input",
+    "standby": "standby",
+    "canary": "standby",  # the canary candidate lives in the standby slot
+    "active": "serving",
+    "agent": "serving",
+    "serving": "serving",
+    "disk": "disk",
+    "cpu": "cpu",
+    "clock": "clock",
+}
+"""The chaos catalogue's activity ``targets`` and ``impact`` words (``policies/chaos.py``) in the words
+:func:`chaos_targets` reads (``slots`` and ``none`` name no target of their own)."""
 
 _ALL_TARGETS = frozenset(TARGET_WORDS)
 _STARVED = frozenset({"cpu", "memory", "serving"})

@@ -375,3 +375,54 @@ def test_common_experiment_names_name_their_targets(name, target):
     from sre_agent.triage import chaos_targets
 
     assert target in chaos_targets({"experiment": name}), name
+
+
+# --- the producer: what the running experiment perturbs, from its declared actions --------------------
+
+
+def _running(tmp_path, method: list[dict], rollbacks: list[dict] | None = None) -> str | None:
+    """Lay out a running experiment as the chaos runner does and ask the responder for its targets."""
+    import json
+
+    from chaos.faults import chaos_dir
+    from sre_agent.services.responder import _running_chaos_targets
+
+    run = chaos_dir(tmp_path) / "runs" / "run-1"
+    run.mkdir(parents=True)
+    doc = {"title": "t", "method": method, "rollbacks": rollbacks or []}
+    (run / "experiment.json").write_text(json.dumps(doc))
+    lease = tmp_path / "chaos.lease"
+    lease.write_text(json.dumps({"run_id": "run-1", "state_dir": str(tmp_path)}))
+    return _running_chaos_targets(lease)
+
+
+def _act(func: str, kind: str = "action", module: str = "chaos.actions") -> dict:
+    return {"type": kind, "name": func, "provider": {"type": "python", "module": module, "func": func}}
+
+
+def test_targets_come_from_the_actions_not_the_probes_or_the_cleanup(tmp_path):
+    """A probe reading the serving endpoint, or a cleanup restarting it, perturbs nothing."""
+    method = [_act("slow_uplink"), _act("serving_ready", "probe", "chaos.probes")]
+    assert _running(tmp_path, method, [_act("restart_serving_worker")]) == "uplink"
+
+
+@pytest.mark.parametrize(
+    ("func", "expected"),
+    [
+        ("rollback_drill", "serving,standby"),  # catalogue: flips active and standby
+        ("kill_serving_worker", "serving"),
+        ("corrupt_standby_slot", "standby"),
+        ("fill_disk", "disk"),
+        ("skew_agent_clock", "clock"),
+    ],
+)
+def test_targets_of_catalogued_actions_come_from_the_catalogue(tmp_path, func, expected):
+    assert _running(tmp_path, [_act(func)]) == expected
+
+
+def test_an_uncatalogued_action_is_read_by_the_words_of_its_name(tmp_path):
+    assert _running(tmp_path / "a", [_act("stress_memory", module="lab.faults")]) == "cpu,memory"
+    assert _running(tmp_path / "b", [_act("wobble_things", module="lab.faults")]) is None  # unknown
+    # a catalogued extension action counts by its declaration (this toxic acts on the uplink proxy)
+    toxic = _act("create_latency_toxic", module="chaostoxi.toxic.actions")
+    assert _running(tmp_path / "c", [toxic]) == "uplink"

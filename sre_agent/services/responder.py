@@ -384,14 +384,18 @@ class ResponderService:
 
 
 def _running_chaos_targets(lease: Path) -> str | None:
-    """What the running experiment perturbs, from the functions of the document the runner is
-    executing (``<chaos>/runs/<run_id>/experiment.json``), as the comma-separated target names
-    :func:`sre_agent.triage.chaos_targets` reads. None when it cannot be read."""
+    """What the running experiment perturbs, as the comma-separated target names
+    :func:`sre_agent.triage.chaos_targets` reads. None when it cannot be read.
+
+    Read from the actions of the method the runner is executing (``<chaos>/runs/<run_id>/experiment.json``):
+    probes perturb nothing and rollbacks undo faults. A catalogued action (``module:func`` in the chaos
+    policy) counts by its declared ``targets`` and ``impact``; another by the words of its function name."""
     import json
     import re
 
     from chaos.faults import chaos_dir
-    from sre_agent.triage import TARGET_WORDS
+    from policies.chaos import default_chaos_policy
+    from sre_agent.triage import CATALOGUE_TARGETS, TARGET_WORDS
 
     try:
         held = json.loads(lease.read_text())
@@ -400,11 +404,20 @@ def _running_chaos_targets(lease: Path) -> str | None:
         doc = json.loads((chaos_dir(root) / "runs" / run_id / "experiment.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    words: set[str] = set()
-    acts = [*(doc.get("method") or []), *(doc.get("rollbacks") or [])]
-    for act in acts:
-        func = (act.get("provider") or {}).get("func") if isinstance(act, dict) else None
-        if isinstance(func, str):
-            words |= set(re.findall(r"[a-z]+", func.lower()))
-    found = sorted(t for t, vocab in TARGET_WORDS.items() if words & vocab)
-    return ",".join(found) or None
+    catalogue = default_chaos_policy().activities
+    found: set[str] = set()
+    for act in doc.get("method") or []:
+        if not isinstance(act, dict) or act.get("type") != "action":
+            continue
+        provider = act.get("provider")
+        func = provider.get("func") if isinstance(provider, dict) else None
+        if not isinstance(provider, dict) or not isinstance(func, str):
+            continue
+        spec = catalogue.get(f"{provider.get('module')}:{func}")
+        if spec is not None:
+            declared = [*spec.targets, spec.impact]
+            found |= {CATALOGUE_TARGETS[w] for w in declared if w in CATALOGUE_TARGETS}
+            continue
+        words = set(re.findall(r"[a-z]+", func.lower()))
+        found |= {t for t, vocab in TARGET_WORDS.items() if words & vocab}
+    return ",".join(sorted(found)) or None
