@@ -248,7 +248,8 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         active_down=active_down,
         chaos_active=chaos is True,
         chaos_explains=in_effect and chaos_explains(incident),
-        chaos_may_explain=in_effect and (chaos_explains(incident) or not targets),
+        chaos_may_explain=in_effect
+        and (chaos_explains(incident) or (not targets and bool(symptom_causes(incident)))),
         chaos_expected_effect=in_effect and chaos_expected_effect(incident),
         chaos_damage_off_model=chaos_damage_off_model(incident),
         incumbent_as_bad=incumbent_as_bad(incident, parity_ratio),
@@ -357,7 +358,8 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
       memory, CPU; drift: inputs; rollback readiness or any check on the standby slot: the standby);
       a wrong answer from the active model (golden vectors, integrity) is caused by no experiment;
     - a canary abort: by gate (latency: CPU, memory, serving; error rate: serving, memory, disk, the
-      standby; divergence: inputs, the standby); a gate the canary does not emit: anything;
+      standby; divergence: inputs, the standby); a gate the canary does not emit: anything; too few
+      samples: nothing (no failure to explain);
     - a probe failure: on the standby, the standby; otherwise the serving path (serving, CPU, memory,
       disk; on the canary slot also the standby it lives in), never the uplink or the clock;
     - an SLO burn: the device's sync or policy age: the uplink or the clock; a model SLO: the serving
@@ -380,6 +382,8 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
         return frozenset(causes)
     if kind == "canary_abort":
         gate = f.get("gate")
+        if gate == "insufficient_samples":
+            return frozenset()  # nothing failed: the canary ran out of requests, not of health
         return _GATE_CAUSES.get(gate, _ALL_TARGETS) if isinstance(gate, str) else _ALL_TARGETS
     if kind == "probe_failure":
         if on_standby:

@@ -426,3 +426,11 @@ def test_an_uncatalogued_action_is_read_by_the_words_of_its_name(tmp_path):
     # a catalogued extension action counts by its declaration (this toxic acts on the uplink proxy)
     toxic = _act("create_latency_toxic", module="chaostoxi.toxic.actions")
     assert _running(tmp_path / "c", [toxic]) == "uplink"
+
+
+@pytest.mark.parametrize("running", [{"chaos_targets": "cpu"}, {"chaos_targets": "serving"}, {}])
+def test_a_canary_stopped_for_too_few_samples_is_no_symptom_for_chaos_to_explain(engine, running):
+    facts = {"gate": "insufficient_samples", "samples": 40, "chaos_active": True, **running}
+    inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, version="4.1.0")
+    assert not device_facts(inc).chaos_may_explain
+    assert _decide(engine, inc) == (Action.OBSERVE, "execute"), engine.decide(inc).rule
