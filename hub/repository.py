@@ -5,8 +5,9 @@ Public API::
     HubRepository.init(repo_dir, root_threshold=1, root_keys=1, channels=("stable",), clock=None)
     HubRepository(repo_dir, clock=None)
         .add_channel(channel)                         -> None
-        .publish(channel, artifact, manifest, cosign_key=None, attestation=None, check_model=False)
-            -> PublishedModule   (immutable: another artifact under a published version is refused)
+        .publish(channel, artifact, manifest, cosign_key=None, attestation=None)
+            -> PublishedModule   (immutable: another artifact under a published version is refused;
+                                  a model the device will load is checked first, on every path)
         .release(channel, module, version, expires_in=timedelta(days=14), extra=None) -> DesiredState
         .update_desired(channel, changes, expires_in=timedelta(days=14)) -> DesiredState (rollouts, recalls)
         .timestamp(expires_in=None)                   -> int (new timestamp version)
@@ -15,7 +16,7 @@ Public API::
         .rotate_key(role)                             -> list[str] (new key ids)
         .desired_state(channel)                       -> DesiredState | None
         .channel_targets(channel)                     -> dict[str, TargetFile]
-    check_model_artifact(artifact, manifest)          the declared runtime loads it; inputs/outputs match
+    check_model_artifact(artifact, manifest)          the device's runtime loads it; inputs/outputs match
     target_name(channel, module, version, filename)   -> str
     safe_target_path(path, channel)                   -> bool
 
@@ -487,7 +488,6 @@ class HubRepository:
         manifest: ModuleManifest,
         cosign_key: bytes | None = None,
         attestation: tuple[str, dict[str, Any], bytes] | None = None,
-        check_model: bool = False,
     ) -> PublishedModule:
         """Add ``artifact`` as a target of ``channel`` with ``manifest`` in its ``custom`` field.
 
@@ -495,16 +495,18 @@ class HubRepository:
             cosign_key: a PEM ECDSA P-256 private key: also publish a cosign ``sign-blob`` signature.
             attestation: ``(predicate_type, predicate, pem_private_key)``: also publish a DSSE in-toto
                 statement whose subject is the artifact.
-            check_model: load a model with the runtime its manifest declares before signing it
-                (:func:`check_model_artifact`; ``sre-hub publish`` always does).
+
+        Every publish (this API, ``sre-hub publish``, channel promotion) first loads a model the device
+        will run with the runtime its manifest declares (:func:`check_model_artifact`): the manifest
+        decides, not the caller, so no path signs bytes the fleet cannot load.
 
         Releases are immutable: publishing the same version again with other bytes or another manifest
         is refused (publish a new version); the identical artifact and manifest again is a no-op.
 
         Raises:
             InputError: unknown channel, missing file, unsafe target name, a different artifact or
-                manifest under an already published version, or (``check_model``) a model that its
-                declared runtime cannot load or whose inputs/outputs differ from the manifest.
+                manifest under an already published version, or a model that its declared runtime
+                cannot load or whose inputs/outputs differ from the manifest.
         """
         self._require_channel(channel)
         artifact = Path(artifact)
@@ -524,8 +526,7 @@ class HubRepository:
                     "publish the change under a new version",
                 )
             return PublishedModule(channel, tf.path, tf.length, digest, man, [])
-        if check_model:
-            check_model_artifact(artifact, manifest)
+        check_model_artifact(artifact, manifest)
         extra: list[tuple[str, bytes]] = []
         refs = []
         if cosign_key is not None:
@@ -760,14 +761,19 @@ def _same_release(published: ModuleManifest, new: ModuleManifest) -> bool:
 def check_model_artifact(artifact: Path, manifest: ModuleManifest) -> None:
     """Load a model with the runtime its manifest declares and match the declared inputs/outputs.
 
-    Only ``kind: model`` files for ``onnxruntime`` are checked (configs, policies, bundles and
-    ``engine: none`` are not models this hub can load).
+    Checked: what the device itself loads into ONNX Runtime, i.e. a ``kind: model`` file with
+    ``engine: onnxruntime`` in ``mode: managed`` (the agent serves it) or with golden vectors (the agent
+    runs them). Not checked, and why: ``mode: file`` without golden vectors (a file handed to an
+    application the agent never loads: its runtime is that application's), tar bundles, ``engine:
+    none``, configs and policies (the device checks those against its own models before installing).
 
     Raises:
         InputError: the runtime cannot load the file, or a declared input/output (``runtime.input_name``,
             ``runtime.output_name``, golden vector keys) is not in the model.
     """
     if manifest.kind != "model" or manifest.runtime.engine != "onnxruntime" or manifest.format != "file":
+        return
+    if manifest.mode != "managed" and manifest.golden is None:
         return
     import onnxruntime as ort
 

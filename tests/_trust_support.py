@@ -52,9 +52,10 @@ class HubEnv:
         channel: str = "stable",
         mode: Literal["managed", "file"] = "managed",
     ) -> str:
-        """Publish ``size`` random bytes as module ``version`` and release it; returns the target path."""
+        """Publish about ``size`` random bytes as module ``version`` and release it; returns the target
+        path. A managed module is a real ONNX model carrying the random bytes (the hub loads it)."""
         f = self.tmp / f"{module}-{version}.onnx"
-        f.write_bytes(os.urandom(size))
+        f.write_bytes(random_model(size) if mode == "managed" else os.urandom(size))
         pub = self.repo.publish(channel, f, ModuleManifest(name=module, version=version, mode=mode))
         self.repo.release(channel, module, version)
         return pub.target
@@ -134,6 +135,25 @@ def make_env(
         paths, root=repo.metadata_dir / "1.root.json", hub=server.url, channel=device_channel, clock=clock
     )
     return HubEnv(tmp, clock, repo, server, paths)
+
+
+def random_model(size: int) -> bytes:
+    """A valid ONNX classifier of exactly ``size`` bytes (when above ~1.3 kB), unique each call: random
+    hex padding in its doc string."""
+    import onnx
+
+    from deployment.sample_models import linear_classifier
+
+    model = onnx.load_from_string(linear_classifier(seed=0))
+    pad = os.urandom(size // 2 + 1).hex()
+    want = max(0, size - len(model.SerializeToString()))
+    for _ in range(8):  # the length prefix of the field grows with it: converge on the exact size
+        model.doc_string = pad[:want]
+        got = len(model.SerializeToString())
+        if got == size or want == 0:
+            break
+        want = max(0, want + size - got)
+    return bytes(model.SerializeToString())
 
 
 def sha256(path: Path) -> str:

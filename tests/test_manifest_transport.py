@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from deployment.manifest import (
@@ -15,6 +14,7 @@ from deployment.manifest import (
     manifest_from_custom,
     manifest_to_custom,
 )
+from deployment.sample_models import linear_classifier
 from tests._trust_support import make_env
 
 
@@ -48,7 +48,7 @@ def test_publish_and_pull_a_manifest_with_floats(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     try:
         art = tmp_path / "clf-1.0.onnx"
-        art.write_bytes(os.urandom(4096))
+        art.write_bytes(linear_classifier(n_features=2, n_classes=2, output_name="p"))  # the hub loads it
         manifest = _rich_manifest("1.0")
         env.repo.publish("stable", art, manifest)
         env.repo.release("stable", "clf", "1.0")

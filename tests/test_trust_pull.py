@@ -213,7 +213,7 @@ def test_policy_required_cosign_and_attestation(env: HubEnv) -> None:
     env.repo.publish(
         "stable",
         f,
-        ModuleManifest(name="clf", version="1.0.0"),
+        ModuleManifest(name="clf", version="1.0.0", mode="file"),
         cosign_key=cosign_priv,
         attestation=("https://cyclonedx.org/bom", sbom, att_priv),
     )
@@ -239,7 +239,7 @@ def test_policy_required_cosign_and_attestation(env: HubEnv) -> None:
     env.repo.publish(
         "stable",
         f,
-        ModuleManifest(name="clf", version="1.2.0"),
+        ModuleManifest(name="clf", version="1.2.0", mode="file"),
         cosign_key=other_priv,
         attestation=("https://cyclonedx.org/bom", sbom, att_priv),
     )
@@ -377,7 +377,7 @@ def test_concurrent_publishers_are_serialised(env: HubEnv) -> None:
             for i in range(4):
                 f = env.tmp / f"p{n}-{i}.bin"
                 f.write_bytes(os.urandom(1000))
-                repo.publish("stable", f, ModuleManifest(name=f"m{n}", version=f"1.{i}"))
+                repo.publish("stable", f, ModuleManifest(name=f"m{n}", version=f"1.{i}", mode="file"))
         except BaseException as exc:
             errors.append(exc)
 

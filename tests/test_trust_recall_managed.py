@@ -60,7 +60,7 @@ def test_a_recall_rolls_a_managed_model_to_its_target_without_a_canary(tmp_path:
         model.doc_string = version
         f = tmp_path / f"clf-{version}.onnx"
         f.write_bytes(model.SerializeToString())
-        repo.publish("stable", f, ModuleManifest(name="clf", version=version, canary=SPEC), check_model=True)
+        repo.publish("stable", f, ModuleManifest(name="clf", version=version, canary=SPEC))
         repo.release("stable", "clf", version)
 
     pull = lambda: Puller(paths, server.url, "stable", clock=clock, audit=audit).pull()  # noqa: E731

@@ -146,7 +146,6 @@ def register(app: typer.Typer) -> None:
             man,
             cosign_key=cosign_key.read_bytes() if cosign_key else None,
             attestation=attestation,
-            check_model=True,
         )
         info = {
             "target": pub.target,
