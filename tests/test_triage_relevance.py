@@ -434,3 +434,31 @@ def test_a_canary_stopped_for_too_few_samples_is_no_symptom_for_chaos_to_explain
     inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, version="4.1.0")
     assert not device_facts(inc).chaos_may_explain
     assert _decide(engine, inc) == (Action.OBSERVE, "execute"), engine.decide(inc).rule
+
+
+# --- a candidate that fails verification is blocked; a committed standby that fails is lost readiness ----
+
+
+@pytest.mark.parametrize(
+    "facts",
+    [
+        {"check": "model.golden", "category": "behaviour", "consecutive_failures": 2},
+        {"check": "integrity.slots", "category": "integrity", "standby_intact": False},
+    ],
+)
+def test_a_candidate_failing_verification_is_quarantined_a_committed_standby_alerts(engine, facts):
+    base = {**facts, "status": "fail", "chaos_active": False}
+    candidate = {**LKG, "standby_version": "4.1.0", "last_known_good": "4.0.0"}  # installed, never committed
+    for slot_name, slot in (("standby", candidate), ("canary", CANARY_SLOT)):
+        inc = _inc(IncidentKind.VERIFICATION_FAILURE, {**base, "slot": slot_name}, slot, version="4.1.0")
+        assert _decide(engine, inc) == (Action.QUARANTINE, "execute"), (slot_name, engine.decide(inc).rule)
+    committed = _inc(IncidentKind.VERIFICATION_FAILURE, {**base, "slot": "standby"})
+    assert _decide(engine, committed) == (Action.ALERT, "execute")
+
+
+@pytest.mark.parametrize("burn", [1.0, 1.4, 3.0, 5.9])
+def test_a_slow_burn_after_a_flip_is_told_not_a_rollback_proposal(engine, burn):
+    """Below the paging burn the budget lasts for hours: a ticket (alert), not a rollback for approval."""
+    facts = {"slo": "serving.error_rate", "burn_rate": burn, "since_flip_s": 600}
+    d = engine.decide(_inc(IncidentKind.SLO_BURN, facts))
+    assert (d.action, d.verdict) == (Action.ALERT, "execute"), d.rule
