@@ -299,6 +299,14 @@ _CHECK_CAUSES: tuple[tuple[str, frozenset[str]], ...] = (
 )
 """What a failing check measures (by check-name prefix): an experiment perturbing that explains it."""
 
+_CATEGORY_CAUSES: dict[str, frozenset[str]] = {
+    "trust": frozenset({"clock"}),
+    "performance": frozenset({"cpu", "memory", "disk", "serving"}),  # latency, throughput, headroom
+    "drift": frozenset({"input"}),
+    "rollback_readiness": frozenset({"standby"}),
+}
+"""The same by the check's category, for check names without a known prefix (``model.latency_p95``)."""
+
 _GATE_CAUSES: dict[str, frozenset[str]] = {
     "latency": frozenset({"cpu", "memory", "serving"}),
     "error_rate": frozenset({"serving", "memory", "disk", "standby"}),
@@ -311,8 +319,9 @@ _SERVING_PATH = frozenset({"serving", "cpu", "memory", "disk"})
 """What a fault must reach to fail a probe or burn an SLO of the served model (local inference)."""
 
 _MODEL_SLO_CAUSES = _SERVING_PATH | {"input"}
-_DEVICE_SLO_CAUSES = frozenset({"uplink", "clock"})
-"""The device's sync and policy age move with its uplink and its clock, never with inference."""
+_DEVICE_SLO_CAUSES = frozenset({"uplink", "clock", "disk"})
+"""The device's plumbing (sync, policy and desired-state age, telemetry upload, uplink backlog) moves with
+its uplink, its clock and its disk, never with inference."""
 
 CONFINED_TARGETS = frozenset({"input", "standby"})
 """Faults confined by design: noise on a bounded share of inputs, or the standby slot (it serves nothing).
@@ -324,8 +333,9 @@ _REACHES_MODEL = frozenset({"serving"})
 may help); damage elsewhere (uplink, clock, CPU, memory, disk, inputs, the standby) is not fixed by
 rolling the model back or by safe mode, but by stopping chaos and clearing its faults (``pause_chaos``)."""
 
-_NOT_MODEL_SLOS = frozenset({"sync", "policy"})
-"""SLO subjects no model version moves (the device's sync and policy age, ``sre_agent/slo.py``)."""
+_NOT_MODEL_SLOS = frozenset({"sync", "policy", "trust", "uplink", "telemetry", "upload"})
+"""SLO subjects no model version moves: the device's sync and policy age (``sre_agent/slo.py``), its
+desired-state age, its uplink and telemetry upload (the first word of ``fact.slo``)."""
 
 KNOWN_GATES = frozenset({*_GATE_CAUSES, "insufficient_samples"})
 """Gates the canary emits; ``insufficient_samples`` is its "too few samples" verdict, not a failure."""
@@ -373,12 +383,14 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
     if kind == "verification_failure":
         if f.get("status") in ("error", "timeout"):
             return _STARVED
-        check = f.get("check")
+        check, category = f.get("check"), f.get("category")
         causes: set[str] = {"standby"} if on_standby else set()
         if isinstance(check, str):
             for prefix, dims in _CHECK_CAUSES:
                 if check.startswith(prefix):
                     causes |= dims
+        if isinstance(category, str) and not (isinstance(check, str) and check.startswith("resources.")):
+            causes |= _CATEGORY_CAUSES.get(category, frozenset())
         return frozenset(causes)
     if kind == "canary_abort":
         gate = f.get("gate")
@@ -437,9 +449,9 @@ def chaos_damage_off_model(incident: Incident) -> bool:
 def incumbent_as_bad(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY_RATIO) -> bool:
     """Whether a canary abort's own figures show the incumbent failing as badly as the candidate (pure).
 
-    Reads the metrics ``canary.<m>`` and ``incumbent.<m>`` of the failed gate (``<m>`` is the gate's
-    name or starts with it, e.g. ``latency_p95_ms`` for ``latency``). True only when at least one such
-    pair exists and in every pair the candidate is within ``parity_ratio`` times the incumbent: then
+    Reads the metrics ``canary.<m>`` (or ``candidate.<m>``) and ``incumbent.<m>`` of the failed gate
+    (``<m>`` contains the gate's name, e.g. ``latency_p95_ms`` for ``latency``). True only when at least
+    one such pair exists and in every pair the candidate is within ``parity_ratio`` times the incumbent: then
     the candidate is not what is wrong (a host or traffic fault both versions see). No pair, a missing
     or non-finite figure, or any pair where the candidate is worse: False (the gate's verdict stands).
     """
@@ -451,8 +463,8 @@ def incumbent_as_bad(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PA
     metrics = incident.evidence.metrics
     pairs = []
     for name, cand in metrics.items():
-        metric = name.removeprefix("canary.")
-        if metric == name or not (metric == gate or metric.startswith(gate + "_")):
+        head, _, metric = name.partition(".")
+        if head not in ("canary", "candidate") or gate not in metric:
             continue
         inc = metrics.get(f"incumbent.{metric}")
         if inc is None or not (math.isfinite(cand) and math.isfinite(inc)):

@@ -462,3 +462,40 @@ def test_a_slow_burn_after_a_flip_is_told_not_a_rollback_proposal(engine, burn):
     facts = {"slo": "serving.error_rate", "burn_rate": burn, "since_flip_s": 600}
     d = engine.decide(_inc(IncidentKind.SLO_BURN, facts))
     assert (d.action, d.verdict) == (Action.ALERT, "execute"), d.rule
+
+
+@pytest.mark.parametrize(
+    "slo", ["uplink.backlog_rows", "telemetry.upload_lag_s", "trust.desired_state_age_s", "sync.lag"]
+)
+def test_an_slo_of_the_device_plumbing_is_never_blamed_on_a_version(engine, slo):
+    facts = {"slo": slo, "burn_rate": 20.0, "since_flip_s": 300}
+    assert _decide(engine, _inc(IncidentKind.SLO_BURN, facts)) == (Action.ALERT, "execute")
+    # an uplink experiment explains it; a CPU one does not
+    up = _inc(IncidentKind.SLO_BURN, {**facts, "chaos_active": True, "chaos_targets": "uplink"})
+    assert engine.decide(up).action == Action.PAUSE_CHAOS
+    cpu = _inc(IncidentKind.SLO_BURN, {**facts, "chaos_active": True, "chaos_targets": "cpu"})
+    assert engine.decide(cpu).action == Action.ALERT
+
+
+@pytest.mark.parametrize("check", ["model.latency_p95", "performance.latency", "serving.throughput"])
+def test_a_performance_check_under_cpu_stress_is_the_experiments_effect(engine, check):
+    facts = {"check": check, "category": "performance", "status": "fail", "consecutive_failures": 3}
+    run = {**facts, "chaos_active": True}
+    stressed = _inc(IncidentKind.VERIFICATION_FAILURE, {**run, "chaos_targets": "cpu"})
+    assert _decide(engine, stressed) == (Action.PAUSE_CHAOS, "execute"), engine.decide(stressed).rule
+    uplink = _inc(IncidentKind.VERIFICATION_FAILURE, {**run, "chaos_targets": "uplink"})
+    assert engine.decide(uplink).action == Action.ALERT
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"candidate.error_rate": 0.3, "incumbent.error_rate": 0.29},
+        {"canary.http_error_rate": 0.3, "incumbent.http_error_rate": 0.29},
+    ],
+)
+def test_the_incumbent_comparison_reads_common_metric_spellings(engine, metrics):
+    facts = {"gate": "error_rate", "samples": 3000}
+    inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, metrics, "4.1.0")
+    assert device_facts(inc).incumbent_as_bad
+    assert engine.decide(inc).action == Action.ALERT
