@@ -18,7 +18,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +332,7 @@ class Site:
     def sync(self, d: Device) -> Any:
         """The regional hub's down-sync (when there is one), then one reconcile pass and a signed report
         through the tier (returns the reconcile report)."""
+        self.clock.advance(timedelta(seconds=1))  # reports are ordered by their signed time
         if self.regional is not None:
             self.regional.sync_down()
         rep = d.rec.run_once()

@@ -227,52 +227,34 @@ def _role_edit(doc: dict[str, Any]) -> None:
 
 
 @BOTH
-@pytest.mark.parametrize(
-    ("case", "pattern", "edit"),
-    [
-        ("D1 timestamp", r"/metadata/timestamp\.json$", _json_edit(_timestamp_edit)),
-        ("D2 snapshot", r"/metadata/\d+\.snapshot\.json$", _json_edit(_snapshot_edit)),
-        ("D3 channel role", r"/metadata/\d+\.stable\.json$", _json_edit(_role_edit)),
-        ("D5 far future", r"/metadata/timestamp\.json$", _json_edit(_far_future)),
-    ],
-)
-def test_metadata_altered_by_the_tier_is_refused(
-    site: Site, case: str, pattern: str, edit: Callable[[bytes], bytes]
-) -> None:
-    d = site.devices[0]
-    held, n = d.held(), len(d.audit_events())
-    clock_before = d.paths.clock_file.read_bytes() if d.paths.clock_file.exists() else None
-    site.publish("1.1")
-    site.tier.down = [(pattern, edit)]
-    _refused_nothing_applied(site, d, "1.0", held, n)
-    after = d.paths.clock_file.read_bytes() if d.paths.clock_file.exists() else None
-    if case.startswith("D5"):
-        assert after == clock_before, "a signed time the tier edited moved the device's trusted time"
-    # once the tier relays honestly, the same device takes the release: nothing was poisoned
-    site.tier.down = []
-    site.sync(d)
-    assert d.version() == "1.1"
-
-
-@BOTH
-def test_d4_desired_state_swapped_for_another_signed_version_is_refused(site: Site) -> None:
-    d = site.devices[0]
-    old_ds = next(site.repo.targets_dir.glob("stable/*.desired-state.json")).read_bytes()
-    site.publish("1.1")
-    held, n = d.held(), len(d.audit_events())
-    site.tier.down = [(r"/targets/stable/[0-9a-f]+\.desired-state\.json$", lambda _b: old_ds)]
-    _refused_nothing_applied(site, d, "1.0", held, n)
-
-
-@BOTH
-def test_d8_another_channels_signed_role_served_as_this_channel_is_refused(site: Site) -> None:
+def test_d1_d5_d8_metadata_altered_or_swapped_by_the_tier_is_refused(site: Site) -> None:
+    """Each case: the root releases the next version, the tier alters what it relays, the device refuses
+    (audited, nothing installed, held record unchanged); then the tier relays honestly and the same
+    device takes that release (nothing was poisoned)."""
     d = site.devices[0]
     site.publish("9.0", channel="beta")
     beta = max(site.repo.metadata_dir.glob("*.beta.json"), key=lambda p: int(p.name.split(".")[0]))
-    site.publish("1.1")
-    held, n = d.held(), len(d.audit_events())
-    site.tier.down = [(r"/metadata/\d+\.stable\.json$", lambda _b: beta.read_bytes())]
-    _refused_nothing_applied(site, d, "1.0", held, n)
+    beta_bytes = beta.read_bytes()
+    old_ds = next(site.repo.targets_dir.glob("stable/*.desired-state.json")).read_bytes()
+    cases: list[tuple[str, str, Callable[[bytes], bytes]]] = [
+        ("D1 timestamp", r"/metadata/timestamp\.json$", _json_edit(_timestamp_edit)),
+        ("D2 snapshot", r"/metadata/\d+\.snapshot\.json$", _json_edit(_snapshot_edit)),
+        ("D3 channel role", r"/metadata/\d+\.stable\.json$", _json_edit(_role_edit)),
+        ("D4 desired state", r"/targets/stable/[0-9a-f]+\.desired-state\.json$", lambda _b: old_ds),
+        ("D5 far future", r"/metadata/timestamp\.json$", _json_edit(_far_future)),
+        ("D8 beta role as stable", r"/metadata/\d+\.stable\.json$", lambda _b: beta_bytes),
+    ]
+    for i, (case, pattern, edit) in enumerate(cases, start=1):
+        version, held, n = d.version() or "", d.held(), len(d.audit_events())
+        site.publish(f"1.{i}")
+        site.tier.down = [(pattern, edit)]
+        _refused_nothing_applied(site, d, version, held, n)
+        assert "2036" not in d.paths.clock_file.read_text(), (
+            f"{case}: an edited signed time moved trusted time"
+        )
+        site.tier.down = []
+        site.sync(d)
+        assert d.version() == f"1.{i}", case
 
 
 @BOTH
@@ -320,29 +302,29 @@ def test_d7_s1_freeze_is_visible_at_the_root_and_ends_at_the_replayed_expiry(
 
 # ---------------------------------------------------------------------------- down: targets (D9)
 @BOTH
-@pytest.mark.parametrize("how", ["altered", "truncated", "extended", "swapped"])
-def test_d9_target_bytes_tampered_by_the_tier_are_never_installed(site: Site, how: str) -> None:
+def test_d9_target_bytes_tampered_by_the_tier_are_never_installed(site: Site) -> None:
     d = site.devices[0]
     v10 = site.target_file(f"stable/{MODULE}-1.0-model.bin").read_bytes()
-    site.publish("1.1")
     edits: dict[str, Callable[[bytes], bytes]] = {
         "altered": lambda b: b[:10] + bytes([b[10] ^ 1]) + b[11:],
         "truncated": lambda b: b[: len(b) // 2],
         "extended": lambda b: b + b"x" * 4096,
         "swapped": lambda _b: v10,
     }
-    site.tier.down = [(r"/targets/stable/[0-9a-f]+\.clf-1\.1-model\.bin$", edits[how])]
-    held, n = d.held(), len(d.audit_events())
-    site.sync(d)
-    new = d.audit_events()[n:]
-    assert {"pull.refused", "pull.failed"} & set(new), new
-    assert "slot.committed" not in new and d.version() == "1.0" and d.held() == held
     from _trust_support import sha256
 
-    assert all(sha256(p) == p.name for p in (d.paths.cas / "sha256").glob("*"))
-    site.tier.down = []
-    site.sync(d)
-    assert d.version() == "1.1"
+    for i, (how, edit) in enumerate(edits.items(), start=1):
+        site.publish(f"1.{i}")
+        site.tier.down = [(rf"/targets/stable/[0-9a-f]+\.clf-1\.{i}-model\.bin$", edit)]
+        version, held, n = d.version(), d.held(), len(d.audit_events())
+        site.sync(d)
+        new = d.audit_events()[n:]
+        assert {"pull.refused", "pull.failed"} & set(new), (how, new)
+        assert "slot.committed" not in new and d.version() == version and d.held() == held, how
+        assert all(sha256(p) == p.name for p in (d.paths.cas / "sha256").glob("*")), how
+        site.tier.down = []
+        site.sync(d)
+        assert d.version() == f"1.{i}", how
 
 
 # ---------------------------------------------------------------------------- down: recall (D10)
@@ -450,7 +432,6 @@ def test_u2_batch_and_report_re_signed_with_the_tiers_own_key_are_refused(site: 
     assert site.service.reports.get(d.id) == before
 
 
-@BOTH
 @pytest.mark.xfail(
     strict=True,
     reason="gap U3: the device drops a batch from its outbox on any 200 'stored' from the next tier; no "
@@ -663,7 +644,6 @@ def _edited(data: bytes, **changes: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-@BOTH
 def test_a1_a5_approvals_altered_or_forged_by_the_tier_are_refused(site: Site) -> None:
     ops = Ops(site, site.devices[0])
     d, esc = ops.device, ops.esc
@@ -686,7 +666,6 @@ def test_a1_a5_approvals_altered_or_forged_by_the_tier_are_refused(site: Site) -
     assert ops.ran == []
 
 
-@BOTH
 def test_a2_an_approval_for_another_devices_escalation_is_refused(site: Site) -> None:
     a, b = site.devices
     ops = Ops(site, a)
@@ -700,7 +679,6 @@ def test_a2_an_approval_for_another_devices_escalation_is_refused(site: Site) ->
     assert a.escalations.get(ops.esc.id).status is EscalationStatus.OPEN
 
 
-@BOTH
 def test_a3_a4_replayed_and_held_back_approvals_are_refused(site: Site) -> None:
     a, b = site.devices
     ops = Ops(site, a)
