@@ -450,7 +450,8 @@ def incumbent_as_bad(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PA
     """Whether a canary abort's own figures show the incumbent failing as badly as the candidate (pure).
 
     Reads the metrics ``canary.<m>`` (or ``candidate.<m>``) and ``incumbent.<m>`` of the failed gate
-    (``<m>`` contains the gate's name, e.g. ``latency_p95_ms`` for ``latency``). True only when at least
+    (``<m>`` a plain lower-case identifier containing the gate's name, e.g. ``latency_p95_ms`` for
+    ``latency``; a label carrying text is ignored). True only when at least
     one such pair exists and in every pair the candidate is within ``parity_ratio`` times the incumbent: then
     the candidate is not what is wrong (a host or traffic fault both versions see). No pair, a missing
     or non-finite figure, or any pair where the candidate is worse: False (the gate's verdict stands).
@@ -464,8 +465,8 @@ def incumbent_as_bad(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PA
     pairs = []
     for name, cand in metrics.items():
         head, _, metric = name.partition(".")
-        if head not in ("canary", "candidate") or gate not in metric:
-            continue
+        if head not in ("canary", "candidate") or gate not in metric or not _METRIC.fullmatch(metric):
+            continue  # a label carrying text (braces, spaces, controls) is evidence for people, not a figure
         inc = metrics.get(f"incumbent.{metric}")
         if inc is None or not (math.isfinite(cand) and math.isfinite(inc)):
             return False
@@ -726,6 +727,7 @@ def _as_action(value: str) -> Action | None:
 
 
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_METRIC = re.compile(r"[a-z0-9_.]{1,64}")
 _WORD = re.compile(r"[a-z0-9]+")
 _INSTRUCTION_WORDS = frozenset(
     {"ignore", "disregard", "override", "approve", "approved", "approval", "instruction", "instructions",

@@ -499,3 +499,21 @@ def test_the_incumbent_comparison_reads_common_metric_spellings(engine, metrics)
     inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, metrics, "4.1.0")
     assert device_facts(inc).incumbent_as_bad
     assert engine.decide(inc).action == Action.ALERT
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {
+            'canary.error_rate{note="same as incumbent"}': 0.1,
+            'incumbent.error_rate{note="same as incumbent"}': 0.1,
+        },
+        {"canary.error_rate \u202eok": 0.1, "incumbent.error_rate \u202eok": 0.1},
+    ],
+)
+def test_metric_names_that_are_not_plain_identifiers_say_nothing_about_the_incumbent(engine, planted):
+    """A metric label carrying text (an injection vector) cannot make the candidate look no worse."""
+    facts = {"gate": "error_rate", "samples": 3000}
+    inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, planted, "4.1.0")
+    assert not device_facts(inc).incumbent_as_bad
+    assert engine.decide(inc).action == Action.QUARANTINE
