@@ -123,6 +123,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -1053,3 +1056,94 @@ def test_s2_u10_a_site_token_reports_only_its_own_site_and_relays_only_the_signe
     moved = httpx.post(f"{region.root.url}/v1/telemetry/attestations/x", content=up.body, headers=headers)
     assert moved.status_code == 401 and moved.json()["refused"] == "forged", moved.text
     assert "attested" not in region.fleet.state(d.id)
+
+
+def _start_regional(site: Site, state: Path, token: str, port: int) -> subprocess.Popen[str]:
+    """``sre-hub regional`` as a child process (one sync at start, then hourly)."""
+    (state.parent / "site.token").write_text(token)
+    hub = [sys.executable, "-c", "import sys; from hub.cli import main; sys.exit(main(sys.argv[1:]))"]
+    args = ["regional", "--upstream", site.root.url, "--root", str(site.repo.metadata_dir / "1.root.json"),
+            "--state", str(state), "--site", "site-p", "--site-token-file", str(state.parent / "site.token"),
+            "--port", str(port), "--interval", "3600"]  # fmt: skip
+    proc = subprocess.Popen([*hub, *args], text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from hub.sites import current_timestamp
+
+    want = current_timestamp(site.repo.dir)
+    for _ in range(600):  # bounded: 2 minutes
+        try:
+            st = httpx.get(f"http://127.0.0.1:{port}/v1/regional/status", timeout=5).json()
+            if (st.get("served_timestamp") or {}).get("version") == want and st.get("roster"):
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"sre-hub regional exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        time.sleep(0.2)
+    proc.terminate()
+    raise AssertionError("sre-hub regional did not publish the root's timestamp in time")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_r5_the_sre_hub_regional_process_with_its_disk_tampered(tmp_path: Path) -> None:
+    """The real ``sre-hub regional`` process: a served target and a spooled batch edited on its disk while
+    it runs; the device refuses the target, and after a restart (which forwards the spool) the root
+    refuses the batch: nothing installed, nothing landed."""
+    import sqlite3
+
+    from sre_core.http_server import free_port
+
+    with Site(tmp_path, n=1) as site:
+        site.publish("1.0")
+        token = site.sites.add("site-p")
+        state, port = tmp_path / "regional-proc", free_port()
+        proc = _start_regional(site, state, token, port)
+        try:
+            site.tier.upstream = f"http://127.0.0.1:{port}"  # the device's hub is now the process
+            (f,) = (state / "repo" / "targets" / "stable").glob(f"*.{MODULE}-1.0-model.bin")
+            f.chmod(0o644)
+            f.write_bytes(b"\0" * f.stat().st_size)
+            d = site.devices[0]
+            n = len(d.audit_events())
+            site.sync(d)
+            new = d.audit_events()[n:]
+            assert "pull.refused" in new and d.version() is None and d.held() is None, new
+            _write_metrics(d, 9)
+            assert d.uplink.flush().pending_after == 0  # queued (durably) at the site
+            db = sqlite3.connect(state / "relay.db")
+            try:
+                ((key, body),) = db.execute(
+                    "SELECT key, body FROM relay_spool WHERE kind = 'batch'"
+                ).fetchall()
+                db.execute("UPDATE relay_spool SET body = ? WHERE key = ?", (bytes(body)[:-1] + b"\0", key))
+                db.commit()
+            finally:
+                db.close()
+        finally:
+            _stop(proc)
+        proc = _start_regional(site, state, token, port)  # its start-up sync forwards the spool
+        try:
+            for _ in range(300):  # bounded: a minute
+                db = sqlite3.connect(state / "relay.db")
+                try:
+                    left = db.execute("SELECT count(*) FROM relay_spool").fetchone()[0]
+                    refused = db.execute("SELECT status FROM relay_refused").fetchall()
+                finally:
+                    db.close()
+                if left == 0:
+                    break
+                time.sleep(0.2)
+            assert left == 0 and refused == [(401,)], (left, refused)
+            assert site.lake_rows() == {} and site.fleet.receipts() == []
+        finally:
+            _stop(proc)
