@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deployment.manifest import ModuleManifest
+from deployment.manifest import ModuleManifest, ProbeSpec
 from deployment.pull import Puller
 from deployment.reconcile import Reconciler
 from deployment.rollout import device_report, send_report
@@ -283,12 +283,18 @@ class Site:
         self.root.stop()
 
     # ------------------------------------------------------------------ root side
-    def publish(self, version: str, release: bool = True, channel: str | None = None) -> str:
-        """Publish a small file-mode module version (and release it); returns its target path."""
+    def publish(
+        self, version: str, release: bool = True, channel: str | None = None, bad: bool = False
+    ) -> str:
+        """Publish a small file-mode module version (and release it); returns its target path.
+        ``bad``: its probe can never pass (devices roll it back)."""
         ch = channel or self.channel
         f = self.tmp / f"{MODULE}-{version}-{ch}.bin"
         f.write_bytes(f"model {version} {ch}\n".encode() * 64)
-        man = ModuleManifest(name=MODULE, version=version, mode="file", filename="model.bin")
+        probes = (
+            [ProbeSpec(kind="file", path=str(self.tmp / "never"), attempts=1, timeout_s=1)] if bad else []
+        )
+        man = ModuleManifest(name=MODULE, version=version, mode="file", filename="model.bin", probes=probes)
         pub = self.repo.publish(ch, f, man)
         if release:
             self.repo.release(ch, MODULE, version)

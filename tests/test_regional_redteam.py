@@ -545,6 +545,31 @@ def test_u7_an_older_report_delivered_after_a_newer_one_does_not_replace_it(site
     assert site.device_status(d)["versions"] == {MODULE: "1.1"}, "the root now believes the older state"
 
 
+def test_u7b_a_reordered_report_does_not_hide_a_failure_from_the_halt_rule(site: Site) -> None:
+    """U7's worst consequence does not happen: the rollout records a device's failure once seen
+    (``failed``), so an older report delivered after it does not save the candidate from the halt."""
+    from hub.rollouts import RolloutSpec
+
+    a, b = site.devices
+    site.tier.hold = True
+    with pytest.raises(httpx.HTTPStatusError):  # a's report before the rollout, held by the tier
+        send_report(site.tier.url, a.paths, device_report(a.paths, site.channel, site.clock), site.clock)
+    site.tier.hold = False
+    site.publish("1.1", release=False, bad=True)
+    spec = RolloutSpec(channel=site.channel, module=MODULE, version="1.1", waves=[100], min_devices=1,
+                       halt_after=2)  # fmt: skip
+    site.service.start(spec, "alice")
+    site.sync(a)  # installs 1.1, its probe fails, rolls back; its report says so
+    assert a.version() == "1.0" and "1.1" in a.reports[-1]["modules"][MODULE]["bad"]
+    (old,) = [u for u in site.tier.held if u.path == "/v1/fleet/reports"]
+    assert site.tier.forward(old).status_code == 200  # the tier delivers the older one last
+    site.sync(b)
+    assert b.version() == "1.0" and "1.1" in b.reports[-1]["modules"][MODULE]["bad"]
+    site.service.tick(site.channel)
+    r = site.service.current(site.channel)
+    assert r is not None and r.state == "halted", (r.state if r else None, r.failed if r else None)
+
+
 @BOTH
 def test_u8_u9_attestations_altered_replayed_older_or_rewrapped_are_refused(site: Site) -> None:
     from sre_agent.attestation import DeviceState, queue_attestation
