@@ -90,6 +90,7 @@ class HostileTier:
         frozen: a directory holding ``metadata/`` and ``targets/``: GETs under those prefixes are served
             from it (what a tier that stopped following the root serves), never from the root.
         up: applied to each upload (POST) before forwarding; returning None drops it.
+        inject: paths answered 200 with these bytes whatever the upstream has (e.g. a next root version).
         requests / captured: every request / every upload as received (headers included).
         fake_ack: answer every POST ``200 {"status": "stored"}`` without forwarding.
         hold: keep every POST in :attr:`held` (answered 503 ``Retry-After``) instead of forwarding.
@@ -99,6 +100,7 @@ class HostileTier:
         self.upstream = upstream.rstrip("/")
         self.down: list[DownRule] = []
         self.frozen: Path | None = None
+        self.inject: dict[str, bytes] = {}
         self.up: UpRule | None = None
         self.fake_ack = False
         self.hold = False
@@ -158,6 +160,8 @@ class HostileTier:
                 if changed is None:
                     return JSONResponse({"status": "stored"})
                 up = changed
+        elif up.path in self.inject:
+            return Response(self.inject[up.path], media_type="application/octet-stream")
         elif self.frozen is not None and up.path.startswith(("/metadata/", "/targets/")):
             f = self.frozen / up.path.split("?", 1)[0].lstrip("/")
             if not f.is_file() or ".." in up.path:

@@ -50,7 +50,9 @@ D10   recalled version: after a recall, the tier replays the        REFUSED-DEVI
 D11   on-disk edits of a regional mirror (metadata, targets,        same as D1-D9: nothing is re-signed,
       partial files) served to devices                              so every edit is caught
 D12   a whole repository re-signed with the tier's own keys         REFUSED-DEVICE (no chain to the
-                                                                    pinned root)
+      (D12, D13 and F1 were added after the first commit)           pinned root)
+D13   a next root version (2.root.json) the tier signed itself,     REFUSED-DEVICE; the trusted root stays
+      answered to the device's rotation probe                       version 1
 F1    a device listing several hubs meets a tier that alters a      REFUSED for that source (audited with
       target                                                        its URL); the next source delivers
 A1    approval altered on the way down: the action changed to a     REFUSED-DEVICE (signature);
@@ -103,6 +105,10 @@ R3    spooled batch/report bodies and the device header edited      REFUSED-ROOT
       in the regional spool                                         the site; nothing lands
 R4    spool items duplicated, reordered and replayed 20 days        lands once; the newest report wins
       later (a site token relays 30-day-old requests, no nonce)     (relayed requests are idempotent)
+R5    the ``sre-hub regional`` process itself: a served target and  REFUSED-DEVICE; after a restart the
+      a spooled batch edited on its disk while it runs              root refuses the batch (nothing lands)
+U7b   U7's consequence on a rollout: the older report delivered     the halt rule still fires (a failure
+      after a rolled-back device's failure report                   once seen is kept)
 U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
       reported with another site's token
 O1    an operator's root token presented to the regional hub        the token is no root credential
@@ -1031,6 +1037,24 @@ def test_d12_a_repository_re_signed_with_the_tiers_own_keys_is_refused(site: Sit
     site.tier.frozen = evil.dir
     _refused_nothing_applied(site, d, "1.0", held, n)
     assert any("UnsignedMetadata" in json.dumps(r) or "root" in json.dumps(r) for r in _audit(d)[n:])
+
+
+def test_d13_a_root_rotation_signed_by_the_tiers_keys_is_refused(site: Site) -> None:
+    """The tier answers the device's probe for the next root version (``2.root.json``) with a rotation it
+    signed itself: the device's trusted root stays version 1 and nothing else moves."""
+    from hub.repository import HubRepository
+
+    evil = HubRepository.init(site.tmp / "evil-root", channels=("stable",), clock=site.clock)
+    evil.rotate_key("timestamp")  # a properly chained 2.root.json, in the tier's own key tree
+    d = site.devices[0]
+    site.publish("1.1")
+    held, n = d.held(), len(d.audit_events())
+    site.tier.inject = {"/metadata/2.root.json": (evil.metadata_dir / "2.root.json").read_bytes()}
+    _refused_nothing_applied(site, d, "1.0", held, n)
+    assert json.loads((d.paths.tuf / "root.json").read_bytes())["signed"]["version"] == 1
+    site.tier.inject = {}
+    site.sync(d)
+    assert d.version() == "1.1"
 
 
 def test_f1_a_device_falls_back_past_a_tampering_tier_to_the_genuine_release(site: Site) -> None:
