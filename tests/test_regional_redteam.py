@@ -109,6 +109,8 @@ R5    the ``sre-hub regional`` process itself: a served target and  REFUSED-DEVI
       a spooled batch edited on its disk while it runs              root refuses the batch (nothing lands)
 U7b   U7's consequence on a rollout: the older report delivered     the halt rule still fires (a failure
       after a rolled-back device's failure report                   once seen is kept)
+U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT (403), nothing lands
+      whose roster is stale
 U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
       reported with another site's token
 O1    an operator's root token presented to the regional hub        the token is no root credential
@@ -1196,3 +1198,20 @@ def test_r5_the_sre_hub_regional_process_with_its_disk_tampered(tmp_path: Path) 
             assert site.lake_rows() == {} and site.fleet.receipts() == []
         finally:
             _stop(proc)
+
+
+@pytest.mark.slow
+def test_u11_a_device_revoked_at_the_root_lands_nothing_through_a_site_with_a_stale_roster(
+    region: Site,
+) -> None:
+    """The site still holds the old roster (or ignores revocations): the root checks again."""
+    d = region.devices[0]
+    region.fleet.revoke(d.id)  # the site is not told (no roster refresh)
+    _write_metrics(d, 5)
+    assert d.uplink.flush().pending_after == 0  # accepted at the site
+    send_report(region.tier.url, d.paths, device_report(d.paths, region.channel, region.clock), region.clock)
+    before = region.service.reports.get(d.id)
+    region.forward()
+    assert region.lake_rows() == {} and region.fleet.receipts() == []
+    assert region.service.reports.get(d.id) == before
+    assert _refused_at_the_regional(region) == {403}
