@@ -55,6 +55,8 @@ D13   a next root version (2.root.json) the tier signed itself,     REFUSED-DEVI
       answered to the device's rotation probe                       version 1
 F1    a device listing several hubs meets a tier that alters a      REFUSED for that source (audited with
       target                                                        its URL); the next source delivers
+F2    a frozen first hub (D7) in front of a device that also lists  the release arrives from the root once
+      the root                                                      the replayed timestamp expired
 A1    approval altered on the way down: the action changed to a     REFUSED-DEVICE (signature);
       more severe one                                               escalation stays open, nothing runs
 A2    a valid approval for another device's escalation delivered    REFUSED-DEVICE (bound to the other
@@ -1080,6 +1082,32 @@ def test_f1_a_device_falls_back_past_a_tampering_tier_to_the_genuine_release(sit
     from _trust_support import sha256
 
     assert all(sha256(p) == p.name for p in (d.paths.cas / "sha256").glob("*"))
+
+
+def test_f2_a_frozen_first_hub_delays_a_release_only_until_its_replayed_timestamp_expires(
+    site: Site, tmp_path: Path
+) -> None:
+    """Freeze (D7) with fallback: the device keeps trusting the first hub while its copy is valid, then
+    refuses the expired copy, falls back to the root and installs the release."""
+    from deployment.pull import Puller
+    from deployment.reconcile import Reconciler
+    from policies.trust import TrustPolicy
+
+    d = site.devices[0]
+    site.tier.freeze(site.served_dir, tmp_path / "frozen")
+    site.publish("1.1")
+    puller = Puller(d.paths, site.tier.url, site.channel, clock=site.clock, fallbacks=[site.root.url],
+                    policy=TrustPolicy(max_stalled_attempts=1), sticky_s=0)  # fmt: skip
+    rec = Reconciler(d.paths, puller.pull, site.clock, disk_free=lambda _p: 1 << 40)
+    rec.run_once()
+    assert d.version() == "1.0"  # the frozen copy is still validly signed: withheld, not refused
+    site.clock.advance(timedelta(days=1, minutes=5))
+    site.repo.timestamp()
+    n = len(d.audit_events())
+    rec.run_once()
+    assert d.version() == "1.1"
+    refused = [r for r in _audit(d)[n:] if r["event"] == "pull.refused"]
+    assert refused and all(r["data"].get("source") == site.tier.url for r in refused), refused
 
 
 @pytest.mark.slow
