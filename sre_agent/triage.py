@@ -211,11 +211,9 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
     targets = chaos_targets(f)
     # Probes failing again and again mean "down", unless an experiment is injecting faults right now: then
     # they may be its effect, and only an explicit "not serving" from the producer says the model is down.
-    active_down = (
-        bool(down_flag)
-        or up_flag is False
-        or (repeated_probe and down_flag is not False and chaos is not True)
-    )
+    # Nor when the producer says the model serves, or the probe has recovered since.
+    inferred_down = repeated_probe and down_flag is None and up_flag is None and chaos is not True
+    active_down = bool(down_flag) or up_flag is False or (inferred_down and _flag(f, "recovered") is not True)
 
     why: str | None = None
     if sb is None:

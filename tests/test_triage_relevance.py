@@ -517,3 +517,19 @@ def test_metric_names_that_are_not_plain_identifiers_say_nothing_about_the_incum
     inc = _inc(IncidentKind.CANARY_ABORT, facts, CANARY_SLOT, planted, "4.1.0")
     assert not device_facts(inc).incumbent_as_bad
     assert engine.decide(inc).action == Action.QUARANTINE
+
+
+@pytest.mark.parametrize("since_flip_s", [60, 86_400])
+def test_a_recovery_claim_never_outranks_a_model_that_does_not_serve(engine, since_flip_s):
+    facts = {"slot": "active", "consecutive_failures": 4, "recovered": True, "since_flip_s": since_flip_s}
+    down = {**facts, "active_serving": False}
+    assert engine.decide(_inc(IncidentKind.PROBE_FAILURE, down)).action == Action.ROLLBACK
+    assert _decide(engine, _inc(IncidentKind.PROBE_FAILURE, down, NO_LKG)) == (Action.SAFE_MODE, "escalate")
+
+
+def test_probe_failures_infer_a_down_model_only_when_nothing_says_otherwise():
+    repeated = {"slot": "active", "consecutive_failures": 5}
+    assert device_facts(_inc(IncidentKind.PROBE_FAILURE, repeated)).active_down
+    others = ({"active_serving": True}, {"recovered": True}, {"active_down": False}, {"chaos_active": True})
+    for other in others:
+        assert not device_facts(_inc(IncidentKind.PROBE_FAILURE, {**repeated, **other})).active_down, other
