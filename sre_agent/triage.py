@@ -256,6 +256,9 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
     )
 
 
+_SLOT_DRILL = frozenset({"drill", "flip", "failover"})
+"""A drill that flips the slots (``rollback_drill``) perturbs both what serves and the standby."""
+
 TARGET_WORDS: dict[str, frozenset[str]] = {
     "clock": frozenset({"clock", "time", "ntp", "rtc", "skew"}),
     "cpu": frozenset({"cpu", "stress", "load"}),
@@ -264,8 +267,9 @@ TARGET_WORDS: dict[str, frozenset[str]] = {
     "uplink": frozenset({"uplink", "network", "net", "wan", "link", "partition", "blackout", "toxiproxy"})
     | frozenset({"packet", "loss", "dns", "bandwidth", "peer", "wifi", "lte", "cellular", "satellite"}),
     "input": frozenset({"input", "inputs", "noise", "noisy", "gaussian", "perturb", "perturbation"}),
-    "serving": frozenset({"serving", "service", "server", "worker", "process", "kill", "crash", "sigkill"}),
-    "standby": frozenset({"standby"}),
+    "serving": frozenset({"serving", "service", "server", "worker", "process", "kill", "crash", "sigkill"})
+    | _SLOT_DRILL,
+    "standby": frozenset({"standby"}) | _SLOT_DRILL,
 }
 """Words naming what an experiment perturbs, by the chaos catalogue's targets (``chaos.yaml``)."""
 

@@ -533,3 +533,13 @@ def test_probe_failures_infer_a_down_model_only_when_nothing_says_otherwise():
     others = ({"active_serving": True}, {"recovered": True}, {"active_down": False}, {"chaos_active": True})
     for other in others:
         assert not device_facts(_inc(IncidentKind.PROBE_FAILURE, {**repeated, **other})).active_down, other
+
+
+@pytest.mark.parametrize("name", ["rollback-drill.yaml", "slot-flip-drill.json", "failover-test"])
+def test_a_slot_drill_by_name_perturbs_serving_and_the_standby(engine, name):
+    from sre_agent.triage import chaos_targets
+
+    assert {"serving", "standby"} <= chaos_targets({"experiment": name})
+    down = {"slot": "active", "consecutive_failures": 5, "active_serving": False, "chaos_active": True}
+    d = engine.decide(_inc(IncidentKind.PROBE_FAILURE, {**down, "experiment": name}))
+    assert Action.ROLLBACK not in d.allowed, d.rule  # never a rollback while a drill flips the slots
