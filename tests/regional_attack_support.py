@@ -91,6 +91,7 @@ class HostileTier:
             from it (what a tier that stopped following the root serves), never from the root.
         up: applied to each upload (POST) before forwarding; returning None drops it.
         inject: paths answered 200 with these bytes whatever the upstream has (e.g. a next root version).
+        not_modified: paths answered ``304 Not Modified`` whatever the upstream has (a conditional freeze).
         requests / captured: every request / every upload as received (headers included).
         fake_ack: answer every POST ``200 {"status": "stored"}`` without forwarding.
         hold: keep every POST in :attr:`held` (answered 503 ``Retry-After``) instead of forwarding.
@@ -101,6 +102,7 @@ class HostileTier:
         self.down: list[DownRule] = []
         self.frozen: Path | None = None
         self.inject: dict[str, bytes] = {}
+        self.not_modified: set[str] = set()
         self.up: UpRule | None = None
         self.fake_ack = False
         self.hold = False
@@ -160,6 +162,8 @@ class HostileTier:
                 if changed is None:
                     return JSONResponse({"status": "stored"})
                 up = changed
+        elif up.path in self.not_modified:
+            return Response(status_code=304)
         elif up.path in self.inject:
             return Response(self.inject[up.path], media_type="application/octet-stream")
         elif self.frozen is not None and up.path.startswith(("/metadata/", "/targets/")):

@@ -39,6 +39,8 @@ D7    freeze: an old complete repository copy served (304 to every  DETECTABLE: 
       poll, or old bytes) so a new release / a recall never         shows drift at the root; at the
       arrives                                                       replayed timestamp's expiry the
                                                                     device refuses it (expired)
+D7b   the same freeze by answering 304 Not Modified to every         DETECTABLE (drift); the held copy's
+      timestamp poll                                                expiry ends it (refused)
 D8    swapped roles: the beta channel's signed role served as the   REFUSED-DEVICE
       stable role (valid signature, wrong role)
 D9    target bytes altered, truncated, or swapped for another       REFUSED-DEVICE; CAS clean, no
@@ -311,6 +313,30 @@ def test_d7_s1_freeze_is_visible_at_the_root_and_ends_at_the_replayed_expiry(
     _refused_nothing_applied(site, d, "1.0", held, n)
     assert any("ExpiredMetadata" in json.dumps(r) for r in _audit(d)[n:])
     assert site.device_status(d)["trust"] != "fresh"
+
+
+def test_d7b_a_tier_answering_not_modified_to_every_poll_freezes_only_until_the_held_expiry(
+    site: Site,
+) -> None:
+    """The conditional-poll variant of D7: ``304`` to every ``timestamp.json`` poll makes the device
+    re-verify the timestamp it holds; that copy's own expiry ends the freeze (refused, nothing applied)."""
+    d = site.devices[0]
+    site.tier.not_modified = {"/metadata/timestamp.json"}
+    site.publish("1.1")
+    site.sync(d)
+    assert ("GET", "/metadata/timestamp.json", 304) in site.tier.seen
+    assert d.version() == "1.0" and site.device_status(d)["drift"] == [MODULE]
+    held, n = d.held(), len(d.audit_events())
+    site.clock.advance(timedelta(days=1, minutes=5))
+    site.repo.timestamp()
+    site.sync(d)
+    new = d.audit_events()[n:]
+    assert "slot.committed" not in new and d.version() == "1.0" and d.held() == held, new
+    assert any("Expired" in json.dumps(r) for r in _audit(d)[n:]), _audit(d)[n:]
+    assert site.device_status(d)["trust"] != "fresh"
+    site.tier.not_modified = set()
+    site.sync(d)
+    assert d.version() == "1.1"
 
 
 # ---------------------------------------------------------------------------- down: targets (D9)
