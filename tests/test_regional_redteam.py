@@ -113,6 +113,8 @@ R5    the ``sre-hub regional`` process itself: a served target and  REFUSED-DEVI
       a spooled batch edited on its disk while it runs              root refuses the batch (nothing lands)
 U7b   U7's consequence on a rollout: the older report delivered     the halt rule still fires (a failure
       after a rolled-back device's failure report                   once seen is kept)
+R6    approvals cached at the site (answered while the root is      REFUSED-DEVICE; the genuine decision
+      down) edited or planted on its disk                           applies once the root is back
 U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT (403), nothing lands
       whose roster is stale
 U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
@@ -1269,3 +1271,37 @@ def test_u11_a_device_revoked_at_the_root_lands_nothing_through_a_site_with_a_st
     assert region.lake_rows() == {} and region.fleet.receipts() == []
     assert region.service.reports.get(d.id) == before
     assert _refused_at_the_regional(region) == {403}
+
+
+@pytest.mark.slow
+def test_r6_approvals_edited_in_the_regional_cache_are_refused_while_the_root_is_down(region: Site) -> None:
+    """The site answers approvals from its cache while the root is unreachable: cached decisions edited
+    (or planted) on its disk are refused by the device; the genuine one applies once the root is back."""
+    from sqlalchemy import insert
+
+    from hub.regional._relay import approvals_cache
+
+    a = region.devices[0]
+    ops = Ops(region, a)
+    genuine = json.loads(ops.approve(ops.esc, "alert"))
+    forged = sign_approval(generate_operator_key(), operator="alice", escalation_id=ops.esc.id,
+                           escalation_hash=ops.esc.content_hash, decision="approve", action="safe_mode",
+                           now=region.clock.now(), ttl=timedelta(minutes=30))  # fmt: skip
+    planted = [{**genuine, "action": "safe_mode"}, json.loads(forged.model_dump_json())]
+    assert region.regional is not None
+    relay = region.regional.relay
+    upstream, relay.upstream = relay.upstream, "http://127.0.0.1:9"  # the site's uplink is down
+    with relay.engine.begin() as conn:
+        for i, doc in enumerate(planted):
+            conn.execute(insert(approvals_cache).values(
+                device_id=a.id, escalation_id=ops.esc.id, digest=f"{i:064x}", body=json.dumps(doc),
+                fetched_at=region.clock.now().isoformat()))  # fmt: skip
+    n = len(a.audit_events())
+    out = ops.fetch(a)
+    assert out.hub == region.tier.url and not out.applied and ops.esc.id in out.refused, out
+    assert a.audit_events()[n:].count("escalation.approval_refused") == 2
+    assert a.escalations.get(ops.esc.id).status is EscalationStatus.OPEN
+    relay.upstream = upstream
+    assert ops.fetch(a).applied == [ops.esc.id]
+    a.escalations.execute_approved(ops.executor, ops.roster)
+    assert ops.ran == ["alert"]
