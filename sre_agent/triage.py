@@ -693,10 +693,14 @@ class TriageEngine:
             reasons.append(why_human)
             verdict: Literal["execute", "escalate"] = "escalate"
             now: tuple[Action, ...] = (policy.on_escalate,)
-            if _flag(incident.facts, "chaos_active") and Action.PAUSE_CHAOS in m.offered:
-                # a human decides the remedy; the experiment that may be making it worse stops now
+            running = _flag(incident.facts, "chaos_active") is True
+            left = _flag(incident.facts, "persisted_after_cleanup") is True
+            if (running or left) and Action.PAUSE_CHAOS in m.offered:
+                # a human decides the remedy; the experiment that may be making it worse stops now (a pause
+                # also clears the faults one left behind)
                 now = (policy.on_escalate, Action.PAUSE_CHAOS)
-                reasons.append("a chaos experiment is running: paused while the escalation waits")
+                what = "is running" if running else "left faults behind"
+                reasons.append(f"a chaos experiment {what}: paused while the escalation waits")
         else:
             verdict = "execute"
             now = (action,)

@@ -59,8 +59,9 @@ LABEL_DISAGREEMENTS = {
     "ca-during-chaos": Action.QUARANTINE,
     # Damage that outlived the experiment's cleanup, from an experiment that never touches the served model
     # (standby corruption, CPU hog): a rollback onto the very standby the experiment corrupted, or safe
-    # mode, repairs nothing; pausing chaos clears the faults it left (the second independent set labels an
-    # uplink case so). This corpus proposes a rollback (or safe mode) to an operator.
+    # mode, repairs nothing; the rules propose pausing chaos to an operator and pause it at once (which
+    # clears the faults it left; the second independent set labels an uplink case pause_chaos). This
+    # corpus proposes a rollback (or safe mode) to an operator.
     "cd-persisted-lkg": Action.PAUSE_CHAOS,
     "cd-injection-persisted": Action.PAUSE_CHAOS,
     "cd-persisted-nolkg": Action.PAUSE_CHAOS,

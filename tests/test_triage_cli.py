@@ -188,7 +188,8 @@ def test_triage_explain_dry_runs_the_policy(run_cli, tmp_path):
     shipped = Path(__file__).parent / "triage_cases" / "cd-injection-persisted.yaml"
     r = run_cli("sre-agent", "triage", "explain", str(shipped), "--json")
     d = json.loads(r.stdout)  # damage a standby-corruption experiment left: off the model, stop chaos
-    assert (d["rule"], d["action"], d["verdict"]) == ("chaos-damage-off-model", "pause_chaos", "execute")
+    assert (d["rule"], d["action"], d["verdict"]) == ("chaos-damage-off-model", "pause_chaos", "escalate")
+    assert d["execute_now"] == ["alert", "pause_chaos"]  # a person is told; chaos stops meanwhile
     # the case's label (a rollback) is a listed label disagreement (tests/test_triage.py): exit 1, said why
     assert r.returncode == 1 and not d["label"]["agrees"]
     doc = yaml.safe_load(shipped.read_text())
@@ -199,7 +200,7 @@ def test_triage_explain_dry_runs_the_policy(run_cli, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["rule"] == "chaos-damage-persists-with-lkg" and d["verdict"] == "escalate"
-    assert d["action"] == "rollback" and d["execute_now"] == ["alert"]
+    assert d["action"] == "rollback" and d["execute_now"] == ["alert", "pause_chaos"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: not-a-kind\n")
     r = run_cli("sre-agent", "triage", "explain", str(bad))

@@ -300,13 +300,21 @@ def test_a_fault_that_recovered_soon_after_a_flip_is_told(engine, kind):
 @pytest.mark.parametrize("targets", ["uplink", "cpu", "clock", "standby", "disk,uplink"])
 @pytest.mark.parametrize("running", [False, None])
 def test_damage_left_off_the_model_stops_chaos_never_a_model_remedy(engine, targets, running):
+    """What the automation could not undo goes to a person with the evidence; chaos stops (and its left
+    faults are cleared) at once, and no model remedy is proposed."""
     facts = {"persisted_after_cleanup": True, "chaos_targets": targets}
     if running is not None:
         facts["chaos_active"] = running
     for slot in (LKG, NO_LKG):
         inc = _inc(IncidentKind.CHAOS_DEVIATION, facts, slot)
         assert device_facts(inc).chaos_damage_off_model
-        assert _decide(engine, inc) == (Action.PAUSE_CHAOS, "execute"), engine.decide(inc).rule
+        d = engine.decide(inc)
+        assert (d.action, d.verdict, d.execute_now) == (
+            Action.PAUSE_CHAOS,
+            "escalate",
+            (Action.ALERT, Action.PAUSE_CHAOS),
+        ), d.rule
+        assert not {Action.ROLLBACK, Action.SAFE_MODE} & set(d.allowed)
 
 
 @pytest.mark.parametrize("extra", [{"chaos_targets": "serving"}, {"experiment": "lab-run-7"}, {}])
@@ -314,6 +322,7 @@ def test_damage_that_may_reach_the_model_is_a_model_remedy_for_an_operator(engin
     facts = {"persisted_after_cleanup": True, **extra}
     d = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts))
     assert (d.action, d.verdict) == (Action.ROLLBACK, "escalate")
+    assert d.execute_now == (Action.ALERT, Action.PAUSE_CHAOS)  # the faults left behind are cleared now
     d2 = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, NO_LKG))
     assert (d2.action, d2.verdict) == (Action.SAFE_MODE, "escalate")
 
