@@ -12,7 +12,8 @@ faults are cleared, and the telemetry writer flushes last)::
     telemetry -> admin API -> fault proxy -> chaos guard -> serving -> verification -> responder
 
 Jobs (:mod:`sre_agent.jobs`): ``pull-reconcile``, ``chaos`` (experiment files in ``[chaos]
-experiments_dir`` within the policy's windows; pre-flight first), ``uplink``, ``attest``, ``slo``,
+experiments_dir`` within the policy's windows; pre-flight first), ``chaos-aftermath`` (damage a
+run left behind, re-measured until it clears), ``uplink``, ``attest``, ``slo``,
 ``escalations``, ``digest`` and the engine's ``heartbeat``. Retention and rollups run inside the
 telemetry writer on the telemetry policy's enforcement period.
 
@@ -287,6 +288,8 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
                 "chaos", schedule.tick, every, jitter_s=every * 0.1, run_at_start=False, misfire_grace_s=every
             )
         )
+        # Damage a run left behind is re-measured until it clears (reported again while it lasts).
+        jobs.append(JobSpec("chaos-aftermath", schedule.remeasure, min(60.0, every), run_at_start=False))
     jobs += [
         UplinkJob(paths, settings, clock, tel, identity, link_url).spec(),
         AttestJob(paths, clock, tel, identity, audit).spec(),

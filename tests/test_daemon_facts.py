@@ -105,3 +105,66 @@ def test_chaos_schedule_reports_damage_that_outlives_cleanup_and_recovery(tmp_pa
     assert [s.facts.get("persisted_after_cleanup") for s in got] == [True, True, False]
     assert [s.facts.get("recovered") for s in got] == [None, None, True]
     assert all(s.facts["experiment"] == "corrupt.yaml" and s.module == "clf" for s in got)
+
+
+def test_a_chaos_run_that_passed_but_left_damage_behind_raises_it(tmp_path: Path) -> None:
+    """How it broke: only deviated or aborted runs were judged after cleanup, so a run whose hypothesis
+    held while its fault could not be undone (or the checks guarding what it touched still fail after
+    its rollbacks) resolved the experiment's incident instead of raising the damage."""
+    from chaos.faults import CleanupReport
+    from chaos.runner import RunResult, Verdict
+    from sre_agent.config import AgentSettings
+    from sre_agent.incidents import IncidentSignal
+    from sre_agent.provision import provision
+    from sre_agent.services.chaos import ChaosSchedule
+    from sre_core.audit import AuditLog
+    from sre_core.clock import FakeClock
+    from sre_core.paths import StatePaths
+    from sre_core.telemetry import MemorySink
+
+    paths = StatePaths(tmp_path / "dev")
+    provision(paths)
+    clock = FakeClock()
+    got: list[IncidentSignal] = []
+    resolved: list[str] = []
+    verdicts = {"integrity.slots": True}
+    sched = ChaosSchedule(
+        paths,
+        AgentSettings.model_validate({"state_dir": str(paths.root)}),
+        clock,
+        AuditLog(paths.audit_log, clock),
+        MemorySink(),
+        serving_url=lambda: None,
+        model=lambda: "clf",
+        toxiproxy_url=lambda: None,
+        report=got.append,
+        recheck=verdicts.get,
+        resolve=lambda key, why: resolved.append(key),
+    )
+    journal = {
+        "status": "completed",
+        "deviated": False,
+        "run": [{"activity": {"type": "action", "provider": {"func": "corrupt_standby_slot"}}}],
+    }
+
+    def passed(cleanup: CleanupReport) -> RunResult:
+        return RunResult(
+            "run-1", "sha256:x", "corrupt standby", Verdict.PASSED, [], "completed", False,
+            "t0", "t1", 1.0, 60.0, [], 0, journal, cleanup, [],
+        )  # fmt: skip
+
+    lost = CleanupReport(failed={"standby_corruption": "backup missing"})
+    assert sched.judge_aftermath("corrupt.yaml", "passed", passed(lost)) is True
+    verdicts["integrity.slots"] = False  # cleaned up, but the slot still fails its re-hash
+    assert sched.judge_aftermath("corrupt.yaml", "passed", passed(CleanupReport())) is True
+    assert [s.facts.get("persisted_after_cleanup") for s in got] == [True, True]
+    assert got[1].evidence["rechecked"] == {"integrity.slots": False}
+    assert resolved == []
+    # followed until it clears: re-measured on every tick (paused or not), reported again while it lasts
+    assert sched.remeasure() == {"corrupt.yaml": True} and len(got) == 3
+    assert got[2].facts["persisted_after_cleanup"] is True and got[2].key == got[1].key
+    verdicts["integrity.slots"] = True
+    assert sched.remeasure() == {"corrupt.yaml": False} and resolved == ["chaos:corrupt.yaml"]
+    assert sched.remeasure() == {}
+    assert sched.judge_aftermath("corrupt.yaml", "passed", passed(CleanupReport())) is False
+    assert len(got) == 3 and resolved == ["chaos:corrupt.yaml"] * 2

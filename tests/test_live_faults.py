@@ -15,8 +15,13 @@ trail, the escalations) and records its time to recovery (printed, and appended 
    the settings) -> the matching rule's action or an escalation, with ``since_flip_s`` and ``versions``;
 5. the disk below the policy's reserve (4 GiB of ballast under a reserve 2 GiB below free space) -> an
    alert; serving, the slots and the audit chain intact;
+6. a sanctioned chaos experiment (standby corruption) whose fault cannot be undone (its backup is lost
+   from outside during the run) -> the run passes its hypothesis, yet the damage measured after the
+   cleanup is escalated with the evidence (cleanup report, re-run checks), and reaches the hub;
 8. ``kill -9`` of the daemon while it handles an incident -> after the restart the incident is handled
    exactly once (one rollback, never a flip back onto the corrupted bytes).
+1b. a fault that recurs after its incident closed (corrupted and restored five times) -> every
+   occurrence gets a reaction; the flapping fault goes to a human once.
 """
 
 from __future__ import annotations
@@ -708,6 +713,106 @@ def test_a_fault_that_recurs_after_its_incident_closed_is_acted_on_every_time(li
             max(ttrs),
             reactions=reactions,
             ttr_each_s=[round(t, 2) for t in ttrs],
+        )
+    finally:
+        client.stop()
+    _clean_stop(live)
+
+
+CHAOS_STANDBY = """
+title: A corrupted standby slot is detected and restored
+description: corrupt_standby_slot on the file module cfg; the cleanup restores the bytes.
+steady-state-hypothesis:
+  title: the active slot serves
+  probes:
+    - {type: probe, name: serving-ready, tolerance: true,
+       provider: {type: python, module: chaos.probes, func: serving_ready}}
+method:
+  - type: action
+    name: corrupt-standby
+    provider:
+      type: python
+      module: chaos.actions
+      func: corrupt_standby_slot
+      arguments: {module: cfg, nbytes: 16}
+    pauses: {after: 6}
+rollbacks:
+  - {type: action, name: restore-standby, provider: {type: python, module: chaos.actions, func: clear_faults}}
+"""
+
+
+def test_chaos_damage_that_persists_after_cleanup_is_escalated_with_the_evidence(live: Live) -> None:
+    from chaos.faults import chaos_dir
+    from sre_agent.escalations import EscalationStatus, EscalationStore, escalations_dir
+
+    experiments = live.tmp / "experiments"
+    experiments.mkdir()
+    # The shipped chaos policy, with CPU headroom for a loaded 2-core test machine.
+    shipped = Path(__file__).resolve().parent.parent / "policies/defaults/chaos.yaml"
+    pol = yaml.safe_load(shipped.read_text())
+    pol.setdefault("headroom", {})["max_cpu_load"] = 1000.0
+    (live.paths.policies / "chaos.yaml").write_text(yaml.safe_dump(pol))
+    live.env |= {
+        "SRE_AGENT_CHAOS__ENABLED": "true",
+        "SRE_AGENT_CHAOS__EXPERIMENTS_DIR": str(experiments),
+        "SRE_AGENT_CHAOS__INTERVAL_S": "10",
+    }
+    live.publish("1.0", linear_classifier(seed=1))
+    live.publish("1.0", b"threshold=0.5\n" * 8, module="cfg", canary=False, mode="file")
+    client = _serving(live)
+    try:
+        live.wait(lambda: live.status("cfg").active is not None, "cfg 1.0 installed")
+        live.publish("2.0", b"threshold=0.7\n" * 8, module="cfg", canary=False, mode="file")
+        live.wait(
+            lambda: (
+                live.status("cfg").phase.value == "idle"
+                and live.status("cfg").active.version == "2.0"  # type: ignore[union-attr]
+                and live.status("cfg").standby is not None
+            ),
+            "cfg 2.0 active, 1.0 standby",
+            60,
+        )
+        (experiments / "standby-corruption.yaml").write_text(CHAOS_STANDBY)
+        backups = chaos_dir(live.paths.root) / "backup"
+        live.wait(lambda: any(backups.glob("cfg-*")), "the experiment corrupting the standby", 60)
+        t0 = time.monotonic()
+        for b in backups.glob("cfg-*"):
+            b.unlink()  # from outside: the fault's undo data is lost while the experiment runs
+        store = EscalationStore(escalations_dir(live.paths), AuditLog(live.paths.audit_log), SystemClock())
+
+        def chaos_escalation() -> Any:
+            return next(
+                (
+                    e
+                    for e in store.select(EscalationStatus.OPEN)
+                    if e.content["incident"].get("kind") == "chaos_deviation"
+                ),
+                None,
+            )
+
+        t1 = live.wait(chaos_escalation, "an escalation of the damage left after cleanup", 60)
+        esc = chaos_escalation()
+        inc = esc.content["incident"]
+        assert inc["facts"]["persisted_after_cleanup"] is True, inc["facts"]
+        assert inc["facts"]["experiment"] == "standby-corruption.yaml", inc["facts"]
+        # the evidence: the cleanup's report, and the guarding check re-run after it, still failing
+        logs = [line for line in inc["evidence"]["logs"] if '"rechecked"' in line]
+        assert logs, inc["evidence"]
+        assert '"integrity.slots": false' in logs[-1] or inc["facts"]["cleanup_ok"] is False, logs
+        assert '"cleanup"' in logs[-1], logs
+        st = live.status("cfg")
+        assert st.active is not None and st.active.version == "2.0"  # the active slot was never touched
+        runs = [e["data"] for e in live.events() if e["event"] == "chaos.run.finished"]
+        hub_esc = HubEscalations(live.repo.dir, SystemClock())
+        t_hub = live.wait(lambda: esc.id in hub_esc.load(), "the escalation at the hub", 90)
+        assert set(client.last(10)) == {"1.0"}, "serving stopped"
+        _record(
+            "6 chaos damage persists after cleanup",
+            f"run {runs[-1].get('verdict') if runs else '?'}; damage escalated ({esc.proposed_action}) "
+            "with the cleanup report; at the hub",
+            t1 - t0,
+            at_hub_after_s=round(t_hub - t0, 2),
+            facts={k: inc["facts"].get(k) for k in ("verdict", "persisted_after_cleanup", "cleanup_ok")},
         )
     finally:
         client.stop()

@@ -138,6 +138,8 @@ class ChaosSchedule:
         self.shutting_down = False
         self.paused_until: datetime | None = None
         self._escalated: set[str] = set()
+        self._persisting: dict[str, tuple[str, list[str], dict[str, Any]]] = {}
+        """experiment -> (verdict, checks to re-run, evidence) while its damage outlasts the cleanup."""
         self.last: list[dict[str, Any]] = []
 
     def policy(self) -> Any:
@@ -209,10 +211,7 @@ class ChaosSchedule:
             else:
                 verdict = str(out.run.verdict.value)
                 row["run"] = verdict
-                if verdict in ("deviated", "aborted"):
-                    self._raise(f.name, verdict, out.run)
-                elif verdict == "passed" and self._resolve is not None:
-                    self._resolve(f"chaos:{f.name}", f"chaos experiment {f.name} passes again")
+                row["persisted_after_cleanup"] = self.judge_aftermath(f.name, verdict, out.run)
             done.append(row)
         self.last = done
         return done
@@ -249,34 +248,115 @@ class ChaosSchedule:
         )
         return {**out.to_dict(), "source": source, "via": "daemon"}
 
-    def _raise(self, name: str, verdict: str, run: Any) -> None:
-        """A deviated or aborted run: did the damage outlast the cleanup? The faults that could not be
-        cleared say so at once; otherwise the checks that guard what deviated are run again now, after
-        cleanup (``persisted_after_cleanup`` when one still fails, ``recovered`` when all pass)."""
+    def judge_aftermath(self, name: str, verdict: str, run: Any) -> bool | None:
+        """After every run, whatever its verdict (a run can pass its hypothesis and still leave damage
+        behind): a deviated or aborted run raises an incident; any run whose damage outlasted the cleanup
+        raises one with ``persisted_after_cleanup``; a clean pass resolves the experiment's incident.
+        Returns whether damage persisted (None: nothing could tell)."""
+        after = self._after_cleanup(run)
+        persisted = after[0].get("persisted_after_cleanup")
+        if verdict in ("deviated", "aborted") or persisted is True:
+            self._raise(name, verdict, run, after)
+        elif verdict == "passed" and self._resolve is not None:
+            self._resolve(f"chaos:{name}", f"chaos experiment {name} passes again")
+        return persisted if isinstance(persisted, bool) else None
+
+    def remeasure(self) -> dict[str, bool]:
+        """Re-run the checks of every experiment whose damage outlasted its cleanup (the daemon's
+        ``chaos-aftermath`` job, paused or not): all pass -> its
+        incident is resolved; otherwise it is reported again (the same incident: after a remedy ran,
+        the responder escalates it as a failed remedy). Returns experiment -> still persists."""
+        out: dict[str, bool] = {}
+        for name, (verdict, checks, evidence) in list(self._persisting.items()):
+            rechecked = [self._recheck(c) for c in checks] if self._recheck is not None else []
+            if rechecked and all(r is True for r in rechecked):
+                del self._persisting[name]
+                if self._resolve is not None:
+                    self._resolve(f"chaos:{name}", f"the damage chaos experiment {name} left has cleared")
+                self.audit.append("chaos.damage_cleared", experiment=name, checks=checks)
+                out[name] = False
+                continue
+            facts: dict[str, FactValue] = {
+                "verdict": verdict,
+                "experiment": name,
+                "cleanup_ok": bool(evidence.get("cleanup", {}).get("ok")),
+                "persisted_after_cleanup": True,
+            }
+            self._signal(
+                name, verdict, facts, {**evidence, "rechecked": dict(zip(checks, rechecked, strict=False))}
+            )
+            out[name] = True
+        return out
+
+    def _after_cleanup(self, run: Any) -> tuple[dict[str, FactValue], dict[str, bool | None]]:
+        """Did the damage outlast the cleanup? The faults that could not be cleared say so at once;
+        otherwise the checks that guard what the run touched (its learned gates, and the check mapped
+        to each action it ran) run again now, after its rollbacks and our cleanup ran
+        (``persisted_after_cleanup`` when one still fails, ``recovered`` when all pass)."""
+        from chaos.runner import CHECK_FOR_ACTION
+
         cleanup_ok = bool(run.cleanup.ok)
-        checks = sorted({str(g.get("check")) for g in run.gates if g.get("check")})
-        rechecked = [self._recheck(c) for c in checks] if self._recheck is not None and cleanup_ok else []
-        facts: dict[str, FactValue] = {"verdict": verdict, "experiment": name, "cleanup_ok": cleanup_ok}
-        if not cleanup_ok or any(r is False for r in rechecked):
+        touched = {CHECK_FOR_ACTION[a] for a in _actions_run(run.journal) if a in CHECK_FOR_ACTION}
+        checks = sorted({str(g.get("check")) for g in run.gates if g.get("check")} | touched)
+        rerun = self._recheck is not None and cleanup_ok  # (None: not re-run, the cleanup failed)
+        rechecked = {c: self._recheck(c) if self._recheck is not None and rerun else None for c in checks}
+        facts: dict[str, FactValue] = {"cleanup_ok": cleanup_ok}
+        if not cleanup_ok or any(r is False for r in rechecked.values()):
             facts["persisted_after_cleanup"] = True
-        elif rechecked and all(r is True for r in rechecked):
+        elif rechecked and all(r is True for r in rechecked.values()):
             facts["persisted_after_cleanup"] = False
             facts["recovered"] = True
-        model = self._model()
+        return facts, rechecked
+
+    def _raise(
+        self,
+        name: str,
+        verdict: str,
+        run: Any,
+        after: tuple[dict[str, FactValue], dict[str, bool | None]] | None = None,
+    ) -> None:
+        """Raise the run's ``chaos_deviation`` incident with what :meth:`_after_cleanup` measured."""
+        measured, rechecked = after if after is not None else self._after_cleanup(run)
+        facts: dict[str, FactValue] = {"verdict": verdict, "experiment": name, **measured}
+        evidence = {
+            "run_id": run.run_id,
+            "reasons": list(run.reasons)[:20],
+            "cleanup": run.cleanup.to_dict(),
+            "rechecked": rechecked,
+        }
+        if facts.get("persisted_after_cleanup") is True:
+            self._persisting[name] = (verdict, sorted(rechecked), evidence)
+        else:
+            self._persisting.pop(name, None)
+        self._signal(name, verdict, facts, evidence)
+
+    def _signal(self, name: str, verdict: str, facts: dict[str, FactValue], evidence: dict[str, Any]) -> None:
+        reasons = "; ".join(str(r) for r in evidence.get("reasons") or [])
+        if facts.get("persisted_after_cleanup") is True:
+            reasons = f"damage persists after cleanup (cleanup {evidence.get('cleanup')}); {reasons}"
         sig = IncidentSignal(
             kind=IncidentKind.CHAOS_DEVIATION,
-            message=f"chaos experiment {name} {verdict}: {'; '.join(run.reasons)[:300]}",
-            module=model or "device",
+            message=f"chaos experiment {name} {verdict}: {reasons[:300]}",
+            module=self._model() or "device",
             severity="warning",
             source="chaos",
             facts=facts,
-            evidence={
-                "run_id": run.run_id,
-                "reasons": list(run.reasons)[:20],
-                "cleanup": run.cleanup.to_dict(),
-                "rechecked": dict(zip(checks, rechecked, strict=False)),
-            },
+            evidence=evidence,
             resolve_key=f"chaos:{name}",
         )
         if self._report is not None:
             self._report(sig)
+
+
+def _actions_run(journal: Any) -> list[str]:
+    """The python functions of the actions a chaos journal says ran (empty when there is no journal)."""
+    if not isinstance(journal, dict):
+        return []
+    out = []
+    for entry in journal.get("run") or []:
+        act = entry.get("activity") if isinstance(entry, dict) else None
+        if isinstance(act, dict) and act.get("type") == "action":
+            func = (act.get("provider") or {}).get("func")
+            if isinstance(func, str):
+                out.append(func)
+    return out
