@@ -115,10 +115,10 @@ U7b   U7's consequence on a rollout: the older report delivered     the halt rul
       after a rolled-back device's failure report                   once seen is kept)
 R6    approvals cached at the site (answered while the root is      REFUSED-DEVICE; the genuine decision
       down) edited or planted on its disk                           applies once the root is back
-U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT (403), nothing lands
-      whose roster is stale
 U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
       reported with another site's token
+U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT (403), nothing lands
+      whose roster is stale
 O1    an operator's root token presented to the regional hub        the token is no root credential
       (its documented fleet-status view), replayed at the root      (gap: it is, for every operator verb)
 A6    the operator approves, then rejects before the device         the device does not act (gap: it
@@ -176,7 +176,7 @@ CASES = Path(__file__).parent / "triage_cases"
 BOTH = pytest.mark.parametrize(
     "site", ["relay", pytest.param("regional", marks=pytest.mark.slow)], indirect=True
 )
-"""Down-path attacks run twice: the tier in front of the root, and in front of a real regional hub."""
+"""Attacks run twice: the tier in front of the root, and in front of a real regional hub (relay included)."""
 
 
 @pytest.fixture
