@@ -702,6 +702,7 @@ class FaultProxy:
             ValueError,
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
+            asyncio.CancelledError,  # the proxy stopping: asyncio would log the cancelled task's traceback
         ):
             return
         finally:

@@ -25,6 +25,7 @@ the caller's thread and follows it through (:mod:`sre_agent.respond`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from sre_agent.jobs import (
 from sre_agent.services.admin import AdminService, admin_routes, read_only_sql, table_rows
 from sre_agent.services.chaos import ChaosGuard, ChaosSchedule, FaultProxyService
 from sre_agent.services.responder import IncidentTee, LazySink, ResponderService
+from sre_agent.workload import WorkGate, disk_state
 from sre_core.audit import AuditLog, AuditRecord
 from sre_core.clock import Clock
 from sre_core.identity import DeviceIdentity
@@ -96,6 +98,8 @@ class Assembly:
     slot_manager: SlotManager
     services: list[Service] = field(default_factory=list)
     jobs: list[JobSpec] = field(default_factory=list)
+    work: WorkGate | None = None
+    """Which jobs may run while the disk is short (:mod:`sre_agent.workload`)."""
 
     def slots(self) -> SlotManager:
         """The slot manager in use (the serving plane's when it runs)."""
@@ -125,8 +129,9 @@ class Assembly:
             attrs={"job": job},
         )  # fmt: skip
         self.admin.routes = admin_routes(
-            daemon, self.telemetry, self.responder, self.chaos, self.proxy, self.plane, self.settings
-        )
+            daemon, self.telemetry, self.responder, self.chaos, self.proxy, self.plane, self.settings,
+            work=self.work,
+        )  # fmt: skip
         return daemon
 
 
@@ -318,6 +323,16 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
         # A committed signed config module's live keys apply in place (sre_agent.config.LIVE_KEYS).
         JobSpec("signed-config", LiveConfig(settings), 5.0, misfire_grace_s=5.0),
     ]
+    # Below the disk reserve, non-essential jobs (chaos, the digest) skip with a logged reason.
+    work = WorkGate(
+        lambda: disk_state(
+            paths.root,
+            paths.policies,
+            lambda: bool(tel.store.stop_nonessential) if tel.store is not None else False,
+        ),
+        audit,
+    )
+    jobs = [dataclasses.replace(j, func=work.wrap(j.name, j.func)) for j in jobs]
     return Assembly(
         settings=settings,
         paths=paths,
@@ -337,6 +352,7 @@ def assemble(settings: AgentSettings, paths: StatePaths, clock: Clock) -> Assemb
         slot_manager=slot_manager,
         services=services,
         jobs=jobs,
+        work=work,
     )
 
 

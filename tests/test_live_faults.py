@@ -14,7 +14,8 @@ trail, the escalations) and records its time to recovery (printed, and appended 
 4. a promoted version, then its SLO burns (the hub stops acknowledging; the sync SLO tightened through
    the settings) -> the matching rule's action or an escalation, with ``since_flip_s`` and ``versions``;
 5. the disk below the policy's reserve (4 GiB of ballast under a reserve 2 GiB below free space) -> an
-   alert; serving, the slots and the audit chain intact;
+   alert; non-essential work stops (no chaos experiment is even pre-flighted; the status says why);
+   serving, the slots and the audit chain intact;
 6. a sanctioned chaos experiment (standby corruption) whose fault cannot be undone (its backup is lost
    from outside during the run) -> the run passes its hypothesis, yet the damage measured after the
    cleanup is escalated with the evidence (cleanup report, re-run checks), and reaches the hub;
@@ -545,6 +546,13 @@ def test_disk_below_its_reserve_raises_an_alert_and_loses_nothing_essential(live
             }
         )
     )
+    experiments = live.tmp / "experiments"
+    experiments.mkdir()
+    live.env |= {
+        "SRE_AGENT_CHAOS__ENABLED": "true",
+        "SRE_AGENT_CHAOS__EXPERIMENTS_DIR": str(experiments),
+        "SRE_AGENT_CHAOS__INTERVAL_S": "10",
+    }
     live.publish("1.0", linear_classifier(seed=1))
     client = _serving(live)
     ballast = live.tmp / "ballast.bin"
@@ -572,6 +580,18 @@ def test_disk_below_its_reserve_raises_an_alert_and_loses_nothing_essential(live
             if e["event"] == "incident.opened" and e["data"]["kind"] == "verification_failure"
         ]
         assert opened and opened[-1]["facts"].get("check") == "resources.headroom", opened
+        # Non-essential work stops: an experiment dropped in now is never even pre-flighted.
+        (experiments / "standby-corruption.yaml").write_text(CHAOS_STANDBY)
+        t_skip = live.wait(lambda: live.seen("job.skipped", job="chaos"), "the chaos job skipped", 60)
+        assert live.seen("work.nonessential_stopped"), live.names()[-20:]
+        assert "chaos.preflight" not in live.names() and "chaos.run.started" not in live.names()
+        out = subprocess.run(
+            [str(EXE), "status", "--json", "--state", str(live.paths.root)],
+            env=live.env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        work = json.loads(out.stdout)["daemon"]["work"]
+        assert work["stop_nonessential"] and "chaos" in work["stopped_jobs"], work
+        assert "reserve" in work["reason"], work
         # Nothing essential lost: the model keeps serving, the slots are untouched, the audit chain holds.
         time.sleep(2)
         assert client.first_after(t1, "1.0"), "serving stopped on a full disk"
@@ -582,8 +602,10 @@ def test_disk_below_its_reserve_raises_an_alert_and_loses_nothing_essential(live
         assert broken is None and n >= len(live.events()) - 5, broken
         _record(
             "5 disk below its reserve",
-            "resources.headroom failed -> alert; serving, slots and audit chain intact",
+            "resources.headroom failed -> alert; chaos and the digest stop (status shows why); "
+            "serving, slots and audit chain intact",
             t1 - t0,
+            chaos_skipped_after_s=round(t_skip - t0, 2),
             facts=opened[-1]["facts"],
         )
     finally:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sre_agent.services.responder import ResponderService
     from sre_agent.services.serving import ServingPlane
     from sre_agent.telemetry.service import TelemetryService
+    from sre_agent.workload import WorkGate
 
 __all__ = ["MAX_QUERY_ROWS", "AdminService", "admin_routes", "plain", "read_only_sql", "table_rows"]
 
@@ -88,6 +89,7 @@ def admin_routes(
     proxy: FaultProxyService | None,
     plane: ServingPlane | None,
     settings: AgentSettings,
+    work: WorkGate | None = None,
 ) -> list[BaseRoute]:
     """The daemon's routes: ``/status``, ``/telemetry/query``, ``/telemetry/status``, ``/escalations``,
     ``/metrics`` (OpenMetrics, also mounted on the serving port)."""
@@ -106,6 +108,7 @@ def admin_routes(
             "uplink_toxics": proxy.toxics() if proxy is not None else None,
         }
         doc["llm"] = {"enabled": settings.llm.enabled}
+        doc["work"] = work.status() if work is not None else None
         return doc
 
     async def status(_r: Request) -> JSONResponse:
