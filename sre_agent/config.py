@@ -556,14 +556,16 @@ def _restart_keys(old: AgentSettings, new: AgentSettings) -> list[str]:
     )
 
 
-def apply_live(target: AgentSettings, fresh: AgentSettings) -> dict[str, list[str]]:
-    """Copy the :data:`LIVE_KEYS` of ``fresh`` into ``target`` in place (every service holds ``target``
-    or one of its sections, and reads these keys on each use). Returns what was applied and which other
-    changed keys wait for a restart."""
+def apply_live(
+    target: AgentSettings, fresh: AgentSettings, only: set[str] | None = None
+) -> dict[str, list[str]]:
+    """Copy the :data:`LIVE_KEYS` of ``fresh`` (those in ``only``, when given) into ``target`` in place
+    (every service holds ``target`` or one of its sections, and reads these keys on each use). Returns
+    what was applied and which other changed keys (in ``only``) wait for a restart."""
     import logging
 
     applied: list[str] = []
-    for key in sorted(LIVE_KEYS):
+    for key in sorted(LIVE_KEYS if only is None else LIVE_KEYS & only):
         *parents, last = key.split(".")
         src: Any = fresh
         dst: Any = target
@@ -574,7 +576,8 @@ def apply_live(target: AgentSettings, fresh: AgentSettings) -> dict[str, list[st
             applied.append(key)
     if "log_level" in applied:
         logging.getLogger().setLevel(target.log_level.upper())
-    return {"applied": applied, "restart_required": _restart_keys(target, fresh)}
+    restart = [k for k in _restart_keys(target, fresh) if only is None or k in only]
+    return {"applied": applied, "restart_required": restart}
 
 
 @dataclass
@@ -582,24 +585,29 @@ class LiveConfig:
     """The daemon job that applies a newly activated signed layer to the running agent.
 
     Cheap when nothing changed (one ``stat``); on a change it reloads the effective configuration and
-    applies :data:`LIVE_KEYS` in place (:func:`apply_live`).
+    applies :data:`LIVE_KEYS` in place (:func:`apply_live`), only keys the signed layer sets now or set
+    before: whatever else differs on reload (a ``--config`` file the daemon was started with) is left
+    as the daemon loaded it.
     """
 
     settings: AgentSettings
     config_file: Path | None = None
     env: Mapping[str, str] | None = None
-    _seen: tuple[int, int] | None = None
+    _seen: tuple[int, int, int] | None = None
+    _signed: set[str] = dataclass_field(default_factory=set)
 
     def __call__(self) -> dict[str, Any]:
         from deployment.config_modules import LAYER_FILE
 
         try:
             st = (self.settings.state_dir / LAYER_FILE).stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # each activation is a new file (rename)
         except FileNotFoundError:
-            stamp = (0, 0)
+            stamp = (0, 0, 0)
         if stamp == self._seen:
             return {"changed": False}
         self._seen = stamp
-        fresh = load_effective(self.config_file, self.env, self.settings.state_dir).settings
-        return {"changed": True, **apply_live(self.settings, fresh)}
+        eff = load_effective(self.config_file, self.env, self.settings.state_dir)
+        signed = {k for k, src in eff.sources.items() if src.startswith("signed")}
+        touched, self._signed = signed | self._signed, signed
+        return {"changed": True, **apply_live(self.settings, eff.settings, touched)}

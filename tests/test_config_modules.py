@@ -182,3 +182,22 @@ def test_two_config_modules_may_not_set_the_same_key_and_no_check_means_not_appl
     assert outcomes["cfg-b"].result == "refused" and "llm.max_tokens" in outcomes["cfg-b"].reason
     assert load_settings(state_dir=paths.root, env={}).llm.max_tokens == 32
     assert "config.refused" in [r.event for r in AuditLog(paths.audit_log).records()]
+
+
+def test_the_live_job_touches_only_what_the_signed_layer_sets(tmp_path: Path) -> None:
+    """A daemon started with `--config FILE`: its job reloads without the flag, and must not undo the
+    file's values; a key the signed layer sets (and later drops) follows the layer."""
+    paths = StatePaths(tmp_path / "dev")
+    paths.create()
+    flag_file = tmp_path / "elsewhere.toml"
+    flag_file.write_text("[llm]\ntimeout_s = 7.0\n")
+    running = load_settings(config_file=flag_file, state_dir=paths.root, env={})
+    live = LiveConfig(running, env={})
+    assert live()["applied"] == [] and running.llm.timeout_s == 7.0
+    audit = AuditLog(paths.audit_log)
+    act = ConfigActivator(paths, audit, signed_layer_check(paths.root, env={}))
+    act.activate("cfg", "1", "0" * 64, {"llm": {"max_tokens": 32}}, None)
+    assert live()["applied"] == ["llm.max_tokens"] and running.llm.max_tokens == 32
+    assert running.llm.timeout_s == 7.0
+    act.restore("cfg", None)
+    assert live()["applied"] == ["llm.max_tokens"] and running.llm.max_tokens == 64
