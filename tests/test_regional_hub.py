@@ -131,7 +131,7 @@ def test_sre_hub_regional_runs_as_a_child_process(tmp_path: Path) -> None:
             if text.startswith("}", len(text) - 2):
                 break
         url = json.loads(text)["url"]
-        assert httpx.get(f"{url}/healthz", timeout=10).json() == {"ok": True, "site": "plant-7"}
+        assert httpx.get(f"{url}/healthz", timeout=60).json() == {"ok": True, "site": "plant-7"}
         dev = _device(env, tmp_path, "dev1", url)
         assert env.puller(source=url, paths=dev).pull().artifacts["clf"].version == "1.0"
     finally:

@@ -98,13 +98,14 @@ def root(tmp_path: Path) -> Iterator[Root]:
         server.stop()
 
 
-def _regional(root: Root, tmp: Path, token: str | None = None) -> RegionalHub:
+def _regional(root: Root, tmp: Path, token: str | None = None, **kw: Any) -> RegionalHub:
     conf = RegionalConfig(
         upstream=root.url,
         root=root.repo.metadata_dir / "1.root.json",
         state=tmp / "regional",
         site="site-a",
         site_token=root.token if token is None else token,
+        **kw,
     )
     return RegionalHub(conf)
 
@@ -208,6 +209,12 @@ def test_the_regional_hub_refuses_garbage_and_the_root_refuses_what_the_site_can
         other = regional.url + BATCH_PATH.format(batch_id="0" * 40)
         assert _post(other, payload, ident).status_code == 400  # the id is not the content's hash
         assert hub.relay.backlog() == 1
+        # the spool is bounded: above its byte budget the device is told to retry (it keeps the batch)
+        hub.relay.max_bytes = len(payload) + 10
+        second_id, second = _batch(tmp_path, ident)
+        full = _post(regional.url + BATCH_PATH.format(batch_id=second_id), second, ident)
+        assert full.status_code == 503 and full.headers["retry-after"], full.text
+        assert hub.relay.backlog() == 1
         # revoked at the root after the site mirrored its roster: the root refuses it, nothing lands
         root.fleet.revoke(ident.device_id)
         up = hub.forward_up()
@@ -270,7 +277,7 @@ def _start_regional(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([str(exe), "regional", *args, "--port", str(port), "--interval", "0.2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    for _ in range(2400):  # bounded: a loaded 2-core box can take a while to start a child
         try:
             if httpx.get(f"{url}/v1/regional/status", timeout=5).json().get("roster"):
                 return proc, url
@@ -294,7 +301,7 @@ def test_kill_9_of_the_regional_hub_mid_forward_lands_the_batch_once(root: Root,
     proc, url = _start_regional(args)
     try:
         assert _post(url + BATCH_PATH.format(batch_id=batch_id), payload, ident).json()["status"] == "queued"
-        for _ in range(600):  # the forwarder sends it; the root lands it and holds the answer
+        for _ in range(2400):  # the forwarder sends it; the root lands it and holds the answer
             if root.receipts():
                 break
             time.sleep(0.05)
@@ -307,8 +314,8 @@ def test_kill_9_of_the_regional_hub_mid_forward_lands_the_batch_once(root: Root,
     root.hold.set()
     proc2, url2 = _start_regional(args)  # restarted on the same state: the batch is still in its spool
     try:
-        for _ in range(600):
-            st = httpx.get(f"{url2}/v1/regional/status", timeout=5).json()
+        for _ in range(2400):
+            st = httpx.get(f"{url2}/v1/regional/status", timeout=30).json()
             if st["backlog"] == 0:
                 break
             time.sleep(0.05)

@@ -135,6 +135,9 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--prefetch-bytes", help="Byte budget of targets pre-fetched for the channels.")
         ] = 16 * 1024**3,
         site: Annotated[str, typer.Option("--site", help="This site's name at the root hub.")] = "site",
+        spool_max_bytes: Annotated[
+            int, typer.Option("--spool-max-bytes", help="Byte budget of uploads waiting to be forwarded.")
+        ] = 8 * 1024**3,
         channel: Annotated[
             list[str] | None, typer.Option("--channel", help="Channel to pre-fetch (repeat; default all).")
         ] = None,
@@ -171,6 +174,7 @@ def register(app: typer.Typer) -> None:
             site=site,
             site_token=_site_token(site_token_file),
             channels=tuple(channel) if channel else None,
+            spool_max_bytes=spool_max_bytes,
         )
         hub = RegionalHub(conf)
         if once:

@@ -10,8 +10,8 @@ nonce), the body digest-checked, stored durably, then answered 200 ``queued`` (o
 
 Refusals as at the root: 401 (unsigned, forged, stale, replayed, unknown device), 403 (revoked), 400
 (a batch whose id is not its content hash, a report of another device), 411, 413, 415; and 503 with
-``Retry-After`` while no roster has been mirrored yet (the device keeps its backlog or tries the next
-hub).
+``Retry-After`` while no roster has been mirrored yet or the spool is at its byte budget (the device
+keeps its backlog or tries the next hub).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from hub.approvals_api import APPROVALS_PATH, MAX_IDS, parse_ids
 from hub.http import FileServer, repository_routes, target_cache_control
 from hub.ingest import ATTEST_PATH, BATCH_PATH, MAX_BODY_BYTES
 from hub.regional._hub import RegionalHub
-from hub.regional._relay import FORWARDED_HEADERS, SpoolItem
+from hub.regional._relay import FORWARDED_HEADERS, SpoolFullError, SpoolItem
 from sre_core.signing import NonceCache, SignatureRefused, verify_request
 
 _BATCH_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -147,7 +147,14 @@ def build_regional_app(hub: RegionalHub) -> Starlette:
             except _RefusalError as exc:
                 headers = {"Retry-After": str(_RETRY_AFTER_S)} if exc.status == 503 else None
                 return JSONResponse(exc.body, status_code=exc.status, headers=headers)
-            status = await run_in_threadpool(relay.accept, item)
+            try:
+                status = await run_in_threadpool(relay.accept, item)
+            except SpoolFullError as exc:
+                return JSONResponse(
+                    {"error": f"this regional hub's spool is full ({exc}); retry later or use another hub"},
+                    status_code=503,
+                    headers={"Retry-After": str(_RETRY_AFTER_S)},
+                )
             out: dict[str, Any] = {"status": status, "site": hub.config.site}
             if kind == "batch":
                 out["batch_id"] = request.path_params["batch_id"]

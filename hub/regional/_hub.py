@@ -25,7 +25,7 @@ import httpx
 
 from deployment.fetcher import FetchConfig
 from hub.regional._mirror import Mirror, MirrorOfflineError, MirrorRefusedError, SyncResult
-from hub.regional._relay import ForwardResult, Relay
+from hub.regional._relay import DEFAULT_SPOOL_MAX_BYTES, ForwardResult, Relay
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
@@ -51,6 +51,7 @@ class RegionalConfig:
         channels: channels whose desired state is pre-fetched (None: all).
         fetch: transfer bounds for the down-sync.
         window_s: accepted skew of a device request's ``created`` (as at the root).
+        spool_max_bytes: byte budget of what waits to be forwarded (above it devices get 503).
     """
 
     upstream: str
@@ -63,6 +64,7 @@ class RegionalConfig:
     channels: tuple[str, ...] | None = None
     fetch: FetchConfig | None = None
     window_s: float = 300.0
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
 
     def __post_init__(self) -> None:
         if not self.upstream.startswith(("http://", "https://")):
@@ -71,8 +73,8 @@ class RegionalConfig:
                 f"--upstream {self.upstream!r} is not an http(s) URL",
                 "pass the root hub's URL",
             )
-        if self.prefetch_bytes < 0:
-            raise InputError("regional hub", "--prefetch-bytes is negative", "pass a byte count >= 0")
+        if self.prefetch_bytes < 0 or self.spool_max_bytes < 0:
+            raise InputError("regional hub", "a byte budget is negative", "pass a byte count >= 0")
         if not self.site or len(self.site) > 64 or not all(c.isalnum() or c in "._-" for c in self.site):
             raise InputError(
                 "regional hub", f"site name {self.site!r} is not valid", "use letters, digits, . _ -"
@@ -178,6 +180,7 @@ class RegionalHub:
             "served_timestamp": self.mirror.served_timestamp(),
             "last_error": self.last_sync.error if self.last_sync is not None else None,
             "backlog": self.relay.backlog(),
+            "backlog_bytes": self.relay.backlog_bytes(),
             "roster": self.relay.roster_ready(),
         }
 

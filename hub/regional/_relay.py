@@ -68,7 +68,21 @@ from sre_core.audit import AuditLog
 from sre_core.clock import Clock
 from sre_core.signing import SignatureRefused
 
-__all__ = ["FORWARDED_HEADERS", "ForwardResult", "Relay", "SpoolItem"]
+__all__ = [
+    "DEFAULT_SPOOL_MAX_BYTES",
+    "FORWARDED_HEADERS",
+    "ForwardResult",
+    "Relay",
+    "SpoolFullError",
+    "SpoolItem",
+]
+
+DEFAULT_SPOOL_MAX_BYTES = 8 * 1024**3
+
+
+class SpoolFullError(Exception):
+    """The spool holds its byte budget: the device keeps the item (HTTP 503, retried later)."""
+
 
 FORWARDED_HEADERS = ("content-type", "content-digest", "signature", "signature-input", "x-sre-device")
 _PERMANENT = {400, 401, 403, 409, 411, 413, 415, 422}
@@ -87,6 +101,7 @@ spool = Table(
     Column("uri", Text, nullable=False),
     Column("headers", Text, nullable=False),
     Column("body", LargeBinary, nullable=False),
+    Column("size", Integer, nullable=False, default=0),
     Column("received_at", String(40), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_at", Float, nullable=False, default=0.0),
@@ -176,6 +191,7 @@ class Relay:
         site, site_token: this site at the root (no token: nothing is forwarded, the backlog grows).
         clock: backoff and record times.
         client: the HTTP client to the upstream (default: httpx with timeouts, no proxies from env).
+        max_bytes: the spool's byte budget (bodies waiting to be forwarded); above it uploads get 503.
     """
 
     def __init__(
@@ -188,8 +204,10 @@ class Relay:
         clock: Clock,
         audit: AuditLog,
         client: httpx.Client | None = None,
+        max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
     ) -> None:
         self.state = Path(state)
+        self.max_bytes = max_bytes
         self.engine = _engine(store_url or f"sqlite:///{self.state / 'relay.db'}")
         self.upstream = upstream.rstrip("/")
         self.site = site
@@ -277,6 +295,9 @@ class Relay:
         """Store a verified device request durably (committed before this returns).
 
         Returns ``queued``, or ``duplicate`` when an item with this key is already waiting.
+
+        Raises:
+            SpoolFullError: storing it would exceed the byte budget (nothing stored).
         """
         now = self.clock.now().isoformat()
         stmt = (
@@ -285,9 +306,12 @@ class Relay:
         values = {
             "key": item.key, "kind": item.kind, "device_id": item.device_id, "path": item.path,
             "uri": item.uri, "headers": json.dumps(item.headers), "body": item.body,
-            "received_at": now, "attempts": 0, "next_at": 0.0,
+            "received_at": now, "attempts": 0, "next_at": 0.0, "size": len(item.body),
         }  # fmt: skip
         with self.engine.begin() as conn:
+            held = int(conn.execute(select(func.coalesce(func.sum(spool.c.size), 0))).scalar_one())
+            if held + len(item.body) > self.max_bytes:
+                raise SpoolFullError(f"the spool holds {held} of {self.max_bytes} bytes")
             if self.engine.dialect.name == "sqlite":
                 res = conn.execute(stmt.values(**values).on_conflict_do_nothing())  # type: ignore[attr-defined]
                 stored = bool(res.rowcount)
@@ -309,6 +333,10 @@ class Relay:
     def backlog(self) -> int:
         with self.engine.begin() as conn:
             return int(conn.execute(select(func.count()).select_from(spool)).scalar_one())
+
+    def backlog_bytes(self) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(spool.c.size), 0))).scalar_one())
 
     def refused_items(self) -> list[dict[str, Any]]:
         with self.engine.begin() as conn:
