@@ -13,6 +13,12 @@ Usage: ``python benchmarks/fleet.py [--sizes 1000,10000,100000] [--reports 300] 
   upload: ``--day-devices`` devices x ``--uploads-per-device`` uploads, rows spread over the day), then
   after ``compact``, with the ratio. The default (10k devices, one upload each: 10k files, 600k rows)
   fits a loaded 2-core box; ``--uploads-per-device 24`` is the full hourly day (240k files).
+
+``--tiers [--sites 4 --per-site 50 --artifact-kib 256]`` runs the tiered-fleet simulation instead
+(tests/fleet_tiers.py: a root hub, regional hubs, in-process devices, site uplinks up 20 % of the rounds)
+and prints its figures: bytes over the root<->regional links per release and per recall, artifact copies
+per site, the no-tier baseline (every device pulling from the root) and the ratio, rounds to converge
+with each site's uplink cut once its regional hub served the new state, telemetry landed exactly once.
 """
 
 from __future__ import annotations
@@ -170,8 +176,36 @@ def bench_query(root: Path, devices: int, uploads: int, rows: int) -> dict[str, 
     }  # fmt: skip
 
 
+def bench_tiers(sites: int, per_site: int, artifact_kib: int, seed: int) -> dict[str, object]:
+    import importlib
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    tiers = importlib.import_module("fleet_tiers")  # the simulation lives with the tests that use it
+
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # many fsyncs per round
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-tiers-", dir=base))
+    t0 = time.perf_counter()
+    try:
+        with tiers.TieredSim(
+            tmp, sites=sites, per_site=per_site, artifact_bytes=artifact_kib * 1024, seed=seed
+        ) as sim:
+            out: dict[str, object] = tiers.run_scenario(sim, max_rounds=80)
+            out["total_rounds"] = sim.rounds
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--tiers", action="store_true", help="run the tiered-fleet simulation instead")
+    ap.add_argument("--sites", type=int, default=4)
+    ap.add_argument("--per-site", type=int, default=50)
+    ap.add_argument("--artifact-kib", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--reports", type=int, default=300)
     ap.add_argument("--polls", type=int, default=500)
@@ -181,6 +215,9 @@ def main() -> None:
     )
     ap.add_argument("--rows-per-upload", type=int, default=60)
     args = ap.parse_args()
+    if args.tiers:
+        print(json.dumps(bench_tiers(args.sites, args.per_site, args.artifact_kib, args.seed)))
+        return
     out: dict[str, object] = {"backend": "sqlite (embedded default)", "per_size": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
