@@ -138,3 +138,22 @@ def test_sre_hub_regional_runs_as_a_child_process(tmp_path: Path) -> None:
         proc.terminate()
         rc = proc.wait(timeout=30)
     assert rc == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_a_sneakernet_bundle_seeds_a_regional_hub_whose_uplink_never_worked(tmp_path: Path) -> None:
+    from hub.bundle import export_bundle
+
+    env = make_env(tmp_path)
+    env.artifact("1.0", size=8 * 1024)
+    export_bundle(env.repo, "stable", tmp_path / "usb")
+    env.server.stop()
+    conf = RegionalConfig(
+        upstream="http://127.0.0.1:9", root=env.repo.metadata_dir / "1.root.json", state=tmp_path / "regional"
+    )
+    hub = RegionalHub(conf, clock=env.clock)
+    assert not hub.sync_down().online  # the uplink is down
+    seeded = hub.sync_down(str(tmp_path / "usb"))
+    assert seeded.published and seeded.fetched and seeded.error is None, seeded
+    with ServerThread(build_regional_app(hub)) as regional:
+        dev = _device(env, tmp_path, "dev1", regional.url)
+        assert env.puller(source=regional.url, paths=dev).pull().artifacts["clf"].version == "1.0"

@@ -4,8 +4,9 @@ Public API::
 
     RegionalConfig(upstream, root, state, store_url=None, prefetch_bytes=16 GiB, site="site",
                    site_token=None, channels=None, fetch=None, window_s=300)
-    RegionalHub(config, clock=None, client=None)
-        .sync_down() -> SyncResult       mirror the upstream's signed repository (never raises offline)
+    RegionalHub(config, clock=None, client=None, transport=None)
+        .sync_down(source=None) -> SyncResult   mirror the upstream's signed repository, or seed it from
+                                         a bundle directory (never raises offline)
         .forward_up() -> ForwardResult   forward what devices sent, store-and-forward (see _relay.py)
         .sync_once() -> dict             down-sync, roster, forward, then the site report to the root
         .status() -> dict                last sync, backlog, served timestamp
@@ -85,7 +86,11 @@ class RegionalHub:
     """One regional hub: a verified mirror served downwards, a durable relay upwards."""
 
     def __init__(
-        self, config: RegionalConfig, clock: Clock | None = None, client: httpx.Client | None = None
+        self,
+        config: RegionalConfig,
+        clock: Clock | None = None,
+        client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -107,6 +112,7 @@ class RegionalHub:
             config.channels,
             config.prefetch_bytes,
             self.audit,
+            transport,
         )
         self.relay = Relay(
             state,
@@ -123,10 +129,11 @@ class RegionalHub:
         self.last_sync: SyncResult | None = None
 
     # ----- steps ----------------------------------------------------------------------------------
-    def sync_down(self) -> SyncResult:
-        """Mirror the upstream repository once. Offline or refused answers are recorded, not raised."""
+    def sync_down(self, source: str | None = None) -> SyncResult:
+        """Mirror the upstream repository once (or seed from ``source``, a bundle directory). Offline or
+        refused answers are recorded, not raised."""
         try:
-            result = self.mirror.sync()
+            result = self.mirror.sync(source)
         except MirrorOfflineError as exc:
             result = SyncResult(online=False, error=exc.message)
         except MirrorRefusedError as exc:

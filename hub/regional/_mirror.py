@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 from pydantic import ValidationError
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater, UpdaterConfig
 
 from deployment.cas import ContentStore, HashMismatchError
-from deployment.fetcher import FetchConfig, HttpFetcher
+from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
 from deployment.manifest import DesiredState, manifest_from_custom
 from deployment.pull import DESIRED_STATE, safe_target
 from deployment.rollout import recalls_of, rollout_of
@@ -95,6 +96,7 @@ class Mirror:
         channels: the channels whose desired state is pre-fetched (None: every delegated channel).
         prefetch_bytes: the byte budget of pre-fetched targets.
         audit: where refusals are recorded.
+        transport: an httpx transport for the down-sync (a simulation's link), default real sockets.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class Mirror:
         channels: tuple[str, ...] | None = None,
         prefetch_bytes: int = 16 * 1024**3,
         audit: AuditLog | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if prefetch_bytes < 0:
             raise ValueError("prefetch_bytes must be >= 0")
@@ -127,10 +130,17 @@ class Mirror:
         self._target_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self.bytes_from_upstream = 0
+        self.transport = transport
+        self._source = self.upstream  # where the sync in progress reads (the upstream, or a bundle)
 
     # ----- down-sync ------------------------------------------------------------------------------
-    def sync(self) -> SyncResult:
+    def sync(self, source: str | None = None) -> SyncResult:
         """Refresh, pre-fetch and publish. One at a time (a second caller waits).
+
+        Args:
+            source: read from here instead of the upstream: a sneakernet bundle directory
+                (``sre-hub bundle export``) seeds the site with the same verification; targets the
+                bundle lacks are fetched on demand later.
 
         Raises:
             MirrorOfflineError: the upstream was unreachable before anything new was verified.
@@ -138,7 +148,10 @@ class Mirror:
         """
         with self._sync_lock:
             self.cas.remove_stale()
-            fetcher = HttpFetcher(self.fetch_config, clock=self.clock, held=self._held_timestamp)
+            self._source = source or self.upstream
+            fetcher = make_fetcher(
+                self._source, self.fetch_config, self.clock, self._held_timestamp, self.transport
+            )
             result = SyncResult()
             try:
                 updater = self._updater(fetcher)
@@ -150,11 +163,11 @@ class Mirror:
                 result.published = True
             finally:
                 result.requests = fetcher.requests
-                result.not_modified = fetcher.not_modified
+                result.not_modified = getattr(fetcher, "not_modified", 0)
                 fetcher.close()
             self.audit.append(
                 "regional.synced",
-                upstream=self.upstream,
+                upstream=self._source,
                 timestamp=result.timestamp_version,
                 fetched=result.fetched,
                 over_budget=result.over_budget,
@@ -170,7 +183,7 @@ class Mirror:
             return (self.tuf_dir / "timestamp.json").read_bytes()
         return None
 
-    def _updater(self, fetcher: HttpFetcher) -> Updater:
+    def _updater(self, fetcher: HttpFetcher | DirectoryFetcher) -> Updater:
         anchor = self.state / "anchor.sha256"
         pinned_sha = hashlib.sha256(self.pinned_root).hexdigest()
         if not anchor.is_file() or anchor.read_text().strip() != pinned_sha:
@@ -181,7 +194,7 @@ class Mirror:
             atomic_write_bytes(anchor, pinned_sha.encode())
         self.tuf_dir.mkdir(parents=True, exist_ok=True)
         config = UpdaterConfig(targets_max_length=64 * 1024 * 1024, snapshot_max_length=16 * 1024 * 1024)
-        meta_url = f"{self.upstream}/metadata/"
+        meta_url, _ = base_urls(self._source)
         updater: Updater | None = None
         if (self.tuf_dir / "root.json").is_file():
             with contextlib.suppress(exceptions.RepositoryError, OSError, ValueError):
@@ -254,14 +267,16 @@ class Mirror:
                         out.append(ref.target)
         return out
 
-    def _prefetch(self, updater: Updater, fetcher: HttpFetcher, result: SyncResult) -> None:
+    def _prefetch(
+        self, updater: Updater, fetcher: HttpFetcher | DirectoryFetcher, result: SyncResult
+    ) -> None:
         wanted: list[TargetFile] = []
         for channel in result.channels:
             info = self._tuf(updater.get_targetinfo, f"{channel}/{DESIRED_STATE}")
             if info is None or info.length > MAX_DESIRED_STATE_BYTES:
                 continue
             try:
-                path = self._fetch(info, fetcher, result)
+                path = self._fetch(info, fetcher, result, self._source)
                 desired = DesiredState.model_validate_json(path.read_bytes())
             except (SreError, ValidationError) as exc:
                 result.failed[info.path] = str(exc)
@@ -279,7 +294,7 @@ class Mirror:
                 result.over_budget.append(ti.path)
                 continue
             try:
-                self._fetch(ti, fetcher, result)
+                self._fetch(ti, fetcher, result, self._source)
                 used += ti.length
             except SreError as exc:
                 result.failed[ti.path] = exc.message
@@ -304,7 +319,13 @@ class Mirror:
         with lock:
             yield
 
-    def _fetch(self, info: TargetFile, fetcher: HttpFetcher, result: SyncResult | None = None) -> Path:
+    def _fetch(
+        self,
+        info: TargetFile,
+        fetcher: HttpFetcher | DirectoryFetcher,
+        result: SyncResult | None = None,
+        source: str | None = None,
+    ) -> Path:
         """Download a signed target (resuming), verify length and sha256, link it into the served tree.
 
         Raises:
@@ -319,7 +340,8 @@ class Mirror:
             blob = self.cas.get(sha, info.length)
             if blob is None:
                 dirname, _, base = info.path.rpartition("/")
-                url = f"{self.upstream}/targets/{quote(dirname)}/{sha}.{quote(base)}"
+                _, targets = base_urls(source or self.upstream)
+                url = f"{targets}{quote(dirname)}/{sha}.{quote(base)}"
                 validator = self.cas.read_resume(sha).get("etag")
                 part = self.cas.partial(sha)
                 if validator is None and part.exists():
@@ -384,7 +406,7 @@ class Mirror:
             return False
         if self._held(info) is not None:
             return True
-        fetcher = HttpFetcher(self.fetch_config, clock=self.clock)
+        fetcher = make_fetcher(self.upstream, self.fetch_config, self.clock, None, self.transport)
         try:
             self._fetch(info, fetcher)
         except SreError:
