@@ -3,9 +3,15 @@
 Public API::
 
     export_bundle(repo, channel, out) -> dict   (counts and bytes)
+    seed_regional(hub, bundle) -> SyncResult    a regional hub takes a bundle as its upstream once
 
 A device pulls from the bundle directory exactly as from the hub (``sre-agent pull --from DIR``): the
 same TUF checks apply, so a bundle carried on a USB stick is trusted only as far as its signatures.
+A regional hub is seeded the same way (``sre-hub bundle seed DIR --state ...``): python-tuf verifies the
+bundle against the regional hub's pinned root before anything is served, exactly as a down-sync from the
+root would; a bundle older than what the site serves is refused (rollback protection), and a target whose
+bytes do not match its signed digest is not served (the site fetches it from the root on demand later).
+
 The bundle is written to ``<out>.tmp-*`` and renamed into place, so a half-written bundle never looks
 complete. Re-sign the timestamp with a longer expiry (``sre-hub timestamp --expires 7d``) before
 exporting a bundle that travels for days.
@@ -16,7 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployment.manifest import manifest_from_custom
 from deployment.pull import DESIRED_STATE
@@ -24,7 +30,10 @@ from hub.repository import HubRepository
 from sre_core.atomic import fsync_dir
 from sre_core.errors import InputError, SreError
 
-__all__ = ["export_bundle"]
+if TYPE_CHECKING:
+    from hub.regional import RegionalHub, SyncResult
+
+__all__ = ["export_bundle", "seed_regional"]
 
 
 def _existing(src: Path, channel: str) -> Path:
@@ -89,3 +98,30 @@ def export_bundle(repo: HubRepository, channel: str, out: Path) -> dict[str, Any
         "targets": len(needed),  # copied into the bundle (not every target the channel ever had)
         "target_bytes": size,
     }
+
+
+def seed_regional(hub: RegionalHub, bundle: Path) -> SyncResult:
+    """Seed ``hub`` (a regional hub) from a bundle directory: one down-sync that reads the bundle instead
+    of the upstream, with the same verification against the hub's pinned root. Run it while the regional
+    hub's server is stopped, or through the hub object it serves (one sync at a time per process).
+
+    Raises:
+        InputError: ``bundle`` is not a bundle directory.
+        SreError: the bundle failed verification (audited by the hub; nothing of it is served).
+    """
+    bundle = Path(bundle)
+    if not (bundle / "metadata" / "timestamp.json").is_file() or not (bundle / "targets").is_dir():
+        raise InputError(
+            f"seed the regional hub from {bundle}",
+            "not a bundle directory (no metadata/timestamp.json or targets/)",
+            "export one with sre-hub bundle export --channel C DIR",
+        )
+    result = hub.sync_down(source=str(bundle.resolve()))
+    if not result.published:
+        raise SreError(
+            f"seed the regional hub from {bundle}",
+            result.error or "nothing was published",
+            "nothing of the bundle is served; export a fresh bundle from the root hub (one signed by the "
+            "root this site pins, newer than what the site serves)",
+        )
+    return result

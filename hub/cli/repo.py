@@ -275,3 +275,29 @@ def register(app: typer.Typer) -> None:
 
         info = export_bundle(HubRepository(repo), channel, out)
         _print(info, json_out, f"bundle {out}: {info['targets']} targets, {info['target_bytes']} bytes")
+
+    @bundle_app.command("seed")
+    def bundle_seed(
+        bundle: Annotated[Path, typer.Argument(help="The bundle directory (sre-hub bundle export).")],
+        state: Annotated[Path, typer.Option("--state", help="The regional hub's state directory.")],
+        root: Annotated[Path, typer.Option("--root", help="The pinned trust anchor: the root's root.json.")],
+        upstream: Annotated[str, typer.Option("--upstream", help="The root hub's URL (as for regional).")],
+        site: Annotated[str, typer.Option("--site", help="This site's name at the root hub.")] = "site",
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Seed a regional hub from a bundle (verified against --root before it is served); run it while
+        that regional hub is stopped. Exit 1 when the bundle is refused, 2 when it is not a bundle."""
+        from hub.bundle import seed_regional
+        from hub.regional import RegionalConfig, RegionalHub
+
+        rh = RegionalHub(RegionalConfig(upstream=upstream, root=root, state=state, site=site))
+        try:
+            result = seed_regional(rh, bundle).to_dict()
+        finally:
+            rh.close()
+        _print(
+            result,
+            json_out,
+            f"seeded {state} from {bundle}: timestamp v{result['timestamp_version']}, "
+            f"{len(result['fetched'])} targets, {len(result['failed'])} refused",
+        )
