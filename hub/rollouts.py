@@ -619,9 +619,13 @@ class RolloutService:
             for i in range(0, len(members), 5000):
                 conn.execute(rollout_members.insert(), members[i : i + 5000])
 
-    def _count(self, r: Rollout, device: str, rep: dict[str, Any] | None) -> int:
-        """Apply one device's new report to ``r``'s counters (one transaction); returns its flags."""
-        new = device_flags(r, device, rep)
+    def _count(self, r: Rollout, device: str, rep: dict[str, Any] | None = None, stored: bool = False) -> int:
+        """Apply one device's report to ``r``'s counters (one transaction); returns its flags.
+
+        With ``stored``, the report counted is the device's stored one, read under the device's member
+        row lock: reports of one device racing through several replicas (each stored, then counted)
+        are then counted in whatever order, and the last count always reflects the last report stored.
+        """
         w = self._wave(r, device)
         if w >= len(r.spec.waves):
             return 0
@@ -636,6 +640,12 @@ class RolloutService:
                 .where(rollout_members.c.rollout_id == r.id, rollout_members.c.device_id == device)
                 .with_for_update()
             ).scalar_one()
+            if stored:  # under the member row lock: the newest committed report, not the one in hand
+                body = conn.execute(
+                    select(reports_t.c.body).where(reports_t.c.device_id == device)
+                ).scalar_one_or_none()
+                rep = json.loads(body) if body is not None else None
+            new = device_flags(r, device, rep)
             if old == new:
                 return new
             delta = {c: getattr(rollout_counters.c, c) + (bool(new & b) - bool(old & b))
@@ -805,7 +815,6 @@ class RolloutService:
         """Take one device report: store it, update the counters of the rollouts it touches, apply the
         halt rule and the automatic gate. O(1) in the fleet size."""
         prev = self.reports.put({**report, "received_at": self.clock.now().isoformat()})
-        stored = {**report, "received_at": self.clock.now().isoformat()}
         dev = str(report.get("device_id", ""))
         fired: list[str] = []
         old_channel = prev.get("channel") if prev else None
@@ -815,7 +824,7 @@ class RolloutService:
             r = self.current(ch)
             if r is None or r.state in TERMINAL:
                 continue
-            flags = self._count(r, dev, stored)
+            flags = self._count(r, dev, stored=True)
             if (flags & FAILED and dev not in r.failed) or (
                 r.state == "running" and r.spec.gate(r.wave + 1) == "auto" and self._status(r).gate_ready
             ):

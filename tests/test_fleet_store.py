@@ -152,6 +152,112 @@ def test_gate_opens_exactly_once_under_racing_ticks_and_approvals(tmp_path: Path
     assert len(opened) == 1, r.history  # exactly one gate passage
 
 
+@pytest.mark.slow
+def test_counters_stay_exact_when_one_devices_reports_race_through_two_replicas(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Each device reports twice at once, through two replicas, in opposite orders (old then new version
+    on one, new then old on the other), while ticks and approvals race. However the transactions
+    interleave, every device's counted flags must be those of the report stored last, and the
+    counters must be the sums of those flags: storing a report and counting it is one state change."""
+    from hub.rollouts import device_flags
+    from hub.store._schema import rollout_members
+
+    clock = FakeClock()
+    repo = _repo(tmp_path, clock)
+    store = open_store(db_url)
+    svc = RolloutService(repo, clock=clock, store=store)
+    other = RolloutService(HubRepository(repo.dir, clock), clock=clock, store=store)
+    devs = [f"d{i:02d}" for i in range(24)]
+    for d in devs:
+        svc.reports.put({**_report(d, "1.0"), "received_at": clock.now().isoformat()})
+    svc.start(RolloutSpec(channel="stable", module="clf", version="2.0", waves=[10, 50, 100], soak_s=0,
+                          min_devices=1, gates=["manual", "manual"]))  # fmt: skip
+    clock.advance(1)  # reports from now on count as reachable
+    errors: list[BaseException] = []
+
+    def send(s: RolloutService, order: list[str]) -> None:
+        try:
+            for _ in range(3):
+                for d in devs:
+                    for v in order:
+                        s.observe(_report(d, v))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def operate() -> None:
+        try:
+            for _ in range(6):
+                svc.tick("stable")
+                try:
+                    other.approve("stable", "op", wave=1)
+                except Exception as exc:
+                    if "already open" not in str(exc) and "not the next one" not in str(exc):
+                        raise
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=send, args=(svc, ["1.0", "2.0"])),
+        threading.Thread(target=send, args=(other, ["2.0", "1.0"])),
+        threading.Thread(target=send, args=(other, ["1.0", "2.0"])),
+        threading.Thread(target=operate),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    r = svc.current("stable")
+    assert r is not None and r.wave == 1
+    assert len([h for h in r.history if h.get("wave") == 1]) == 1, r.history
+    stored = svc.reports.all()
+    with store.tx() as conn:
+        counted = {row.device_id: int(row.flags) for row in conn.execute(
+            rollout_members.select().where(rollout_members.c.rollout_id == r.id))}  # fmt: skip
+    expected = {d: device_flags(r, d, stored[d]) for d in devs if svc._wave(r, d) < len(r.spec.waves)}
+    assert {d: counted.get(d, 0) for d in expected} == expected
+    for w in svc._counters(r):
+        members = [d for d in expected if svc._wave(r, d) == w.index]
+        assert w.on_candidate == sum(1 for d in members if expected[d] & 4), w
+        assert w.members_known == sum(1 for d in members if expected[d] & 1), w
+
+
+def test_a_report_stored_between_anothers_store_and_count_is_the_one_counted(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The interleaving the race above can hit, made certain: replica 1 stores a device's report (on
+    the candidate), replica 2 then stores and counts a newer one (back on the old version), and only
+    then does replica 1 count. The device's counted flags must be those of the stored report."""
+    from hub.rollouts import ON_CANDIDATE, ReportStore, device_flags
+
+    clock = FakeClock()
+    repo = _repo(tmp_path, clock)
+    store = open_store(db_url)
+    between: list[Any] = []
+
+    class Interleaved(ReportStore):  # the one-method seam: run the other replica right after a store
+        def put(self, report: dict[str, Any]) -> dict[str, Any] | None:
+            prev = super().put(report)
+            while between:
+                between.pop()()
+            return prev
+
+    svc = RolloutService(repo, clock=clock, store=store, reports=Interleaved(repo.dir / "fleet", store))
+    other = RolloutService(HubRepository(repo.dir, clock), clock=clock, store=store)
+    svc.start(RolloutSpec(channel="stable", module="clf", version="2.0", waves=[100], soak_s=0,
+                          min_devices=10**6))  # fmt: skip
+    between.append(lambda: other.observe(_report("d01", "1.0")))
+    svc.observe(_report("d01", "2.0"))
+    r = svc.current("stable")
+    assert r is not None
+    stored = svc.reports.get("d01")
+    assert stored is not None and stored["modules"]["clf"]["version"] == "1.0"
+    (w,) = svc._counters(r)
+    assert (w.members_known, w.on_candidate) == (1, 0)
+    assert not device_flags(r, "d01", stored) & ON_CANDIDATE
+
+
 def _batch(device: str, table: str, rows: pa.Table, meta_device: str | None = None) -> bytes:
     rows = rows.replace_schema_metadata({"sre.table": table, "sre.device": meta_device or device})
     buf = io.BytesIO()
