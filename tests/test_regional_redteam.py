@@ -115,6 +115,12 @@ U7b   U7's consequence on a rollout: the older report delivered     the halt rul
       after a rolled-back device's failure report                   once seen is kept)
 R6    approvals cached at the site (answered while the root is      REFUSED-DEVICE; the genuine decision
       down) edited or planted on its disk                           applies once the root is back
+R7    a channel role tampered between the root and the site         REFUSED at the site; it keeps serving a
+      (a tier upstream of the regional hub)                         consistent set and says so (gap: it
+                                                                    publishes a set its devices cannot
+                                                                    refresh, and reports success)
+B1    sneakernet bundles: a target altered, another root's bundle,  nothing unverified is served or
+      an older bundle after a newer one                             installed; the genuine bundle works
 U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
       reported with another site's token
 U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT (403), nothing lands
@@ -125,7 +131,7 @@ A6    the operator approves, then rejects before the device         the device d
       fetched; the tier serves both (or its cached older one)       executes the superseded approval)
 ====  ===========================================================  ===================================
 
-Gaps (xfail strict, each names the mechanism): U3, U7 (direct path only), R2 (heal), O1, S1, A6.
+Gaps (xfail strict, each names the mechanism): U3, U7 (direct path only), R2 (heal), R7, O1, S1, A6.
 
 The hostile tier of the first part needs no regional implementation: :class:`HostileTier`
 (tests/regional_attack_support.py) is a loopback HTTP relay in front of a real root hub (TUF repository,
@@ -137,6 +143,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -1305,3 +1312,93 @@ def test_r6_approvals_edited_in_the_regional_cache_are_refused_while_the_root_is
     assert ops.fetch(a).applied == [ops.esc.id]
     a.escalations.execute_approved(ops.executor, ops.roster)
     assert ops.ran == ["alert"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap R7 (availability, honest reporting): a channel role that fails verification on the way to "
+    "the site (tampered between root and regional, or in a bundle) is left out while the new timestamp "
+    "and snapshot that name its new version are published (Mirror._load_roles/_publish); the sync reports "
+    "success (published, no error), the channel's devices can no longer refresh (audited as 'offline', "
+    "not as a refusal: their trust goes stale) and the site reports the root's current timestamp (in sync)",
+)
+def test_r7_a_channel_role_tampered_on_the_way_to_the_site_does_not_break_what_the_site_served(
+    region: Site,
+) -> None:
+    from regional_attack_support import HostileTier
+
+    d = region.devices[0]
+    assert region.regional is not None
+    with HostileTier(region.root.url) as uplink:  # the link between the root and the site
+        region.regional.mirror.upstream = uplink.url
+        uplink.down = [(r"/metadata/\d+\.stable\.json$", _json_edit(_role_edit))]
+        region.publish("1.1")
+        down = region.regional.sync_down()
+        n = len(d.audit_events())
+        d.rec.run_once()
+        new = d.audit_events()[n:]
+        assert "slot.committed" not in new and d.version() == "1.0"  # trust holds: nothing installed
+        assert down.error is not None or not down.published, down.to_dict()  # the site says so
+        assert "pull.offline" not in new, new  # the site still serves a consistent set for the channel
+
+
+@pytest.mark.slow
+def test_b1_bundles_tampered_old_or_from_another_root_never_seed_what_devices_install(
+    tmp_path: Path,
+) -> None:
+    """Sneakernet: a site whose uplink never worked is seeded from bundles on a USB stick. A bundle with
+    an altered target, one signed by another root, and an older one after a newer one never get a device
+    to install anything unverified; the genuine bundle then works."""
+    from hub.bundle import export_bundle, seed_regional
+    from hub.repository import HubRepository
+    from sre_core.errors import SreError
+
+    with Site(tmp_path, n=1, regional=True) as site:
+        assert site.regional is not None
+        site.regional.mirror.upstream = "http://127.0.0.1:9"  # the site never reached the root
+        d = site.devices[0]
+        site.publish("1.0")
+        b10 = tmp_path / "b10"
+        export_bundle(site.repo, "stable", b10)
+        site.publish("1.1")
+        b11 = tmp_path / "b11"
+        export_bundle(site.repo, "stable", b11)
+        altered = tmp_path / "altered"
+        shutil.copytree(b11, altered)
+        (t,) = (altered / "targets" / "stable").glob(f"*.{MODULE}-1.1-model.bin")
+        t.write_bytes(b"\0" * t.stat().st_size)
+        evil_repo = HubRepository.init(tmp_path / "evil", channels=("stable",), clock=site.clock)
+        f = tmp_path / "evil.bin"
+        f.write_bytes(EVIL)
+        from deployment.manifest import ModuleManifest
+
+        evil_repo.publish(
+            "stable", f, ModuleManifest(name=MODULE, version="6.6", mode="file", filename="m.bin")
+        )
+        evil_repo.release("stable", MODULE, "6.6")
+        evil = tmp_path / "evil-bundle"
+        export_bundle(evil_repo, "stable", evil)
+        from _trust_support import sha256
+
+        def served_targets_ok() -> bool:
+            tdir = site.served_dir / "targets"
+            return all(sha256(p) == p.name.split(".", 1)[0] for p in tdir.rglob("*") if p.is_file())
+
+        with pytest.raises(SreError):
+            seed_regional(site.regional, evil)
+        d.rec.run_once()
+        assert d.version() is None and served_targets_ok()
+        try:
+            seed_regional(site.regional, altered)
+        except SreError:
+            pass
+        d.rec.run_once()
+        assert d.version() is None and served_targets_ok()  # the altered target is not served
+        seed_regional(site.regional, b11)
+        d.rec.run_once()
+        assert d.version() == "1.1"
+        with pytest.raises(SreError):
+            seed_regional(site.regional, b10)  # older than what the site serves
+        d.rec.run_once()
+        assert d.version() == "1.1" and served_targets_ok()
