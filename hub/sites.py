@@ -12,7 +12,7 @@ Public API::
     current_timestamp(repo_dir) -> int | None       the timestamp version the root serves now
     site_routes(repo_dir, store=None, clock=None) -> list[Route]
         POST /v1/sites/{name}/status     (site token) the site's sync state and backlog
-        GET  /v1/sites/roster            (site token) enrolled device keys and operator token hashes
+        GET  /v1/sites/roster            (site token) enrolled device keys and revocations
     RELAY_URI_HEADER, RELAY_WINDOW_S, DEFAULT_MAX_SYNC_AGE_S
 
 A regional hub forwards a device's request unchanged (the device's RFC 9421 signature, Content-Digest,
@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from hub.store import HubStore, open_store, store_config
-from hub.store._schema import devices, operator_tokens, sites
+from hub.store._schema import devices, sites
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
 from sre_core.signing import NonceCache, SignatureRefused
@@ -261,14 +261,13 @@ def site_routes(repo_dir: Path, store: HubStore | None = None, clock: Clock | No
             return _unauthorized()
 
         def read() -> dict[str, Any]:
+            # device keys only: no root credential (operator token hashes) ever goes to a site
             with store.tx() as conn:
                 devs = conn.execute(select(devices)).all()
-                ops = conn.execute(select(operator_tokens.c.sha256)).all()
             return {
                 "devices": [
                     {"device_id": d.device_id, "key_pem": d.key_pem, "revoked_at": d.revoked_at} for d in devs
-                ],
-                "operator_token_sha256": sorted(str(o.sha256) for o in ops),
+                ]
             }
 
         return JSONResponse(await run_in_threadpool(read))

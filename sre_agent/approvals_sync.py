@@ -10,7 +10,8 @@ the root and answers from its cache while the root is down). Each decision is ap
 ``sre-agent escalations apply FILE`` applies one: :meth:`EscalationStore.decide` verifies the operator's
 signature against the roster, the binding to the escalation's content hash and the allowed action, and
 audits a refusal; nothing changes for a refused one. A decision on an escalation that is no longer open
-is skipped.
+is skipped. Rejections are applied first: a verified rejection of an escalation wins over an approval of
+it served alongside (the operator changed their mind).
 """
 
 from __future__ import annotations
@@ -113,12 +114,16 @@ def sync_approvals(
         out.errors.append(f"no operator roster: {exc.why}")
         return out
     still_open = set(open_ids)
+    decisions: list[Approval] = []
     for raw in doc.get("approvals") or []:
         try:
-            approval = Approval.model_validate(raw)
+            decisions.append(Approval.model_validate(raw))
         except ValueError:
             out.refused["?"] = "not an approval document"
-            continue
+    # a verified rejection wins over an approval of the same escalation, whatever order they came in:
+    # an operator who changed their mind must not be bypassed by a hub or a tier serving both
+    decisions.sort(key=lambda a: (a.decision != "reject", a.issued_at))
+    for approval in decisions:
         if approval.escalation_id not in still_open:
             continue
         try:

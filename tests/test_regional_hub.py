@@ -85,6 +85,11 @@ def test_a_tampered_target_at_the_regional_hub_is_refused_by_the_device(tmp_path
         assert "pull.refused" in [
             json.loads(line)["event"] for line in dev.audit_log.read_text().splitlines()
         ]
+        # the next down-sync finds the served file changed since it was verified, re-hashes it,
+        # drops it and fetches the signed bytes again: the site heals
+        healed = hub.sync_down()
+        assert target in healed.fetched, healed
+        assert env.puller(source=regional.url, paths=dev).pull().artifacts["clf"].version == "1.0"
 
 
 def test_targets_over_the_budget_are_fetched_on_demand_only_when_signed(tmp_path: Path) -> None:

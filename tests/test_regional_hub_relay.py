@@ -187,8 +187,8 @@ def test_the_regional_hub_refuses_garbage_and_the_root_refuses_what_the_site_can
 ) -> None:
     ident = _enrolled(root, tmp_path, "dev1")
     _, stranger = device(tmp_path / "stranger")
-    hub = _regional(root, tmp_path)
     batch_id, payload = _batch(tmp_path, ident)
+    hub = _regional(root, tmp_path, spool_max_bytes=len(payload) + 10)
     with ServerThread(build_regional_app(hub)) as regional:
         url = regional.url + BATCH_PATH.format(batch_id=batch_id)
         # no roster yet: 503 Retry-After, nothing stored (the device keeps its backlog or tries the root)
@@ -210,7 +210,6 @@ def test_the_regional_hub_refuses_garbage_and_the_root_refuses_what_the_site_can
         assert _post(other, payload, ident).status_code == 400  # the id is not the content's hash
         assert hub.relay.backlog() == 1
         # the spool is bounded: above its byte budget the device is told to retry (it keeps the batch)
-        hub.relay.max_bytes = len(payload) + 10
         second_id, second = _batch(tmp_path, ident)
         full = _post(regional.url + BATCH_PATH.format(batch_id=second_id), second, ident)
         assert full.status_code == 503 and full.headers["retry-after"], full.text
@@ -257,8 +256,10 @@ def test_relayed_requests_need_a_site_token_and_cannot_replay_old_reports(root: 
 def test_the_site_answers_fleet_status_while_the_root_is_down(root: Root, tmp_path: Path) -> None:
     ident = _enrolled(root, tmp_path, "dev1")
     op = issue_operator_token(root.repo.dir, "alice")
-    hub = _regional(root, tmp_path)
+    view = "site-view-" + secrets.token_hex(16)
+    hub = _regional(root, tmp_path, view_token=view)
     hub.sync_once()
+    assert "operator_token_sha256" not in (tmp_path / "regional" / "roster.json").read_text()
     with ServerThread(build_regional_app(hub)) as regional:
         body = _report(ident, datetime.now(UTC), "1.0")
         assert _post(regional.url + REPORT_PATH, body, ident, ctype="application/json").status_code == 200
@@ -266,7 +267,10 @@ def test_the_site_answers_fleet_status_while_the_root_is_down(root: Root, tmp_pa
         up = hub.forward_up()
         assert not up.online and up.backlog == 1
         assert httpx.get(regional.url + "/v1/fleet/status").status_code == 401
-        st = httpx.get(regional.url + "/v1/fleet/status", headers={"authorization": f"Bearer {op}"}).json()
+        # a root operator token is no credential at a site (a site must never be handed one)
+        rooted = httpx.get(regional.url + "/v1/fleet/status", headers={"authorization": f"Bearer {op}"})
+        assert rooted.status_code == 401
+        st = httpx.get(regional.url + "/v1/fleet/status", headers={"authorization": f"Bearer {view}"}).json()
         assert st["source"] == "regional" and st["backlog"] == 1 and st["root_unreachable_since"]
         assert st["devices"][ident.device_id]["modules"]["clf"]["version"] == "1.0"
 

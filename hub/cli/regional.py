@@ -25,13 +25,15 @@ SITE_TOKEN_ENV = "SRE_HUB_SITE_TOKEN"  # noqa: S105 (the variable's name, not a 
 
 def _site_token(token_file: Path | None) -> str | None:
     if token_file is not None:
-        try:
-            return token_file.read_text().strip() or None
-        except OSError as exc:
-            raise InputError(
-                "read --site-token-file", str(exc), "pass the file `sre-hub sites add` wrote"
-            ) from exc
+        return _read_token(token_file, "--site-token-file")
     return os.environ.get(SITE_TOKEN_ENV) or None
+
+
+def _read_token(path: Path, option: str) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise InputError(f"read {option}", str(exc), "pass a readable file holding the token") from exc
 
 
 def _age(seconds: float | None) -> str:
@@ -145,6 +147,13 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--site-token-file", help=f"File with the site token (or env {SITE_TOKEN_ENV})."),
         ] = None,
+        view_token_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--view-token-file",
+                help="File with the bearer token of this site's GET /v1/fleet/status (not a root token).",
+            ),
+        ] = None,
         host: Annotated[str, typer.Option("--host", help="Listen address.")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="Listen port (0: any free port).")] = 8081,
         interval: Annotated[
@@ -175,6 +184,7 @@ def register(app: typer.Typer) -> None:
             site_token=_site_token(site_token_file),
             channels=tuple(channel) if channel else None,
             spool_max_bytes=spool_max_bytes,
+            view_token=_read_token(view_token_file, "--view-token-file") if view_token_file else None,
         )
         hub = RegionalHub(conf)
         if once:

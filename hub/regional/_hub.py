@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class RegionalConfig:
         fetch: transfer bounds for the down-sync.
         window_s: accepted skew of a device request's ``created`` (as at the root).
         spool_max_bytes: byte budget of what waits to be forwarded (above it devices get 503).
+        view_token: bearer token of the site's own fleet-status view (root tokens never go to a site).
     """
 
     upstream: str
@@ -61,11 +62,12 @@ class RegionalConfig:
     store_url: str | None = None
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
     site: str = "site"
-    site_token: str | None = None
+    site_token: str | None = field(default=None, repr=False)
     channels: tuple[str, ...] | None = None
     fetch: FetchConfig | None = None
     window_s: float = 300.0
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    view_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.upstream.startswith(("http://", "https://")):
@@ -123,6 +125,8 @@ class RegionalHub:
             self.clock,
             self.audit,
             client,
+            max_bytes=config.spool_max_bytes,
+            view_token=config.view_token,
         )
         self._status_file = state / "sync.json"
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -37,13 +38,13 @@ from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater, UpdaterConfig
 
-from deployment.cas import ContentStore, HashMismatchError
+from deployment.cas import ContentStore, HashMismatchError, hash_file
 from deployment.fetcher import DirectoryFetcher, FetchConfig, HttpFetcher, base_urls, make_fetcher
 from deployment.manifest import DesiredState, manifest_from_custom
 from deployment.pull import DESIRED_STATE, safe_target
 from deployment.rollout import recalls_of, rollout_of
 from deployment.tuf_adapter import DurableUpdater, set_reference_time
-from sre_core.atomic import atomic_write_bytes, fsync_dir
+from sre_core.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import SreError
@@ -132,6 +133,8 @@ class Mirror:
         self.bytes_from_upstream = 0
         self.transport = transport
         self._source = self.upstream  # where the sync in progress reads (the upstream, or a bundle)
+        self._stamp_file = self.state / "verified-targets.json"  # sha -> (inode, size, mtime) when verified
+        self._stamp_cache: dict[str, list[int]] | None = None
 
     # ----- down-sync ------------------------------------------------------------------------------
     def sync(self, source: str | None = None) -> SyncResult:
@@ -230,9 +233,14 @@ class Mirror:
             raise self._refused(f"refresh metadata from {self.upstream}", exc) from exc
 
     def _load_roles(self, updater: Updater, result: SyncResult) -> list[str]:
-        """Load every delegated role the snapshot names, so all of them can be served. A role that fails
-        verification (e.g. a channel nobody re-signed, now expired) is left out, audited, and the
-        other channels are still mirrored."""
+        """Load every delegated role the snapshot names, so all of them can be served. A role that is
+        validly signed but expired (a channel nobody re-signed) is left out, audited, and the other
+        channels are still mirrored; any other verification failure refuses the whole sync (nothing new
+        is published, the site keeps serving the consistent set it had).
+
+        Raises:
+            MirrorRefusedError: a role failed verification other than by expiry.
+        """
         snap = Metadata[Snapshot].from_bytes((self.tuf_dir / "snapshot.json").read_bytes()).signed
         loaded = []
         for name in snap.meta:
@@ -242,7 +250,11 @@ class Mirror:
             try:
                 self._tuf(updater.get_targetinfo, f"{role}/{DESIRED_STATE}")
             except MirrorRefusedError as exc:
-                result.failed[name] = exc.message
+                if not isinstance(exc.__cause__, exceptions.ExpiredMetadataError):
+                    # altered on the way (signature, version, hash): publishing the new timestamp would
+                    # name a role this site cannot serve; keep serving the consistent set held, say so
+                    raise
+                result.failed[name] = exc.message  # genuinely signed but expired: the root's own state
                 continue
             loaded.append(role)
         return loaded
@@ -306,11 +318,41 @@ class Mirror:
         return self.targets_dir / dirname / f"{info.hashes['sha256']}.{base}"
 
     def _held(self, info: TargetFile) -> Path | None:
+        """The served file of ``info`` when it is intact. A file whose (inode, size, mtime) differs from
+        when it was verified is hashed again; one that no longer matches its signed digest (tampering,
+        bit rot) is removed with its cached blob, audited, and fetched again by the caller."""
         p = self.served_path(info)
         try:
-            return p if p.stat().st_size == info.length else None
+            st = p.stat()
         except FileNotFoundError:
             return None
+        sha = info.hashes["sha256"]
+        stamp = [st.st_ino, st.st_size, st.st_mtime_ns]
+        if st.st_size == info.length and self._stamps().get(sha) == stamp:
+            return p
+        if hash_file(p) == (info.length, sha):
+            self._stamp(sha, stamp)
+            return p
+        self.audit.append("regional.target_damaged", target=info.path, sha256=sha, size=st.st_size)
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            self.cas.path_for(sha).unlink()
+        return None
+
+    def _stamps(self) -> dict[str, list[int]]:
+        if self._stamp_cache is None:
+            try:
+                self._stamp_cache = dict(json.loads(self._stamp_file.read_text()))
+            except (OSError, ValueError, TypeError):
+                self._stamp_cache = {}
+        return self._stamp_cache
+
+    def _stamp(self, sha: str, stamp: list[int]) -> None:
+        with self._locks_lock:
+            stamps = self._stamps()
+            stamps[sha] = stamp
+            atomic_write_json(self._stamp_file, stamps)
 
     @contextlib.contextmanager
     def _target_lock(self, sha: str) -> Iterator[None]:
@@ -378,6 +420,8 @@ class Mirror:
             os.link(blob, tmp)
             tmp.replace(dest)
             fsync_dir(dest.parent)
+            st = dest.stat()
+            self._stamp(sha, [st.st_ino, st.st_size, st.st_mtime_ns])
             return dest
 
     def signed_target(self, rel: str) -> TargetFile | None:

@@ -4,7 +4,7 @@ Public API::
 
     Relay(state, store_url, upstream, site, site_token, clock, client=None)
         .roster_ready() -> bool ; .resolve_key(device_id) -> Ed25519PublicKey   the mirrored roster
-        .operator(authorization) -> bool          a root operator token (hashes mirrored with the roster)
+        .operator(authorization) -> bool          the site's own view token (never a root credential)
         .accept(item) -> "queued" | "duplicate"  durable before it returns (the device is answered after)
         .forward_up(max_items=500) -> ForwardResult
         .refresh_roster() -> bool ; .report_status(status) -> bool
@@ -192,6 +192,7 @@ class Relay:
         clock: backoff and record times.
         client: the HTTP client to the upstream (default: httpx with timeouts, no proxies from env).
         max_bytes: the spool's byte budget (bodies waiting to be forwarded); above it uploads get 503.
+        view_token: the bearer token of this site's ``GET /v1/fleet/status`` (None: that view is closed).
     """
 
     def __init__(
@@ -205,8 +206,10 @@ class Relay:
         audit: AuditLog,
         client: httpx.Client | None = None,
         max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+        view_token: str | None = None,
     ) -> None:
         self.state = Path(state)
+        self.view_token_sha256 = hashlib.sha256(view_token.encode()).hexdigest() if view_token else None
         self.max_bytes = max_bytes
         self.engine = _engine(store_url or f"sqlite:///{self.state / 'relay.db'}")
         self.upstream = upstream.rstrip("/")
@@ -256,12 +259,12 @@ class Relay:
         return key
 
     def operator(self, authorization: str | None) -> bool:
-        """True when ``authorization`` carries a root operator token (compared by sha256)."""
-        if not authorization or not authorization.lower().startswith("bearer "):
+        """True when ``authorization`` carries this site's view token (compared by sha256, constant time).
+        Root operator tokens are never accepted here: a site must not receive a root credential."""
+        if not self.view_token_sha256 or not authorization or not authorization.lower().startswith("bearer "):
             return False
         digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
-        hashes = (self._load_roster() or {}).get("operator_token_sha256", [])
-        return any(hmac.compare_digest(str(h), digest) for h in hashes)
+        return hmac.compare_digest(self.view_token_sha256, digest)
 
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.site_token}"} if self.site_token else {}
@@ -283,7 +286,6 @@ class Relay:
                 d["device_id"]: {"key_pem": d["key_pem"], "revoked_at": d.get("revoked_at")}
                 for d in doc.get("devices", [])
             },
-            "operator_token_sha256": list(doc.get("operator_token_sha256", [])),
             "fetched_at": self.clock.now().isoformat(),
         }
         atomic_write_json(self._roster_file, roster, mode=0o600)
