@@ -49,10 +49,10 @@ def register(app: typer.Typer) -> None:
 
     @config_app.command("show")
     def config_show(state: StateOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-        """Print every effective setting and where it came from (default, provisioning, file, env).
+        """Print every effective setting and where it came from (default, provisioning, file, signed, env).
 
         Precedence, lowest first: defaults, what `sre-agent init` wrote (<state>/device.json), the TOML
-        file, SRE_AGENT_* variables.
+        file, committed signed config modules (`signed MODULE@VERSION`), SRE_AGENT_* variables.
         """
         eff = effective_for(state, config)
         if json_out:
