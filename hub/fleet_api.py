@@ -126,11 +126,16 @@ def fleet_routes(
     tokens = OperatorTokens(repo_dir, svc.store)
     sites = SiteRegistry(svc.store, clk)
 
-    def _newer_than_held(report: dict[str, Any]) -> bool:
+    def _stale(report: dict[str, Any], relayed: bool) -> bool:
+        """True when the device's held report is newer by the device's (trusted) time: a delayed copy
+        (through a regional hub, or a transparent tier) must not take the root's view back in time.
+        Equal times: a relayed copy is a re-forward (no-op); a direct one is the device's latest word."""
         held = svc.reports.get(str(report["device_id"]))
         if held is None or not report.get("time") or not held.get("time"):
-            return held is None or not held.get("time")
-        return datetime.fromisoformat(str(report["time"])) > datetime.fromisoformat(str(held["time"]))
+            return False
+        new = datetime.fromisoformat(str(report["time"]))
+        old = datetime.fromisoformat(str(held["time"]))
+        return new < old or (relayed and new == old)
 
     async def report(request: Request) -> JSONResponse:
         declared = request.headers.get("content-length")
@@ -169,9 +174,8 @@ def fleet_routes(
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
             return JSONResponse({"error": f"bad report: {where}: {err['msg']}"}, status_code=400)
-        if relay and not await run_in_threadpool(_newer_than_held, clean):
-            # a relayed report is applied only when newer than the one held (delayed, re-forwarded or
-            # replayed copies are no-ops): the device's signed time orders them
+        if await run_in_threadpool(_stale, clean, relay is not None):
+            # older than the report held (delayed, re-forwarded or replayed): a no-op, newest wins
             return JSONResponse({"status": "duplicate", "events": []})
         try:
             events = await run_in_threadpool(svc.observe, clean)

@@ -104,7 +104,7 @@ Added after reading the regional hub (hub/regional, hub/sites.py, hub/approvals_
 R1    mirrored metadata edited on the regional disk                 REFUSED-DEVICE; the next down-sync
                                                                     republishes the verified bytes
 R2    a served target edited at rest, same length                   REFUSED-DEVICE; the next down-sync
-                                                                    heals it (gap: it never does)
+                                                                    heals it (re-hashed, re-fetched)
 R3    spooled batch/report bodies and the device header edited      REFUSED-ROOT, recorded as refused at
       in the regional spool                                         the site; nothing lands
 R4    spool items duplicated, reordered and replayed 20 days        lands once; the newest report wins
@@ -116,9 +116,8 @@ U7b   U7's consequence on a rollout: the older report delivered     the halt rul
 R6    approvals cached at the site (answered while the root is      REFUSED-DEVICE; the genuine decision
       down) edited or planted on its disk                           applies once the root is back
 R7    a channel role tampered between the root and the site         REFUSED at the site; it keeps serving a
-      (a tier upstream of the regional hub)                         consistent set and says so (gap: it
-                                                                    publishes a set its devices cannot
-                                                                    refresh, and reports success)
+      (a tier upstream of the regional hub)                         consistent set and says so (nothing
+                                                                    new is published; the sync says why)
 B1    sneakernet bundles: a target altered, another root's bundle,  nothing unverified is served or
       an older bundle after a newer one                             installed; the genuine bundle works
 U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT (forged / 403)
@@ -127,11 +126,11 @@ U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT
       whose roster is stale
 O1    an operator's root token presented to the regional hub        the token is no root credential
       (its documented fleet-status view), replayed at the root      (gap: it is, for every operator verb)
-A6    the operator approves, then rejects before the device         the device does not act (gap: it
-      fetched; the tier serves both (or its cached older one)       executes the superseded approval)
+A6    the operator approves, then rejects before the device         the device does not act (a verified
+      fetched; the tier serves both (or its cached older one)       rejection wins)
 ====  ===========================================================  ===================================
 
-Gaps (xfail strict, each names the mechanism): U3, U7 (direct path only), R2 (heal), R7, O1, S1, A6.
+Gaps (xfail strict, each names the mechanism): U3, O1, S1. Closed since first written: U7, R2, R7, A6.
 
 The hostile tier of the first part needs no regional implementation: :class:`HostileTier`
 (tests/regional_attack_support.py) is a loopback HTTP relay in front of a real root hub (TUF repository,
@@ -555,16 +554,7 @@ def test_u6_report_altered_on_the_way_up_is_refused(site: Site) -> None:
 @pytest.mark.parametrize(
     "site",
     [
-        pytest.param(
-            "relay",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gap U7: the root keeps the newest report by the device's signed 'time' only for "
-                "reports relayed with a site token (hub/fleet_api.py _newer_than_held); a tier that forwards "
-                "without the relay headers (transparently, inside the 300 s window) gets last-arrival-wins "
-                "(ReportStore.put overwrites): the root's view of a device goes back in time",
-            ),
-        ),
+        pytest.param("relay"),
         pytest.param("regional", marks=pytest.mark.slow),
     ],
     indirect=True,
@@ -834,12 +824,6 @@ def test_r2_a_target_edited_on_the_regional_disk_is_never_installed(region: Site
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap R2 (availability): the mirror's 'held' check is the file size only (Mirror._held), so a "
-    "served target altered at rest (same length: tampering or bit rot) is never re-fetched; every device "
-    "of the site refuses the release until someone deletes the file by hand",
-)
 def test_r2b_the_regional_hub_heals_a_target_altered_at_rest_on_its_next_sync(region: Site) -> None:
     d = region.devices[0]
     region.publish("1.1")
@@ -1035,13 +1019,6 @@ def test_a1_a2_a5_approvals_fetched_through_a_tier_that_alters_them_are_refused(
 
 
 @BOTH
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap A6: the hub signs a rejection after an approval of the same open escalation (no check of "
-    "the decisions it already holds), serves its decisions oldest first (HubEscalations.decisions), and "
-    "sync_approvals applies the first one that verifies: the device executes an approval its operator has "
-    "since rejected (a tier or a regional cache need only keep serving the older one)",
-)
 def test_a6_a_rejection_that_supersedes_an_approval_is_not_bypassed(site: Site) -> None:
     """The operator approves, then changes their mind and rejects before the device fetched: the tier
     serves both signed decisions (or only the older one, from its cache): the device must not act."""
@@ -1315,14 +1292,6 @@ def test_r6_approvals_edited_in_the_regional_cache_are_refused_while_the_root_is
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap R7 (availability, honest reporting): a channel role that fails verification on the way to "
-    "the site (tampered between root and regional, or in a bundle) is left out while the new timestamp "
-    "and snapshot that name its new version are published (Mirror._load_roles/_publish); the sync reports "
-    "success (published, no error), the channel's devices can no longer refresh (audited as 'offline', "
-    "not as a refusal: their trust goes stale) and the site reports the root's current timestamp (in sync)",
-)
 def test_r7_a_channel_role_tampered_on_the_way_to_the_site_does_not_break_what_the_site_served(
     region: Site,
 ) -> None:
