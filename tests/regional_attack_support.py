@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -243,10 +244,12 @@ class Site:
         self.regional_server: ServerThread | None = None
         upstream = self.root.url
         self.sites = SiteRegistry(self.service.store, self.clock)
+        self.view_token = "site-view-" + secrets.token_hex(16)  # the site's own fleet-status view
         if regional:
             token = self.sites.add("site-a")
             conf = RegionalConfig(upstream=self.root.url, root=self.repo.metadata_dir / "1.root.json",
-                                  state=self.tmp / "regional", site="site-a", site_token=token)  # fmt: skip
+                                  state=self.tmp / "regional", site="site-a", site_token=token,
+                                  view_token=self.view_token)  # fmt: skip
             self.regional = RegionalHub(conf, clock=self.clock)
             self.regional_server = ServerThread(build_regional_app(self.regional)).start()
             upstream = self.regional_server.url

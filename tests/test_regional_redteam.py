@@ -124,13 +124,14 @@ U10   a relayed request re-pointed at another route, or a status    REFUSED-ROOT
       reported with another site's token
 U11   uploads of a device revoked at the root, accepted by a site   REFUSED-ROOT (403), nothing lands
       whose roster is stale
-O1    an operator's root token presented to the regional hub        the token is no root credential
-      (its documented fleet-status view), replayed at the root      (gap: it is, for every operator verb)
+O1    an operator's root token presented to the regional hub        refused at the site (401): the site
+      (its documented fleet-status view), or what the site sees     view has its own view token, which
+      there replayed at the root                                    every root operator verb refuses
 A6    the operator approves, then rejects before the device         the device does not act (a verified
       fetched; the tier serves both (or its cached older one)       rejection wins)
 ====  ===========================================================  ===================================
 
-Gaps (xfail strict, each names the mechanism): U3, O1, S1. Closed since first written: U7, R2, R7, A6.
+Gaps (xfail strict, each names the mechanism): U3, S1. Closed since first written: U7, R2, R7, A6, O1.
 
 The hostile tier of the first part needs no regional implementation: :class:`HostileTier`
 (tests/regional_attack_support.py) is a loopback HTTP relay in front of a real root hub (TUF repository,
@@ -765,7 +766,8 @@ def test_a3_a4_replayed_and_held_back_approvals_are_refused(site: Site) -> None:
 
 # ---------------------------------------------------------------------------- the real regional hub only
 # Written after reading hub/regional and hub/sites.py (the design: a site token, a spool, a mirrored
-# roster with operator token hashes, site status reports): O1, S1 and R1-R4 attack what it adds.
+# roster with operator token hashes (since replaced by a site view token), site status reports): O1, S1
+# and R1-R4 attack what it adds.
 @pytest.fixture
 def region(tmp_path: Path) -> Iterator[Site]:
     s = Site(tmp_path, n=2, regional=True)
@@ -927,29 +929,40 @@ def test_r4_spool_duplicated_reordered_and_replayed_by_the_site_lands_once_newes
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap O1: the regional hub's GET /v1/fleet/status takes the root operator's bearer token (checked "
-    "against mirrored hashes), so a compromised site (or its network) receives a credential that is valid "
-    "at the root for every operator verb (recall, rollout start/abort/approve); a site view needs its own "
-    "site-scoped credential, or a signed request that cannot be replayed at the root",
-)
-def test_o1_an_operator_token_shown_to_a_regional_hub_is_no_root_credential(region: Site) -> None:
+def test_o1_no_root_credential_is_ever_shown_to_a_regional_hub(region: Site) -> None:
+    """The site's fleet-status view has its own view token: a root operator token is refused there (so
+    no operator is led to hand one to a site), and the view token a compromised site (or its network)
+    captures is refused by every operator verb of the root."""
     from hub.fleet_api import issue_operator_token
 
     region.publish("1.1")
     token = issue_operator_token(region.repo.dir, "alice")
     region.roster()
-    r = httpx.get(f"{region.tier.url}/v1/fleet/status", headers={"authorization": f"Bearer {token}"})
-    assert r.status_code == 200  # the documented use: the site's view for an operator at the site
-    (seen,) = [u.header("authorization") for u in region.tier.requests if u.path == "/v1/fleet/status"]
-    assert seen is not None
-    stolen = httpx.post(
-        f"{region.root.url}/v1/recalls/{region.channel}",
-        json={"module": MODULE, "withdrawn": ["1.1"], "to_version": "1.0", "reason": "site"},
-        headers={"authorization": seen},
-    )
-    assert stolen.status_code in (401, 403), stolen.text
+    status = f"{region.tier.url}/v1/fleet/status"
+    rooted = httpx.get(status, headers={"authorization": f"Bearer {token}"})
+    assert rooted.status_code == 401, rooted.text  # a root token is no credential at a site
+    r = httpx.get(status, headers={"authorization": f"Bearer {region.view_token}"})
+    assert r.status_code == 200 and r.json()["source"] == "regional", r.text  # the documented site view
+    seen = [u.header("authorization") for u in region.tier.requests if u.path == "/v1/fleet/status"]
+    assert f"Bearer {region.view_token}" in seen
+    root = region.root.url
+    verbs = [
+        ("GET", "/v1/fleet/status", None), ("GET", "/v1/dora", None),
+        ("GET", f"/v1/rollouts/{region.channel}", None),
+        ("POST", f"/v1/rollouts/{region.channel}/start", {"module": MODULE, "version": "1.1"}),
+        *(("POST", f"/v1/rollouts/{region.channel}/{a}", {})
+          for a in ("approve", "pause", "resume", "ack", "abort-keep", "abort-revert")),
+        ("POST", f"/v1/recalls/{region.channel}",
+         {"module": MODULE, "withdrawn": ["1.1"], "to_version": "1.0", "reason": "site"}),
+    ]  # fmt: skip
+    for method, path, body in verbs:
+        stolen = httpx.request(
+            method, root + path, json=body, headers={"authorization": f"Bearer {region.view_token}"}
+        )
+        assert stolen.status_code in (401, 403), (method, path, stolen.text)
+    # and the site holds nothing derived from a root token (no hash to check one against)
+    assert region.regional is not None
+    assert "operator_token" not in (region.tmp / "regional" / "roster.json").read_text()
     ds = region.repo.desired_state(region.channel)
     assert ds is not None and ds.recalls == []
 
