@@ -763,14 +763,7 @@ def _canary_trial(incumbent: bytes, candidate: bytes, n_features: int, seed: int
     from sre_core.telemetry import NullSink
 
     policy = load_deployment_policy()
-    p = policy.canary
-    defaults = {
-        "max_error_rate_increase": p.max_error_rate_increase,
-        "error_rate_relative": p.error_rate_relative,
-        "max_p95_latency_ratio": p.max_p95_latency_ratio,
-        "allow_pin": p.allow_pin_to_canary,
-    }
-    config = CanaryConfig.from_spec(None, policy.canary_steps, defaults)
+    config = CanaryConfig.from_spec(None, policy.canary_steps, policy.canary)
     router = Router("m", load_session(incumbent, name="m", version="1"), NullSink(), seed=seed)
     clock = FakeClock()
     run = CanaryRun("m", router, load_session(candidate, name="m", version="2"), config, clock, NullSink())

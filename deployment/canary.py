@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ from scipy import stats
 
 from deployment.manifest import CanarySpec, CanaryStep
 from deployment.router import LatencyHistogram, PairStats, Snapshot, VersionStats
+from policies.deployment import CanaryPolicy
 from sre_core.lifecycle import StateTable
 
 __all__ = [
@@ -332,6 +333,9 @@ class StepConfig:
     max_duration_s: float = 600.0
 
 
+_POLICY = CanaryPolicy()
+
+
 @dataclass(frozen=True)
 class CanaryConfig:
     """Everything the controller needs, validated at construction.
@@ -343,12 +347,13 @@ class CanaryConfig:
     steps: tuple[StepConfig, ...] = tuple(StepConfig(w / 100) for w in DEFAULT_STEPS)
     soak_s: float = 60.0
     mirror_share: float = 0.1
-    max_error_rate_increase: float = 0.002
-    error_rate_relative: float = 0.5
-    max_p95_latency_ratio: float = 1.5
+    # The gates the deployment policy sets take their defaults from the policy model, their one home.
+    max_error_rate_increase: float = _POLICY.max_error_rate_increase
+    error_rate_relative: float = _POLICY.error_rate_relative
+    max_p95_latency_ratio: float = _POLICY.max_p95_latency_ratio
     latency_tail_guard: bool = False
     warmup_pairs: int = 20
-    allow_pin: bool = False
+    allow_pin: bool = _POLICY.allow_pin_to_canary
     divergence: Literal["top1", "relative_error"] = "top1"
     max_divergence: float = 0.05
     relative_tolerance: float = 0.05
@@ -372,12 +377,12 @@ class CanaryConfig:
         cls,
         spec: CanarySpec | None,
         policy_steps: Sequence[float] | None = None,
-        defaults: Mapping[str, Any] | None = None,
+        policy: CanaryPolicy | None = None,
         **overrides: Any,
     ) -> CanaryConfig:
         """Steps from the manifest when it has them, else the policy's percentages, else the default;
-        gate settings the manifest sets explicitly, else ``defaults`` (the policy's canary section),
-        else the built-in ones; ``overrides`` last."""
+        each gate the manifest sets (not None), else the deployment policy's (``policy``: its ``canary:``
+        section; None: the policy model's defaults), else the built-in one; ``overrides`` last."""
         spec = spec or CanarySpec()
         if spec.steps:
             steps = tuple(_step(s) for s in spec.steps)
@@ -387,17 +392,17 @@ class CanaryConfig:
                 StepConfig(p / 100, template.min_samples, template.max_duration_s)
                 for p in (policy_steps or DEFAULT_STEPS)
             )
-        fields: tuple[str, ...] = ("soak_s", "mirror_share", "max_error_rate_increase")
-        fields = (*fields, "max_p95_latency_ratio", "divergence", "max_divergence")
-        # "Explicit" = set *and* different from the spec's default: a manifest that travelled as JSON
-        # (TUF custom) has every field set, and its defaults must not override the device's policy.
-        spec_defaults = CanarySpec()
-        explicit = {
-            f: getattr(spec, f)
-            for f in fields
-            if f in spec.model_fields_set and getattr(spec, f) != getattr(spec_defaults, f)
+        p = policy or _POLICY
+        from_policy: dict[str, Any] = {
+            "max_error_rate_increase": p.max_error_rate_increase,
+            "error_rate_relative": p.error_rate_relative,
+            "max_p95_latency_ratio": p.max_p95_latency_ratio,
+            "allow_pin": p.allow_pin_to_canary,
         }
-        base = cls(steps=steps, **{**dict(defaults or {}), **explicit})
+        fields: tuple[str, ...] = ("soak_s", "mirror_share", "max_error_rate_increase")
+        fields += ("max_p95_latency_ratio", "divergence", "max_divergence")
+        explicit = {f: getattr(spec, f) for f in fields if getattr(spec, f) is not None}
+        base = cls(steps=steps, **{**from_policy, **explicit})
         return replace(base, **overrides) if overrides else base
 
 

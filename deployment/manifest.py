@@ -78,15 +78,23 @@ class CanaryStep(_Doc):
 
 
 class CanarySpec(_Doc):
-    """How a managed model earns 100 % (defaults can come from policy)."""
+    """How a managed model earns 100 %.
+
+    Every field is optional and defaults to *unset* (None), which the device fills from its deployment
+    policy's ``canary:`` section, else the controller's built-in values (``deployment.canary``): the schema
+    holds no gate default of its own. A manifest travels as JSON with every field present, so only None
+    survives the wire as "unset"; a value the author writes always wins, whatever it is.
+    """
 
     steps: list[CanaryStep] | None = None
-    soak_s: float = Field(default=60.0, ge=0)
-    mirror_share: float = Field(default=0.1, ge=0, le=1)
-    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
-    max_p95_latency_ratio: float = Field(default=1.5, ge=1)
-    divergence: Literal["top1", "relative_error"] = "top1"
-    max_divergence: float = Field(default=0.05, ge=0, le=1)
+    soak_s: float | None = Field(default=None, ge=0)
+    mirror_share: float | None = Field(default=None, ge=0, le=1)
+    max_error_rate_increase: float | None = Field(
+        default=None, ge=0, le=1, description="absolute floor of the error margin (unset: the policy's)"
+    )
+    max_p95_latency_ratio: float | None = Field(default=None, ge=1)
+    divergence: Literal["top1", "relative_error"] | None = None
+    max_divergence: float | None = Field(default=None, ge=0, le=1)
 
 
 class Constraints(_Doc):

@@ -462,15 +462,6 @@ class ManagedServing:
         self._stop = threading.Event()
         self._attempts_lock = threading.Lock()
 
-    def _gate_defaults(self) -> dict[str, Any]:
-        p = self.policy
-        return {
-            "max_error_rate_increase": p.max_error_rate_increase,
-            "error_rate_relative": p.error_rate_relative,
-            "max_p95_latency_ratio": p.max_p95_latency_ratio,
-            "allow_pin": p.allow_pin_to_canary,
-        }
-
     def load(
         self, module: str, artifact: Path, manifest: ModuleManifest, sha256: str | None = None
     ) -> ModelSession:
@@ -526,9 +517,7 @@ class ManagedServing:
         if self.policy.unload_standby:
             router.drop_standby()
         candidate = self.load(module, artifact, manifest, sha256)
-        config = CanaryConfig.from_spec(
-            manifest.canary, self.policy_steps, self._gate_defaults(), **self.overrides
-        )
+        config = CanaryConfig.from_spec(manifest.canary, self.policy_steps, self.policy, **self.overrides)
         run = CanaryRun(
             module=module,
             router=router,

@@ -62,7 +62,7 @@ def test_pinned_requests_are_refused_by_default_and_never_counted_when_allowed()
 
 # -- error gate: relative margin with a small absolute floor ------------------------------------------
 def test_half_a_percent_of_errors_fails_against_a_clean_incumbent_under_the_default_policy() -> None:
-    cfg = CanaryConfig.from_spec(None, defaults=_policy_defaults(load_deployment_policy().canary))
+    cfg = CanaryConfig.from_spec(None, policy=load_deployment_policy().canary)
     canary = VersionStats(requests=20_000, errors=100)  # 0.5 %
     incumbent = VersionStats(requests=200_000, errors=0)
     verdict = judge_error_rate(
@@ -77,24 +77,15 @@ def test_half_a_percent_of_errors_fails_against_a_clean_incumbent_under_the_defa
     assert ok.verdict == "pass"
 
 
-def _policy_defaults(p: CanaryPolicy) -> dict[str, object]:
-    return {
-        "max_error_rate_increase": p.max_error_rate_increase,
-        "error_rate_relative": p.error_rate_relative,
-        "max_p95_latency_ratio": p.max_p95_latency_ratio,
-        "allow_pin": p.allow_pin_to_canary,
-    }
-
-
 def test_manifest_values_win_only_when_set() -> None:
-    defaults = {"max_error_rate_increase": 0.002, "max_p95_latency_ratio": 1.5}
-    assert CanaryConfig.from_spec(CanarySpec(), defaults=defaults).max_error_rate_increase == 0.002
+    policy = CanaryPolicy(max_error_rate_increase=0.002, max_p95_latency_ratio=1.5)
+    assert CanaryConfig.from_spec(CanarySpec(), policy=policy).max_error_rate_increase == 0.002
     explicit = CanarySpec(max_error_rate_increase=0.03)
-    assert CanaryConfig.from_spec(explicit, defaults=defaults).max_error_rate_increase == 0.03
-    # a manifest that travelled as JSON has every field set: its defaults still defer to the policy
+    assert CanaryConfig.from_spec(explicit, policy=policy).max_error_rate_increase == 0.03
+    # a manifest that travelled as JSON has every field present: the unset ones (None) defer to the policy
     sent = ModuleManifest(name="m", version="1", canary=CanarySpec(mirror_share=0.2))
     wire = ModuleManifest.model_validate_json(sent.model_dump_json())
-    cfg = CanaryConfig.from_spec(wire.canary, defaults=defaults)
+    cfg = CanaryConfig.from_spec(wire.canary, policy=policy)
     assert cfg.max_error_rate_increase == 0.002 and cfg.mirror_share == 0.2
 
 

@@ -44,14 +44,7 @@ def relabel(blob: bytes, note: str) -> bytes:
 
 def default_config() -> CanaryConfig:
     policy = load_deployment_policy()
-    p = policy.canary
-    defaults = {
-        "max_error_rate_increase": p.max_error_rate_increase,
-        "error_rate_relative": p.error_rate_relative,
-        "max_p95_latency_ratio": p.max_p95_latency_ratio,
-        "allow_pin": p.allow_pin_to_canary,
-    }
-    return CanaryConfig.from_spec(None, policy.canary_steps, defaults)
+    return CanaryConfig.from_spec(None, policy.canary_steps, policy.canary)
 
 
 def trial(incumbent: bytes, candidate: bytes, seed: int, max_ticks: int = 100_000) -> tuple[Phase, str]:
