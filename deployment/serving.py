@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -120,25 +121,39 @@ def resume_progress(paths: StatePaths, now: str) -> list[str]:
 
 
 class ModelRepository:
-    """The models the inference server answers for: module name -> :class:`Router`. Thread-safe."""
+    """The models the inference server answers for: module name -> :class:`Router`. Thread-safe.
+
+    Args:
+        sink: serving telemetry.
+        preprocess: applied to every request's inputs (the chaos input-noise hook).
+        rng: the routing RNG of each model's router (the canary's shuffled slots and the mirror sample),
+            made from the model name when its router is created; None: seeded from the OS. Tests and
+            trials inject one so a run is reproducible through every path that creates a router.
+    """
 
     def __init__(
         self,
         sink: TelemetrySink | None = None,
         preprocess: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
+        rng: Callable[[str], random.Random] | None = None,
     ) -> None:
         self.sink: TelemetrySink = sink or NullSink()
         self.preprocess = preprocess
+        self.rng = rng
         self._routers: dict[str, Router] = {}
         self._lock = threading.Lock()
 
     def add(self, session: ModelSession, seed: int | None = None) -> Router:
-        """Serve ``session`` under its name (replacing the active version if the name is served)."""
+        """Serve ``session`` under its name (replacing the active version if the name is served).
+
+        A new router's RNG is ``random.Random(seed)`` when ``seed`` is given, else the repository's
+        ``rng`` for the name, else seeded from the OS."""
         with self._lock:
             router = self._routers.get(session.name)
             if router is None:
+                rng = self.rng(session.name) if seed is None and self.rng is not None else None
                 router = self._routers[session.name] = Router(
-                    session.name, session, self.sink, seed=seed, preprocess=self.preprocess
+                    session.name, session, self.sink, seed=seed, preprocess=self.preprocess, rng=rng
                 )
             else:
                 router.replace_active(session)

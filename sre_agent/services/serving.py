@@ -9,7 +9,8 @@ import contextlib
 import gc
 import itertools
 import os
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class ServingPlane:
         audit: the audit trail (pass the daemon's, which mirrors to DuckDB); clock: time source.
         telemetry_interval_s: per-model, per-version serving telemetry is flushed to ``sink`` this often,
             canary or not (default: the ``serving.telemetry_interval_s`` setting).
+        routing_rng: each model's routing RNG from its name (canary slots, mirror sample), forwarded to
+            the repository; None: seeded from the OS. Tests and trials inject one to reproduce a run.
     """
 
     settings: AgentSettings
@@ -79,6 +82,7 @@ class ServingPlane:
     clock: Any = None
     name: str = "serving"
     telemetry_interval_s: float | None = None
+    routing_rng: Callable[[str], random.Random] | None = None
     _server: Any = field(default=None, repr=False)
     _flusher: Any = field(default=None, repr=False)
     _grpc: Any = field(default=None, repr=False)
@@ -97,7 +101,9 @@ class ServingPlane:
         self.audit = self.audit or AuditLog(self.paths.audit_log, self.clock)
         self.policy = load_deployment_policy(self.paths.policies / "deployment.yaml")
         self.slots = SlotManager(self.paths, self.audit, self.clock, self.policy)
-        self.repository = ModelRepository(self.sink, preprocess=InputNoise(self.paths.root, self.clock))
+        self.repository = ModelRepository(
+            self.sink, preprocess=InputNoise(self.paths.root, self.clock), rng=self.routing_rng
+        )
         options = SessionOptions(cfg.intra_op_threads, cfg.inter_op_threads, tuple(cfg.providers))
         self.serving = ManagedServing(
             self.paths,
