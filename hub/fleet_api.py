@@ -40,7 +40,7 @@ from deployment.rollout import DeviceReport
 from hub.fleetdb import FleetDB
 from hub.repository import HubRepository
 from hub.rollouts import RolloutService, RolloutSpec
-from hub.sites import SiteRegistry, relay_fresh, relay_target
+from hub.sites import RELAYED_BY, SiteRegistry, relay_fresh, relay_target
 from hub.store import HubStore, open_store, store_config
 from hub.store._schema import operator_tokens
 from sre_core.clock import Clock, SystemClock
@@ -177,6 +177,8 @@ def fleet_routes(
         if await run_in_threadpool(_stale, clean, relay is not None):
             # older than the report held (delayed, re-forwarded or replayed): a no-op, newest wins
             return JSONResponse({"status": "duplicate", "events": []})
+        if relay:
+            clean[RELAYED_BY] = relay.site  # the root's own record: the site that relayed it (hub.sites)
         try:
             events = await run_in_threadpool(svc.observe, clean)
         except InputError as exc:

@@ -96,10 +96,10 @@ def fleet_status(
         "open_escalations": sum(d["open_escalations"] for d in devices),
         "versions": {m: dict(c.most_common()) for m, c in sorted(versions.items())},
     }
-    from hub.sites import SiteRegistry, current_timestamp
+    from hub.sites import SiteRegistry, current_desired, current_timestamp
 
     sites = SiteRegistry(service.store, service.clock).rows(
-        current_timestamp(service.repo.dir), site_max_age_s
+        current_timestamp(service.repo.dir), site_max_age_s, current_desired(service.repo)
     )
     summary["sites"] = len(sites)
     summary["sites_out_of_sync"] = sum(1 for x in sites if not x["in_sync"])

@@ -7,7 +7,10 @@ Public API::
         .remove(name) -> bool
         .site(authorization) -> str | None      the site a ``Bearer`` token authenticates
         .record(name, status, current_timestamp) the site's report (last sync, backlog, served version)
-        .rows(current_timestamp, max_age_s) -> list[dict]   age, in-sync flag, drift-SLO breach per site
+        .rows(current_timestamp, max_age_s, desired=None) -> list[dict]   age, in-sync flag (the site's
+                                          claim checked against the device reports it relayed), breach
+    current_desired(repo) -> {channel: (serial, issued)}    what the root releases now
+    behind_devices(store, desired) -> {site: {device: channel}}   device-signed evidence against a site
     relay_target(headers, url, registry) -> Relay | None    how to verify a device request a site forwards
     current_timestamp(repo_dir) -> int | None       the timestamp version the root serves now
     site_routes(repo_dir, store=None, clock=None) -> list[Route]
@@ -32,7 +35,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,16 +50,21 @@ from starlette.routing import Route
 
 from hub.store import HubStore, open_store, store_config
 from hub.store._schema import devices, sites
+from hub.store._schema import reports as reports_t
 from sre_core.clock import Clock, SystemClock
 from sre_core.errors import InputError
 from sre_core.signing import NonceCache, SignatureRefused
 
 __all__ = [
     "DEFAULT_MAX_SYNC_AGE_S",
+    "RELAYED_BY",
     "RELAY_URI_HEADER",
     "RELAY_WINDOW_S",
+    "SYNC_SKEW_S",
     "Relay",
     "SiteRegistry",
+    "behind_devices",
+    "current_desired",
     "current_timestamp",
     "relay_fresh",
     "relay_target",
@@ -67,6 +75,10 @@ RELAY_URI_HEADER = "x-sre-relay-uri"
 RELAY_WINDOW_S = 30 * 24 * 3600.0
 DEFAULT_MAX_SYNC_AGE_S = 3600.0
 MAX_STATUS_BYTES = 16 * 1024
+SYNC_SKEW_S = 300.0
+"""Clock skew allowed between a device's signed ``last_sync`` and the root's signed ``issued``."""
+RELAYED_BY = "relayed_by"
+"""The key the root adds to a stored device report it received through a site (the site's name)."""
 
 
 def _valid_name(name: str) -> bool:
@@ -127,24 +139,40 @@ class SiteRegistry:
             return bool(conn.execute(update(sites).where(sites.c.name == name).values(**values)).rowcount)
 
     def rows(
-        self, current_timestamp: int | None, max_age_s: float = DEFAULT_MAX_SYNC_AGE_S
+        self,
+        current_timestamp: int | None,
+        max_age_s: float = DEFAULT_MAX_SYNC_AGE_S,
+        desired: Mapping[str, tuple[int, datetime]] | None = None,
     ) -> list[dict[str, Any]]:
-        """One row per site: last sync and its age (root clock), backlog, in-sync flag, drift-SLO breach."""
+        """One row per site: last sync and its age (root clock), backlog, in-sync flag, drift-SLO breach.
+
+        The site's own claim (the timestamp version it serves) is checked against evidence it cannot
+        forge: the device-signed reports it relayed (see :func:`behind_devices`). With ``desired``
+        (channel -> current desired-state serial and its signed issue time, :func:`current_desired`),
+        a site whose devices synced through it after the current serial was issued and still hold an
+        older one is out of sync whatever it claims, and breaches the drift SLO once that serial is
+        older than ``max_age_s``."""
         now = self.clock.now()
         with self.store.tx() as conn:
             found = conn.execute(select(sites).order_by(sites.c.name)).all()
+        behind = behind_devices(self.store, desired) if desired else {}
         out = []
         for r in found:
             status: dict[str, Any] = json.loads(r.status) if r.status else {}
             age = (now - datetime.fromisoformat(r.last_sync)).total_seconds() if r.last_sync else None
-            in_sync = current_timestamp is not None and status.get("timestamp_version") == current_timestamp
+            claimed = current_timestamp is not None and status.get("timestamp_version") == current_timestamp
+            evidence = behind.get(str(r.name), {})
+            issued = [desired[ch][1] for ch in evidence.values()] if desired else []
+            overdue = any((now - t).total_seconds() > max_age_s for t in issued)
             out.append(
                 {
                     "site": r.name,
                     "last_sync": r.last_sync,
                     "sync_age_s": None if age is None else round(age, 1),
-                    "in_sync": bool(in_sync),
-                    "breach": age is None or age > max_age_s,
+                    "in_sync": bool(claimed) and not evidence,
+                    "claimed_in_sync": bool(claimed),
+                    "devices_behind": sorted(evidence),
+                    "breach": age is None or age > max_age_s or overdue,
                     "backlog": status.get("backlog"),
                     "timestamp_version": status.get("timestamp_version"),
                     "last_seen": r.last_seen,
@@ -152,6 +180,48 @@ class SiteRegistry:
                 }
             )
         return out
+
+
+def current_desired(repo: Any) -> dict[str, tuple[int, datetime]]:
+    """channel -> (serial, issued) of the desired state ``repo`` (a HubRepository) releases now."""
+    out: dict[str, tuple[int, datetime]] = {}
+    for ch in repo.channels:
+        try:
+            ds = repo.desired_state(ch)
+        except (OSError, ValueError, KeyError):
+            continue
+        if ds is not None:
+            out[ch] = (int(ds.serial), ds.issued)
+    return out
+
+
+def behind_devices(
+    store: HubStore, desired: Mapping[str, tuple[int, datetime]], skew_s: float = SYNC_SKEW_S
+) -> dict[str, dict[str, str]]:
+    """site -> {device -> channel} of devices whose newest report, relayed by that site, contradicts it.
+
+    The evidence is the device's signed report (never the site's word): the device synced (its signed
+    ``last_sync``) more than ``skew_s`` after the channel's current desired state was issued (its
+    signed ``issued``), through that site, and holds an older serial. An honest site in sync serves the
+    current serial to every device that syncs; one that is behind or serves a frozen repository does
+    not. Reports sent directly to the root carry no site and never count against one."""
+    with store.tx() as conn:
+        rows = conn.execute(select(reports_t.c.device_id, reports_t.c.body)).all()
+    out: dict[str, dict[str, str]] = {}
+    for dev, body in rows:
+        try:
+            rep = json.loads(body)
+            site, channel = rep.get(RELAYED_BY), rep.get("channel")
+            if not isinstance(site, str) or channel not in desired:
+                continue
+            serial, issued = desired[channel]
+            held = rep.get("serial")
+            synced = datetime.fromisoformat(str(rep.get("last_sync")))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if isinstance(held, int) and held < serial and (synced - issued).total_seconds() > skew_s:
+            out.setdefault(site, {})[str(dev)] = str(channel)
+    return out
 
 
 class _RelayNonces(NonceCache):

@@ -131,7 +131,7 @@ A6    the operator approves, then rejects before the device         the device d
       fetched; the tier serves both (or its cached older one)       rejection wins)
 ====  ===========================================================  ===================================
 
-Gaps (xfail strict, each names the mechanism): U3, S1. Closed since first written: U7, R2, R7, A6, O1.
+Gaps (xfail strict, each names the mechanism): U3. Closed since first written: U7, R2, R7, A6, O1, S1.
 
 The hostile tier of the first part needs no regional implementation: :class:`HostileTier`
 (tests/regional_attack_support.py) is a loopback HTTP relay in front of a real root hub (TUF repository,
@@ -968,21 +968,15 @@ def test_o1_no_root_credential_is_ever_shown_to_a_regional_hub(region: Site) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap S1: the root's site row (in_sync, last_sync, sync age) is the regional hub's own claim "
-    "(POST /v1/sites/<name>/status, timestamp_version); the signed reports relayed by that site, whose "
-    "desired-state serial contradicts it, are not used, so a site that serves a frozen repository shows "
-    "as in sync (only the per-device drift gives it away)",
-)
 def test_s1_a_site_claiming_sync_while_its_devices_hold_an_old_serial_is_not_shown_in_sync(
     region: Site,
 ) -> None:
-    from hub.sites import current_timestamp
+    from hub.sites import SYNC_SKEW_S, current_desired, current_timestamp
 
-    d = region.devices[0]
+    d, e = region.devices
     region.tier.freeze(region.served_dir, region.tmp / "frozen")
     region.publish("1.1")
+    region.clock.advance(timedelta(seconds=SYNC_SKEW_S + 60))  # the devices sync well after the release
     region.sync(d)
     assert d.version() == "1.0"
     assert region.device_status(d)["drift"] == [MODULE]  # detectable per device
@@ -990,8 +984,19 @@ def test_s1_a_site_claiming_sync_while_its_devices_hold_an_old_serial_is_not_sho
     assert region.regional is not None
     claim = {"timestamp_version": current, "last_sync": region.clock.now().isoformat(), "backlog": 0}
     assert region.regional.relay.report_status(claim)
-    (row,) = region.sites.rows(current)
-    assert not row["in_sync"], row
+    (row,) = region.sites.rows(current, desired=current_desired(region.repo))
+    assert not row["in_sync"] and row["claimed_in_sync"] and row["devices_behind"] == [d.id], row
+    (shown,) = region.status()["sites"]  # fleet status (sre-hub fleet status, GET /v1/fleet/status)
+    assert not shown["in_sync"] and shown["devices_behind"] == [d.id], shown
+    assert region.status()["summary"]["sites_out_of_sync"] == 1
+    # once the site serves the release again, the next signed reports clear it
+    region.tier.frozen = None
+    for x in (d, e):
+        region.sync(x)
+        assert x.version() == "1.1"
+    assert region.regional.relay.report_status(claim)
+    (row,) = region.sites.rows(current_timestamp(region.repo.dir), desired=current_desired(region.repo))
+    assert row["devices_behind"] == [] and row["in_sync"], row
 
 
 APPROVALS = r"/v1/devices/[^/]+/approvals"

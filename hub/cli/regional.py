@@ -56,7 +56,8 @@ def sites_table(rows: list[dict[str, Any]]) -> Any:
     for r in rows:
         t.add_row(
             r["site"], r["last_sync"] or "never", _age(r["sync_age_s"]),
-            "yes" if r["in_sync"] else "[yellow]no[/yellow]",
+            "yes" if r["in_sync"] else "[yellow]no[/yellow]"
+            + (f" ({len(r['devices_behind'])} devices behind)" if r.get("devices_behind") else ""),
             "[red]breach[/red]" if r["breach"] else "[green]ok[/green]",
             "-" if r["backlog"] is None else str(r["backlog"]),
             "-" if r["timestamp_version"] is None else f"v{r['timestamp_version']}",
@@ -112,9 +113,10 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Each site: last sync and its age, whether it serves the current timestamp, backlog."""
-        from hub.sites import current_timestamp
+        from hub.repository import HubRepository
+        from hub.sites import current_desired, current_timestamp
 
-        rows = _registry(repo).rows(current_timestamp(repo), max_age)
+        rows = _registry(repo).rows(current_timestamp(repo), max_age, current_desired(HubRepository(repo)))
         if json_out:
             emit_json({"current_timestamp": current_timestamp(repo), "max_age_s": max_age, "sites": rows})
         else:
