@@ -474,6 +474,7 @@ class ManagedServing:
         self._stops: dict[str, threading.Event] = {}
         self._candidates: dict[str, str] = {}
         self._stop_reasons: dict[str, str] = {}  # module -> version handed to start() (maybe still loading)
+        self._loading: set[str] = set()  # modules whose candidate is being loaded in the canary's thread
         self._stop = threading.Event()
         self._attempts_lock = threading.Lock()
 
@@ -577,6 +578,7 @@ class ManagedServing:
 
     def _background(self, module: str, standby: SlotView, slots: CanarySlots, stop: threading.Event) -> None:
         manifest = standby.manifest
+        self._loading.add(module)
         try:
             run = self.prepare(module, standby.artifact_path, manifest, standby.artifact_sha256)
         except (SreError, ValueError) as exc:  # does not load, over budget, or unusable settings
@@ -592,6 +594,8 @@ class ManagedServing:
                 attrs={"source": "canary", "module": module, "version": manifest.version},
             )
             return
+        finally:
+            self._loading.discard(module)
         if stop.is_set():  # pre-empted or stopped while the candidate was loading
             run.stop_reason = self._stop_reasons.get(module, run.stop_reason)
             run.cancel(run.stop_reason)
@@ -704,6 +708,11 @@ class ManagedServing:
         stop = self._stops.get(module)
         if stop is not None:
             stop.set()
+        if module in self._loading:
+            # The candidate is still loading (a big model can take minutes): never hold the reconcile
+            # pass for it. The thread cancels the canary as soon as the load returns; a later pass
+            # installs the newer version.
+            return False
         thread = self._threads.get(module)
         if thread is not None:
             thread.join(self.interval_s * 3 + 10)
