@@ -76,6 +76,7 @@ DEVICE_FACTS = frozenset(
         "chaos_damage_off_model",
         "incumbent_as_bad",
         "slo_of_model",
+        "version_blocked",
     }
 )
 """Facts the triage engine derives from an incident's facts and slot status (``device.<name>``)."""

@@ -127,6 +127,7 @@ class DeviceFacts:
     incumbent_as_bad: bool
     slo_of_model: bool
     why_not_rollback: str | None
+    version_blocked: bool = False
 
     @property
     def rollback_ready(self) -> bool:
@@ -168,7 +169,10 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
       :func:`chaos_explains` and :func:`symptom_causes`; an experiment in effect on the standby makes it
       no rollback target; :func:`chaos_damage_off_model` for damage left behind;
     - ``fact.gate`` and the metrics ``canary.<m>``/``incumbent.<m>``: see :func:`incumbent_as_bad`;
-    - ``fact.slo``: an SLO about the device's sync or policy age is not one a model version moves.
+    - ``fact.slo``: an SLO about the device's sync or policy age is not one a model version moves;
+    - ``fact.version`` (else the incident's version): *blocked* when ``fact.bad_versions`` names it, or it
+      is the standby marked bad (``fact.standby_bad``), and it does not serve: the canary that aborted it
+      or the reconcile that rolled it back already did what a quarantine would (``version_blocked``).
     """
     f = incident.facts
     slot = incident.evidence.slot
@@ -253,6 +257,19 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         incumbent_as_bad=incumbent_as_bad(incident, parity_ratio),
         slo_of_model=incident.kind.value == "slo_burn" and _slo_of_model(f.get("slo")),
         why_not_rollback=why,
+        version_blocked=_version_blocked(incident),
+    )
+
+
+def _version_blocked(incident: Incident) -> bool:
+    """Whether the incident's version is already blocked on the device and does not serve (pure)."""
+    f, slot = incident.facts, incident.evidence.slot
+    named = f.get("version")
+    version = named if isinstance(named, str) and named else incident.version
+    if not version or version == slot.active_version:
+        return False  # quarantining the version that serves is a rollback, not a no-op
+    return _listed(f, version, "bad_versions") or (
+        version == slot.standby_version and _flag(f, "standby_bad") is True
     )
 
 
@@ -491,6 +508,9 @@ def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) ->
         out[Action.ROLLBACK] = dev.why_not_rollback
     if incident.evidence.slot.safe_mode:
         out[Action.SAFE_MODE] = "the module is already in safe mode"
+    if dev.version_blocked:
+        version = incident.facts.get("version") or incident.version
+        out[Action.QUARANTINE] = f"{_ident(version)} is already blocked (marked bad) and does not serve"
     left_behind = _flag(incident.facts, "persisted_after_cleanup") is True
     if _flag(incident.facts, "chaos_active") is False and not left_behind:
         # pausing also clears faults an experiment left behind after its cleanup (the handler's guard)
