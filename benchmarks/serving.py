@@ -652,6 +652,22 @@ def grpc_interleaved(
 
 
 # -- MTTR -----------------------------------------------------------------------------------------
+def recovery_s(answered: list[tuple[float, str]], t0: float) -> float | None:
+    """Seconds from the verdict at ``t0`` to the first answer by the incumbent (a version named
+    ``good...``) after the last one answered (or failed) by anything else; None when no such answer came
+    (under load the traffic thread may not run at all after the cut: counted as unanswered, not a crash).
+    """
+    after = [(t, v) for (t, v) in answered if t > t0]
+    last_bad = max((t for (t, v) in after if not v.startswith("good")), default=t0)
+    first_good = min((t for (t, v) in after if v.startswith("good") and t > last_bad), default=None)
+    return None if first_good is None else first_good - t0
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    """The q-quantile in milliseconds; None (JSON null, not NaN) when nothing was measured."""
+    return round(_p(values, q) * 1e3, 3) if values else None
+
+
 def mttr(blob: bytes, model_path: Path, iterations: int) -> dict[str, Any]:
     """MTTR = first request answered by the incumbent after the last one answered (or failed) by the
     canary, minus the time of the failed-gate verdict. The canary holds 50 % (so the gate has incumbent
@@ -720,23 +736,21 @@ def mttr(blob: bytes, model_path: Path, iterations: int) -> dict[str, Any]:
         finally:
             stop.set()
             worker.join(10)
-        after = [(t, v) for (t, v) in answered if t > t0]
-        last_bad = max((t for (t, v) in after if not v.startswith("good")), default=t0)
-        first_good = min((t for (t, v) in after if v.startswith("good") and t > last_bad), default=None)
-        if first_good is None:
+        took = recovery_s(answered, t0)
+        if took is None:
             unanswered += 1
             continue
-        results[path].append(first_good - t0)
+        results[path].append(took)
     pre, naive = results["preloaded"], results["naive_reload"]
     return {
         "iterations": iterations,
         "unanswered": unanswered,
         "note": "naive_reload is also the MTTR cost of canary.unload_standby (rollback reloads it)",
-        "preloaded_p50_ms": round(_p(pre, 0.5) * 1e3, 3),
-        "preloaded_p99_ms": round(_p(pre, 0.99) * 1e3, 3),
-        "naive_reload_p50_ms": round(_p(naive, 0.5) * 1e3, 3),
-        "naive_reload_p99_ms": round(_p(naive, 0.99) * 1e3, 3),
-        "p50_ratio_naive_over_ours": round(_p(naive, 0.5) / _p(pre, 0.5), 2),
+        "preloaded_p50_ms": _ms(pre, 0.5),
+        "preloaded_p99_ms": _ms(pre, 0.99),
+        "naive_reload_p50_ms": _ms(naive, 0.5),
+        "naive_reload_p99_ms": _ms(naive, 0.99),
+        "p50_ratio_naive_over_ours": round(_p(naive, 0.5) / _p(pre, 0.5), 2) if pre and naive else None,
     }
 
 
