@@ -44,6 +44,7 @@ __all__ = [
     "chaos_explains",
     "chaos_targets",
     "device_facts",
+    "faults_left_behind",
     "incumbent_as_bad",
     "model_note_problem",
     "resolve_fact",
@@ -160,9 +161,10 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
       ``fact.bad_versions``/``fact.recalled_versions`` (a version or a comma-separated list);
     - ``fact.active_down``/``fact.active_serving`` (booleans), and a probe failure on the
       active slot seen ``fact.consecutive_failures`` >= 3 times in a row while no experiment runs;
-    - ``fact.chaos_active`` (boolean) and ``fact.persisted_after_cleanup`` (the experiment's faults
-      outlived its cleanup): an experiment is *in effect* when either holds; false and no faults left
-      behind make ``pause_chaos`` impossible;
+    - ``fact.chaos_active`` (boolean) and ``fact.persisted_after_cleanup`` (the experiment's damage
+      outlived its cleanup) unless ``fact.cleanup_ok`` is true (:func:`faults_left_behind`): an
+      experiment is *in effect* when either holds; false and no faults left behind make ``pause_chaos``
+      impossible;
     - ``fact.chaos_targets`` (what the running experiment perturbs, comma-separated, in the chaos
       catalogue's target words: clock, cpu, memory, disk, uplink, input, serving, standby), else the
       words of ``fact.experiment`` when it is a plain identifier (``clock-skew.yaml``): see
@@ -209,7 +211,7 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         and failures >= 3
     )
     chaos = _flag(f, "chaos_active")
-    left_behind = _flag(f, "persisted_after_cleanup") is True
+    left_behind = faults_left_behind(f)
     # an experiment acts while it runs, and after its cleanup when its faults outlived it
     in_effect = chaos is True or left_behind
     targets = chaos_targets(f)
@@ -259,6 +261,14 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         why_not_rollback=why,
         version_blocked=_version_blocked(incident),
     )
+
+
+def faults_left_behind(facts: dict[str, FactValue]) -> bool:
+    """Whether an experiment's faults may still be injected after its run (pure): the damage outlived
+    the cleanup (``fact.persisted_after_cleanup``) and the cleanup did not report success
+    (``fact.cleanup_ok`` false or unknown). After a cleanup that succeeded nothing is left to clear: the
+    damage is the device's own state now, and pausing chaos repairs none of it."""
+    return _flag(facts, "persisted_after_cleanup") is True and _flag(facts, "cleanup_ok") is not True
 
 
 def _version_blocked(incident: Incident) -> bool:
@@ -511,8 +521,7 @@ def unavailable_actions(incident: Incident, facts: DeviceFacts | None = None) ->
     if dev.version_blocked:
         version = incident.facts.get("version") or incident.version
         out[Action.QUARANTINE] = f"{_ident(version)} is already blocked (marked bad) and does not serve"
-    left_behind = _flag(incident.facts, "persisted_after_cleanup") is True
-    if _flag(incident.facts, "chaos_active") is False and not left_behind:
+    if _flag(incident.facts, "chaos_active") is False and not faults_left_behind(incident.facts):
         # pausing also clears faults an experiment left behind after its cleanup (the handler's guard)
         out[Action.PAUSE_CHAOS] = "no chaos experiment is running and none left faults behind"
     return out
@@ -714,7 +723,7 @@ class TriageEngine:
             verdict: Literal["execute", "escalate"] = "escalate"
             now: tuple[Action, ...] = (policy.on_escalate,)
             running = _flag(incident.facts, "chaos_active") is True
-            left = _flag(incident.facts, "persisted_after_cleanup") is True
+            left = faults_left_behind(incident.facts)
             if (running or left) and Action.PAUSE_CHAOS in m.offered:
                 # a human decides the remedy; the experiment that may be making it worse stops now (a pause
                 # also clears the faults one left behind)

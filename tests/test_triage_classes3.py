@@ -3,7 +3,10 @@
 Each test is written from the class with its own incidents (not copies of the corpus cases) and failed on
 the rules before the change it covers:
 - a candidate the device already blocked (the canary aborted it, a reconcile rolled it back; its version
-  is marked bad) was quarantined again, a no-op, even on thin evidence; what is left is telling a person.
+  is marked bad) was quarantined again, a no-op, even on thin evidence; what is left is telling a person;
+- an experiment whose cleanup failed left its fault on while the model serves: the rules proposed a
+  rollback (which moves the model, not the fault) instead of clearing it; and after a cleanup that
+  succeeded, a model down was put to "pause chaos" (nothing left to clear) instead of being restored.
 """
 
 from __future__ import annotations
@@ -102,3 +105,57 @@ def test_a_blocked_candidate_with_the_model_down_still_outranks(engine: TriageEn
     inc = _inc(IncidentKind.PROBE_FAILURE, facts, CANDIDATE_IN_STANDBY, version="7.3.0")
     d = engine.decide(inc)
     assert (d.action, d.verdict) == (Action.SAFE_MODE, "escalate")
+
+
+# --- what an experiment left behind: stuck faults are cleared, a clean cleanup leaves nothing to pause -----
+
+CHAOS_LEFT = {"verdict": "aborted", "persisted_after_cleanup": True, "chaos_active": False}
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"experiment": "kill-serving.yaml"},
+        {"chaos_targets": "serving"},
+        {"experiment": "lab-trial-42"},
+        {"chaos_targets": "uplink"},
+        {"chaos_targets": "disk,cpu"},
+    ],
+)
+def test_a_fault_stuck_after_a_failed_cleanup_is_cleared_not_rolled_back(
+    engine: TriageEngine, names: dict[str, Any]
+) -> None:
+    facts = {**CHAOS_LEFT, **names, "cleanup_ok": False, "active_serving": True}
+    for slot in (LKG, CANDIDATE_IN_STANDBY):
+        d = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, slot))
+        assert (d.action, d.verdict, d.execute_now) == (
+            Action.PAUSE_CHAOS,
+            "execute",
+            (Action.PAUSE_CHAOS,),
+        ), d.rule
+
+
+@pytest.mark.parametrize("names", [{"chaos_targets": "cpu"}, {"experiment": "kill-serving.yaml"}])
+def test_a_model_down_after_a_clean_cleanup_is_restored_not_paused(
+    engine: TriageEngine, names: dict[str, Any]
+) -> None:
+    """The cleanup succeeded: nothing injects any more and pausing clears nothing; the model that does not
+    serve is what matters (a rollback to a sound last-known-good, else safe mode for an operator)."""
+    facts = {**CHAOS_LEFT, **names, "cleanup_ok": True, "active_serving": False}
+    inc = _inc(IncidentKind.CHAOS_DEVIATION, facts, LKG)
+    assert not device_facts(inc).chaos_explains
+    assert Action.PAUSE_CHAOS in unavailable_actions(inc)
+    assert (engine.decide(inc).action, engine.decide(inc).verdict) == (Action.ROLLBACK, "execute")
+    bare = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, CANDIDATE_IN_STANDBY))
+    assert (bare.action, bare.verdict, bare.execute_now) == (Action.SAFE_MODE, "escalate", (Action.ALERT,))
+    # while its faults may still be on (cleanup failed or unknown), the experiment is stopped first
+    for stuck in ({**facts, "cleanup_ok": False}, {k: v for k, v in facts.items() if k != "cleanup_ok"}):
+        assert engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, stuck, LKG)).action == Action.PAUSE_CHAOS
+
+
+@pytest.mark.parametrize("targets", ["uplink", "clock", "standby"])
+def test_damage_off_the_model_after_a_clean_cleanup_is_told(engine: TriageEngine, targets: str) -> None:
+    facts = {**CHAOS_LEFT, "chaos_targets": targets, "cleanup_ok": True, "active_serving": True}
+    d = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, LKG))
+    assert (d.action, d.verdict) == (Action.ALERT, "execute"), d.rule
+    assert not {Action.PAUSE_CHAOS, Action.ROLLBACK, Action.SAFE_MODE} & set(d.allowed)
