@@ -6,7 +6,11 @@ the rules before the change it covers:
   is marked bad) was quarantined again, a no-op, even on thin evidence; what is left is telling a person;
 - an experiment whose cleanup failed left its fault on while the model serves: the rules proposed a
   rollback (which moves the model, not the fault) instead of clearing it; and after a cleanup that
-  succeeded, a model down was put to "pause chaos" (nothing left to clear) instead of being restored.
+  succeeded, a model down was put to "pause chaos" (nothing left to clear) instead of being restored;
+- wrong answers that start with a new version (golden vectors failing, outputs drifting within the hour
+  after a flip) were re-run or only told, with a sound last-known-good ready;
+- a golden-vector failure naming no slot, while an uncommitted candidate sits in the standby, was re-run
+  (a repeat then escalates the active version for what may be the candidate's fault).
 """
 
 from __future__ import annotations
@@ -159,3 +163,64 @@ def test_damage_off_the_model_after_a_clean_cleanup_is_told(engine: TriageEngine
     d = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, LKG))
     assert (d.action, d.verdict) == (Action.ALERT, "execute"), d.rule
     assert not {Action.PAUSE_CHAOS, Action.ROLLBACK, Action.SAFE_MODE} & set(d.allowed)
+
+
+# --- wrong answers that start with a new version --------------------------------------------------------
+
+GOLDEN = {"check": "model.golden", "category": "behaviour", "status": "fail", "consecutive_failures": 1}
+OUTPUT_DRIFT = {"check": "drift.outputs", "category": "drift", "status": "fail", "consecutive_failures": 1}
+NO_STANDBY = {"active_version": SERVING}
+
+
+@pytest.mark.parametrize("check", [GOLDEN, OUTPUT_DRIFT, {**GOLDEN, "check": "model.onnx"}])
+@pytest.mark.parametrize("since_flip_s", [60, 1800, 3599])
+def test_wrong_answers_right_after_a_flip_roll_back(
+    engine: TriageEngine, check: dict[str, Any], since_flip_s: int
+) -> None:
+    facts = {**check, "since_flip_s": since_flip_s, "active_serving": True, "chaos_active": False}
+    d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, LKG))
+    assert (d.action, d.verdict) == (Action.ROLLBACK, "execute"), d.rule
+    # nothing sound to roll back to: never a rollback
+    bare = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, NO_STANDBY))
+    assert bare.action != Action.ROLLBACK and Action.ROLLBACK not in bare.allowed
+
+
+@pytest.mark.parametrize("since_flip_s", [7200, 30 * 86400])
+def test_wrong_answers_long_after_a_flip_keep_their_first_step(
+    engine: TriageEngine, since_flip_s: int
+) -> None:
+    golden = {**GOLDEN, "since_flip_s": since_flip_s, "slot": "active"}
+    assert engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, golden, LKG)).action == (
+        Action.RERUN_VERIFICATION
+    )
+    drift = {**OUTPUT_DRIFT, "since_flip_s": since_flip_s}
+    assert engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, drift, LKG)).action == Action.ALERT
+
+
+def test_input_drift_after_a_flip_is_the_world_not_the_version(engine: TriageEngine) -> None:
+    facts = {"check": "drift.inputs", "category": "drift", "status": "fail", "since_flip_s": 600}
+    assert engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, LKG)).action == Action.ALERT
+
+
+# --- a wrong answer on an unnamed slot while a candidate sits in the standby ------------------------------
+
+
+@pytest.mark.parametrize("since_flip_s", [None, 600, 20 * 86400])
+def test_an_unnamed_slot_with_a_candidate_in_the_standby_is_for_a_person(
+    engine: TriageEngine, since_flip_s: int | None
+) -> None:
+    facts: dict[str, Any] = {**GOLDEN, "active_serving": True, "standby_committed": False}
+    if since_flip_s is not None:
+        facts["since_flip_s"] = since_flip_s
+    d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, CANDIDATE_IN_STANDBY))
+    assert (d.action, d.verdict, d.execute_now) == (Action.ALERT, "execute", (Action.ALERT,)), d.rule
+    # the slot named: the active fails, its first failure is re-run as before
+    named = engine.decide(
+        _inc(IncidentKind.VERIFICATION_FAILURE, {**facts, "slot": "active"}, CANDIDATE_IN_STANDBY)
+    )
+    assert named.action == Action.RERUN_VERIFICATION
+    # the standby holds the committed last-known-good, long after a flip: re-run as before
+    old = {**GOLDEN, "since_flip_s": 20 * 86400}
+    assert (
+        engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, old, LKG)).action == Action.RERUN_VERIFICATION
+    )
