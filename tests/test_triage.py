@@ -391,7 +391,8 @@ def test_a_failure_that_recurs_after_a_rerun_moves_to_the_next_rule(tmp_path, cl
     )
     inc = _incident(
         IncidentKind.VERIFICATION_FAILURE,
-        {"category": "behaviour", "consecutive_failures": 1, "since_flip_s": 600},
+        # hours after the flip (within the hour a first wrong answer rolls back at once)
+        {"category": "behaviour", "consecutive_failures": 1, "since_flip_s": 7200},
         slot=slot,
     )
     first = responder.handle(inc)

@@ -219,6 +219,9 @@ def test_an_unnamed_slot_with_a_candidate_in_the_standby_is_for_a_person(
         _inc(IncidentKind.VERIFICATION_FAILURE, {**facts, "slot": "active"}, CANDIDATE_IN_STANDBY)
     )
     assert named.action == Action.RERUN_VERIFICATION
+    # no standby installed at all: nothing to confuse the active with, re-run as before
+    alone = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, NO_STANDBY))
+    assert alone.action == Action.RERUN_VERIFICATION, alone.rule
     # the standby holds the committed last-known-good, long after a flip: re-run as before
     old = {**GOLDEN, "since_flip_s": 20 * 86400}
     assert (
