@@ -301,6 +301,7 @@ FACT_PRODUCERS: dict[str, str] = {
     "experiment": "sre_agent.services.chaos:ChaosSchedule._raise",
     "persisted_after_cleanup": "sre_agent.services.chaos:ChaosSchedule._after_cleanup",
     "recovered": "sre_agent.services.chaos:ChaosSchedule._after_cleanup",
+    "cleanup_ok": "sre_agent.services.chaos:ChaosSchedule._after_cleanup",
     "chaos_active": "sre_agent.services.responder:ResponderService._enrich",
     "chaos_targets": "sre_agent.services.responder:ResponderService._enrich",
     "active_serving": "sre_agent.services.responder:ResponderService._enrich",
