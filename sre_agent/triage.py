@@ -29,6 +29,7 @@ from policies.triage import (
     TriagePolicy,
     TriageRule,
 )
+from policies.verification import ResourceReserves
 from sre_agent.incidents import FactValue, Incident
 from sre_core.textsafe import neutralise
 
@@ -393,8 +394,9 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
     """The experiment targets that can cause this incident's symptom (pure; from its facts only).
 
     - a verification check that could not run (error, timeout): what starves or kills it (CPU, memory,
-      serving); one that failed: what it measures (trust checks: the clock; resource headroom: disk,
-      memory, CPU; drift: inputs; rollback readiness or any check on the standby slot: the standby);
+      serving); one that failed: what it measures (trust checks: the clock; resource headroom:
+      the resources its measurements show beyond the default reserves, else disk, memory, CPU; drift:
+      inputs; rollback readiness or any check on the standby slot: the standby);
       a wrong answer from the active model (golden vectors, integrity) is caused by no experiment;
     - a canary abort: by gate (latency: CPU, memory, serving; error rate: serving, memory, disk, the
       standby; divergence: inputs, the standby); a gate the canary does not emit: anything; too few
@@ -417,7 +419,7 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
         if isinstance(check, str):
             for prefix, dims in _CHECK_CAUSES:
                 if check.startswith(prefix):
-                    causes |= dims
+                    causes |= _breached(f) or dims if prefix == "resources." else dims
         if isinstance(category, str) and not (isinstance(check, str) and check.startswith("resources.")):
             causes |= _CATEGORY_CAUSES.get(category, frozenset())
         return frozenset(causes)
@@ -433,6 +435,29 @@ def symptom_causes(incident: Incident) -> frozenset[str]:
     if kind == "slo_burn":
         return _MODEL_SLO_CAUSES if _slo_of_model(f.get("slo")) else _DEVICE_SLO_CAUSES
     return _ALL_TARGETS
+
+
+_RESERVES = ResourceReserves()
+_HEADROOM: tuple[tuple[str, str, float, bool], ...] = (
+    ("disk_free_mb", "disk", _RESERVES.min_free_disk_mb, True),
+    ("disk_free_pct", "disk", _RESERVES.min_free_disk_pct, True),
+    ("memory_available_mb", "memory", _RESERVES.min_available_memory_mb, True),
+    ("load_per_cpu", "cpu", _RESERVES.max_load_per_cpu, False),
+)
+"""The resource headroom check's measurements, what each measures, the policy's default reserve, and
+whether the measurement must stay at or above it (``verification/builtin/resources.py``)."""
+
+
+def _breached(facts: dict[str, FactValue]) -> frozenset[str]:
+    """Which resources a headroom failure's own measurements show beyond the default reserves (disk,
+    memory, cpu); empty when none is (no measurements, or a device with stricter reserves): then any of
+    them may be the one. A CPU stressor does not explain a memory shortage."""
+    out = set()
+    for key, resource, reserve, floor in _HEADROOM:
+        value = _number(facts.get(key))
+        if value is not None and ((value < reserve) if floor else (value > reserve)):
+            out.add(resource)
+    return frozenset(out)
 
 
 def chaos_explains(incident: Incident) -> bool:

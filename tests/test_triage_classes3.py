@@ -10,7 +10,9 @@ the rules before the change it covers:
 - wrong answers that start with a new version (golden vectors failing, outputs drifting within the hour
   after a flip) were re-run or only told, with a sound last-known-good ready;
 - a golden-vector failure naming no slot, while an uncommitted candidate sits in the standby, was re-run
-  (a repeat then escalates the active version for what may be the candidate's fault).
+  (a repeat then escalates the active version for what may be the candidate's fault);
+- a resource headroom failure was blamed on any running CPU, memory or disk experiment, whichever
+  resource the check's own measurements show short (a CPU stressor does not eat memory).
 """
 
 from __future__ import annotations
@@ -227,3 +229,34 @@ def test_an_unnamed_slot_with_a_candidate_in_the_standby_is_for_a_person(
     assert (
         engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, old, LKG)).action == Action.RERUN_VERIFICATION
     )
+
+
+# --- which resource is short decides which experiment can explain it ------------------------------------
+
+HEADROOM = {"check": "resources.headroom", "category": "performance", "status": "fail"}
+FINE = {"disk_free_mb": 9000.0, "disk_free_pct": 55.0, "memory_available_mb": 2048.0, "load_per_cpu": 0.3}
+SHORT = {
+    "memory": {"memory_available_mb": 60.0},
+    "disk": {"disk_free_mb": 90.0, "disk_free_pct": 0.8},
+    "cpu": {"load_per_cpu": 7.5},
+}
+
+
+@pytest.mark.parametrize("short", sorted(SHORT))
+@pytest.mark.parametrize("targets", ["cpu", "memory", "disk"])
+def test_a_headroom_failure_is_the_experiments_only_on_the_resource_it_starves(
+    engine: TriageEngine, short: str, targets: str
+) -> None:
+    facts = {**HEADROOM, **FINE, **SHORT[short], "chaos_active": True, "chaos_targets": targets}
+    d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, NO_STANDBY, version=None))
+    expected = Action.PAUSE_CHAOS if short == targets else Action.ALERT
+    assert (d.action, d.verdict) == (expected, "execute"), d.rule
+
+
+@pytest.mark.parametrize("targets", ["cpu", "memory", "disk"])
+def test_a_headroom_failure_without_measurements_may_be_any_resource(
+    engine: TriageEngine, targets: str
+) -> None:
+    facts = {**HEADROOM, "chaos_active": True, "chaos_targets": targets}
+    d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, NO_STANDBY, version=None))
+    assert d.action == Action.PAUSE_CHAOS, d.rule
