@@ -23,6 +23,7 @@ from policies.base import PolicyModel, load_default
 __all__ = [
     "ACTION_RANK",
     "DEFAULT_CANARY_PARITY_RATIO",
+    "DEFAULT_CHAOS_MAX_RUN_S",
     "DEVICE_FACTS",
     "INCIDENT_KINDS",
     "Action",
@@ -58,6 +59,10 @@ FactValue = str | int | float | bool | None
 DEFAULT_CANARY_PARITY_RATIO = 1.25
 """Default ``canary_parity_ratio``: a candidate within 25% of the incumbent on the failed gate's metric is
 no worse than it."""
+
+DEFAULT_CHAOS_MAX_RUN_S = 900.0
+"""Default ``chaos_max_run_s``: the chaos policy's default ``max_experiment_s`` (the hard wall-clock budget
+of one run)."""
 
 DEVICE_FACTS = frozenset(
     {
@@ -181,6 +186,13 @@ class TriagePolicy(PolicyModel):
         le=10.0,
         description="a canary abort whose candidate figure is within this ratio of the incumbent's (for the "
         "failed gate's metric) shows the incumbent failing as badly: device.incumbent_as_bad",
+    )
+    chaos_max_run_s: float = Field(
+        default=DEFAULT_CHAOS_MAX_RUN_S,
+        gt=0.0,
+        le=86_400.0,
+        description="the longest one chaos experiment runs (the chaos policy's max_experiment_s): a running "
+        "experiment explains at most this much of an age SLO (time since the last ack, policy age)",
     )
     rules: list[TriageRule] = Field(default_factory=list)
     fallback: TriageRule

@@ -296,6 +296,8 @@ FACT_PRODUCERS: dict[str, str] = {
     "burn_rate": "sre_agent.jobs:SloJob.__call__",
     "slo": "sre_agent.jobs:SloJob.__call__",
     "versions": "sre_agent.jobs:SloJob.__call__",
+    "value": "sre_agent.jobs:SloJob.__call__",
+    "target": "sre_agent.jobs:SloJob.__call__",
     "rolled_back": "sre_agent.jobs:PullReconcileJob.__call__",
     "version": "sre_agent.jobs:PullReconcileJob.__call__",
     "experiment": "sre_agent.services.chaos:ChaosSchedule._raise",

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from policies.triage import (
     ACTION_RANK,
     DEFAULT_CANARY_PARITY_RATIO,
+    DEFAULT_CHAOS_MAX_RUN_S,
     Action,
     Condition,
     TriagePolicy,
@@ -48,6 +49,7 @@ __all__ = [
     "faults_left_behind",
     "incumbent_as_bad",
     "model_note_problem",
+    "outlasts_experiment",
     "resolve_fact",
     "symptom_causes",
     "unavailable_actions",
@@ -145,10 +147,15 @@ class DeviceFacts:
         return _MISSING
 
 
-def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY_RATIO) -> DeviceFacts:
+def device_facts(
+    incident: Incident,
+    parity_ratio: float = DEFAULT_CANARY_PARITY_RATIO,
+    chaos_max_run_s: float = DEFAULT_CHAOS_MAX_RUN_S,
+) -> DeviceFacts:
     """Derive :class:`DeviceFacts` from the incident's facts, slot status and metrics (pure).
 
-    ``parity_ratio`` is the policy's ``canary_parity_ratio`` (see :func:`incumbent_as_bad`).
+    ``parity_ratio`` is the policy's ``canary_parity_ratio`` (see :func:`incumbent_as_bad`);
+    ``chaos_max_run_s`` its ``chaos_max_run_s`` (see :func:`outlasts_experiment`).
 
     Vocabulary read (all optional; the reporters emit what they know):
 
@@ -216,6 +223,8 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
     # an experiment acts while it runs, and after its cleanup when its faults outlived it
     in_effect = chaos is True or left_behind
     targets = chaos_targets(f)
+    # an age beyond its target by more than the longest run began before any experiment running now
+    relevant = in_effect and (left_behind or not outlasts_experiment(incident, chaos_max_run_s))
     # Probes failing again and again mean "down", unless an experiment is injecting faults right now: then
     # they may be its effect, and only an explicit "not serving" from the producer says the model is down.
     # Nor when the producer says the model serves, or the probe has recovered since.
@@ -252,8 +261,8 @@ def device_facts(incident: Incident, parity_ratio: float = DEFAULT_CANARY_PARITY
         both_slots_failing=both,
         active_down=active_down,
         chaos_active=chaos is True,
-        chaos_explains=in_effect and chaos_explains(incident),
-        chaos_may_explain=in_effect
+        chaos_explains=relevant and chaos_explains(incident),
+        chaos_may_explain=relevant
         and (chaos_explains(incident) or (not targets and bool(symptom_causes(incident)))),
         chaos_expected_effect=in_effect and chaos_expected_effect(incident),
         chaos_damage_off_model=chaos_damage_off_model(incident),
@@ -270,6 +279,25 @@ def faults_left_behind(facts: dict[str, FactValue]) -> bool:
     (``fact.cleanup_ok`` false or unknown). After a cleanup that succeeded nothing is left to clear: the
     damage is the device's own state now, and pausing chaos repairs none of it."""
     return _flag(facts, "persisted_after_cleanup") is True and _flag(facts, "cleanup_ok") is not True
+
+
+def outlasts_experiment(incident: Incident, max_run_s: float = DEFAULT_CHAOS_MAX_RUN_S) -> bool:
+    """Whether an SLO burn measures an age (``fact.slo`` such as ``sync.since_last_ack_s``,
+    ``sync.oldest_unacked_age_s``, ``policy.age_s``) that would exceed its target even without the last
+    ``max_run_s`` seconds (the longest one experiment runs): an experiment running now cannot explain it,
+    whatever it perturbs (pure; ``fact.value`` and ``fact.target`` in seconds)."""
+    f = incident.facts
+    slo = f.get("slo")
+    if incident.kind.value != "slo_burn" or not isinstance(slo, str):
+        return False
+    leaf = slo.strip().lower().rsplit(".", 1)[-1]
+    words = leaf.split("_")
+    if not (leaf.endswith("_s") and ("age" in words or words[0] == "since")):
+        return False
+    value, target = _number(f.get("value")), _number(f.get("target"))
+    if value is None or target is None or not (math.isfinite(value) and math.isfinite(target)):
+        return False
+    return value - max_run_s > target
 
 
 def _version_blocked(incident: Incident) -> bool:
@@ -672,7 +700,7 @@ class TriageEngine:
         (:func:`unavailable_actions`) is passed over, with the reason kept; the actions it would allow
         that are impossible are never offered.
         """
-        dev = device_facts(incident, self.policy.canary_parity_ratio)
+        dev = device_facts(incident, self.policy.canary_parity_ratio, self.policy.chaos_max_run_s)
         blocked = unavailable_actions(incident, dev)
         skipped: list[str] = []
         for rule in self.policy.rules:

@@ -12,7 +12,8 @@ the rules before the change it covers:
 - a golden-vector failure naming no slot, while an uncommitted candidate sits in the standby, was re-run
   (a repeat then escalates the active version for what may be the candidate's fault);
 - a resource headroom failure was blamed on any running CPU, memory or disk experiment, whichever
-  resource the check's own measurements show short (a CPU stressor does not eat memory).
+  resource the check's own measurements show short (a CPU stressor does not eat memory);
+- an age SLO (two days without an ack) was blamed on an uplink experiment that has run minutes at most.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from policies.chaos import ChaosPolicy
 from policies.triage import Action, default_triage_policy
 from sre_agent.incidents import Evidence, Incident, IncidentKind, Severity, SlotStatus
 from sre_agent.triage import TriageEngine, device_facts, unavailable_actions
@@ -260,3 +262,46 @@ def test_a_headroom_failure_without_measurements_may_be_any_resource(
     facts = {**HEADROOM, "chaos_active": True, "chaos_targets": targets}
     d = engine.decide(_inc(IncidentKind.VERIFICATION_FAILURE, facts, NO_STANDBY, version=None))
     assert d.action == Action.PAUSE_CHAOS, d.rule
+
+
+# --- an age longer than any experiment is not the experiment's ---------------------------------------------
+
+TWO_DAYS = 172_800.0
+
+
+@pytest.mark.parametrize("slo", ["sync.since_last_ack_s", "sync.oldest_unacked_age_s", "policy.age_s"])
+@pytest.mark.parametrize("targets", ["uplink", "clock"])
+def test_an_age_beyond_its_target_by_more_than_any_run_is_not_the_experiments(
+    engine: TriageEngine, slo: str, targets: str
+) -> None:
+    run_s = engine.policy.chaos_max_run_s
+    base = {"slo": slo, "target": TWO_DAYS, "chaos_active": True, "chaos_targets": targets}
+    old = {**base, "value": TWO_DAYS + 3 * run_s, "burn_rate": (TWO_DAYS + 3 * run_s) / TWO_DAYS}
+    d = engine.decide(_inc(IncidentKind.SLO_BURN, old, NO_STANDBY, version=None))
+    assert (d.action, d.verdict) == (Action.ALERT, "execute"), d.rule
+    # within one run of its target, the experiment may be what pushed it over: it is stopped first
+    fresh = {**base, "value": TWO_DAYS + run_s / 3, "burn_rate": 1.002}
+    assert engine.decide(_inc(IncidentKind.SLO_BURN, fresh, NO_STANDBY, version=None)).action == (
+        Action.PAUSE_CHAOS
+    )
+    # faults left on after a failed cleanup have no run time bound
+    stuck = {**old, "chaos_active": False, "persisted_after_cleanup": True, "cleanup_ok": False}
+    assert engine.decide(_inc(IncidentKind.SLO_BURN, stuck, NO_STANDBY, version=None)).action == (
+        Action.PAUSE_CHAOS
+    )
+
+
+def test_the_longest_run_is_the_chaos_policys_and_a_policy_may_set_it(engine: TriageEngine) -> None:
+    assert engine.policy.chaos_max_run_s == ChaosPolicy.model_fields["max_experiment_s"].default
+    facts = {
+        "slo": "sync.since_last_ack_s",
+        "value": TWO_DAYS + 1800.0,
+        "target": TWO_DAYS,
+        "burn_rate": 1.01,
+        "chaos_active": True,
+        "chaos_targets": "uplink",
+    }
+    inc = _inc(IncidentKind.SLO_BURN, facts, NO_STANDBY, version=None)
+    assert engine.decide(inc).action == Action.ALERT
+    longer = TriageEngine(engine.policy.model_copy(update={"chaos_max_run_s": 3600.0}))
+    assert longer.decide(inc).action == Action.PAUSE_CHAOS
