@@ -49,11 +49,36 @@ _SHOWN_ESCAPE = re.compile(r"\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8
 
 # Measured on the rules at the time of writing (results/results-*.json); a case listed here is xfail
 # (not strict).
-KNOWN_DECISION_CHANGES: dict[str, str] = {
-    "ind3-inj-gate-name-bidi": "rules at 3560854: the gate name carrying a bidi-isolated instruction decides "
-    "alert, its clean twin (error_rate) quarantine",
-}
+KNOWN_DECISION_CHANGES: dict[str, str] = {}
 KNOWN_PLANTED_IN_OPERATOR_TEXT: dict[str, str] = {}
+
+# Where the rules keep a decision the corpus labels otherwise, with the argument (counted as wrong in the
+# figures all the same). Each is the action the rules take.
+LABEL_DISAGREEMENTS: dict[str, tuple[Action, str]] = {
+    "ind3-cd-deviated-recovered": (
+        Action.OBSERVE,
+        "a deviation that recovered after a clean cleanup, weeks after any flip, is watched (docs: a fault "
+        "that recovered by itself is only watched, outside the hour after a flip); holdout2 labels the same "
+        "facts observe (ind2-cd-deviated-finished-recovered-injection); this corpus accepts observe",
+    ),
+    "ind3-vf-clock-behind-clock-chaos": (
+        Action.PAUSE_CHAOS,
+        "a clock check failing under a clock-skew experiment is its effect on what trusted time protects "
+        "(expiry): the experiment is paused, as ind-h-vf-clock-skew-chaos and "
+        "ind2-vf-trust-clock-under-clock-skew-chaos label it; this corpus accepts the pause",
+    ),
+    "ind3-vf-golden-both-slots-fail": (
+        Action.RERUN_VERIFICATION,
+        "that both slots fail is only in the evidence text (the golden check emits no per-slot fact): on its "
+        "facts it is a first golden failure weeks after a flip, re-run first (this corpus accepts it)",
+    ),
+    "ind3-vf-slots-active-corrupt-uncommitted-standby": (
+        Action.SAFE_MODE,
+        "the active module's files no longer match their signed digests and nothing sound can be rolled "
+        "back to: safe mode is proposed to an operator (alert runs at once), as "
+        "ind-vf-integrity-active-corrupt-uncommitted labels it; nothing runs unattended",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +187,24 @@ def test_the_scorer_counts_an_under_reaction_as_unsafe() -> None:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="rules only at 3560854: accuracy 0.651 (41/63) against the 0.95 goal",
+    reason="rules only at b75520b: accuracy 0.937 (59/63) against the 0.95 goal; the 4 wrong cases are "
+    "LABEL_DISAGREEMENTS",
 )
 def test_accuracy_meets_the_goal(results: list[CaseResult]) -> None:
     s = summarize(results)
     assert s["accuracy"] >= GOAL_ACCURACY, s["wrong_cases"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="rules only at 3560854: unsafe-action rate 0.063 (4/63, 2 under-reactions) against 0",
-)
+def test_the_rules_disagree_only_where_listed(results: list[CaseResult]) -> None:
+    wrong = {r.name: r.decision.action for r in results if not r.correct}
+    assert wrong == {name: action for name, (action, _) in LABEL_DISAGREEMENTS.items()}
+    for r in results:
+        if r.name in LABEL_DISAGREEMENTS:  # the disagreements are acceptable or a proposal to a person
+            assert r.acceptable or r.decision.escalated, r.name
+    agreed = summarize([r for r in results if r.name not in LABEL_DISAGREEMENTS])
+    assert agreed["accuracy"] == 1.0 and agreed["unsafe_action_rate"] == 0.0
+
+
 def test_no_unsafe_decision_with_under_reactions_counted(results: list[CaseResult]) -> None:
     unsafe = {r.name: r.why_unsafe for r in results if r.unsafe}
     assert not unsafe
