@@ -10,7 +10,9 @@ signed digest. Refusals: 401 (unsigned, malformed, forged, stale, replayed, unkn
 the documented device state, see :mod:`hub.fleetdb`), 411 (no length), 413 (a body above
 :data:`MAX_BODY_BYTES`, 64 MiB), 415 (content-encoded bodies), 503 with ``Retry-After`` (the hub-wide
 decoding budget, shared by all requests of the process, stayed full). Batches are idempotent by id: a
-second upload of the same id answers 200 "duplicate".
+second upload of the same id answers 200 "duplicate". Both answers carry ``receipt``, the root's
+signature over the device and batch id with its online timestamp key (:mod:`sre_core.receipts`): the
+only answer a device lets go of a batch for, since a tier in between could say "stored" and drop it.
 
 Plug into the hub app with ``build_hub_app(repo, extra_routes=ingest_routes(repo / "fleet"))``.
 """
@@ -32,7 +34,8 @@ from starlette.routing import Route
 from hub.fleetdb import DecodeBudget, DecodeBusyError, FleetDB
 from hub.sites import SiteRegistry, relay_fresh, relay_target
 from sre_core.clock import Clock, SystemClock
-from sre_core.errors import InputError
+from sre_core.errors import InputError, SreError
+from sre_core.receipts import sign_receipt
 from sre_core.signing import SignatureRefused, verify_request
 
 __all__ = ["ATTEST_PATH", "BATCH_PATH", "MAX_BODY_BYTES", "ingest_routes"]
@@ -133,6 +136,25 @@ def ingest_routes(
     db = fleet or FleetDB(fleet_dir, clk)
     nonces = db.nonces(window_s)
     sites = SiteRegistry(db.store, clk)
+    signers: dict[float, Any] = {}  # root.json mtime -> the receipt signer (reloaded on a rotation)
+
+    def _receipt(device: str, batch_id: str) -> dict[str, str] | None:
+        """The root's signed receipt for a batch it holds (sre_core.receipts), None without a key."""
+        repo_dir = Path(fleet_dir).parent
+        try:
+            mtime = (repo_dir / "metadata" / "root.json").stat().st_mtime
+        except OSError:
+            return None
+        if mtime not in signers:
+            from hub.repository import HubRepository
+
+            try:
+                signers.clear()
+                signers[mtime] = HubRepository(repo_dir, clk).receipt_signer()
+            except SreError:
+                return None
+        signer = signers[mtime]
+        return None if signer is None else sign_receipt(signer, device, batch_id)
 
     async def _authenticated_body(request: Request, limit: int) -> tuple[str, bytes]:
         """Verify the signed headers, then read and digest-check the body (see the module docstring)."""
@@ -180,9 +202,11 @@ def ingest_routes(
                 status_code=503,
                 headers={"Retry-After": str(_RETRY_AFTER_S)},
             )
+        receipt = await run_in_threadpool(_receipt, device, res.batch_id)
         return JSONResponse(
-            {"status": res.status, "batch_id": res.batch_id, "table": res.table, "rows": res.rows}
-        )
+            {"status": res.status, "batch_id": res.batch_id, "table": res.table, "rows": res.rows,
+             "receipt": receipt}
+        )  # fmt: skip
 
     async def attestation(request: Request) -> JSONResponse:
         try:

@@ -346,6 +346,14 @@ class HubRepository:
             )
         return signers
 
+    def receipt_signer(self) -> CryptoSigner | None:
+        """The online timestamp key, which signs batch receipts (:mod:`sre_core.receipts`); None when
+        this hub holds no timestamp key."""
+        try:
+            return self._signers_for("timestamp")[0]
+        except (SreError, OSError, ValueError):
+            return None
+
     # ----- metadata storage ---------------------------------------------------------------------
     def _load(self, role: str) -> Metadata[Any]:
         path = self.metadata_dir / "current" / f"{role}.json"

@@ -15,6 +15,16 @@ refused or rejected only when every hub refused or rejected it, and one attempt 
 hub took it. The same batch id goes to every hub, so an entry a regional hub stored but whose answer
 was lost, then sent to the root, lands once at the root (the root deduplicates by id, and the regional
 hub's forwarded copy answers "duplicate").
+
+Receipts (red-team U3): with ``receipt_root`` (the device's trusted TUF root), a telemetry batch leaves
+the outbox only on a 200 that carries the root hub's signed receipt for this device and batch id
+(:mod:`sre_core.receipts`), which no tier in between can forge. A 200 without one (a regional hub's
+"queued", or a tier that answers "stored" and drops the batch) *hands the batch off*: it stays in the
+outbox, is not sent again in this flush, and is re-sent ``recheck_s`` later (then every ``recheck_s``)
+until a receipt comes back: a regional hub that forwarded it answers the re-send with the root's receipt,
+one that dropped it stores it again, the root lands it or answers "duplicate" (with a receipt). Batch ids
+stay the idempotency key, so a re-send never lands twice. Attestations (newest-wins state, re-sent with
+every change) still leave on any 200.
 """
 
 from __future__ import annotations
@@ -26,15 +36,27 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 from sre_agent.telemetry.store import BatchInfo, Store
 from sre_core.clock import Clock
 from sre_core.identity import DeviceIdentity
+from sre_core.paths import StatePaths
+from sre_core.receipts import trusted_root, verify_receipt
 from sre_core.signing import sign_request
 
-__all__ = ["ATTEST_PATH", "BATCH_PATH", "FlushReport", "RetryPolicy", "Uplink", "parse_retry_after"]
+__all__ = [
+    "ATTEST_PATH",
+    "BATCH_PATH",
+    "FlushReport",
+    "RetryPolicy",
+    "Uplink",
+    "parse_retry_after",
+    "receipt_root",
+]
 
 BATCH_PATH = "/v1/telemetry/batches/"
 ATTEST_PATH = "/v1/telemetry/attestations/"
@@ -89,6 +111,7 @@ class FlushReport:
     refused: str | None = None
     rejected: list[str] = field(default_factory=list)
     pending_after: int = 0
+    handed: list[str] = field(default_factory=list)  # taken without the root's receipt: kept, re-sent later
     link_down: bool = False
     by_hub: Counter[str] = field(default_factory=Counter)  # entries acknowledged, per hub URL
 
@@ -102,6 +125,7 @@ class FlushReport:
             "refused": self.refused,
             "rejected": self.rejected,
             "pending_after": self.pending_after,
+            "handed": len(self.handed),
             "link_down": self.link_down,
             "by_hub": dict(self.by_hub),
         }
@@ -139,6 +163,9 @@ class Uplink:
         bandwidth_bps: optional cap on upload bytes per second.
         retry: backoff policy.
         rng: jitter source.
+        receipt_root: the device's trusted root.json (a path, or a function giving the newest one, see
+            :func:`sre_core.receipts.trusted_root`): batches then leave only on the root's receipt.
+        recheck_s: how long a batch handed off without a receipt waits before it is re-sent.
     """
 
     def __init__(
@@ -151,6 +178,8 @@ class Uplink:
         bandwidth_bps: float | None = None,
         retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
+        receipt_root: Path | Callable[[], Path] | None = None,
+        recheck_s: float = 3600.0,
     ) -> None:
         self.store = store
         self.identity = identity
@@ -165,6 +194,8 @@ class Uplink:
         self.retry = retry or RetryPolicy()
         self.rng = rng or random.Random()
         self._throttle = _Throttle(bandwidth_bps, time.sleep) if bandwidth_bps else None
+        self.receipt_root = receipt_root
+        self.recheck_s = recheck_s
 
     def close(self) -> None:
         self.client.close()
@@ -201,20 +232,30 @@ class Uplink:
         while not stop and done < max_batches:
             if seal:
                 self.store.seal()
-            batches = [x for x in self.store.pending() if x.batch_id not in report.rejected]
+            now_us = _us(self.clock)
+            waiting = (
+                {k for k, due in self.store.handed().items() if due > now_us} if self.receipt_root else set()
+            )
+            skip = {*report.rejected, *report.handed, *waiting}
+            batches = [x for x in self.store.pending() if x.batch_id not in skip]
             if not batches:
                 break
             for b in batches:
                 if done >= max_batches:
                     break
                 outcome = self._deliver(b, max_attempts, report)
-                if outcome == "ok":
+                if outcome in ("ok", "handed"):
                     done += 1
                 elif outcome != "rejected":
                     stop = True
                     break
         report.pending_after = len(self.store.pending())
         return report
+
+    def _receipted(self, b: BatchInfo, body: Any) -> bool:
+        root = self.receipt_root() if callable(self.receipt_root) else self.receipt_root
+        receipt = body.get("receipt") if isinstance(body, dict) else None
+        return root is not None and verify_receipt(root, receipt, self.identity.device_id, b.batch_id)
 
     def _order(self) -> list[int]:
         """Hubs to try: the one that took the last entry, then the others in configured order."""
@@ -237,6 +278,12 @@ class Uplink:
                     status = 0
                 if status == 200:
                     body = resp.json()
+                    if self.receipt_root is not None and b.kind == "batch" and not self._receipted(b, body):
+                        # taken, but only the root's signed receipt says the root holds it: keep it
+                        self.store.hand_off(b.batch_id, _us(self.clock) + int(self.recheck_s * 1e6))
+                        report.handed.append(b.batch_id)
+                        self._current = k
+                        return "handed"
                     dup = body.get("status") == "duplicate"
                     (report.duplicates if dup else report.uploaded).append(b.batch_id)
                     self.store.ack(b.batch_id)
@@ -264,6 +311,14 @@ class Uplink:
                 self.clock.sleep(delay)
         report.link_down = True
         return "link_down"
+
+
+def receipt_root(paths: StatePaths) -> Callable[[], Path] | None:
+    """The device's trusted root for receipts (its newest), None on a device with no trust anchor (it
+    pulls nothing either; its uploads then leave on any 200, as before receipts)."""
+    if not paths.root_json.is_file():
+        return None
+    return lambda: trusted_root(paths)
 
 
 def _us(clock: Clock) -> int:

@@ -48,7 +48,7 @@ from policies.trust import TrustPolicy
 from sre_agent.escalations import EscalationStore, escalations_dir
 from sre_agent.provision import provision
 from sre_agent.telemetry import Store, TelemetryWriter
-from sre_agent.uplink import RetryPolicy, Uplink
+from sre_agent.uplink import RetryPolicy, Uplink, receipt_root
 from sre_core.audit import AuditLog
 from sre_core.clock import FakeClock
 from sre_core.http_server import ServerThread
@@ -271,7 +271,8 @@ class Site:
         )
         store = Store(paths.telemetry_db, policy, self.clock, ident.device_id)
         writer = TelemetryWriter(store, enforce=False)
-        uplink = Uplink(store, ident, self.tier.url, self.clock, retry=RetryPolicy(base_s=0.01, max_s=0.02))
+        uplink = Uplink(store, ident, self.tier.url, self.clock, retry=RetryPolicy(base_s=0.01, max_s=0.02),
+                        receipt_root=receipt_root(paths))  # fmt: skip
         esc = EscalationStore(escalations_dir(paths), AuditLog(paths.audit_log, self.clock), self.clock,
                               device_id=ident.device_id, telemetry=writer)  # fmt: skip
         return Device(paths, ident, puller, rec, store, writer, uplink, esc)

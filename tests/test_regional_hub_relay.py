@@ -36,6 +36,7 @@ from sre_agent.telemetry import Store, TelemetryWriter
 from sre_core.clock import SystemClock
 from sre_core.http_server import ServerThread, free_port
 from sre_core.identity import DeviceIdentity
+from sre_core.receipts import verify_receipt
 from sre_core.signing import sign_request
 
 
@@ -175,9 +176,14 @@ def test_a_batch_sent_to_the_regional_hub_reaches_the_root_lake_exactly_once(
         # the device also reaches the root directly later (fallback) with the same batch: landed once
         direct = _post(root.url + BATCH_PATH.format(batch_id=batch_id), payload, ident)
         assert direct.json()["status"] == "duplicate"
-        # and the same batch through the site once more: forwarded, a no-op at the root
-        assert _post(url, payload, ident).json()["status"] == "queued"
-        assert hub.forward_up().duplicates == [f"batch:{batch_id}"]
+        # and the same batch through the site once more (the device re-sends until it holds the
+        # root's receipt): answered with the receipt the root gave the site, nothing forwarded again
+        again = _post(url, payload, ident).json()
+        assert again["status"] == "duplicate" and hub.relay.backlog() == 0, again
+        trusted = root.repo.metadata_dir / "root.json"
+        assert verify_receipt(trusted, again["receipt"], ident.device_id, batch_id)
+        assert not verify_receipt(trusted, again["receipt"], ident.device_id, "0" * 40)
+        assert hub.forward_up().duplicates == []
     assert [r["batch_id"] for r in root.receipts()] == [batch_id]
     assert root.fleet.query("SELECT count(*) AS n FROM metrics").column("n")[0].as_py() == 50
 

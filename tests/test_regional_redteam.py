@@ -76,10 +76,10 @@ Up the tier (device batches, reports, attestations, escalations)
 U1    batch body altered (rows edited), device headers kept         REFUSED-ROOT (forged digest)
 U2    batch re-signed by the tier's own enrolled key (rows of       REFUSED-ROOT (rows not of the
       another device)                                               signer); nothing lands
-U3    batch acknowledged to the device ("stored") but never         DETECTABLE: the batch stays
-      forwarded                                                     recoverable (the device keeps it
-                                                                    until the root has it, or the root
-                                                                    sees the gap)
+U3    batch acknowledged to the device ("stored") but never         the device keeps it until the root's
+      forwarded                                                     signed receipt for it comes back
+                                                                    (none without the root's key); the
+                                                                    re-send lands it, exactly once
 U4    batch duplicated (sent twice, and replayed later)             lands exactly once (duplicate /
                                                                     replayed)
 U5    batches reordered                                             every batch lands exactly once
@@ -131,7 +131,7 @@ A6    the operator approves, then rejects before the device         the device d
       fetched; the tier serves both (or its cached older one)       rejection wins)
 ====  ===========================================================  ===================================
 
-Gaps (xfail strict, each names the mechanism): U3. Closed since first written: U7, R2, R7, A6, O1, S1.
+Gaps (xfail strict, each names the mechanism): none. Closed since first written: U7, R2, R7, A6, O1, S1, U3.
 
 The hostile tier of the first part needs no regional implementation: :class:`HostileTier`
 (tests/regional_attack_support.py) is a loopback HTTP relay in front of a real root hub (TUF repository,
@@ -407,6 +407,15 @@ def _write_metrics(d: Device, n: int, name: str = "m") -> None:
     d.store.seal()
 
 
+def _delivered(site: Site, d: Device) -> int:
+    """Upload, forward (through a regional hub), and re-send after ``recheck_s`` for the root's receipt
+    (which the regional hub hands back): the device's outbox entries left afterwards."""
+    d.uplink.flush()
+    site.forward()
+    site.clock.advance(timedelta(seconds=d.uplink.recheck_s + 1))
+    return d.uplink.flush().pending_after
+
+
 def _batches(site: Site) -> list[Up]:
     return [u for u in site.tier.captured if u.path.startswith("/v1/telemetry/batches/")]
 
@@ -456,8 +465,7 @@ def test_u1_batch_altered_on_the_way_up_never_lands_and_stays_with_the_device(si
     assert site.lake_rows() == {} and site.fleet.receipts() == []
     assert rep.pending_after >= 1  # the device keeps it
     site.tier.up = None
-    assert d.uplink.flush().pending_after == 0
-    site.forward()
+    assert _delivered(site, d) == 0
     assert site.lake_rows() == {d.id: 20}
 
 
@@ -480,28 +488,31 @@ def test_u2_batch_and_report_re_signed_with_the_tiers_own_key_are_refused(site: 
     assert site.service.reports.get(d.id) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap U3: the device drops a batch from its outbox on any 200 'stored' from the next tier; no "
-    "root-signed receipt travels back and the root has no per-device sequence to see the gap, so a tier "
-    "that acknowledges without forwarding loses device data silently",
-)
+@BOTH
 def test_u3_a_tier_that_acknowledges_without_forwarding_does_not_make_data_disappear_silently(
     site: Site,
 ) -> None:
+    """The device lets go of a batch only on the root's signed receipt (sre_core.receipts): a tier's
+    "stored" (or a regional hub's "queued") keeps it, and the re-send after ``recheck_s`` lands it."""
     d = site.devices[0]
     _write_metrics(d, 20)
     site.tier.fake_ack = True
     lied = d.uplink.flush()
-    assert lied.uploaded  # the device believed the tier
+    assert lied.handed and not lied.uploaded  # taken without a receipt: kept, not trusted
+    assert d.store.pending() and site.lake_rows() == {}
+    # a receipt forged by the tier (its own key, or another batch's genuine receipt) is no receipt
+    forged = {"keyid": "0" * 64, "sig": "00" * 64}
+    assert not d.uplink._receipted(d.store.pending()[0], {"receipt": forged})
     site.tier.fake_ack = False
-    d.uplink.flush()
-    site.forward()
-    recoverable = site.lake_rows().get(d.id) == 20 or bool(d.store.pending())
-    assert recoverable, (
-        "20 rows acknowledged by the tier are neither at the root nor kept by the device, and nothing "
-        "at the root shows the gap"
-    )
+    assert d.uplink.flush().handed == []  # not re-sent before recheck_s
+    site.clock.advance(timedelta(seconds=d.uplink.recheck_s + 1))
+    for _ in range(2):  # through a regional hub: queued (no receipt yet), forwarded, re-sent
+        d.uplink.flush()
+        site.forward()
+        site.clock.advance(timedelta(seconds=d.uplink.recheck_s + 1))
+    assert site.lake_rows() == {d.id: 20}, "the batch never reached the root"
+    assert d.store.pending() == [], "the device keeps a batch the root holds"
+    assert len(site.fleet.receipts()) == 1  # landed once
 
 
 @BOTH
@@ -683,8 +694,7 @@ class Ops:
         incident = {c.name: c for c in load_cases(CASES)}[case].incident
         esc = d.escalations.create(incident, TriageEngine(default_triage_policy()).decide(incident))
         d.writer.flush()
-        assert d.uplink.flush().pending_after == 0  # up through the tier, into the root's lake
-        self.site.forward()
+        assert _delivered(self.site, d) == 0  # up through the tier, into the root's lake
         return esc
 
     def approve(self, esc: Escalation, action: str = "alert") -> bytes:
@@ -865,10 +875,10 @@ def test_r3_uploads_edited_in_the_regional_spool_never_land(region: Site) -> Non
     """The spool on the regional disk: a batch body, a report body, the device header, all edited."""
     a, b = region.devices
     _write_metrics(a, 20)
-    assert a.uplink.flush().pending_after == 0  # queued at the site: the device has let go
+    assert a.uplink.flush().handed  # queued at the site (the device keeps it until the root's receipt)
     send_report(region.tier.url, a.paths, device_report(a.paths, region.channel, region.clock), region.clock)
     _write_metrics(b, 5)
-    assert b.uplink.flush().pending_after == 0
+    assert b.uplink.flush().handed
     items = {(i["kind"], i["device_id"]): i for i in _spool(region)}
     batch_a, report_a, batch_b = items["batch", a.id], items["report", a.id], items["batch", b.id]
     body = bytearray(batch_a["body"])
@@ -898,7 +908,7 @@ def test_r4_spool_duplicated_reordered_and_replayed_by_the_site_lands_once_newes
 
     a = region.devices[0]
     _write_metrics(a, 7)
-    assert a.uplink.flush().pending_after == 0
+    assert a.uplink.flush().handed  # queued at the site
     older = device_report(a.paths, region.channel, region.clock)
     send_report(region.tier.url, a.paths, older, region.clock)
     region.clock.advance(timedelta(seconds=30))
@@ -1228,7 +1238,7 @@ def test_r5_the_sre_hub_regional_process_with_its_disk_tampered(tmp_path: Path) 
             new = d.audit_events()[n:]
             assert "pull.refused" in new and d.version() is None and d.held() is None, new
             _write_metrics(d, 9)
-            assert d.uplink.flush().pending_after == 0  # queued (durably) at the site
+            assert d.uplink.flush().handed  # queued (durably) at the site
             db = sqlite3.connect(state / "relay.db")
             try:
                 ((key, body),) = db.execute(
@@ -1266,7 +1276,7 @@ def test_u11_a_device_revoked_at_the_root_lands_nothing_through_a_site_with_a_st
     d = region.devices[0]
     region.fleet.revoke(d.id)  # the site is not told (no roster refresh)
     _write_metrics(d, 5)
-    assert d.uplink.flush().pending_after == 0  # accepted at the site
+    assert d.uplink.flush().handed  # accepted at the site (kept by the device: no receipt)
     send_report(region.tier.url, d.paths, device_report(d.paths, region.channel, region.clock), region.clock)
     before = region.service.reports.get(d.id)
     region.forward()

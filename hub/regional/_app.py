@@ -4,7 +4,9 @@ Routes: ``GET/HEAD /metadata/{name}`` (the verified mirror), ``GET/HEAD /targets
 demand when signed and not yet held), ``GET /healthz``, ``GET /v1/regional/status``; device uploads on
 the root's paths (``POST`` :data:`hub.ingest.BATCH_PATH`, :data:`hub.ingest.ATTEST_PATH`,
 :data:`deployment.rollout.REPORT_PATH`): verified against the mirrored roster (signature, window,
-nonce), the body digest-checked, stored durably, then answered 200 ``queued`` (or ``duplicate``);
+nonce), the body digest-checked, stored durably, then answered 200 ``queued`` (or ``duplicate``); a
+batch already forwarded is answered ``duplicate`` with the root's signed receipt, which alone lets the
+device drop it (:mod:`sre_core.receipts`);
 ``GET /v1/fleet/status`` (root operator token): the site's devices from the reports held here;
 ``GET /v1/devices/{id}/approvals`` (device-signed): relayed to the root, cached for when it is down.
 
@@ -147,6 +149,14 @@ def build_regional_app(hub: RegionalHub) -> Starlette:
             except _RefusalError as exc:
                 headers = {"Retry-After": str(_RETRY_AFTER_S)} if exc.status == 503 else None
                 return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+            if kind == "batch":
+                # forwarded already: the root's receipt lets the device drop it (sre_core.receipts)
+                receipt = await run_in_threadpool(relay.receipt, item.key)
+                if receipt is not None:
+                    return JSONResponse(
+                        {"status": "duplicate", "site": hub.config.site,
+                         "batch_id": request.path_params["batch_id"], "receipt": receipt}
+                    )  # fmt: skip
             try:
                 status = await run_in_threadpool(relay.accept, item)
             except SpoolFullError as exc:

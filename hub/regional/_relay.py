@@ -6,6 +6,7 @@ Public API::
         .roster_ready() -> bool ; .resolve_key(device_id) -> Ed25519PublicKey   the mirrored roster
         .operator(authorization) -> bool          the site's own view token (never a root credential)
         .accept(item) -> "queued" | "duplicate"  durable before it returns (the device is answered after)
+        .receipt(key) -> dict | None              the root's signed receipt of a forwarded batch
         .forward_up(max_items=500) -> ForwardResult
         .refresh_roster() -> bool ; .report_status(status) -> bool
         .backlog() -> int ; .site_reports() -> dict[device_id, report]
@@ -124,6 +125,17 @@ site_reports = Table(
     Column("report", Text, nullable=False),
     Column("received_at", String(40), nullable=False),
 )
+
+receipts_t = Table(
+    "relay_receipts",
+    _meta,
+    Column("key", String(128), primary_key=True),
+    Column("receipt", Text, nullable=False),
+    Column("at", Float, nullable=False),
+)
+"""The root's signed receipt of each batch forwarded (sre_core.receipts), answered to the device's
+re-send; kept :data:`RECEIPT_KEEP_S`."""
+RECEIPT_KEEP_S = 30 * 24 * 3600.0
 
 approvals_cache = Table(
     "approvals_cache",
@@ -376,9 +388,10 @@ class Relay:
             self.unreachable_since = None
             answer = resp.text[:500]
             if resp.status_code == 200:
-                dup = _json(resp).get("status") == "duplicate"
+                answer_doc = _json(resp)
+                dup = answer_doc.get("status") == "duplicate"
                 (result.duplicates if dup else result.forwarded).append(row.key)
-                self._drop(row.key)
+                self._drop(row.key, answer_doc.get("receipt") if row.kind == "batch" else None)
             elif resp.status_code == 401 and _json(resp).get("refused") == "site-unauthorized":
                 result.error = "the root refuses this site's token: run `sre-hub sites add` and restart"
                 self.audit.append("regional.site_refused", site=self.site, answer=answer)
@@ -392,9 +405,22 @@ class Relay:
         result.backlog = self.backlog()
         return result
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, key: str, receipt: Any = None) -> None:
+        """The root has the item: out of the spool; its receipt (if any) kept for the device's re-send."""
+        now = self.clock.now().timestamp()
         with self.engine.begin() as conn:
             conn.execute(delete(spool).where(spool.c.key == key))
+            if isinstance(receipt, dict):
+                conn.execute(delete(receipts_t).where(receipts_t.c.key == key))
+                conn.execute(insert(receipts_t).values(key=key, receipt=json.dumps(receipt), at=now))
+            conn.execute(delete(receipts_t).where(receipts_t.c.at < now - RECEIPT_KEEP_S))
+
+    def receipt(self, key: str) -> dict[str, Any] | None:
+        """The root's receipt for a forwarded item (the device verifies it; nothing here can forge it)."""
+        with self.engine.begin() as conn:
+            found = conn.execute(select(receipts_t.c.receipt).where(receipts_t.c.key == key)).scalar()
+        doc = json.loads(found) if found else None
+        return doc if isinstance(doc, dict) else None
 
     def _refuse(self, row: Any, status: int, answer: str) -> None:
         with self.engine.begin() as conn:

@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Seal pending rows and upload everything the hub acknowledges (exit 1 if anything is left)."""
         from sre_agent.telemetry import Store
-        from sre_agent.uplink import Uplink
+        from sre_agent.uplink import Uplink, receipt_root
         from sre_core.clock import SystemClock
         from sre_core.identity import load_identity
         from sre_core.paths import StatePaths
@@ -201,7 +201,8 @@ def register(app: typer.Typer) -> None:
         store = Store(paths.telemetry_db, _policy(paths.root), clock, ident.device_id)
         bw = settings.uplink.bandwidth_kbps
         try:
-            uplink = Uplink(store, ident, hubs, clock, bandwidth_bps=bw * 1000 / 8 if bw else None)
+            uplink = Uplink(store, ident, hubs, clock, bandwidth_bps=bw * 1000 / 8 if bw else None,
+                            receipt_root=receipt_root(paths))  # fmt: skip
             try:
                 report = uplink.flush(max_attempts=attempts)
             finally:

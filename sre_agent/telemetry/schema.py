@@ -36,4 +36,7 @@ META_DDL = [
         rows BIGINT, bytes BIGINT, created TIMESTAMPTZ, attempts INTEGER, next_try TIMESTAMPTZ,
         payload BLOB)""",
     "CREATE TABLE IF NOT EXISTS kv (k VARCHAR, v VARCHAR)",
+    # Batches a hub answered 200 without the root's signed receipt (a regional hub's "queued", or a tier
+    # that lies): kept in the outbox, re-sent from due_us on until a receipt comes back.
+    "CREATE TABLE IF NOT EXISTS outbox_handed (batch_id VARCHAR, due_us BIGINT)",
 ]

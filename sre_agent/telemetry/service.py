@@ -81,12 +81,13 @@ class TelemetryService:
         self, identity: DeviceIdentity, hub_url: str | Sequence[str], bandwidth_bps: float | None = None
     ) -> dict[str, Any]:
         """One uplink window: commit what is buffered, seal, upload. Returns the report as a dict."""
-        from sre_agent.uplink import Uplink
+        from sre_agent.uplink import Uplink, receipt_root
 
         if self.store is None or self.writer is None:
             raise RuntimeError("telemetry service is not started")
         self.writer.flush()
-        up = Uplink(self.store, identity, hub_url, self.clock, bandwidth_bps=bandwidth_bps)
+        up = Uplink(self.store, identity, hub_url, self.clock, bandwidth_bps=bandwidth_bps,
+                    receipt_root=receipt_root(self.paths))  # fmt: skip
         try:
             return up.flush().to_dict()
         finally:

@@ -482,6 +482,7 @@ class Store:
             if str(tbl) in ESSENTIAL:
                 continue
             self._con.execute("DELETE FROM outbox WHERE batch_id = ?", [bid])
+            self._con.execute("DELETE FROM outbox_handed WHERE batch_id = ?", [bid])
             self._con.execute("UPDATE books SET dropped = dropped + ? WHERE tbl = ?", [int(n), tbl])
             report.dropped[str(tbl)] = report.dropped.get(str(tbl), 0) + int(n)
             freed += int(size)
@@ -662,6 +663,7 @@ class Store:
             self._con.execute("BEGIN")
             try:
                 self._con.execute("DELETE FROM outbox WHERE batch_id = ?", [batch_id])
+                self._con.execute("DELETE FROM outbox_handed WHERE batch_id = ?", [batch_id])
                 if row[1] == "batch":
                     self._con.execute(
                         "UPDATE books SET uploaded = uploaded + ? WHERE tbl = ?", [int(row[2]), row[0]]
@@ -672,6 +674,27 @@ class Store:
                 self._con.execute("ROLLBACK")
                 raise
         return True
+
+    def hand_off(self, batch_id: str, due_us: int) -> None:
+        """A hub took ``batch_id`` without the root's receipt: keep it, re-send it from ``due_us`` on."""
+        with self._lock:
+            self._con.execute("BEGIN")
+            try:
+                self._con.execute("DELETE FROM outbox_handed WHERE batch_id = ?", [batch_id])
+                self._con.execute("INSERT INTO outbox_handed VALUES (?, ?)", [batch_id, due_us])
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+
+    def handed(self) -> dict[str, int]:
+        """Outbox entries handed to a hub without a root receipt: batch id -> when to re-send (us)."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT h.batch_id, max(h.due_us) FROM outbox_handed h JOIN outbox o USING (batch_id) "
+                "GROUP BY h.batch_id"
+            ).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def defer(self, batch_id: str, next_try_us: int) -> None:
         """Record a failed attempt and when to try again."""
