@@ -11,6 +11,9 @@ Public API::
         .pull() -> PullResult              raises PullError (with .held, the last verified state)
         .pull_or_held() -> PullResult      never raises PullError: the held state with ``refused`` set
     load_held(paths, clock, verify=False) -> PullResult    offline: what the device holds and trusts
+    recover_trusted_time(paths, clock, audit, tolerance, telemetry=None) -> dict | None   drop a
+        poisoned ``clock.json`` mark (audited ``trusted_time.discarded``); run by every pull and by the
+        reconcile loop at start, so every command that pulls recovers the same way
     PullError(SreError): .refused (a security check failed) / transfer failure, .held (a PullResult)
     ProgressFactory = Callable[[str, int], Callable[[int], None]]   (target name, total) -> advance(n)
 
@@ -95,6 +98,7 @@ __all__ = [
     "PullError",
     "Puller",
     "load_held",
+    "recover_trusted_time",
     "safe_target",
 ]
 
@@ -141,6 +145,47 @@ def _read_held(paths: StatePaths) -> dict[str, Any] | None:
         p.replace(p.with_name("held.json.corrupt"))
         return None
     return data
+
+
+def recover_trusted_time(
+    paths: StatePaths,
+    clock: Clock,
+    audit: AuditLog,
+    tolerance: timedelta,
+    telemetry: TelemetrySink | None = None,
+) -> dict[str, str] | None:
+    """Replace a trusted time poisoned before signed times were bounded, or keep it. Returns what changed.
+
+    The one recovery path (:meth:`TrustedTime.discard_unbacked`, conditions in
+    :func:`deployment.trusted_time.unbacked_mark`): :meth:`Puller.pull` runs it before every pull and
+    the reconcile loop at start (pulling or not), so ``sre-agent pull`` alone recovers as the daemon
+    does. The held desired states that may vouch for the mark are the verified one in ``held.json`` and
+    the one the last reconcile pass enforced; the later issue time and the later expiry of the two
+    count, so either one keeps the mark. Audited ``trusted_time.discarded``; an unreadable
+    ``clock.json`` is audited ``trusted_time.check_failed`` and left for the pull to report.
+    """
+    from deployment.reconcile import read_last_reconcile
+
+    held: list[DesiredState] = []
+    try:
+        record = _read_held(paths)
+        if record is not None:
+            held.append(DesiredState.model_validate(record["desired"]))
+        enforced = read_last_reconcile(paths).get("desired")
+        if enforced:
+            held.append(DesiredState.model_validate(enforced))
+        trusted = TrustedTime(paths.clock_file, clock)
+    except (SreError, ValueError) as exc:
+        audit.append("trusted_time.check_failed", why=str(exc)[:300])
+        return None
+    issued = max((d.issued for d in held), default=None)
+    expires = max((d.expires for d in held), default=None)
+    done = trusted.discard_unbacked(tolerance, issued, expires)
+    if done is not None:
+        audit.append("trusted_time.discarded", **done)
+        if telemetry is not None:
+            telemetry.event("deployment", f"trusted time reset: {done['why']}"[:300], severity="warning")
+    return done
 
 
 def _artifacts_from(
@@ -358,6 +403,7 @@ class Puller:
                 "provision the device: sre-agent init --state DIR --root root.json --hub URL --channel C",
             )
         with _pull_lock(self.paths):
+            recover_trusted_time(self.paths, self.clock, self.audit, self.tolerance, self.telemetry)
             self.store.remove_stale()
             self._fetchers = {}
             started = self.clock.monotonic()

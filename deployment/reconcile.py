@@ -407,26 +407,19 @@ class Reconciler:
         return done
 
     def _discard_poisoned_time(self) -> None:
-        """A trusted time poisoned before signed times were bounded is dropped at start (audited)."""
+        """A trusted time poisoned before signed times were bounded is dropped at start (audited), by the
+        same path every pull runs (:func:`deployment.pull.recover_trusted_time`)."""
         from datetime import timedelta
 
-        from deployment.trusted_time import TrustedTime
+        from deployment.pull import recover_trusted_time
         from policies.trust import load_trust_policy
 
         try:
             tolerance = timedelta(seconds=load_trust_policy(self.paths.policies).max_signed_time_ahead_s)
-            held = read_last_reconcile(self.paths).get("desired")
-            desired = DesiredState.model_validate(held) if held else None
-            trusted = TrustedTime(self.paths.clock_file, self.clock)
-        except (SreError, ValueError) as exc:  # an unreadable clock.json stays an error for the pull
+        except (SreError, ValueError) as exc:  # an unreadable trust policy stays an error for the pull
             self.audit.append("trusted_time.check_failed", why=str(exc)[:300])
             return
-        done = trusted.discard_unbacked(
-            tolerance, desired.issued if desired else None, desired.expires if desired else None
-        )
-        if done is not None:
-            self.audit.append("trusted_time.discarded", **done)
-            self.telemetry.event("deployment", f"trusted time reset: {done['why']}"[:300], severity="warning")
+        recover_trusted_time(self.paths, self.clock, self.audit, tolerance, self.telemetry)
 
     def run_once(self) -> ReconcileReport:
         """One reconcile pass. Never raises for a module's failure: it is reported in the outcome."""

@@ -11,7 +11,10 @@ Public API::
                                      beyond :func:`signed_time_bound` (raises FutureSignedTimeError)
         .high_water -> datetime | None
         .discard_unbacked(tolerance, held_issued, held_expires) -> dict | None   drop a poisoned mark
-    signed_time_bound(system_now, high_water, tolerance) -> datetime   pure: the latest admissible time
+    signed_time_bound(system_now, high_water, tolerance, written_at=None) -> datetime   pure: the latest
+                                     admissible time
+    carried_mark(high_water, written_at, system_now) -> datetime | None   pure: the mark moved on by
+                                     the device's elapsed time (None when unknown)
     unbacked_mark(record, system_now, tolerance, held_issued, held_expires) -> str | None   pure
     FutureSignedTimeError(SreError)  a signed time is too far ahead of the device clock (refused)
 
@@ -25,9 +28,20 @@ jumped far ahead keeps trusted time there until an operator removes ``clock.json
 Signed times are bounded: a hub's online timestamp key (or a channel key) signs whatever time it likes,
 so a signed time beyond the device clock plus a policy tolerance (:func:`signed_time_bound`) is refused
 (and the pull with it), never admitted; one inside the tolerance is admitted as clock skew but raises
-the mark no further than the system clock, unless that clock is known wrong (behind the mark by more
-than the tolerance: an RTC reset). A stolen online key can then withhold updates, not move the fleet's
-clocks into safe mode.
+the mark no further than the system clock. A clock known wrong (behind the mark by more than the
+tolerance: an RTC reset, a clock wound back) is replaced by :func:`carried_mark`, the mark moved on by
+the time the clock ran since it was written: the bound and the raise use it, and a signed time leads
+only while that elapsed time is unknown (the clock went back since the last write), one tolerance at
+most, once. A stolen online key can then withhold updates, not move the fleet's clocks into safe mode,
+nor walk a device with a wrong clock forward a tolerance per pull.
+
+How to break it, and the tests that try (tests/test_trust_signed_time.py, test_trust_clock_poison.py,
+test_trust_redteam.py): a time just inside or exactly at the tolerance, every pull, against a desired
+state expiring in 6 h; a clock rolled back inside and beyond the tolerance after expiry; a stolen key
+signing at the bound every pull on a device whose RTC reset to 1970; a wound-back clock cut off for
+longer than the tolerance; a far-future time; an honest pull under a wound-back clock, then a restart.
+Left open: a device whose clock went back and that was offline for longer than the tolerance before
+its next admitted time refuses the hub until its clock is set right (it keeps what it holds).
 
 A mark written before the bound existed may already be poisoned (a far-future signed time admitted as
 it came). :func:`unbacked_mark` recognises one without weakening the rollback protection: the mark is
@@ -35,9 +49,12 @@ beyond the device clock plus the tolerance *now*, it was already that far ahead 
 *when it was written* (only an unbounded signed time does that: a checkpoint or a bounded admission
 writes at most the device clock), no held verified desired state says the device clock is behind
 (issued beyond it: an RTC reset, where the mark is needed), and no held desired state is still valid at
-the mark. Such a mark is replaced (at start, by :meth:`TrustedTime.discard_unbacked`, audited) with the
-device clock it was written at or the held desired state's issue time, whichever is later. A clock wound
-back after a good mark never matches: that mark agreed with the device clock when it was written.
+the mark. Such a mark is replaced (before every pull and at the reconcile loop's start, by
+:func:`deployment.pull.recover_trusted_time`, audited) with the device clock it was written at or the
+held desired state's issue time, whichever is later. A clock wound back after a good mark never matches:
+that mark agreed with the device clock when it was written. Every record this code writes carries
+``"bounded": true`` and is never treated as poisoned: under a clock known wrong, an admitted signed time
+is legitimately ahead of the device clock when written.
 """
 
 from __future__ import annotations
@@ -50,24 +67,42 @@ from sre_core.atomic import atomic_write_json
 from sre_core.clock import Clock
 from sre_core.errors import SreError
 
-__all__ = ["FutureSignedTimeError", "TrustedTime", "signed_time_bound", "unbacked_mark"]
+__all__ = ["FutureSignedTimeError", "TrustedTime", "carried_mark", "signed_time_bound", "unbacked_mark"]
 
 
 class FutureSignedTimeError(SreError):
     """A signed time lies beyond the device clock plus the tolerance: it is refused, not admitted."""
 
 
-def signed_time_bound(system_now: datetime, high_water: datetime | None, tolerance: timedelta) -> datetime:
+def signed_time_bound(
+    system_now: datetime,
+    high_water: datetime | None,
+    tolerance: timedelta,
+    written_at: datetime | None = None,
+) -> datetime:
     """The latest signed time a device may admit. Pure.
 
     Normally the system clock plus ``tolerance``. When the system clock is behind the high-water mark by
     more than the tolerance, the clock is known wrong (an RTC reset, a clock wound back: a signed time
-    admitted under this rule is never that far ahead), so the mark plus the tolerance bounds instead:
-    trusted time then catches up by at most one tolerance per admitted time, never by decades at once.
+    admitted under this rule is never that far ahead), so the mark carried forward by the device time
+    elapsed since it was written (:func:`carried_mark`; ``written_at`` is the system clock then) plus
+    the tolerance bounds instead: never decades at once.
     """
     if high_water is not None and high_water - system_now > tolerance:
-        return high_water + tolerance
+        return (carried_mark(high_water, written_at, system_now) or high_water) + tolerance
     return system_now + tolerance
+
+
+def carried_mark(high_water: datetime, written_at: datetime | None, system_now: datetime) -> datetime | None:
+    """The mark moved on by the time the system clock ran since the mark was written. Pure.
+
+    A wrong clock (an RTC reset, a clock wound back) still ticks at the right rate, so this is the
+    device's best estimate of the present when its clock's reading is known wrong. None when that
+    elapsed time is unknown: no record of the clock at the write, or the clock went back since.
+    """
+    if written_at is None or system_now < written_at:
+        return None
+    return high_water + (system_now - written_at)
 
 
 def unbacked_mark(
@@ -79,8 +114,11 @@ def unbacked_mark(
 ) -> str | None:
     """Why a stored ``clock.json`` record is a poisoned mark to discard (None: keep it). Pure.
 
-    See the module docstring for the four conditions; each one that fails keeps the mark.
+    See the module docstring for the conditions (and the ``bounded`` marker); each one that fails keeps
+    the mark.
     """
+    if record.get("bounded"):
+        return None  # written under the bound (a clock known wrong may lead): not old code's poison
     try:
         high = datetime.fromisoformat(str(record["high_water"]))
         written_at = datetime.fromisoformat(str(record["system_clock_at_update"]))
@@ -116,16 +154,19 @@ class TrustedTime:
         self.clock: Clock = getattr(clock, "unskewed", clock)
         self.granularity = checkpoint_granularity
         self._high: datetime | None = None
+        self._written: datetime | None = None  # the system clock when the mark was written
         self._source = ""
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
                 high = datetime.fromisoformat(data["high_water"])
                 self._source = str(data.get("source", ""))
+                written = data.get("system_clock_at_update")
+                self._written = datetime.fromisoformat(written) if isinstance(written, str) else None
             except (ValueError, KeyError, TypeError, OSError) as exc:
                 raise self._corrupt(str(exc)) from exc
-            if high.tzinfo is None:
-                raise self._corrupt("high_water has no timezone")
+            if high.tzinfo is None or (self._written is not None and self._written.tzinfo is None):
+                raise self._corrupt("high_water or system_clock_at_update has no timezone")
             self._high = high
 
     def _corrupt(self, why: str) -> SreError:
@@ -178,7 +219,7 @@ class TrustedTime:
 
     def bound(self, tolerance: timedelta) -> datetime:
         """The latest signed time :meth:`admit` accepts now (see :func:`signed_time_bound`)."""
-        return signed_time_bound(self.clock.now(), self._high, tolerance)
+        return signed_time_bound(self.clock.now(), self._high, tolerance, self._written)
 
     def admit(self, signed_time: datetime, source: str, tolerance: timedelta) -> datetime:
         """:meth:`observe` a signed time unless it lies beyond :meth:`bound`. Returns :meth:`now`.
@@ -186,7 +227,11 @@ class TrustedTime:
         While the system clock is sane (not behind the mark by more than the tolerance), an admitted
         signed time raises the mark only up to the system clock: a time inside the tolerance is clock
         skew, tolerated, but it may not move trusted time ahead (a stolen online key could otherwise
-        expire a short-lived desired state early). Only a clock known wrong lets signed time lead.
+        expire a short-lived desired state early). A clock known wrong raises it only up to
+        :func:`carried_mark` (the mark moved on by the device's elapsed time), so a stolen key cannot
+        walk such a device forward one tolerance per pull either; signed time leads only when that
+        elapsed time is unknown (the clock went back since the mark was written: an RTC reset at boot),
+        by one tolerance at most, and that write re-anchors the carry.
 
         Raises:
             FutureSignedTimeError: the signed time is too far ahead; the mark is unchanged.
@@ -204,8 +249,9 @@ class TrustedTime:
                 "if this device's clock is known to lag",
             )
         sys_now = self.clock.now()
-        if self._high is not None and self._high - sys_now > tolerance:
-            return self.observe(signed_time, source)  # the clock is known wrong: signed time leads
+        if self._high is not None and self._high - sys_now > tolerance:  # the clock is known wrong
+            carried = carried_mark(self._high, self._written, sys_now)
+            return self.observe(signed_time if carried is None else min(signed_time, carried), source)
         return self.observe(min(signed_time, sys_now), source)
 
     def discard_unbacked(
@@ -226,27 +272,30 @@ class TrustedTime:
         if held_issued is not None and held_issued > floor:
             floor = held_issued
         discarded = self._high
+        written = self.clock.now()
         atomic_write_json(
             self.path,
             {
                 "high_water": floor.isoformat(),
                 "source": "recovered",
-                "system_clock_at_update": self.clock.now().isoformat(),
+                "system_clock_at_update": written.isoformat(),
                 "discarded": discarded.isoformat(),
+                "bounded": True,
             },
         )
-        self._high, self._source = floor, "recovered"
+        self._high, self._source, self._written = floor, "recovered", written
         return {"discarded": discarded.isoformat(), "now_high_water": floor.isoformat(), "why": why}
 
     def _write(self, when: datetime, source: str) -> None:
         if self._high is None or when > self._high:
+            written = self.clock.now()
             atomic_write_json(
                 self.path,
                 {
                     "high_water": when.isoformat(),
                     "source": source,
-                    "system_clock_at_update": self.clock.now().isoformat(),
+                    "system_clock_at_update": written.isoformat(),
+                    "bounded": True,
                 },
             )
-            self._high = when
-            self._source = source
+            self._high, self._source, self._written = when, source, written

@@ -183,11 +183,6 @@ def test_future_desired_state_refused_and_the_next_one_admitted(hub: Hub, ahead:
     assert rc == 0 and [(o["result"], o["version"]) for o in rep["outcomes"]] == [("committed", "3.0.0")], rep
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="red team: a timestamp signed 20 h ahead (inside max_signed_time_ahead_s) raises trusted time and "
-    "a desired state expiring in 6 h puts the device in safe mode at once",
-)
 def test_timestamp_within_tolerance_cannot_force_safe_mode(hub: Hub) -> None:
     """The docs: a future signing time 'cannot push devices into safe mode'. Inside the one-day
     tolerance a stolen timestamp key can still move trusted time by 20 h; a desired state that expires

@@ -124,3 +124,86 @@ def test_far_future_timestamp_and_desired_state_are_refused_not_admitted(tmp_pat
         )
     finally:
         env.server.stop()
+
+
+# --- how to break the bound (each case below is an attempt) ------------------------------------------
+HOUR = timedelta(hours=1)
+
+
+def _short_lived(issued: datetime) -> DesiredState:
+    return DesiredState(channel="stable", serial=2, issued=issued, expires=issued + 6 * HOUR)
+
+
+@pytest.mark.parametrize("ahead", [20 * HOUR, DAY - timedelta(seconds=1), DAY])
+def test_a_signed_time_inside_the_tolerance_never_expires_a_desired_state_early(
+    tmp_path: Path, ahead: timedelta
+) -> None:
+    """A stolen online key signs a time just inside (or exactly at) the tolerance, every pull."""
+    clock = FakeClock(T0)
+    tt = TrustedTime(tmp_path / "clock.json", clock)
+    held = _short_lived(T0)
+    for _ in range(48):  # a pull every five minutes for four hours
+        assert tt.admit(clock.now() + ahead, "timestamp", DAY) == clock.now()
+        assert not held.is_expired(tt.now())
+        clock.advance(timedelta(minutes=5))
+    with pytest.raises(FutureSignedTimeError):  # one second beyond: refused
+        tt.admit(clock.now() + DAY + timedelta(seconds=1), "timestamp", DAY)
+
+
+@pytest.mark.parametrize("back", [20 * HOUR, 10 * DAY])
+def test_a_rolled_back_clock_revives_nothing_and_a_stolen_key_gains_nothing(
+    tmp_path: Path, back: timedelta
+) -> None:
+    """The clock is wound back (inside and beyond the tolerance) after a desired state expired."""
+    clock = FakeClock(T0)
+    tt = TrustedTime(tmp_path / "clock.json", clock)
+    held = _short_lived(T0 - 10 * HOUR)
+    tt.checkpoint()
+    assert held.is_expired(tt.now())
+    clock.set(T0 - back)
+    again = TrustedTime(tmp_path / "clock.json", clock)
+    assert again.now() == T0 and held.is_expired(again.now())
+    # Honest signed times (the hub's clock is right) never lower the mark.
+    again.admit(T0 - back, "timestamp", DAY)
+    assert again.now() >= T0 and held.is_expired(again.now())
+
+
+def test_a_stolen_key_cannot_walk_a_device_with_a_wrong_clock_forward(tmp_path: Path) -> None:
+    """A device whose RTC reset to 1970 at boot (its clock is known wrong: trusted time comes from signed
+    times). Before, each pull admitted a time one tolerance beyond the mark and raised the mark to it:
+    a stolen key moved such a device a day per pull, into safe mode within the hour."""
+    clock = FakeClock(T0)
+    tt = TrustedTime(tmp_path / "clock.json", clock)
+    tt.checkpoint()
+    clock.set(datetime(1970, 1, 1, tzinfo=UTC))  # reboot with a reset RTC
+    tt = TrustedTime(tmp_path / "clock.json", clock)
+    held = DesiredState(channel="stable", serial=2, issued=T0, expires=T0 + 3 * DAY)
+    # The first admission after the clock went back may lead (elapsed time is unknown), one tolerance
+    # at most: the honest hub's time a few hours on, here a thief's.
+    first = tt.admit(tt.bound(DAY), "timestamp", DAY)
+    assert first <= T0 + DAY
+    for _ in range(24):  # then a pull every five minutes, each signed at the bound
+        clock.advance(timedelta(minutes=5))
+        tt.admit(tt.bound(DAY), "timestamp", DAY)
+    # From then on trusted time moves only with the device's own elapsed time (two hours).
+    assert tt.now() == first + 2 * HOUR and not held.is_expired(tt.now())
+    with pytest.raises(FutureSignedTimeError):
+        tt.admit(first + 2 * HOUR + DAY + timedelta(seconds=1), "timestamp", DAY)
+
+
+def test_a_device_with_a_wound_back_clock_follows_the_hub_across_a_long_outage(tmp_path: Path) -> None:
+    """The clock was wound back ten days (known wrong) and the device then lost its link for two days,
+    longer than the tolerance. Its clock still ticked: honest signed times after the outage are admitted
+    (before, the bound stayed at the last mark plus the tolerance and the device refused the hub for
+    good), and a thief's time is still refused."""
+    clock = FakeClock(T0)
+    tt = TrustedTime(tmp_path / "clock.json", clock)
+    tt.checkpoint()
+    skew = 10 * DAY
+    clock.set(T0 - skew)
+    tt.admit(T0 + timedelta(minutes=5), "timestamp", DAY)  # the hub, honest
+    clock.advance(2 * DAY)  # offline
+    true_now = clock.now() + skew
+    assert tt.admit(true_now, "timestamp", DAY) == true_now
+    with pytest.raises(FutureSignedTimeError):
+        tt.admit(true_now + 2 * DAY, "timestamp", DAY)
