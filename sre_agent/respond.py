@@ -24,7 +24,7 @@ from sre_agent.actions import ActionExecutor, ActionHandler, ActionResult
 from sre_agent.config import AgentSettings, LlmSettings
 from sre_agent.escalations import Escalation, EscalationStatus, EscalationStore
 from sre_agent.incidents import Incident, IncidentKind, IncidentTracker, TrackedIncident, TrackVerdict
-from sre_agent.triage import Advice, RuleMatch, TriageDecision, TriageEngine
+from sre_agent.triage import Advice, RuleMatch, TriageDecision, TriageEngine, device_facts
 from sre_core.atomic import atomic_write_json
 from sre_core.audit import AuditLog
 from sre_core.clock import Clock, SystemClock
@@ -352,13 +352,23 @@ class Responder:
     def _closed_by_action(self, incident: Incident, results: tuple[ActionResult, ...]) -> None:
         """A rollback or safe mode resolves the incident (the suspect version no longer serves); a
         quarantine resolves the kinds no producer reports recovery for (the canary and the probes
-        already stopped the version). Other incidents stay open until their producer resolves them."""
+        already stopped the version). Those kinds also close once told when the version is already
+        blocked (marked bad and not serving: the canary or the reconcile did what a quarantine would, and
+        no producer will ever report it recovered)."""
         for r in results:
             if not r.ok:
                 continue
             if r.action in CLOSING_ACTIONS or (r.action in REMEDIES and incident.kind in CLOSED_BY_REMEDY):
                 self.close(incident, f"{r.action.value}: {r.detail}", by_remedy=True)
                 return
+        if (
+            incident.kind in CLOSED_BY_REMEDY
+            and any(r.ok for r in results)
+            and device_facts(incident).version_blocked
+        ):
+            self.close(
+                incident, f"{incident.version or 'the version'} already blocked (marked bad, not serving)"
+            )
 
     def _escalate(self, incident: Incident, decision: TriageDecision) -> Escalation:
         esc = self.escalations.create(incident, decision)

@@ -163,9 +163,11 @@ def test_a_model_down_after_a_clean_cleanup_is_restored_not_paused(
 
 @pytest.mark.parametrize("targets", ["uplink", "clock", "standby"])
 def test_damage_off_the_model_after_a_clean_cleanup_is_told(engine: TriageEngine, targets: str) -> None:
+    """Nothing automated repairs it (the cleanup already ran): alerted at once and escalated to a person with
+    the evidence (issue 14: chaos damage that persists after cleanup -> escalation)."""
     facts = {**CHAOS_LEFT, "chaos_targets": targets, "cleanup_ok": True, "active_serving": True}
     d = engine.decide(_inc(IncidentKind.CHAOS_DEVIATION, facts, LKG))
-    assert (d.action, d.verdict) == (Action.ALERT, "execute"), d.rule
+    assert (d.action, d.verdict, d.execute_now) == (Action.ALERT, "escalate", (Action.ALERT,)), d.rule
     assert not {Action.PAUSE_CHAOS, Action.ROLLBACK, Action.SAFE_MODE} & set(d.allowed)
 
 
