@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = [
     "doubled_classifier",
     "erroring_classifier",
+    "erroring_inputs",
     "linear_classifier",
     "linear_regressor",
     "slow_classifier",
@@ -128,6 +129,28 @@ def erroring_classifier(
     graph.name = f"erroring_classifier_s{seed}"
     onnx.checker.check_model(base)
     return bytes(base.SerializeToString())
+
+
+def erroring_inputs(
+    seed: int, count: int = 500, n_features: int = 16, threshold: float = 2.326, share: float = 0.01
+) -> list[np.ndarray]:
+    """Standard-normal single-row inputs of which exactly ``round(share * count)`` have
+    ``input[:, 0] > threshold`` (the rows an :func:`erroring_classifier` with that threshold fails on).
+
+    Cycling through them gives an error rate of exactly ``share``; plain normal draws do not (512 draws
+    above the 1 % quantile number anywhere from 2 to 9, a 0.4 % to 1.8 % "1 %" candidate).
+    """
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(count, n_features)).astype(np.float32)
+    first = rows[:, 0]
+    first[first > threshold] = np.float32(threshold) - np.abs(
+        first[first > threshold] - np.float32(threshold)
+    )
+    bad = rng.choice(count, size=round(share * count), replace=False)
+    first[bad] = (
+        np.float32(threshold) + np.float32(0.1) + np.abs(rng.normal(size=bad.size)).astype(np.float32)
+    )
+    return [rows[i : i + 1] for i in range(count)]
 
 
 def slow_classifier(

@@ -17,13 +17,17 @@ import threading
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import onnx
 import pytest
 
 from deployment.canary import CanaryConfig, Phase
 from deployment.router import InferenceError, Router
-from deployment.sample_models import doubled_classifier, erroring_classifier, linear_classifier
+from deployment.sample_models import (
+    doubled_classifier,
+    erroring_classifier,
+    erroring_inputs,
+    linear_classifier,
+)
 from deployment.serving import CanaryRun
 from deployment.sessions import load_session
 from policies.deployment import load_deployment_policy
@@ -54,8 +58,7 @@ def trial(incumbent: bytes, candidate: bytes, seed: int, max_ticks: int = 100_00
     run = CanaryRun(
         "m", router, load_session(candidate, name="m", version="2"), default_config(), clock, NullSink()
     )
-    rng = np.random.default_rng(seed)
-    inputs = [{"input": rng.normal(size=(1, 16)).astype(np.float32)} for _ in range(512)]
+    inputs = [{"input": x} for x in erroring_inputs(seed)]  # exactly 1 % above the erroring threshold
     stop = threading.Event()
     served = [0, 0]
 
@@ -97,7 +100,7 @@ KINDS = {
     ),
     # 3 extra copies make the tiny model 2.0x slower per call (its fixed per-call cost does not grow)
     "2x-slower": (linear_classifier(**TINY), doubled_classifier(**TINY, copies=3), Phase.ABORTED),
-    # input[:, 0] > 2.326 on standard-normal inputs: 1 % of requests fail inside ONNX Runtime
+    # input[:, 0] > 2.326 on exactly 1 % of the inputs: 1 % of requests fail inside ONNX Runtime
     "1%-errors": (
         linear_classifier(**TINY),
         erroring_classifier(error_threshold=2.326, **TINY),
