@@ -287,6 +287,16 @@ def run(work: Path, seconds: float, fault_every: float) -> dict[str, Any]:
         "rss_mb_max": round(max(rss), 1) if rss else None,
         "rss_slope_mb_per_min": round(_slope_per_min(warm), 3),
         "rss_slope_mb_per_min_whole_run": round(_slope_per_min([(t, r) for t, r, _ in samples]), 3),
+        # a plateau shows as a last-half slope well below the warm slope
+        "rss_slope_mb_per_min_last_half": round(
+            _slope_per_min([(t, r) for t, r, _ in samples if t >= seconds / 2]), 3
+        ),
+        "rss_mb_mean_by_quarter": [
+            round(sum(q) / len(q), 1) if q else None
+            for q in (
+                [r for t, r, _ in samples if k * seconds / 4 <= t < (k + 1) * seconds / 4] for k in range(4)
+            )
+        ],
         "cpu_percent_mean": round(sum(cpus) / len(cpus), 1) if cpus else None,
         "cpu_percent_max": round(max(cpus), 1) if cpus else None,
         "faults_injected": len(injected),
