@@ -44,6 +44,9 @@ __all__ = [
     "ModelRepository",
     "TelemetryFlusher",
     "canary_progress",
+    "clear_loading",
+    "loading_models",
+    "loading_path",
     "progress_path",
     "resume_progress",
 ]
@@ -118,6 +121,40 @@ def resume_progress(paths: StatePaths, now: str) -> list[str]:
         atomic_write_json(progress_path(paths, module), _finite(entry))
         changed.append(module)
     return changed
+
+
+def loading_path(paths: StatePaths, module: str) -> Path:
+    """Where a model load in flight is announced (``<state>/run/loading/<module>.json``)."""
+    return paths.run / "loading" / f"{module}.json"
+
+
+def loading_models(paths: StatePaths) -> list[dict[str, Any]]:
+    """Model loads in flight, as the serving process announced them (for ``sre-agent status``).
+
+    Each entry holds ``module``, ``version``, ``kind`` (``first version``: nothing served yet, it serves
+    once loaded; ``candidate``: loaded for its canary; ``reload``: the active version after a rollback,
+    its session was unloaded) and ``since``. A file exists only while the load runs.
+    """
+    folder = paths.run / "loading"
+    if not folder.is_dir():
+        return []
+    out = []
+    for f in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            out.append(data)
+    return out
+
+
+def clear_loading(paths: StatePaths) -> None:
+    """After a restart no load is in flight: drop the announcements a dead process left."""
+    folder = paths.run / "loading"
+    if folder.is_dir():
+        for f in folder.glob("*.json"):
+            f.unlink(missing_ok=True)
 
 
 class ModelRepository:
@@ -474,7 +511,9 @@ class ManagedServing:
         self._stops: dict[str, threading.Event] = {}
         self._candidates: dict[str, str] = {}
         self._stop_reasons: dict[str, str] = {}  # module -> version handed to start() (maybe still loading)
-        self._loading: set[str] = set()  # modules whose candidate is being loaded in the canary's thread
+        self._loading: dict[str, dict[str, str]] = {}  # module -> the load in flight (status)
+        self._reloads: dict[str, threading.Thread] = {}  # module -> sync's background load of the active
+        self._phases: dict[str, Phase] = {}  # module -> how its last background canary (or load) ended
         self._stop = threading.Event()
         self._attempts_lock = threading.Lock()
 
@@ -559,26 +598,48 @@ class ManagedServing:
 
         A candidate that does not load is aborted (marked bad); one over the memory budget is aborted
         (not marked bad) with an incident and not retried. The first version of a model (nothing served
-        to compare with) is promoted directly: the probes and golden checks judge it.
+        to compare with) is promoted directly once loaded (the probes and golden checks judge it); it
+        loads in the same background thread, so it holds no reconcile pass either. A load still in
+        flight for the module (a reload after a rollback) finishes first.
         """
         self.slots = slots
-        if self.repository.get(module) is None:
-            self._first_version(module, standby, slots)
-            return
+        prior = [t for t in (self._threads.get(module), self._reloads.get(module)) if t is not None]
         stop = self._stops[module] = threading.Event()
         self._candidates[module] = standby.manifest.version
         self._stop_reasons.pop(module, None)
+        self._phases.pop(module, None)
         if self._stop.is_set():
             stop.set()
+        # Announced before the thread runs: a pre-emption right after this call sees a load in flight.
+        first = self.repository.get(module) is None
+        self._announce(module, standby.manifest.version, "first version" if first else "candidate")
         thread = threading.Thread(
-            target=self._background, args=(module, standby, slots, stop), name=f"canary-{module}", daemon=True
-        )
+            target=self._background, args=(module, standby, slots, stop, prior), name=f"canary-{module}",
+            daemon=True,
+        )  # fmt: skip
         self._threads[module] = thread
         thread.start()
 
-    def _background(self, module: str, standby: SlotView, slots: CanarySlots, stop: threading.Event) -> None:
+    def _background(
+        self,
+        module: str,
+        standby: SlotView,
+        slots: CanarySlots,
+        stop: threading.Event,
+        prior: Sequence[threading.Thread] = (),
+    ) -> None:
         manifest = standby.manifest
-        self._loading.add(module)
+        for t in prior:  # a previous canary's bookkeeping or a reload: never two loads of one module
+            while t.is_alive() and not stop.is_set():
+                t.join(0.1)
+        if stop.is_set():  # pre-empted (or the daemon stops) before anything was loaded
+            self._unannounce(module)
+            self._phases[module] = self._cancel_unloaded(module, manifest.version, slots)
+            return
+        if self.repository.get(module) is None:
+            self._phases[module] = self._first_version(module, standby, slots, stop)
+            return
+        self._announce(module, manifest.version, "candidate")
         try:
             run = self.prepare(module, standby.artifact_path, manifest, standby.artifact_sha256)
         except (SreError, ValueError) as exc:  # does not load, over budget, or unusable settings
@@ -593,15 +654,38 @@ class ManagedServing:
                 severity="error",
                 attrs={"source": "canary", "module": module, "version": manifest.version},
             )
+            self._phases[module] = Phase.ABORTED
             return
         finally:
-            self._loading.discard(module)
+            self._unannounce(module)
         if stop.is_set():  # pre-empted or stopped while the candidate was loading
             run.stop_reason = self._stop_reasons.get(module, run.stop_reason)
             run.cancel(run.stop_reason)
+            self._phases[module] = Phase.CANCELLED
             return
         phase = run.run(self.interval_s, stop)
         self._after(module, manifest.version, phase)
+        self._phases[module] = phase
+
+    def _announce(self, module: str, version: str, kind: str) -> None:
+        """Say that ``module`` ``version`` is loading (``sre-agent status``, the admin API's status)."""
+        self._loading[module] = {
+            "module": module, "version": version, "kind": kind, "since": self.clock.now().isoformat()
+        }  # fmt: skip
+        path = loading_path(self.paths, module)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, self._loading[module])
+        except OSError:  # status only; the load goes on
+            pass
+
+    def _unannounce(self, module: str) -> None:
+        self._loading.pop(module, None)
+        loading_path(self.paths, module).unlink(missing_ok=True)
+
+    def loading(self) -> list[dict[str, Any]]:
+        """Loads in flight in this process (module, version, kind, since)."""
+        return [dict(v) for _, v in sorted(self._loading.copy().items())]
 
     def _after(self, module: str, version: str, phase: Phase) -> None:
         """Bookkeeping of attempts: an inconclusive canary backs off (doubling), up to max_attempts."""
@@ -700,7 +784,20 @@ class ManagedServing:
             return True
         if self._candidates.get(module) == version:
             return False  # the desired version is the one being canaried (or loaded for it)
-        reason = f"pre-empted by desired version {version}"
+        self.halt(module, f"pre-empted by desired version {version}")
+        if module in self._loading:
+            # The candidate (or a first version) is still loading (a big model can take minutes): never
+            # hold the reconcile pass for it. The thread cancels it as soon as the load returns; a later
+            # pass installs the newer version.
+            return False
+        thread = self._threads.get(module)
+        if thread is not None:
+            thread.join(self.interval_s * 3 + 10)
+        return not self.busy(module)
+
+    def halt(self, module: str, reason: str) -> None:
+        """Ask the canary (or the load) of ``module`` to stop with ``reason``; returns at once. A running
+        canary is cancelled at its next tick, a load in flight as soon as it returns (not marked bad)."""
         self._stop_reasons[module] = reason
         run = self.runs.get(module)
         if run is not None and run.candidate.version == self._candidates.get(module):
@@ -708,43 +805,63 @@ class ManagedServing:
         stop = self._stops.get(module)
         if stop is not None:
             stop.set()
-        if module in self._loading:
-            # The candidate is still loading (a big model can take minutes): never hold the reconcile
-            # pass for it. The thread cancels the canary as soon as the load returns; a later pass
-            # installs the newer version.
-            return False
-        thread = self._threads.get(module)
-        if thread is not None:
-            thread.join(self.interval_s * 3 + 10)
-        return not self.busy(module)
 
-    def _first_version(self, module: str, standby: SlotView, slots: CanarySlots) -> None:
+    def _first_version(
+        self, module: str, standby: SlotView, slots: CanarySlots, stop: threading.Event
+    ) -> Phase:
+        """Load the first version of ``module`` (its slot's bytes, hashed as loaded), then flip to it and
+        serve it; a newer release or a stop while it loads cancels it (not marked bad, never served)."""
         manifest = standby.manifest
+        self._announce(module, manifest.version, "first version")
         try:
             session = self.load(module, standby.artifact_path, manifest, standby.artifact_sha256)
         except SreError as exc:
             slots.abort_canary(
                 module, f"does not load: {exc.why or exc.message}", actor="canary", mark_bad=True
             )
-            return
+            return Phase.ABORTED
+        except Exception as exc:  # not the model's fault as far as we know: end the phase, not bad
+            why = f"{type(exc).__name__}: {exc}"[:300]
+            slots.abort_canary(module, f"load failed: {why}", actor="canary", mark_bad=False)
+            self.sink.event("serving_load_failed", why, severity="error", attrs={"module": module})
+            return Phase.ABORTED
+        finally:
+            self._unannounce(module)
+        if stop.is_set():  # pre-empted (or the daemon stops) while it loaded: never served
+            return self._cancel_unloaded(module, manifest.version, slots)
         try:
             slots.promote_canary(module, actor="canary", evidence={"first_version": True})
         except SreError as exc:  # e.g. its bytes changed since the canary started: never served
             slots.abort_canary(module, f"flip refused: {exc.message}", actor="canary", mark_bad=True)
-            return
+            return Phase.ABORTED
         self.repository.add(session)
+        return Phase.PROMOTED
 
-    def sync(self, slots: SlotManager) -> dict[str, str]:
+    def _cancel_unloaded(self, module: str, version: str, slots: CanarySlots) -> Phase:
+        """End a canary phase whose version never served (stopped before or while it loaded): the slots
+        go back to idle, the version is not marked bad, and the audit says why."""
+        reason = self._stop_reasons.get(module, "stopped")
+        slots.abort_canary(module, reason, actor="canary", mark_bad=False)
+        if self.audit is not None:
+            self.audit.append(
+                "canary.cancelled", actor="canary", module=module, version=version,
+                phase=Phase.CANCELLED.value, reason=reason, served=False,
+            )  # fmt: skip
+        return Phase.CANCELLED
+
+    def sync(self, slots: SlotManager, background: bool = False) -> dict[str, str]:
         """Serve what the slots say is active (start-up, and after a rollback made elsewhere).
 
-        Skips modules with a canary running, modules in file mode and non-ONNX modules. A version the
-        router still holds as standby comes back by pointer swap; anything else is loaded.
-        Returns module -> what was done.
+        Skips modules with a canary running (or a load in flight), modules in file mode and non-ONNX
+        modules. A version the router still holds as standby comes back by pointer swap; anything else is
+        loaded: here (start-up, before the server listens), or with ``background`` in a thread of its own
+        (the daemon's reconcile job and the rollback action), so a long load (a rollback with
+        ``unload_standby``) holds neither the pass nor the responder. Returns module -> what was done.
         """
         done: dict[str, str] = {}
         for module in slots.modules():
             st = slots.status(module)
-            if st.active is None or st.phase.value != "idle" or self.busy(module):
+            if st.active is None or st.phase.value != "idle" or self.busy(module) or self.reloading(module):
                 continue
             manifest = st.active.manifest
             if (
@@ -761,6 +878,15 @@ class ManagedServing:
                 router.rollback()
                 done[module] = f"switched back to loaded {st.active.version}"
                 continue
+            if background:
+                thread = threading.Thread(
+                    target=self._reload, args=(module, st.active, slots), name=f"load-{module}", daemon=True
+                )
+                self._reloads[module] = thread
+                self._announce(module, st.active.version, "reload")
+                thread.start()
+                done[module] = f"loading {st.active.version}"
+                continue
             try:
                 self.serve(module, st.active.artifact_path, manifest, st.active.artifact_sha256)
             except SreError as exc:
@@ -772,18 +898,48 @@ class ManagedServing:
             done[module] = f"serving {st.active.version}"
         return done
 
+    def _reload(self, module: str, view: SlotView, slots: SlotManager) -> None:
+        """Load the active version of ``module`` off the caller's thread; serve it if it still is."""
+        try:
+            session = self.load(module, view.artifact_path, view.manifest, view.artifact_sha256)
+        except Exception as exc:  # the next sync tries again; say so meanwhile
+            why = exc.message if isinstance(exc, SreError) else f"{type(exc).__name__}: {exc}"
+            self.sink.event("serving_load_failed", why, severity="error", attrs={"module": module})
+            return
+        finally:
+            self._unannounce(module)
+        st = slots.status(module)
+        if st.active is None or st.active.sha256 != view.sha256:
+            return  # the slots moved on while it loaded: the next sync serves what they say now
+        self.repository.add(session)
+
+    def reloading(self, module: str) -> bool:
+        """True while :meth:`sync` loads the active version of ``module`` in the background."""
+        thread = self._reloads.get(module)
+        return thread is not None and thread.is_alive()
+
     def wait(self, module: str, timeout_s: float) -> Phase | None:
-        """Wait for the background canary of ``module`` to end; its final phase (None: still running)."""
+        """Wait for the background canary (or first-version load) of ``module`` to end; its final phase
+        (None: still running). A first version that serves ends ``promoted``."""
         thread = self._threads.get(module)
         if thread is not None:
             thread.join(timeout_s)
             if thread.is_alive():
                 return None
+        phase = self._phases.get(module)
+        if phase is not None:
+            return phase
         run = self.runs.get(module)
         return run.phase if run is not None else None
 
+    def wait_loads(self, timeout_s: float) -> bool:
+        """Wait for background reloads (:meth:`sync` with ``background``); True when none runs."""
+        for thread in list(self._reloads.values()):
+            thread.join(timeout_s)
+        return not any(t.is_alive() for t in self._reloads.values())
+
     def busy(self, module: str) -> bool:
-        """True while a canary of ``module`` is running."""
+        """True while a canary of ``module`` is running (its candidate or first version loading included)."""
         thread = self._threads.get(module)
         return thread is not None and thread.is_alive()
 
@@ -792,5 +948,5 @@ class ManagedServing:
         self._stop.set()
         for event in list(self._stops.values()):
             event.set()
-        for thread in list(self._threads.values()):
+        for thread in [*self._threads.values(), *self._reloads.values()]:
             thread.join(timeout_s)

@@ -327,6 +327,7 @@ class Demo:
             telemetry=self.sink,
         )
         self.reconcile()
+        self.serving.wait(MODULE, 120)  # the first version loads off the reconcile pass
         router = self.serving.repository.get(MODULE)
         if router is None:
             raise RuntimeError("v1 is not served after reconcile")

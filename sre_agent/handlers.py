@@ -71,7 +71,9 @@ class DaemonHandlers:
 
     def _resync(self) -> None:
         if self.plane is not None:
-            self.plane.serving.sync(self.plane.slots)
+            # A version to reload (its session was unloaded: unload_standby) loads in a thread of its
+            # own; the one rolled away from answers until then, as it would during a load here.
+            self.plane.serving.sync(self.plane.slots, background=True)
 
     def rollback(self, inc: Incident) -> str:
         """Serve the verified last-known-good; the version rolled away from is marked bad.
@@ -110,8 +112,10 @@ class DaemonHandlers:
         plane = self.plane
         if plane is not None and plane.serving.busy(inc.module):
             run = plane.serving.runs.get(inc.module)
-            if run is not None:
+            if run is not None and not run.controller.final:
                 run.cancel(f"quarantined by triage ({inc.id})")
+            else:  # still loading (candidate or first version): cancelled as its load returns
+                plane.serving.halt(inc.module, f"quarantined by triage ({inc.id})")
             return f"canary of {inc.module} stopped"
         slots = self.slots()
         st = slots.status(inc.module)

@@ -162,7 +162,7 @@ class PullReconcileJob:
                 )
         out: dict[str, Any] = {"reconcile": report.to_dict()}
         if plane is not None:
-            out["sync"] = plane.serving.sync(plane.slots)
+            out["sync"] = plane.serving.sync(plane.slots, background=True)  # a load never holds the job
         where = self.link_url()
         if report.online and where and where.startswith(("http://", "https://")):
             from deployment.rollout import device_report, send_report

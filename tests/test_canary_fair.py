@@ -139,6 +139,7 @@ def _setup(
     src = StaticSource(clock, [_art(tmp_path, "1.0", CanarySpec())])  # the model every later version is
     rec = Reconciler(state, src, clock, audit=audit, canary=serving, telemetry=sink)
     rec.run_once()
+    serving.wait("clf", 60)  # the first version loads in the background
     return serving, rec, src, sink, audit
 
 

@@ -55,7 +55,8 @@ def test_reconcile_canaries_each_managed_version_and_flips_or_cuts_it_off(
 
     src = StaticSource(clock, [art("1.0", base)])
     rec = Reconciler(state, src, clock, audit=audit, canary=serving, telemetry=sink)
-    rec.run_once()  # nothing to compare the first version with: promoted and served directly
+    rec.run_once()  # nothing to compare the first version with: promoted and served directly,
+    assert serving.wait("clf", 60) is Phase.PROMOTED  # once loaded (off the pass)
     router = serving.repository.get("clf")
     assert router is not None and router.routing.active.version == "1.0"
     assert rec.slots.status("clf").active is not None

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import onnx
 
+from deployment.canary import Phase
 from deployment.manifest import CanarySpec, CanaryStep, ModuleManifest
 from deployment.oip import create_app
 from deployment.reconcile import Reconciler
@@ -86,6 +87,7 @@ def test_a_slow_candidate_load_blocks_neither_serving_nor_reconcile_nor_other_jo
     src = StaticSource(clock, [_art(tmp_path, "1.0")])
     rec = Reconciler(state, src, clock, audit=audit, canary=serving, telemetry=sink)
     rec.run_once()
+    assert serving.wait("clf", BOUND_S) is Phase.PROMOTED  # the first version loads off the pass too
     assert repo.get("clf") is not None and repo.get("clf").routing.active.version == "1.0"  # type: ignore[union-attr]
 
     passes: list[dict[str, Any]] = []

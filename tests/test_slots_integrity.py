@@ -242,6 +242,7 @@ def test_kill_9_mid_canary_then_corrupt_standby_is_never_canaried_again(
     serving = _managed(state, audit, sink)
     src = StaticSource(clock, [v1])
     Reconciler(state, src, clock, audit=audit, canary=serving, telemetry=sink).run_once()
+    serving.wait("clf", 60)  # the first version loads in the background
     SlotManager(state, audit, clock).install(v2)  # the pass that installed 2.0 ...
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
@@ -293,6 +294,7 @@ def test_recall_of_a_canaried_version_makes_the_recall_target_last_known_good(
     src = StaticSource(clock, [v1])
     rec = Reconciler(state, src, clock, audit=audit, canary=serving, telemetry=sink)
     rec.run_once()
+    serving.wait("clf", 60)  # the first version loads in the background
     router = serving.repository.get("clf")
     assert router is not None
     stop = threading.Event()
@@ -399,6 +401,7 @@ def test_first_version_whose_bytes_change_while_loading_is_aborted_not_served(
     corrupt(state, "clf", "a")
     serving = _managed(state, audit, sink)
     serving.start("clf", view, slots)
+    serving.wait("clf", 60)  # loaded in the background
     st = slots.status("clf")
     assert st.phase is Phase.IDLE and st.active is None and v1.sha256 in st.bad
     assert serving.repository.get("clf") is None

@@ -64,6 +64,7 @@ def test_bytes_swapped_between_the_hash_and_the_load_never_serve(
     art = make_artifact(tmp_path / "cas", "clf", "1.0", GOOD, mode="managed")
     rec = Reconciler(state, StaticSource(clock, [art]), clock, audit=audit, canary=serving, telemetry=sink)
     rec.run_once()
+    serving.wait("clf", 60)  # the first version loads in the background
     router = serving.repository.get("clf")
     evil = _outputs(EVIL)
     if router is not None:  # whatever serves is the signed model, never the swapped one

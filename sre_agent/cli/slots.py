@@ -61,7 +61,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
     """Everything `sre-agent status` shows, as one JSON-ready dict."""
     from deployment.reconcile import read_last_reconcile
     from deployment.safemode import read_safe_mode
-    from deployment.serving import canary_progress
+    from deployment.serving import canary_progress, loading_models
     from deployment.slots import SlotManager
     from sre_agent.respond import operator_view
     from sre_core.audit import AuditLog
@@ -78,6 +78,7 @@ def device_status(paths: StatePaths) -> dict[str, Any]:
         "last_outcomes": {o["module"]: o["result"] for o in (last.get("report") or {}).get("outcomes", [])},
         "last_pull_refused": (last.get("report") or {}).get("pull_refused"),
         "canaries": canary_progress(paths),
+        "loading": loading_models(paths),
         "daemon": _daemon_status(paths),
         **operator_view(paths),
     }
@@ -149,6 +150,11 @@ def _print_status(data: dict[str, Any]) -> None:
             data["last_outcomes"].get(m["module"], "-"),
         )
     con.print(table)
+    for ld in data.get("loading") or []:
+        con.print(
+            f"[cyan]loading[/cyan] {escape(str(ld.get('module')))} {escape(str(ld.get('version')))} "
+            f"({escape(str(ld.get('kind')))}) since {str(ld.get('since'))[:19]}"
+        )
     if data.get("canaries"):
         _print_canaries(con, data["canaries"])
     _print_operator_view(con, data)

@@ -98,7 +98,11 @@ def admin_routes(
     def status_doc() -> dict[str, Any]:
         p = plane
         doc = daemon.status()
-        doc["serving"] = {"url": p.url, "models": p.repository.names()} if p is not None else None
+        doc["serving"] = (
+            {"url": p.url, "models": p.repository.names(), "loading": p.serving.loading()}
+            if p is not None
+            else None
+        )
         doc["responder"] = responder.status()
         doc["chaos"] = {
             "enabled": settings.chaos.enabled,

@@ -130,12 +130,13 @@ class ServingPlane:
 
     def start(self) -> None:
         """Load the active versions, then listen."""
-        from deployment.serving import resume_progress
+        from deployment.serving import clear_loading, resume_progress
         from sre_core.http_server import ServerThread
 
         self.slots.recover_all()
         resume_progress(self.paths, self.clock.now().isoformat())
-        self.serving.sync(self.slots)
+        clear_loading(self.paths)
+        self.serving.sync(self.slots)  # here, before the server listens: ready means loaded
         if self.sink is not None and self._flusher is None:
             from deployment.serving import TelemetryFlusher
 
@@ -173,7 +174,7 @@ class ServingPlane:
                     self.paths, self.source, self.clock, self.policy, self.audit, canary=self.serving
                 )
             out["reconcile"] = self._reconciler.run_once().to_dict()
-        out["sync"] = self.serving.sync(self.slots)
+        out["sync"] = self.serving.sync(self.slots, background=True)  # a load never holds the pass
         return out
 
     def stop(self) -> None:
