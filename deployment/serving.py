@@ -516,6 +516,7 @@ class ManagedServing:
         self._phases: dict[str, Phase] = {}  # module -> how its last background canary (or load) ended
         self._stop = threading.Event()
         self._attempts_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
 
     def load(
         self, module: str, artifact: Path, manifest: ModuleManifest, sha256: str | None = None
@@ -858,6 +859,10 @@ class ManagedServing:
         (the daemon's reconcile job and the rollback action), so a long load (a rollback with
         ``unload_standby``) holds neither the pass nor the responder. Returns module -> what was done.
         """
+        with self._sync_lock:  # the reconcile job and the rollback action may sync at once: one load
+            return self._sync(slots, background)
+
+    def _sync(self, slots: SlotManager, background: bool) -> dict[str, str]:
         done: dict[str, str] = {}
         for module in slots.modules():
             st = slots.status(module)
