@@ -96,6 +96,11 @@ class TelemetryPolicy(PolicyModel):
 
     version: str = "1"
     total_bytes: int = Field(default=320 * MiB, ge=8 * MiB, description="hard cap on the database file")
+    memory_limit_bytes: int = Field(
+        default=64 * MiB,
+        ge=16 * MiB,
+        description="DuckDB's memory limit (buffer cache + query memory; larger work spills to disk)",
+    )
     metrics: MetricsBudget = Field(default_factory=MetricsBudget)
     logs: LogsBudget = Field(default_factory=LogsBudget)
     events: TableBudget = Field(default_factory=TableBudget)

@@ -35,6 +35,9 @@ def register(app: typer.Typer) -> None:
         Schedules pull + reconcile, verification, chaos, uplink, retention, SLOs and a heartbeat, and runs
         the serving plane. SIGTERM drains in-flight requests, flushes telemetry and clears faults.
         """
+        from sre_core.malloc import limit_arenas
+
+        limit_arenas()  # before any of the daemon's threads: see sre_core.malloc
         from sre_agent.wiring import build_daemon
 
         settings = settings_for(state, config)

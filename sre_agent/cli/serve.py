@@ -73,6 +73,9 @@ def register(app: typer.Typer) -> None:
         With --reconcile-every, new managed versions are canaried on live traffic and flipped or cut off;
         `sre-agent status` shows the canary's progress.
         """
+        from sre_core.malloc import limit_arenas
+
+        limit_arenas()  # a long-running server too: see sre_core.malloc
         overrides: dict[str, Any] = {}
         if port is not None:
             overrides["port"] = port

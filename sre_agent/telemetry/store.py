@@ -123,9 +123,16 @@ def _lock_error(path: Path, exc: Exception) -> TelemetryLockedError:
     )
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _connect(path: Path, read_only: bool, memory_limit_bytes: int | None = None) -> duckdb.DuckDBPyConnection:
+    # DuckDB's default memory limit is 80 % of the machine's RAM, and its buffer manager keeps every
+    # block it has read until that limit: the daemon's RSS followed the file (up to total_bytes, and the
+    # hourly integrity check reads every block). The policy's limit bounds the cache and query memory;
+    # larger operators spill to <db>.tmp.
+    config: dict[str, str | bool | int | float | list[str]] = {}
+    if memory_limit_bytes is not None:
+        config["memory_limit"] = f"{memory_limit_bytes}B"
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = duckdb.connect(str(path), read_only=read_only, config=config)
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
             raise _lock_error(path, exc) from exc
@@ -176,7 +183,7 @@ class Store:
         self.device_id = device_id
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = _connect(self.path, read_only=False)
+        self._con = _connect(self.path, read_only=False, memory_limit_bytes=policy.memory_limit_bytes)
         self._closed = False
         with self._lock:
             for t in TABLES.values():
