@@ -24,6 +24,14 @@ All parts use the same ONNX model (an MLP classifier built in code, ~0.13 ms per
 - canary (``--canary``, on its own): 20 canaries of each kind under the shipped default policy, real
   sessions, two client threads saturating the machine: identical tiny and 5 MiB candidates must be
   promoted, a 2x slower and a 1 %-error candidate aborted; outcome counts and wall time per step.
+- canary through the daemon (``--canary-daemon``, on its own): the same four kinds, each its own model
+  module, through the real ``sre-agent run`` (a child process) pulling releases from a real hub on
+  loopback (the harness of the live tests, ``tests/live_harness.py``) while keep-alive HTTP clients send
+  inference to the module under test throughout (cycling inputs of which exactly 1 % make the erroring
+  candidate fail). Each run publishes a new version; the manifests leave every canary field unset, so
+  the device's shipped default policy decides, on real time (only the daemon's pull interval is
+  shortened, to 5 s, as in the live tests). Per kind: promoted/aborted/inconclusive counts, publish to
+  verdict, and the time each step took to decide, from the daemon's audit trail.
 - MTTR: a real canary of a model that fails on some inputs, at 100 % weight, under a traffic thread;
   from the controller's failed-gate verdict to the first request answered by the incumbent (the router
   points at the already-loaded session), next to the naive path (load a new session of the incumbent
@@ -36,7 +44,9 @@ request than the servers under test, which would hide the difference). On a 2-co
 and server share the cores; the ratio is what compares, not absolute numbers.
 
 Run: ``python benchmarks/serving.py [--http-seconds 6] [--concurrency 8] [--mttr-iterations 50] [--flips 2]
-[--peer-venv .venv-bench]``, or ``python benchmarks/serving.py --canary [--canary-runs 20]``.
+[--peer-venv .venv-bench]``, or ``python benchmarks/serving.py --canary [--canary-runs 20]``, or
+``python benchmarks/serving.py --canary-daemon [--canary-runs 20] [--canary-kinds K1,K2]
+[--canary-connections 4]``.
 Prints one JSON object.
 """
 
@@ -46,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -56,6 +67,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -848,21 +860,29 @@ def _standalone_ratio(a_blob: bytes, b_blob: bytes, n_features: int) -> float:
     return float(statistics.median(tb) / statistics.median(ta))
 
 
-def canary_trials(runs: int, only: set[str] | None = None) -> dict[str, Any]:
-    """``runs`` canaries of each kind (``only``: these kinds) under the default policy (real sessions,
-    two client threads)."""
+def canary_kinds() -> dict[str, tuple[bytes, bytes, int, str]]:
+    """name -> (incumbent, candidate, input features, expected verdict): the four kinds the issue asks
+    for, shared by the in-process trials and the daemon mode."""
     from deployment.sample_models import doubled_classifier, erroring_classifier, linear_classifier
 
     tiny: dict[str, Any] = {"hidden_layers": 2}
     big: dict[str, Any] = {"n_features": 64, "hidden_layers": 6, "hidden_size": 512}  # ~5 MiB
     base, large = linear_classifier(**tiny), linear_classifier(**big)
     slow = doubled_classifier(**tiny, copies=3)
-    kinds: dict[str, tuple[bytes, bytes, int, str]] = {
+    return {
         "identical_tiny": (base, _relabel(base, "2"), 16, "promoted"),
         "identical_5mib": (large, _relabel(large, "2"), 64, "promoted"),
         "slower_2x": (base, slow, 16, "aborted"),
+        # input[:, 0] > 2.326 fails inside ONNX Runtime; erroring_inputs makes that exactly 1 % of inputs
         "errors_1pct": (base, erroring_classifier(error_threshold=2.326, **tiny), 16, "aborted"),
     }
+
+
+def canary_trials(runs: int, only: set[str] | None = None) -> dict[str, Any]:
+    """``runs`` canaries of each kind (``only``: these kinds) under the default policy (real sessions,
+    two client threads)."""
+    kinds = canary_kinds()
+    base, slow = kinds["slower_2x"][0], kinds["slower_2x"][1]
     out: dict[str, Any] = {
         "policy": "shipped default (steps 1/5/25/50/100 %, 300 samples, soak 60 s, mirror 10 %)",
         "clock": f"controller time advances 0.5 s per {CANARY_REQUESTS_PER_TICK} requests (400 req/s)",
@@ -887,6 +907,229 @@ def canary_trials(runs: int, only: set[str] | None = None) -> dict[str, Any]:
             "median_wall_s_per_transition": per_step,
         }
     return out
+
+
+# -- canary verdicts through the real daemon --------------------------------------------------------
+DAEMON_MODULES = {
+    "identical_tiny": "tiny",
+    "identical_5mib": "big",
+    "slower_2x": "slow",
+    "errors_1pct": "err",
+}
+VERDICTS = {
+    "canary.promoted": "promoted",
+    "canary.gate_failed": "aborted",
+    "canary.inconclusive": "inconclusive",
+    "canary.cancelled": "cancelled",
+}
+
+
+class _AuditTail:
+    """The daemon's audit trail read from outside, incrementally (whole lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.records: list[dict[str, Any]] = []
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self.records
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        for line in chunk[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                self.records.append(json.loads(line))
+        return self.records
+
+    def of(self, module: str, version: str, events: set[str] | None = None) -> list[dict[str, Any]]:
+        return [
+            r for r in self.records
+            if r["data"].get("module") == module and r["data"].get("version") == version
+            and (events is None or r["event"] in events)
+        ]  # fmt: skip
+
+
+def _ts(rec: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(rec["ts"]).timestamp()
+
+
+def _daemon_run(
+    lv: Any,
+    tail: _AuditTail,
+    module: str,
+    version: str,
+    blob: bytes,
+    spec: Any,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Publish ``module`` ``version`` at the hub and wait (bounded) for the daemon's verdict on it."""
+    from deployment.manifest import ModuleManifest
+
+    f = lv.tmp / f"{module}-{version}.onnx"
+    f.write_bytes(blob)
+    t_pub = time.time()
+    lv.repo.publish("stable", f, ModuleManifest(name=module, version=version, mode="managed", canary=spec))
+    lv.repo.release("stable", module, version)
+    deadline = time.monotonic() + timeout_s
+    verdict = None
+    while time.monotonic() < deadline:
+        if lv.proc is not None and lv.proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({lv.proc.returncode}):\n{lv.tail()}")
+        tail.poll()
+        done = tail.of(module, version, set(VERDICTS))
+        refused = [
+            r
+            for r in tail.of(module, version, {"canary.aborted"})
+            if "refused" in str(r["data"].get("reason"))
+        ]
+        if done or refused:
+            verdict = (done or refused)[0]
+            break
+        time.sleep(0.25)
+    if verdict is None:
+        return {"outcome": "timeout", "publish_to_verdict_s": None, "step_s": [], "reason": "no verdict"}
+    outcome = VERDICTS.get(verdict["event"], "refused")
+    started = tail.of(module, version, {"canary.started"})
+    steps = sorted(tail.of(module, version, {"canary.step"}), key=lambda r: r["seq"])
+    marks = [_ts(r) for r in steps] + [_ts(verdict)]
+    return {
+        "outcome": outcome,
+        "reason": str(verdict["data"].get("reason", "")),
+        "publish_to_verdict_s": round(_ts(verdict) - t_pub, 2),
+        "publish_to_canary_start_s": round(_ts(started[0]) - t_pub, 2) if started else None,
+        # the canary's own record of each step opening; the last interval ends at the verdict
+        "load_s": round(_ts(steps[0]) - _ts(started[0]), 2) if started and steps else None,
+        "step_s": [round(b - a, 2) for a, b in itertools.pairwise(marks)],
+        "verdict_at": verdict["ts"],
+    }
+
+
+def canary_daemon(
+    runs: int,
+    only: set[str] | None = None,
+    connections: int = 4,
+    spec: Any = None,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """``runs`` canaries of each kind through the real daemon (``sre-agent run`` as a child process, a
+    real hub on loopback, releases published at the hub), clients sending inference over HTTP throughout.
+
+    Kinds are interleaved run by run (tiny, 5 MiB, 2x slower, 1 % errors, then again), each its own
+    model module served side by side, each run a new version of that module. ``spec``: kind -> the
+    manifest's canary spec (None, the default: every field unset, so the device's shipped policy
+    decides). The daemon's intervals are shortened only as the live tests shorten them (its settings:
+    pull every 5 s); the canary runs on real time.
+    """
+    from deployment.manifest import ModuleManifest
+    from deployment.sample_models import erroring_inputs
+
+    sys.path.insert(0, str(ROOT))
+    from tests.live_harness import LoadClient, infer_requests, live_rig
+
+    kinds = {k: v for k, v in canary_kinds().items() if not only or k in only}
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    load: list[float] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, live_rig(Path(tmp), rehash_every_s=3600) as lv:
+        for kind, (inc, _cand, _nf, _exp) in kinds.items():
+            f = lv.tmp / f"{DAEMON_MODULES[kind]}-1.0.onnx"
+            f.write_bytes(inc)
+            lv.repo.publish(
+                "stable", f, ModuleManifest(name=DAEMON_MODULES[kind], version="1.0", mode="managed")
+            )
+            lv.repo.release("stable", DAEMON_MODULES[kind], "1.0")
+        lv.start()
+        client = LoadClient(lv.port, connections).start()
+        tail = _AuditTail(lv.paths.audit_log)
+        try:
+            deadline = time.monotonic() + 300
+            while not all(
+                (st := lv.status(DAEMON_MODULES[k])).active is not None and st.phase.value == "idle"
+                for k in kinds
+            ):
+                if time.monotonic() > deadline or (lv.proc is not None and lv.proc.poll() is not None):
+                    raise RuntimeError(f"the first versions were never served:\n{lv.tail()}")
+                time.sleep(0.5)
+            for r in range(runs):
+                for kind, (_inc, cand, n_features, _exp) in kinds.items():
+                    module, version = DAEMON_MODULES[kind], f"{r + 2}.0"
+                    client.target = infer_requests(module, erroring_inputs(r, n_features=n_features))
+                    before, t_run = client.snapshot(), time.perf_counter()
+                    res = _daemon_run(
+                        lv, tail, module, version, _relabel(cand, f"{kind} {version}"),
+                        spec(kind) if spec is not None else None, timeout_s,
+                    )  # fmt: skip
+                    after, spent = client.snapshot(), time.perf_counter() - t_run
+                    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    res["requests"] = sum(delta.values())
+                    res["requests_per_s"] = round(res["requests"] / spent, 1) if spent > 0 else None
+                    res["client_not_200"] = {k: v for k, v in delta.items() if k != "200" and v}
+                    res["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                    load.append(os.getloadavg()[0])
+                    results[kind].append(res)
+                    for _ in range(240):  # the slots settle (idle) before the next release
+                        if lv.status(module).phase.value == "idle":
+                            break
+                        time.sleep(0.25)
+        finally:
+            client.stop()
+            rc = lv.stop() if lv.proc is not None else None
+    out: dict[str, Any] = {
+        "mode": "daemon: sre-agent run child + hub on loopback, releases published at the hub",
+        "policy": "shipped default (steps 1/5/25/50/100 %, 300 samples, soak 60 s, mirror 10 %)"
+        if spec is None
+        else "manifest specs given by the caller",
+        "time": "real time throughout; daemon pull interval 5 s (its settings' minimum), as the live tests",
+        "client": f"{connections} keep-alive HTTP connections, closed loop, exactly 1 % erroring inputs",
+        "daemon_exit_code": rc,
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+        "loadavg_1m": {
+            "min": round(min(load), 2) if load else None,
+            "median": round(statistics.median(load), 2) if load else None,
+            "max": round(max(load), 2) if load else None,
+        },
+    }
+    for kind, rows in results.items():
+        expected = kinds[kind][3]
+        outcomes = Counter(row["outcome"] for row in rows)
+        verdict_s = [row["publish_to_verdict_s"] for row in rows if row["publish_to_verdict_s"] is not None]
+        per_step: dict[str, float] = {}
+        labels = ["step1", "step2", "step3", "step4", "step5", "soak"]
+        for i, label in enumerate(labels):
+            vals = [row["step_s"][i] for row in rows if len(row["step_s"]) > i]
+            if vals:
+                per_step[label] = round(statistics.median(vals), 2)
+        out[kind] = {
+            "module": DAEMON_MODULES[kind],
+            "expected": expected,
+            "runs": len(rows),
+            "right": outcomes.get(expected, 0),
+            "outcomes": dict(outcomes),
+            "wrong_reasons": [row["reason"] for row in rows if row["outcome"] != expected][:3],
+            "publish_to_verdict_s": verdict_s,
+            "median_publish_to_verdict_s": round(statistics.median(verdict_s), 2) if verdict_s else None,
+            "median_decision_s_per_step": per_step,
+            "median_publish_to_canary_start_s": _median(
+                [row.get("publish_to_canary_start_s") for row in rows]
+            ),
+            "median_load_s": _median([row.get("load_s") for row in rows]),
+            "median_requests_per_s": _median([row.get("requests_per_s") for row in rows]),
+            "client_not_200": dict(sum((Counter(row["client_not_200"]) for row in rows), Counter())),
+            "runs_detail": rows,
+        }
+    return out
+
+
+def _median(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return round(statistics.median(vals), 2) if vals else None
 
 
 # -- requests lost during flips -------------------------------------------------------------------
@@ -972,6 +1215,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--canary-runs", type=int, default=20)
     ap.add_argument(
+        "--canary-daemon",
+        action="store_true",
+        help="the canary verdict trials through the real daemon (sre-agent run + hub, HTTP clients)",
+    )
+    ap.add_argument("--canary-connections", type=int, default=4, help="--canary-daemon: client connections")
+    ap.add_argument(
         "--canary-kinds",
         default="",
         help="comma-separated subset of identical_tiny,identical_5mib,slower_2x,errors_1pct (default: all)",
@@ -990,6 +1239,13 @@ def main(argv: list[str] | None = None) -> int:
         child_server(args.child, args.port, args.model)
         return 0
     started = time.perf_counter()
+    if args.canary_daemon:
+        only = {k for k in args.canary_kinds.split(",") if k}
+        res1: dict[str, Any] = {"benchmark": "serving-canary-daemon", "cpus": os.cpu_count()}
+        res1["canary"] = canary_daemon(args.canary_runs, only or None, args.canary_connections)
+        res1["elapsed_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(res1, sort_keys=True))
+        return 0
     if args.canary:
         res0: dict[str, Any] = {"benchmark": "serving-canary", "cpus": os.cpu_count()}
         only = {k for k in args.canary_kinds.split(",") if k}
