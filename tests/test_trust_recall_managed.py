@@ -69,6 +69,7 @@ def test_a_recall_rolls_a_managed_model_to_its_target_without_a_canary(tmp_path:
     try:
         release("1.0")
         assert [o.result for o in rec.run_once().outcomes] == ["canary"]  # first version: promoted
+        assert serving.wait("clf", 120) is Phase.PROMOTED  # it loads in the background (585d77d)
         router = serving.repository.get("clf")
         assert router is not None and router.routing.active.version == "1.0"
 
