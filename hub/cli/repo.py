@@ -233,7 +233,11 @@ def register(app: typer.Typer) -> None:
         """
         from hub.server import build_hub_app, build_static_app
         from sre_core.http_server import bind_tcp, serve_forever
+        from sre_core.malloc import limit_arenas
 
+        # Concurrent ingest decodes in many threads; per-thread malloc arenas each keep their freed decode
+        # buffers, multiplying the decode budget in RSS (see sre_core.malloc).
+        limit_arenas()
         if not (repo / "repo.json").is_file():
             raise InputError(f"serve {repo}", "not a repository", "run `sre-hub init --repo DIR` first")
         from hub.fleet_api import fleet_routes
