@@ -84,7 +84,11 @@ def canary_progress(paths: StatePaths, module: str | None = None) -> list[dict[s
     folder = paths.run / "canary"
     if not folder.is_dir():
         return []
-    files = [folder / f"{module}.json"] if module else sorted(folder.glob("*.json"))
+    return _json_objects([folder / f"{module}.json"] if module else sorted(folder.glob("*.json")))
+
+
+def _json_objects(files: list[Path]) -> list[dict[str, Any]]:
+    """The JSON objects in ``files``, skipping unreadable ones (a writer may be replacing them)."""
     out = []
     for f in files:
         try:
@@ -138,15 +142,7 @@ def loading_models(paths: StatePaths) -> list[dict[str, Any]]:
     folder = paths.run / "loading"
     if not folder.is_dir():
         return []
-    out = []
-    for f in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            out.append(data)
-    return out
+    return _json_objects(sorted(folder.glob("*.json")))
 
 
 def clear_loading(paths: StatePaths) -> None:
